@@ -1,0 +1,53 @@
+"""endor_gds: run LLMs larger than GPU memory by streaming pruned weights from NVMe.
+
+Weights live in one ``.endor`` file: per tensor a bitmap of non-zero positions plus the packed
+non-zero values, one 4 KiB-aligned extent per decoder layer. Layers are read (GPUDirect Storage,
+KvikIO compat mode, or POSIX O_DIRECT), rebuilt into dense weights and run, with the next layer
+already in flight.
+
+    import endor_gds
+    endor_gds.pack("path/to/hf-checkpoint", "model.endor", prune="magnitude", sparsity=0.5)
+    f = endor_gds.open("model.endor")            # validated container; f.read_tensor(name)
+
+``import endor_gds`` needs no GPU and no CUDA driver; GPU libraries load at first use.
+"""
+
+__version__ = "0.1.0"
+
+from . import defaults  # noqa: E402
+from .errors import (  # noqa: E402
+    BudgetError,
+    ChecksumError,
+    DecodeError,
+    EndorError,
+    FormatError,
+    MissingDependencyError,
+    PackError,
+    ReadError,
+    UnsupportedModelError,
+)
+from .layout import EndorFile  # noqa: E402
+from .packer import pack  # noqa: E402
+
+
+def open(path, **kwargs) -> EndorFile:  # noqa: A001 - the natural name, as in safetensors/kvikio
+    """Open and validate an ``.endor`` file (see :class:`endor_gds.layout.EndorFile`)."""
+    return EndorFile(path, **kwargs)
+
+
+__all__ = [
+    "__version__",
+    "defaults",
+    "open",
+    "pack",
+    "EndorFile",
+    "EndorError",
+    "FormatError",
+    "ChecksumError",
+    "DecodeError",
+    "ReadError",
+    "PackError",
+    "UnsupportedModelError",
+    "BudgetError",
+    "MissingDependencyError",
+]

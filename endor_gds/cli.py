@@ -1,0 +1,139 @@
+"""``endor-gds`` command line: pack | inspect | verify | run | profile-io | bench | demo.
+
+Every command that reads a file prints the reader mode in effect. A failure about a file (an
+:class:`~endor_gds.errors.EndorError` or an OS error) is printed as one line with exit status 2;
+1 means verify found a bad segment, 130 an interrupt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from . import __version__
+from .errors import EndorError
+
+__all__ = ["main", "build_parser"]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= 1024
+    return f"{n}"  # pragma: no cover
+
+
+# -- pack / inspect / verify ------------------------------------------------------------------
+
+
+def cmd_pack(args) -> int:
+    from .packer import pack  # noqa: PLC0415 - keep `endor-gds --help` fast
+
+    extra = {}
+    if args.prune == "wanda":
+        from .wanda import wanda_pack_kwargs  # noqa: PLC0415
+
+        extra = wanda_pack_kwargs(args)
+    report = pack(args.src, args.dst, prune=args.prune, sparsity=args.sparsity,
+                  progress=not args.quiet, **extra)
+    print(f"wrote {report.dst}: {_human(report.file_bytes)} from {_human(report.source_bytes)} "
+          f"({report.source_bytes / max(report.file_bytes, 1):.2f}x smaller), {report.tensors} tensors, "
+          f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)")
+    return 0
+
+
+def cmd_inspect(args) -> int:
+    from .layout import EndorFile  # noqa: PLC0415
+
+    with EndorFile(args.file) as f:
+        s = f.summary()
+    if args.json:
+        print(json.dumps(s, indent=1))
+        return 0
+    t = s["totals"]
+    print(f"{s['path']}: format v{s['format_version']}, {s['architecture']}, "
+          f"{len(s['layers'])} layers, {len(s['tensors'])} tensors, {_human(s['file_bytes'])}")
+    prune = s.get("prune") or {}
+    if prune.get("method") not in (None, "none"):
+        print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
+    if s["resident"]:
+        print(f"resident extent: {s['resident']['tensors']} tensors, {_human(s['resident']['length'])}")
+    print(f"{'layer':>5} {'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")
+    for layer in s["layers"]:
+        print(f"{layer['index']:>5} {layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} "
+              f"{layer['density']:>8.3f} {layer['ratio']:>6.3f}")
+    if args.tensors:
+        print(f"{'tensor':<56} {'shape':<14} {'dtype':<5} {'encoding':<8} {'density':>8} {'stored':>11}")
+        for e in s["tensors"]:
+            shape = "x".join(map(str, e["shape"]))
+            print(f"{e['name']:<56} {shape:<14} {e['dtype']:<5} {e['encoding']:<8} "
+                  f"{e['density']:>8.3f} {_human(e['stored_bytes']):>11}")
+    sparse = f", sparse tensors {t['sparse_ratio']:.3f}x" if t["sparse_ratio"] else ""
+    print(f"total: dense {_human(t['dense_bytes'])}, stored {_human(t['stored_bytes'])}, "
+          f"ratio {t['ratio']:.3f}x{sparse}")
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .layout import EndorFile  # noqa: PLC0415
+
+    with EndorFile(args.file) as f:
+        bad = list(f.verify())
+        count = sum(len(e.segments) for e in f.tensors.values()) + len(f.files)
+    for err in bad:
+        print(f"FAIL {err}", file=sys.stderr)
+    if bad:
+        print(f"{args.file}: {len(bad)} of {count} segments fail their checksum", file=sys.stderr)
+        return 1
+    print(f"{args.file}: OK, {count} segments match their CRC-32C")
+    return 0
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="endor-gds", description=__doc__.splitlines()[0])
+    ap.add_argument("--version", action="version", version=f"endor_gds {__version__}")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("pack", help="pack a Hugging Face checkpoint folder into one .endor file")
+    p.add_argument("src", help="folder with config.json and *.safetensors")
+    p.add_argument("dst", help="output .endor file (written atomically)")
+    p.add_argument("--prune", choices=("none", "magnitude", "wanda"), default="none")
+    p.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed per output row")
+    p.add_argument("--calib", help="wanda: calibration text file (.txt) or token ids (.ids)")
+    p.add_argument("--calib-samples", type=int, default=128, help="wanda: calibration sequences")
+    p.add_argument("--calib-seqlen", type=int, default=2048, help="wanda: tokens per sequence")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("inspect", help="per-layer and total sizes, densities and ratios")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true", help="machine-readable summary")
+    p.add_argument("--tensors", action="store_true", help="also list every tensor")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("verify", help="check every segment's CRC-32C (exit 1 naming bad segments)")
+    p.add_argument("file")
+    p.set_defaults(func=cmd_verify)
+
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args) or 0
+    except (EndorError, OSError) as exc:
+        print(f"endor-gds {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"endor-gds {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

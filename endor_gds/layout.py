@@ -1,0 +1,566 @@
+"""The .endor container: header page, page-aligned segments grouped in extents, JSON manifest.
+
+::
+
+    offset 0      header page (4096 bytes): magic, version, manifest offset/length/CRC, file length
+    offset 4096   extent "resident"   embeddings, final norm, lm_head ... (dense or bitmap)
+                  extent "layer.0"    every segment of decoder layer 0, back to back
+                  extent "layer.1"    ...
+                  extent "files"      tokenizer files, as opaque bytes
+                  manifest            UTF-8 JSON, page-aligned, zero-padded
+    end
+
+Every segment starts at a multiple of 4096 and its length is padded with zeros to a multiple of
+4096, so one layer is one aligned contiguous range: one O_DIRECT or GPUDirect read. Each segment
+carries a CRC-32C (Castagnoli) of its padded bytes.
+
+Nothing in the file is trusted: :class:`EndorFile` checks the header, bounds the manifest, checks
+every field's type and range, every offset against the file size and its extent, sizes against
+shapes and dtypes, and every tile offset table, before any tensor is read. Any failure is a
+:class:`~endor_gds.errors.FormatError` naming what is wrong.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass, field
+
+import crc32c as _crc32c
+import numpy as np
+import torch
+
+from .errors import ChecksumError, FormatError
+from .format import (
+    DTYPES,
+    PAGE,
+    TILE_ELEMS,
+    DType,
+    check_tile_offsets,
+    decode_bitmap_reference,
+    pad_to_page,
+    segment_nbytes,
+)
+from .io import read_fully
+
+__all__ = [
+    "MAGIC",
+    "FORMAT_VERSION",
+    "SUPPORTED_VERSIONS",
+    "Segment",
+    "TensorEntry",
+    "Extent",
+    "Writer",
+    "EndorFile",
+    "crc32c",
+]
+
+MAGIC = b"ENDORGDS"
+FORMAT_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+# magic, version, flags, manifest offset, manifest length, file length, manifest CRC; then the
+# header's own CRC over these 44 bytes.
+_HEADER = struct.Struct("<8sIIQQQI")
+_HEADER_CRC = struct.Struct("<I")
+
+# Bounds on what a manifest may ask for, so a hostile file cannot make us allocate or loop
+# without limit. Real models are far below them (Llama-2-70B: ~700 tensors, manifest ~300 KB).
+MAX_MANIFEST_BYTES = 64 << 20
+MAX_TENSORS = 1 << 20
+MAX_RANK = 8
+MAX_NUMEL = 1 << 40
+MAX_NAME = 1024
+MAX_FILES = 64
+_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def crc32c(data, value: int = 0) -> int:
+    return _crc32c.crc32c(data, value=value)
+
+
+@dataclass(frozen=True)
+class Segment:
+    kind: str
+    offset: int
+    length: int  # padded to a page
+    nbytes: int  # payload bytes (the rest of `length` is zero padding)
+    crc32c: int  # of all `length` bytes
+
+    def as_dict(self) -> dict:
+        return {"kind": self.kind, "offset": self.offset, "length": self.length,
+                "nbytes": self.nbytes, "crc32c": self.crc32c}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    name: str
+    shape: tuple[int, ...]
+    dtype: DType
+    encoding: str  # "dense" | "bitmap"
+    codec: str  # "raw" (format v1)
+    nnz: int
+    extent: str
+    segments: dict[str, Segment]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def dense_nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+    @property
+    def stored_nbytes(self) -> int:
+        return sum(s.length for s in self.segments.values())
+
+
+@dataclass
+class Extent:
+    name: str
+    kind: str  # "resident" | "layer" | "files"
+    offset: int
+    length: int
+    layer: int | None = None
+    tensors: list[str] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+class Writer:
+    """Writes the container sequentially into a binary file opened for writing at position 0.
+
+    Usage: ``begin_extent`` / ``write_segment``... / ``end_extent`` for each extent, then
+    ``finish(manifest)``, which writes the manifest and finally the header page.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._f.write(b"\0" * PAGE)  # header page, filled in by finish()
+        self.pos = PAGE
+        self.extents: list[dict] = []
+        self._open: dict | None = None
+        self._zeros = bytes(PAGE)
+
+    def begin_extent(self, name: str, kind: str, layer: int | None = None) -> None:
+        if self._open is not None:
+            raise RuntimeError(f"extent {self._open['name']} is still open")
+        self._open = {"name": name, "kind": kind, "offset": self.pos}
+        if layer is not None:
+            self._open["layer"] = layer
+
+    def write_segment(self, kind: str, data) -> Segment:
+        """Write one segment (bytes or a contiguous numpy array) padded to a page."""
+        if self._open is None:
+            raise RuntimeError("write_segment outside an extent")
+        view = memoryview(np.ascontiguousarray(data)).cast("B") if isinstance(data, np.ndarray) \
+            else memoryview(data).cast("B")
+        nbytes = len(view)
+        length = pad_to_page(nbytes)
+        crc = crc32c(view)
+        self._f.write(view)
+        if length > nbytes:
+            pad = self._zeros[: length - nbytes]
+            crc = crc32c(pad, crc)
+            self._f.write(pad)
+        seg = Segment(kind, self.pos, length, nbytes, crc)
+        self.pos += length
+        return seg
+
+    def end_extent(self) -> dict:
+        ext = self._open
+        if ext is None:
+            raise RuntimeError("end_extent without begin_extent")
+        ext["length"] = self.pos - ext["offset"]
+        self.extents.append(ext)
+        self._open = None
+        return ext
+
+    def finish(self, manifest: dict) -> int:
+        """Write manifest and header; returns the file length."""
+        if self._open is not None:
+            raise RuntimeError(f"extent {self._open['name']} was not ended")
+        manifest = dict(manifest, extents=self.extents)
+        blob = json.dumps(manifest, separators=(",", ":"), sort_keys=False).encode()
+        if len(blob) > MAX_MANIFEST_BYTES:
+            raise FormatError(f"manifest is {len(blob)} bytes, above the {MAX_MANIFEST_BYTES} limit")
+        moff = self.pos
+        self._f.write(blob)
+        self._f.write(self._zeros[: pad_to_page(len(blob)) - len(blob)])
+        file_length = moff + pad_to_page(len(blob))
+        head = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, moff, len(blob), file_length, crc32c(blob))
+        head += _HEADER_CRC.pack(crc32c(head))
+        self._f.seek(0)
+        self._f.write(head)
+        self._f.seek(file_length)
+        return file_length
+
+
+# --------------------------------------------------------------------------------------------
+# Reading and validation
+
+
+def _fail(path, msg: str) -> FormatError:
+    return FormatError(f"{path}: {msg}")
+
+
+def _int(path, where: str, value, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+        raise _fail(path, f"{where} must be an integer in [{lo}, {hi}], got {value!r}"[:300])
+    return value
+
+
+def _str(path, where: str, value, limit: int = MAX_NAME) -> str:
+    if not isinstance(value, str) or not value or len(value) > limit:
+        raise _fail(path, f"{where} must be a non-empty string of at most {limit} characters, "
+                          f"got {value!r}"[:300])
+    return value
+
+
+def _dict(path, where: str, value) -> dict:
+    if not isinstance(value, dict):
+        raise _fail(path, f"{where} must be an object, got {type(value).__name__}")
+    return value
+
+
+def _list(path, where: str, value, limit: int) -> list:
+    if not isinstance(value, list) or len(value) > limit:
+        raise _fail(path, f"{where} must be a list of at most {limit} items")
+    return value
+
+
+class EndorFile:
+    """An opened, validated .endor file. ``endor_gds.open(path)`` returns one.
+
+    Attributes: ``manifest`` (dict), ``config`` (the model's config.json), ``architecture``,
+    ``tensors`` (name → :class:`TensorEntry`), ``extents`` (name → :class:`Extent`), ``layers``
+    (extents of the decoder layers by index), ``resident`` (the resident extent), ``tied``.
+    """
+
+    def __init__(self, path, *, check_tiles: bool = True):
+        self.path = os.fspath(path)
+        self._fd = os.open(self.path, os.O_RDONLY)
+        try:
+            self._load(check_tiles)
+        except BaseException:
+            os.close(self._fd)
+            raise
+
+    # -- construction -------------------------------------------------------------------------
+
+    def _pread(self, offset: int, length: int) -> np.ndarray:
+        buf = np.empty(length, dtype=np.uint8)
+        if length:
+            read_fully(self._fd, memoryview(buf), offset, path=self.path, direct=False, retries=3)
+        return buf
+
+    def _load(self, check_tiles: bool) -> None:
+        p = self.path
+        self.file_size = os.fstat(self._fd).st_size
+        if self.file_size < PAGE:
+            raise _fail(p, f"file is {self.file_size} bytes, smaller than the {PAGE}-byte header page "
+                           f"(not an .endor file, or truncated)")
+        head = self._pread(0, _HEADER.size + _HEADER_CRC.size).tobytes()
+        magic, version, _flags, moff, mlen, flen, mcrc = _HEADER.unpack_from(head)
+        if magic != MAGIC:
+            raise _fail(p, f"bad magic {magic!r}, expected {MAGIC!r} (not an .endor file)")
+        (hcrc,) = _HEADER_CRC.unpack_from(head, _HEADER.size)
+        if crc32c(head[: _HEADER.size]) != hcrc:
+            raise ChecksumError(f"{p}: header page checksum mismatch (corrupted header)", segment="header")
+        if version not in SUPPORTED_VERSIONS:
+            raise _fail(p, f"format version {version} is not supported by this endor_gds "
+                           f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade endor_gds")
+        self.format_version = version
+        if flen != self.file_size:
+            raise _fail(p, f"file is {self.file_size} bytes but its header says {flen} "
+                           f"({'truncated' if self.file_size < flen else 'extended'} file?)")
+        if moff % PAGE or moff < PAGE or mlen > MAX_MANIFEST_BYTES or moff + mlen > flen:
+            raise _fail(p, f"manifest range offset={moff} length={mlen} is invalid for a "
+                           f"{flen}-byte file")
+        blob = self._pread(moff, mlen).tobytes()
+        if crc32c(blob) != mcrc:
+            raise ChecksumError(f"{p}: manifest checksum mismatch (corrupted manifest)", segment="manifest")
+        try:
+            manifest = json.loads(blob)
+        except (ValueError, RecursionError) as exc:
+            raise _fail(p, f"manifest is not valid JSON ({type(exc).__name__})") from None
+        self.manifest = _dict(p, "manifest", manifest)
+        self._manifest_offset = moff
+        self._validate(check_tiles)
+
+    def _validate(self, check_tiles: bool) -> None:
+        p, m = self.path, self.manifest
+        if m.get("format") != "endor" or m.get("format_version") != self.format_version:
+            raise _fail(p, "manifest does not declare format 'endor' with the header's version")
+        if m.get("tile_elems", TILE_ELEMS) != TILE_ELEMS:
+            raise _fail(p, f"tile_elems={m.get('tile_elems')!r} is not supported (only {TILE_ELEMS})")
+        self.architecture = _str(p, "architecture", m.get("architecture"), 64)
+        self.config = _dict(p, "config", m.get("config"))
+        tied = _dict(p, "tied", m.get("tied", {}))
+        self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
+
+        # Extents: page-aligned, inside the data area, not overlapping, names unique.
+        self.extents: dict[str, Extent] = {}
+        for i, e in enumerate(_list(p, "extents", m.get("extents"), MAX_TENSORS)):
+            e = _dict(p, f"extents[{i}]", e)
+            name = _str(p, f"extents[{i}].name", e.get("name"))
+            kind = e.get("kind")
+            if kind not in ("resident", "layer", "files"):
+                raise _fail(p, f"extent {name}: unknown kind {kind!r}")
+            off = _int(p, f"extent {name} offset", e.get("offset"), PAGE, self._manifest_offset)
+            length = _int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
+            if off % PAGE or length % PAGE:
+                raise _fail(p, f"extent {name} offset={off} length={length} is not {PAGE}-aligned")
+            layer = None
+            if kind == "layer":
+                layer = _int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
+            if name in self.extents:
+                raise _fail(p, f"extent {name} appears twice")
+            self.extents[name] = Extent(name, kind, off, length, layer)
+        spans = sorted((e.offset, e.offset + e.length, e.name) for e in self.extents.values())
+        for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
+            if b0 < a1:
+                raise _fail(p, f"extents {an} and {bn} overlap")
+        layer_ext = sorted((e for e in self.extents.values() if e.kind == "layer"), key=lambda e: e.layer)
+        if [e.layer for e in layer_ext] != list(range(len(layer_ext))):
+            raise _fail(p, "decoder layer extents must be numbered 0..L-1 exactly once each")
+        self.layers = layer_ext
+        self.resident = self.extents.get("resident")
+
+        # Tensors: names, shapes, dtypes, encodings, segment sizes and places.
+        self.tensors: dict[str, TensorEntry] = {}
+        seg_spans = []
+        for i, t in enumerate(_list(p, "tensors", m.get("tensors"), MAX_TENSORS)):
+            entry = self._tensor_entry(_dict(p, f"tensors[{i}]", t), i)
+            if entry.name in self.tensors:
+                raise _fail(p, f"tensor {entry.name} appears twice")
+            ext = self.extents.get(entry.extent)
+            if ext is None or ext.kind == "files":
+                raise _fail(p, f"tensor {entry.name} names unknown extent {entry.extent!r}")
+            for seg in entry.segments.values():
+                if seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
+                    raise _fail(p, f"tensor {entry.name} segment {seg.kind} at {seg.offset}+{seg.length} "
+                                   f"lies outside its extent {ext.name}")
+                seg_spans.append((seg.offset, seg.offset + seg.length, f"{entry.name}:{seg.kind}"))
+            ext.tensors.append(entry.name)
+            self.tensors[entry.name] = entry
+        self.files: dict[str, Segment] = {}
+        for i, f in enumerate(_list(p, "files", m.get("files", []), MAX_FILES)):
+            f = _dict(p, f"files[{i}]", f)
+            name = _str(p, f"files[{i}].name", f.get("name"), 128)
+            if not set(name) <= _NAME_OK or name.startswith("."):
+                raise _fail(p, f"embedded file name {name!r} is not a plain file name")
+            seg = self._segment(f, f"file {name}")
+            ext = self.extents.get("files")
+            if ext is None or seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
+                raise _fail(p, f"embedded file {name} lies outside the files extent")
+            self.files[name] = seg
+            seg_spans.append((seg.offset, seg.offset + seg.length, f"file:{name}"))
+        seg_spans.sort()
+        for (a0, a1, an), (b0, _b1, bn) in zip(seg_spans, seg_spans[1:]):
+            if b0 < a1:
+                raise _fail(p, f"segments {an} and {bn} overlap")
+        for alias, target in self.tied.items():
+            if target not in self.tensors or alias in self.tensors:
+                raise _fail(p, f"tied tensor {alias} -> {target} does not resolve to one stored tensor")
+        self._tile_offsets: dict[str, np.ndarray] = {}
+        if check_tiles:
+            for entry in self.tensors.values():
+                if entry.encoding == "bitmap":
+                    self.tile_offsets(entry.name)
+
+    def _segment(self, s, where: str) -> Segment:
+        p = self.path
+        s = _dict(p, where, s)
+        off = _int(p, f"{where} offset", s.get("offset"), PAGE, self._manifest_offset)
+        length = _int(p, f"{where} length", s.get("length"), 0, self._manifest_offset - off)
+        nbytes = _int(p, f"{where} nbytes", s.get("nbytes"), 0, length)
+        crc = _int(p, f"{where} crc32c", s.get("crc32c"), 0, 0xFFFFFFFF)
+        if off % PAGE or length != pad_to_page(nbytes):
+            raise _fail(p, f"{where}: offset={off} length={length} nbytes={nbytes} break the "
+                           f"{PAGE}-byte page rule")
+        return Segment(str(s.get("kind", "data")), off, length, nbytes, crc)
+
+    def _tensor_entry(self, t: dict, i: int) -> TensorEntry:
+        p = self.path
+        name = _str(p, f"tensors[{i}].name", t.get("name"))
+        shape_raw = _list(p, f"tensor {name} shape", t.get("shape"), MAX_RANK)
+        shape = tuple(_int(p, f"tensor {name} shape", s, 0, MAX_NUMEL) for s in shape_raw)
+        numel = 1
+        for s in shape:
+            numel *= s
+        if numel > MAX_NUMEL:
+            raise _fail(p, f"tensor {name} shape {list(shape)} has {numel} elements, above {MAX_NUMEL}")
+        dtype = DTYPES.get(t.get("dtype"))
+        if dtype is None:
+            raise _fail(p, f"tensor {name} has unsupported dtype {t.get('dtype')!r}")
+        encoding, codec = t.get("encoding"), t.get("codec", "raw")
+        if encoding not in ("dense", "bitmap") or codec != "raw":
+            raise _fail(p, f"tensor {name}: unknown encoding/codec {encoding!r}/{codec!r}")
+        if encoding == "bitmap" and not dtype.sparse:
+            raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
+        nnz = _int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
+        extent = _str(p, f"tensor {name} extent", t.get("extent"))
+        segs: dict[str, Segment] = {}
+        for j, s in enumerate(_list(p, f"tensor {name} segments", t.get("segments"), 8)):
+            seg = self._segment(s, f"tensor {name} segment {j}")
+            if seg.kind in segs:
+                raise _fail(p, f"tensor {name} has two {seg.kind} segments")
+            segs[seg.kind] = seg
+        expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize)
+        got = {k: s.nbytes for k, s in segs.items()}
+        if got != expected:
+            raise _fail(p, f"tensor {name} ({encoding}, shape {list(shape)}, {dtype.name}, nnz={nnz}) "
+                           f"needs segments {expected}, manifest has {got}")
+        return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def resolve(self, name: str) -> TensorEntry:
+        """The stored entry for ``name`` (following ties); ``KeyError`` when absent."""
+        target = self.tied.get(name, name)
+        if target not in self.tensors:
+            raise KeyError(f"{self.path} has no tensor {name!r}")
+        return self.tensors[target]
+
+    def read_segment(self, seg: Segment, *, verify: bool = False) -> np.ndarray:
+        """A segment's payload bytes (``nbytes``), optionally checking its CRC first."""
+        raw = self._pread(seg.offset, seg.length)
+        if verify and crc32c(raw) != seg.crc32c:
+            raise ChecksumError(f"{self.path}: segment {seg.kind} at offset {seg.offset} fails its "
+                                f"CRC-32C", segment=seg.kind)
+        return raw[: seg.nbytes]
+
+    def tile_offsets(self, name: str) -> np.ndarray:
+        """The validated tile offset table of a bitmap tensor (read once, then cached)."""
+        entry = self.resolve(name)
+        cached = self._tile_offsets.get(entry.name)
+        if cached is None:
+            raw = self.read_segment(entry.segments["tile_offsets"])
+            cached = raw.view("<u4")
+            check_tile_offsets(cached, entry.numel, entry.nnz, f"{self.path}: tensor {entry.name}")
+            self._tile_offsets[entry.name] = cached
+        return cached
+
+    def read_tensor_bits(self, name: str, *, verify: bool = False) -> np.ndarray:
+        """Flat numpy array of the tensor's bit patterns, through the reference decoder."""
+        entry = self.resolve(name)
+        d = entry.dtype
+        if entry.encoding == "dense":
+            return self.read_segment(entry.segments["data"], verify=verify).view(d.bits)
+        segs = {k: self.read_segment(s, verify=verify) for k, s in entry.segments.items()}
+        return decode_bitmap_reference(
+            segs["bitmap"].view("<u4"), segs["values"].view(d.bits), self.tile_offsets(entry.name),
+            entry.numel, where=f"{self.path}: tensor {entry.name}",
+        )
+
+    def read_tensor(self, name: str, *, verify: bool = False) -> torch.Tensor:
+        """The dense tensor (CPU, its own dtype and shape), through the reference decoder."""
+        entry = self.resolve(name)
+        bits = self.read_tensor_bits(name, verify=verify)
+        return torch.from_numpy(bits.view(np.uint8).copy()).view(entry.dtype.torch).reshape(entry.shape)
+
+    def read_file(self, name: str) -> bytes:
+        """An embedded file (tokenizer) as bytes, CRC-checked."""
+        seg = self.files[name]
+        return self.read_segment(seg, verify=True).tobytes()
+
+    def verify(self, chunk_bytes: int = 64 << 20):
+        """Yield a :class:`ChecksumError` for every segment whose CRC-32C does not match.
+
+        Reads the file sequentially in large chunks, so it runs at the disk's streaming speed.
+        """
+        segs = [(s, f"{e.name}:{s.kind}") for e in self.tensors.values() for s in e.segments.values()]
+        segs += [(s, f"file {n}") for n, s in self.files.items()]
+        segs.sort(key=lambda x: x[0].offset)
+        for seg, label in segs:
+            crc = 0
+            for start in range(0, seg.length, chunk_bytes):
+                n = min(chunk_bytes, seg.length - start)
+                crc = crc32c(self._pread(seg.offset + start, n), crc)
+            if crc != seg.crc32c:
+                yield ChecksumError(
+                    f"{self.path}: segment {label} (offset {seg.offset}, {seg.length} bytes) fails "
+                    f"its CRC-32C: stored {seg.crc32c:#010x}, computed {crc:#010x}", segment=label)
+
+    def summary(self) -> dict:
+        """What ``endor-gds inspect --json`` prints."""
+        tensors, layers = [], []
+        dense_total = stored_total = sparse_dense = sparse_stored = 0
+        for e in self.tensors.values():
+            tensors.append({
+                "name": e.name, "shape": list(e.shape), "dtype": e.dtype.name,
+                "encoding": e.encoding, "codec": e.codec, "nnz": e.nnz,
+                "density": (e.nnz / e.numel) if e.numel else 0.0,
+                "extent": e.extent, "dense_bytes": e.dense_nbytes, "stored_bytes": e.stored_nbytes,
+                "segments": [{"kind": s.kind, "offset": s.offset, "length": s.length,
+                              "nbytes": s.nbytes} for s in e.segments.values()],
+            })
+            dense_total += e.dense_nbytes
+            stored_total += e.stored_nbytes
+            if e.encoding == "bitmap":
+                sparse_dense += e.dense_nbytes
+                sparse_stored += e.stored_nbytes
+        for ext in self.layers:
+            entries = [self.tensors[n] for n in ext.tensors]
+            dense = sum(e.dense_nbytes for e in entries)
+            nnz = sum(e.nnz for e in entries)
+            numel = sum(e.numel for e in entries)
+            layers.append({"index": ext.layer, "offset": ext.offset, "length": ext.length,
+                           "tensors": len(entries), "density": nnz / numel if numel else 0.0,
+                           "dense_bytes": dense, "stored_bytes": ext.length,
+                           "ratio": dense / ext.length if ext.length else 0.0})
+        return {
+            "path": self.path,
+            "format_version": self.format_version,
+            "architecture": self.architecture,
+            "file_bytes": self.file_size,
+            "tile_elems": TILE_ELEMS,
+            "prune": self.manifest.get("prune"),
+            "tied": self.tied,
+            "files": sorted(self.files),
+            "resident": None if self.resident is None else
+                {"offset": self.resident.offset, "length": self.resident.length,
+                 "tensors": len(self.resident.tensors)},
+            "layers": layers,
+            "tensors": tensors,
+            "totals": {
+                "dense_bytes": dense_total,
+                "stored_bytes": stored_total,
+                "ratio": dense_total / stored_total if stored_total else 0.0,
+                "sparse_dense_bytes": sparse_dense,
+                "sparse_stored_bytes": sparse_stored,
+                "sparse_ratio": sparse_dense / sparse_stored if sparse_stored else None,
+            },
+        }
+
+    # -- lifetime -----------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __repr__(self) -> str:
+        return (f"<EndorFile {self.path!r} v{self.format_version} {self.architecture} "
+                f"layers={len(self.layers)} tensors={len(self.tensors)}>")
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
+

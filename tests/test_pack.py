@@ -1,0 +1,235 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from models import FAMILIES, build_model, state_dict_of
+
+import endor_gds
+from endor_gds.cli import main as cli_main
+from endor_gds.errors import PackError, UnsupportedModelError
+from endor_gds.recipes import recipe_for
+
+DTYPES = [torch.float16, torch.bfloat16, torch.float32]
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("dtype", DTYPES, ids=["f16", "bf16", "f32"])
+@pytest.mark.parametrize("sharded", [False, True], ids=["single", "sharded"])
+def test_round_trip_unpruned_bit_exact(model_dir, packed, family, dtype, sharded):
+    src = model_dir(family, dtype, sharded)
+    if sharded:
+        assert (src / "model.safetensors.index.json").exists()
+    path = packed(family, dtype, prune="none", sharded=sharded)
+    sd = state_dict_of(src)
+    with endor_gds.open(path) as f:
+        assert f.architecture == recipe_for(f.config).family
+        assert len(f.layers) == f.config["num_hidden_layers"]
+        for name, t in sd.items():
+            got = f.read_tensor(name, verify=True)
+            assert got.dtype == t.dtype and got.shape == t.shape, name
+            assert _bits(got) == _bits(t), name
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_magnitude_pruning_exact_per_row(model_dir, packed, family):
+    src = model_dir(family, torch.float16)
+    path = packed(family, torch.float16, prune="magnitude", sparsity=0.5)
+    sd = state_dict_of(src)
+    with endor_gds.open(path) as f:
+        recipe = recipe_for(f.config)
+        assert f.manifest["prune"] == {"method": "magnitude", "sparsity": 0.5}
+        n_sparse = 0
+        for name, t in sd.items():
+            got = f.read_tensor(name)
+            if recipe.is_linear_weight(name):
+                zeros_per_row = (got == 0).sum(dim=1)
+                assert (zeros_per_row == t.shape[1] // 2).all(), name
+                kept = got != 0
+                assert torch.equal(got[kept], t[kept]), name  # survivors untouched
+                # every dropped entry is no larger than every kept one in its row
+                a = t.float().abs()
+                assert (a.masked_fill(kept, float("inf")).amin(1) >= 0).all()
+                assert (a.masked_fill(kept, -1).amax(1) <= a.masked_fill(~kept, float("inf")).amin(1)).all()
+                n_sparse += f.tensors[name].encoding == "bitmap"
+            else:
+                assert _bits(got) == _bits(t), f"{name} must not be pruned"
+        assert n_sparse > 0
+
+
+def test_tied_embeddings_stored_once(model_dir, packed):
+    path = packed("opt", torch.float16, prune="none")
+    with endor_gds.open(path) as f:
+        assert f.tied == {"lm_head.weight": "model.decoder.embed_tokens.weight"}
+        assert "lm_head.weight" not in f.tensors
+        assert torch.equal(f.read_tensor("lm_head.weight"), f.read_tensor("model.decoder.embed_tokens.weight"))
+    path = packed("llama", torch.float16, prune="none", tie_word_embeddings=True)
+    with endor_gds.open(path) as f:
+        assert f.tied == {"lm_head.weight": "model.embed_tokens.weight"}
+
+
+def test_layout_pages_and_extents_via_inspect_json(packed, capsys):
+    path = packed("qwen2", torch.bfloat16, prune="magnitude")
+    assert cli_main(["inspect", str(path), "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    for key in ("format_version", "architecture", "layers", "tensors", "totals"):
+        assert key in s
+    for key in ("dense_bytes", "stored_bytes", "ratio", "sparse_ratio"):
+        assert key in s["totals"]
+    layers = {f"layer.{layer['index']}": layer for layer in s["layers"]}
+    assert len(layers) == 3
+    for layer in s["layers"]:
+        assert layer["offset"] % 4096 == 0 and layer["length"] % 4096 == 0
+    spans = []
+    for t in s["tensors"]:
+        for k in ("name", "shape", "dtype", "encoding", "nnz", "segments"):
+            assert k in t
+        for seg in t["segments"]:
+            assert seg["offset"] % 4096 == 0 and seg["length"] % 4096 == 0, (t["name"], seg)
+            spans.append((seg["offset"], seg["offset"] + seg["length"]))
+            if t["extent"].startswith("layer."):
+                ext = layers[t["extent"]]
+                assert ext["offset"] <= seg["offset"] and seg["offset"] + seg["length"] <= ext["offset"] + ext["length"]
+    spans.sort()
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    # each layer's segments fill its extent exactly: one contiguous read, no gaps
+    for name, ext in layers.items():
+        total = sum(seg["length"] for t in s["tensors"] if t["extent"] == name for seg in t["segments"])
+        assert total == ext["length"]
+
+
+def test_verify_catches_any_flipped_byte(packed, tmp_path, rng):
+    src = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(src) as f:
+        segs = [(e.name, s) for e in f.tensors.values() for s in e.segments.values()]
+    assert cli_main(["verify", str(src)]) == 0
+    data = src.read_bytes()
+    for trial in range(12):
+        name, seg = segs[int(rng.integers(len(segs)))]
+        pos = seg.offset + int(rng.integers(seg.length))
+        bad = bytearray(data)
+        bad[pos] ^= 1 << int(rng.integers(8))
+        p = tmp_path / f"bad{trial}.endor"
+        p.write_bytes(bad)
+        with endor_gds.open(p, check_tiles=False) as f:
+            errors = list(f.verify())
+        assert len(errors) == 1 and name in str(errors[0]), (name, pos)
+        assert cli_main(["verify", str(p)]) == 1
+
+
+class _Boom(Exception):
+    pass
+
+
+def test_interrupted_pack_leaves_nothing(model_dir, tmp_path, monkeypatch):
+    src = model_dir("llama", torch.float16)
+    before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
+    dst = tmp_path / "out.endor"
+    import endor_gds.packer as pack_mod
+
+    calls = {"n": 0}
+    real = pack_mod._write_tensor
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 7:
+            raise _Boom("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(pack_mod, "_write_tensor", failing)
+    with pytest.raises(_Boom):
+        endor_gds.pack(src, dst, prune="magnitude", progress=False)
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(pack_mod, "_write_tensor", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        endor_gds.pack(src, dst, progress=False)
+    assert list(tmp_path.iterdir()) == []
+    assert {p.name: p.stat().st_mtime_ns for p in src.iterdir()} == before
+
+
+def test_interrupted_pack_keeps_previous_destination(packed, model_dir, tmp_path, monkeypatch):
+    dst = tmp_path / "keep.endor"
+    dst.write_bytes(packed("llama", torch.float16).read_bytes())
+    before = dst.read_bytes()
+    import endor_gds.packer as pack_mod
+
+    def enospc(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pack_mod, "_write_tensor", enospc)
+    with pytest.raises(PackError, match="No space left.*Nothing was written"):
+        endor_gds.pack(model_dir("llama", torch.float16), dst, progress=False)
+    assert dst.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.endor"]
+
+
+def test_unknown_architecture_lists_families(tmp_path):
+    src = build_model(tmp_path / "gpt2", "llama")
+    cfg = json.loads((src / "config.json").read_text())
+    cfg["model_type"] = "gpt_neox"
+    (src / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="supported families: llama, mistral, opt, qwen2.*layouts/"):
+        endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+    assert not (tmp_path / "x.endor").exists()
+
+
+def test_stray_tensor_is_named(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = build_model(tmp_path / "m", "llama")
+    sd = load_file(src / "model.safetensors")
+    sd["model.extra_thing.weight"] = torch.zeros(4)
+    save_file(sd, src / "model.safetensors")
+    with pytest.raises(UnsupportedModelError, match="model.extra_thing.weight.*resident"):
+        endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+
+
+def test_tokenizer_and_config_embedded(packed, model_dir):
+    path = packed("mistral", torch.float16)
+    src = model_dir("mistral", torch.float16)
+    with endor_gds.open(path) as f:
+        assert "tokenizer.json" in f.files
+        assert f.read_file("tokenizer.json") == (src / "tokenizer.json").read_bytes()
+        assert f.config == json.loads((src / "config.json").read_text())
+
+
+def test_cli_pack_inspect_verify(model_dir, tmp_path, capsys):
+    src = model_dir("llama", torch.float16)
+    dst = tmp_path / "cli.endor"
+    # the real entry point once, in a fresh interpreter
+    r = subprocess.run([sys.executable, "-m", "endor_gds.cli", "pack", str(src), str(dst),
+                        "--prune", "magnitude", "--sparsity", "0.5", "-q"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "wrote" in r.stdout
+    assert cli_main(["inspect", str(dst), "--tensors"]) == 0
+    out = capsys.readouterr().out
+    assert "layer" in out and "q_proj" in out and "pruned: magnitude" in out
+    assert cli_main(["verify", str(dst)]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert cli_main(["inspect", str(tmp_path / "missing.endor")]) == 2
+    assert "No such file" in capsys.readouterr().err
+    (tmp_path / "junk.endor").write_bytes(b"x" * 5000)
+    assert cli_main(["inspect", str(tmp_path / "junk.endor")]) == 2
+    err = capsys.readouterr().err
+    assert "FormatError" in err and "bad magic" in err
+
+
+def test_sparse_ratio_realistic_shapes(tmp_path):
+    """TinyLlama-1.1B layer shapes (hidden 2048, MLP 5632, 4 KV heads), 50 % magnitude, fp16."""
+    src = build_model(tmp_path / "tl", "llama", hidden_size=2048, intermediate_size=5632,
+                      num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=1,
+                      vocab_size=1024, tokenizer=False)
+    dst = tmp_path / "tl.endor"
+    endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False)
+    with endor_gds.open(dst) as f:
+        totals = f.summary()["totals"]
+    assert totals["sparse_ratio"] >= 1.76, totals
+    assert totals["sparse_ratio"] <= 16 / 9
