@@ -28,6 +28,7 @@ from .errors import (  # noqa: E402
 )
 from .layout import EndorFile  # noqa: E402
 from .packer import pack  # noqa: E402
+from .runtime import from_pretrained, runtime_of  # noqa: E402
 
 
 def open(path, **kwargs) -> EndorFile:  # noqa: A001 - the natural name, as in safetensors/kvikio
@@ -40,6 +41,8 @@ __all__ = [
     "defaults",
     "open",
     "pack",
+    "from_pretrained",
+    "runtime_of",
     "EndorFile",
     "EndorError",
     "FormatError",

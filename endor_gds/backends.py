@@ -1,0 +1,249 @@
+"""Where a streamed layer's bytes live and how they become dense weights: CPU and CUDA backends.
+
+Both implement the small interface :class:`~endor_gds.pipeline.Pipeline` calls from its threads:
+
+* ``read(plan, s)``        reader thread: fill set ``s``'s staging buffer with the layer's extent
+* ``decode(plan, s)``      decoder thread: rebuild the layer's bitmap tensors into set ``s``'s arena
+* ``wait_ready(plan, s)``  forward thread: make compute wait for the decode (a GPU event)
+* ``mark_free(plan, s)``   forward thread: the layer's forward is done with set ``s``
+* ``tensors(plan, s)``     the layer's tensors as torch views (built once per layer and set)
+* ``staging_view(plan, s)`` host bytes of the staged extent (verify_reads)
+
+and ``load(plan)``, which reads and decodes an extent once into buffers of its own, for resident
+tensors and resident layers. All buffers are allocated when the backend is built; nothing is
+allocated per token.
+
+``tier="ram"``: the streamed extents are read once into one host buffer (pinned on a GPU host),
+and a layer's "read" is then a view of it (CPU) or a host-to-device copy of it (GPU).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .cpu_decode import CpuDecoder
+from .io import Reader, aligned_empty
+from .pipeline import LayerPlan, staging_views
+
+__all__ = ["CpuBackend", "CudaBackend", "RamImage"]
+
+
+class RamImage:
+    """The compressed extents of the streamed layers, read once into one host buffer."""
+
+    def __init__(self, plans: list[LayerPlan], reader: Reader, *, pinned: bool = False):
+        self.offsets: dict[int, int] = {}
+        total = 0
+        for p in plans:
+            self.offsets[p.index] = total
+            total += p.length
+        self.nbytes = total
+        if pinned:
+            from .io import host_buffer  # noqa: PLC0415
+
+            self.buffer = host_buffer(total, pinned=True)
+        else:
+            self.buffer = aligned_empty(total)
+        futures = [reader.pread((p.offset, p.length), self.buffer[self.offsets[p.index]:][: p.length])
+                   for p in plans]
+        for f in futures:
+            f.get()
+
+    def view(self, plan: LayerPlan) -> np.ndarray:
+        start = self.offsets[plan.index]
+        return self.buffer[start:start + plan.length]
+
+
+def _bitmap_parts(staging, slot):
+    """(bitmap, values, tile_offsets) byte ranges of a bitmap slot inside its staging buffer."""
+    e = slot.entry
+    return tuple(staging[slot.segments[k]:slot.segments[k] + e.segments[k].nbytes]
+                 for k in ("bitmap", "values", "tile_offsets"))
+
+
+class CpuBackend:
+    """Host memory: posix-direct reads into page-aligned staging, the C decoder into the arena."""
+
+    device = torch.device("cpu")
+
+    def __init__(self, plans: list[LayerPlan], depth: int, reader: Reader | None,
+                 decoder: CpuDecoder, ram: RamImage | None = None):
+        self.reader, self.decoder, self.ram = reader, decoder, ram
+        staging = max((p.length for p in plans), default=0)
+        arena = max((p.arena_bytes for p in plans), default=0)
+        self._staging = [] if ram is not None else [aligned_empty(staging) for _ in range(depth)]
+        self._arena = [aligned_empty(arena) for _ in range(depth)] if arena else [None] * depth
+        self.buffer_bytes = (0 if ram is not None else staging * depth) + arena * depth
+        self._views: dict[tuple[int, int], dict] = {}
+        self._items: dict[tuple[int, int], tuple] = {}
+
+    def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
+        return self.ram.view(plan) if self.ram is not None else self._staging[s][: plan.length]
+
+    def read(self, plan: LayerPlan, s: int) -> None:
+        if self.ram is None:
+            self.reader.read((plan.offset, plan.length), self._staging[s])
+
+    def _decode_items(self, staging: np.ndarray, arena: np.ndarray, plan: LayerPlan):
+        items, labels = [], []
+        for slot in plan.slots:
+            if slot.arena_offset is None:
+                continue
+            e = slot.entry
+            bitmap, values, offs = _bitmap_parts(staging, slot)
+            out = arena[slot.arena_offset:slot.arena_offset + e.dense_nbytes]
+            items.append((bitmap.view("<u4"), values.view(e.dtype.bits), offs.view("<u4"),
+                          out.view(e.dtype.bits)))
+            labels.append(f"layer {plan.index}: {e.name}")
+        return items, labels
+
+    def decode(self, plan: LayerPlan, s: int) -> None:
+        if not plan.needs_decode:
+            return
+        key = (plan.index, s)
+        if key not in self._items:
+            self._items[key] = self._decode_items(self.staging_view(plan, s), self._arena[s], plan)
+        self.decoder.decode(*self._items[key])
+
+    def tensors(self, plan: LayerPlan, s: int) -> dict[str, torch.Tensor]:
+        key = (plan.index, s)
+        views = self._views.get(key)
+        if views is None:
+            arena = self._arena[s]
+            views = staging_views(torch.from_numpy(self.staging_view(plan, s)), plan,
+                                  None if arena is None else torch.from_numpy(arena))
+            self._views[key] = views
+        return views
+
+    def wait_ready(self, plan: LayerPlan, s: int) -> None:
+        pass  # the decoder thread has finished when its future resolves
+
+    def mark_free(self, plan: LayerPlan, s: int) -> None:
+        pass
+
+    def load(self, plan: LayerPlan, reader: Reader) -> tuple[dict[str, torch.Tensor], int]:
+        """Read and decode one extent into new buffers; returns its tensors and the bytes held."""
+        staging = aligned_empty(plan.length)
+        reader.read((plan.offset, plan.length), staging)
+        arena = aligned_empty(plan.arena_bytes) if plan.arena_bytes else None
+        if plan.needs_decode:
+            self.decoder.decode(*self._decode_items(staging, arena, plan))
+        views = staging_views(torch.from_numpy(staging), plan,
+                              None if arena is None else torch.from_numpy(arena))
+        return views, plan.length + plan.arena_bytes
+
+
+class CudaBackend:
+    """GPU memory: KvikIO reads straight into device staging, or host reads + async copies; the
+    decode kernel runs on its own stream and the compute stream waits on an event, never the host.
+    """
+
+    def __init__(self, plans: list[LayerPlan], depth: int, device: torch.device,
+                 reader: Reader | None, decoder, ram: RamImage | None = None):
+        from .io import host_buffer  # noqa: PLC0415
+
+        self.device, self.reader, self.decoder, self.ram = device, reader, decoder, ram
+        self.direct_to_device = reader is not None and reader.mode in ("gds", "kvikio-compat") \
+            and ram is None
+        staging = max((p.length for p in plans), default=0)
+        arena = max((p.arena_bytes for p in plans), default=0)
+        self._dev_staging = [torch.empty(staging, dtype=torch.uint8, device=device) for _ in range(depth)]
+        self._arena = [torch.empty(arena, dtype=torch.uint8, device=device) if arena else None
+                       for _ in range(depth)]
+        # host staging only when bytes land in host memory first (posix reader, not the RAM tier)
+        self._host_staging = [host_buffer(staging, pinned=True) for _ in range(depth)] \
+            if ram is None and not self.direct_to_device else []
+        self.buffer_bytes = (staging + arena) * depth
+        self.stream = torch.cuda.Stream(device=device)
+        self._ready = [torch.cuda.Event() for _ in range(depth)]
+        self._free = [torch.cuda.Event() for _ in range(depth)]
+        self._copied = [torch.cuda.Event() for _ in range(depth)]  # host staging may be reused
+        self._views: dict[tuple[int, int], dict] = {}
+        self._tables: dict[tuple[int, int], object] = {}
+
+    def _host_source(self, plan: LayerPlan, s: int):
+        return self.ram.view(plan) if self.ram is not None else self._host_staging[s][: plan.length]
+
+    def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
+        if self.direct_to_device:
+            return self._dev_staging[s][: plan.length].cpu().numpy()
+        return np.asarray(self._host_source(plan, s))
+
+    def read(self, plan: LayerPlan, s: int) -> None:
+        if self.ram is not None:
+            return
+        if self.direct_to_device:
+            # KvikIO writes device memory outside any stream: wait until compute is done with it.
+            self._free[s].synchronize()
+            self.reader.read((plan.offset, plan.length), self._dev_staging[s][: plan.length])
+        else:
+            self._copied[s].synchronize()  # the previous host-to-device copy has left the buffer
+            self.reader.read((plan.offset, plan.length), self._host_staging[s])
+
+    def _table(self, plan: LayerPlan, s: int, staging: torch.Tensor, arena: torch.Tensor):
+        from .kernels import GpuItem  # noqa: PLC0415
+
+        base, out = staging.data_ptr(), arena.data_ptr()
+        items = []
+        for slot in plan.slots:
+            if slot.arena_offset is None:
+                continue
+            e = slot.entry
+            items.append(GpuItem(
+                bitmap_ptr=base + slot.segments["bitmap"], values_ptr=base + slot.segments["values"],
+                values_capacity=e.segments["values"].length,
+                tile_offsets_ptr=base + slot.segments["tile_offsets"],
+                out_ptr=out + slot.arena_offset, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize,
+                label=f"layer {plan.index}: {e.name}"))
+        return self.decoder.make_table(items)
+
+    def decode(self, plan: LayerPlan, s: int) -> None:
+        key = (plan.index, s)
+        table = None
+        if plan.needs_decode:
+            table = self._tables.get(key)
+            if table is None:
+                table = self._tables[key] = self._table(plan, s, self._dev_staging[s], self._arena[s])
+        with torch.cuda.stream(self.stream):
+            self.stream.wait_event(self._free[s])  # the set's previous layer has been computed
+            if not self.direct_to_device:
+                src = torch.from_numpy(np.asarray(self._host_source(plan, s)))
+                self._dev_staging[s][: plan.length].copy_(src, non_blocking=True)
+                self._copied[s].record(self.stream)
+            if table is not None:
+                self.decoder.launch(table, self.stream)
+            self._ready[s].record(self.stream)
+        if table is not None:
+            # A malformed extent must fail here, before any forward uses the weights.
+            self._ready[s].synchronize()
+            self.decoder.check(table)
+
+    def tensors(self, plan: LayerPlan, s: int) -> dict[str, torch.Tensor]:
+        key = (plan.index, s)
+        views = self._views.get(key)
+        if views is None:
+            views = self._views[key] = staging_views(self._dev_staging[s], plan, self._arena[s])
+        return views
+
+    def wait_ready(self, plan: LayerPlan, s: int) -> None:
+        torch.cuda.current_stream(self.device).wait_event(self._ready[s])
+
+    def mark_free(self, plan: LayerPlan, s: int) -> None:
+        self._free[s].record(torch.cuda.current_stream(self.device))
+
+    def load(self, plan: LayerPlan, reader: Reader) -> tuple[dict[str, torch.Tensor], int]:
+        staging = torch.empty(plan.length, dtype=torch.uint8, device=self.device)
+        if reader.mode in ("gds", "kvikio-compat"):
+            reader.read((plan.offset, plan.length), staging)
+        else:
+            host = aligned_empty(plan.length)
+            reader.read((plan.offset, plan.length), host)
+            staging.copy_(torch.from_numpy(host))
+        arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device) \
+            if plan.arena_bytes else None
+        if plan.needs_decode:
+            table = self._table(plan, -1, staging, arena)
+            self.decoder.launch(table, torch.cuda.current_stream(self.device))
+            self.decoder.check(table)
+        return staging_views(staging, plan, arena), plan.length + plan.arena_bytes

@@ -1,0 +1,249 @@
+"""The prefetch pipeline: read → decode → compute, each on its own thread, over reused buffer sets.
+
+A *buffer set* is a staging buffer (one layer's extent, as stored) plus a dense arena (the
+layer's bitmap tensors rebuilt). ``depth`` sets exist, allocated once per model. A set is taken
+for layer ``j`` when its read is submitted and returned when layer ``j``'s forward has finished
+with it; a new job is submitted whenever a set is free, so with two sets the reader starts layer
+``j+1`` as soon as layer ``j-1`` has been computed — reads run back to back and the link never
+idles while decode and compute are shorter than a read. ::
+
+    reader thread   R(j)──────R(j+1)─────R(j+2)─────
+    decoder thread       D(j)       D(j+1)     D(j+2)
+    forward (main)          C(j)        C(j+1)      C(j+2)
+
+Dense-encoded tensors (norms, biases, and every tensor of an unpruned file) are not copied: the
+model's parameters are views of the staging buffer. Bitmap tensors are views of the arena.
+
+On the CPU the decoder is :class:`~endor_gds.cpu_decode.CpuDecoder`. On a GPU the decode kernel
+runs on its own stream and signals a CUDA event the compute stream waits on; a "free" event
+recorded after the layer's forward tells the next user of the set when the GPU is done with it.
+Layers are expected in a cyclic order (0..L-1, 0..L-1, ... as ``generate`` runs them); any other
+order drains the queue and restarts from the requested layer, so correctness never depends on it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .errors import ChecksumError, EndorError
+from .layout import EndorFile, Extent, TensorEntry, crc32c
+
+__all__ = ["Slot", "LayerPlan", "plan_layer", "Pipeline", "LayerTimes", "ARENA_ALIGN"]
+
+ARENA_ALIGN = 256  # start of every decoded tensor in the arena: CUDA vector stores, AVX loads
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One tensor of a streamed layer: where its segments sit inside the extent, where it decodes."""
+
+    rel: str  # name relative to the layer module, e.g. "self_attn.q_proj.weight"
+    entry: TensorEntry
+    segments: dict[str, int]  # kind -> byte offset relative to the extent's start
+    arena_offset: int | None  # bitmap tensors: byte offset of the dense output in the arena
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    index: int
+    offset: int  # extent
+    length: int
+    slots: tuple[Slot, ...]
+    arena_bytes: int
+
+    @property
+    def needs_decode(self) -> bool:
+        return any(s.arena_offset is not None for s in self.slots)
+
+    def segment_crcs(self) -> list[tuple[str, int, int, int]]:
+        """``(label, offset in extent, length, crc32c)`` of every segment (for verify_reads)."""
+        return [(f"{s.entry.name}:{k}", rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
+                for s in self.slots for k, rel in s.segments.items()]
+
+
+def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:
+    """Lay out one layer: segment offsets inside its extent, arena offsets of its bitmap tensors."""
+    slots, arena = [], 0
+    for name in extent.tensors:
+        entry = ef.tensors[name]
+        if not name.startswith(prefix):
+            raise EndorError(f"tensor {name} in extent {extent.name} is not under {prefix}")
+        segs = {k: s.offset - extent.offset for k, s in entry.segments.items()}
+        arena_offset = None
+        if entry.encoding == "bitmap":
+            arena_offset = arena
+            arena += -(-entry.dense_nbytes // ARENA_ALIGN) * ARENA_ALIGN
+        slots.append(Slot(name[len(prefix):], entry, segs, arena_offset))
+    return LayerPlan(extent.layer, extent.offset, extent.length, tuple(slots), arena)
+
+
+@dataclass
+class LayerTimes:
+    """What one streamed layer cost: seconds in each stage, and how long the forward waited."""
+
+    layer: int
+    nbytes: int = 0
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    stall_s: float = 0.0
+    compute_s: float = 0.0
+
+
+@dataclass
+class _Job:
+    plan: LayerPlan
+    set: int
+    times: LayerTimes
+    read: Future | None = None
+    ready: Future | None = None
+    t_forward: float = 0.0
+
+
+class Pipeline:
+    """Owns the buffer sets and the two worker threads; the runtime's hooks call ``acquire``/``release``.
+
+    ``backend`` does the device-specific work (see :class:`endor_gds.backends.CpuBackend` and
+    ``CudaBackend``): ``read(plan, s)``, ``decode(plan, s)``, ``tensors(plan, s)``,
+    ``wait_ready(plan, s)``, ``mark_free(plan, s)``, ``staging_view(plan, s)``.
+    """
+
+    def __init__(self, plans: list[LayerPlan], backend, depth: int, *, verify_reads: bool = False,
+                 on_layer_done=None):
+        if depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {depth}")
+        self.plans = {p.index: p for p in plans}
+        self.order = sorted(self.plans)
+        self.backend = backend
+        self.depth = depth
+        self.verify_reads = verify_reads
+        self.on_layer_done = on_layer_done
+        self._reader = ThreadPoolExecutor(1, thread_name_prefix="endor-read")
+        self._decoder = ThreadPoolExecutor(1, thread_name_prefix="endor-decode")
+        self._free: deque[int] = deque(range(depth))
+        self._pending: deque[_Job] = deque()
+        self._in_use: _Job | None = None
+        self._next = 0  # position in self.order of the next layer to submit
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # -- worker side ----------------------------------------------------------------------------
+
+    def _read(self, job: _Job) -> None:
+        t0 = time.perf_counter()
+        self.backend.read(job.plan, job.set)
+        if self.verify_reads:
+            self._verify(job)
+        job.times.read_s = time.perf_counter() - t0
+        job.times.nbytes = job.plan.length
+
+    def _verify(self, job: _Job) -> None:
+        staging = self.backend.staging_view(job.plan, job.set)
+        for label, off, length, crc in job.plan.segment_crcs():
+            if crc32c(staging[off:off + length]) != crc:
+                raise ChecksumError(f"layer {job.plan.index}: segment {label} read from disk fails its "
+                                    f"CRC-32C (verify_reads)", segment=label)
+
+    def _decode(self, job: _Job) -> None:
+        job.read.result()  # re-raises a read error in this job
+        t0 = time.perf_counter()
+        self.backend.decode(job.plan, job.set)  # on a GPU this also moves a host-read extent over
+        job.times.decode_s = time.perf_counter() - t0
+
+    def _submit_locked(self) -> None:
+        """Start jobs for the next layers in cyclic order while a buffer set is free."""
+        while self._free and self.order and not self._closed:
+            s = self._free.popleft()
+            layer = self.order[self._next]
+            self._next = (self._next + 1) % len(self.order)
+            job = _Job(self.plans[layer], s, LayerTimes(layer))
+            job.read = self._reader.submit(self._read, job)
+            job.ready = self._decoder.submit(self._decode, job)
+            self._pending.append(job)
+
+    def _drain_locked(self) -> None:
+        """Wait out and discard every pending job (their errors belong to no one now)."""
+        while self._pending:
+            job = self._pending.popleft()
+            try:
+                job.ready.result()
+            except BaseException:  # noqa: BLE001 - a discarded prefetch; its error is irrelevant
+                pass
+            self._free.append(job.set)
+        if self._in_use is not None:
+            self._recycle_locked(self._in_use)
+
+    def _recycle_locked(self, job: _Job) -> None:
+        """Give the set of the job in use back (after its forward, or after that forward failed)."""
+        self.backend.mark_free(job.plan, job.set)
+        self._free.append(job.set)
+        self._in_use = None
+
+    # -- forward side (hooks) -------------------------------------------------------------------
+
+    def acquire(self, layer: int) -> dict[str, torch.Tensor]:
+        """Block until ``layer`` is ready; returns its tensors by relative name (valid until release)."""
+        t0 = time.perf_counter()
+        with self._lock:
+            if self._closed:
+                raise EndorError("the streaming pipeline is closed")
+            if self._in_use is not None:  # previous forward raised before its release
+                self._recycle_locked(self._in_use)
+            if not self._pending or self._pending[0].plan.index != layer:
+                self._drain_locked()
+                self._next = self.order.index(layer)
+            self._submit_locked()
+            job = self._pending.popleft()
+            self._in_use = job
+        try:
+            job.ready.result()
+            self.backend.wait_ready(job.plan, job.set)
+        except BaseException:
+            with self._lock:
+                if self._in_use is job:
+                    self._recycle_locked(job)
+            raise
+        job.times.stall_s = time.perf_counter() - t0
+        job.t_forward = time.perf_counter()
+        return self.backend.tensors(job.plan, job.set)
+
+    def release(self, layer: int) -> None:
+        """The forward of ``layer`` is done with its tensors: recycle the set, start the next read."""
+        with self._lock:
+            job = self._in_use
+            if job is None or job.plan.index != layer:
+                return
+            job.times.compute_s = time.perf_counter() - job.t_forward
+            self._recycle_locked(job)
+            self._submit_locked()
+        if self.on_layer_done is not None:
+            self.on_layer_done(job.times)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._drain_locked()
+            self._closed = True
+        self._reader.shutdown(wait=True)
+        self._decoder.shutdown(wait=True)
+
+
+def staging_views(staging: np.ndarray | torch.Tensor, plan: LayerPlan, arena) -> dict:
+    """Typed, shaped views of a layer's tensors over its staging buffer and arena (no copies)."""
+    out = {}
+    for s in plan.slots:
+        e = s.entry
+        if s.arena_offset is None:
+            off, nbytes, base = s.segments["data"], e.dense_nbytes, staging
+        else:
+            off, nbytes, base = s.arena_offset, e.dense_nbytes, arena
+        out[s.rel] = base[off:off + nbytes].view(e.dtype.torch).view(e.shape)
+    return out
+

@@ -1,0 +1,379 @@
+"""A transformers model whose decoder layers stream from an .endor file.
+
+``endor_gds.from_pretrained(path)`` returns the ordinary ``PreTrainedModel`` class of the
+checkpoint (``LlamaForCausalLM``, ``OPTForCausalLM``, ...), built on the meta device from the
+config embedded in the file. Resident tensors (embeddings, final norm, lm_head) and as many whole
+layers as ``max_memory`` allows are loaded once; every other decoder layer gets a pre-forward hook
+that swaps in its weights from the prefetch pipeline and a post-forward hook that hands them back
+(and puts meta placeholders back, so a layer run outside the pipeline fails loudly instead of
+using another layer's weights). ``generate()`` works as usual.
+
+``model.endor`` is the :class:`StreamingRuntime`: reader mode, per-step statistics, ``close()``.
+"""
+
+from __future__ import annotations
+
+import time
+import weakref
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from . import defaults
+from .backends import CpuBackend, CudaBackend, RamImage
+from .cpu_decode import CpuDecoder
+from .defaults import parse_bytes
+from .errors import BudgetError, FormatError, UnsupportedModelError
+from .io import open_reader
+from .layout import EndorFile
+from .modeling import empty_model, get_submodule, set_tensor
+from .pipeline import LayerPlan, LayerTimes, Pipeline, plan_layer
+from .recipes import Recipe, recipes
+
+__all__ = ["from_pretrained", "StreamingRuntime", "StepStats", "runtime_of"]
+
+TIERS = ("ssd", "ram")
+
+
+@dataclass
+class StepStats:
+    """One forward pass of the model (one generated token, or the prompt's prefill)."""
+
+    step: int
+    wall_s: float = 0.0
+    layers: int = 0  # streamed layers run
+    bytes_read: int = 0
+    read_s: float = 0.0
+    decode_s: float = 0.0
+    compute_s: float = 0.0
+    stall_s: float = 0.0  # time the forward waited for a layer to be ready
+
+    @property
+    def overlap(self) -> float:
+        """Fraction of read + decode time hidden behind compute (1 = fully overlapped)."""
+        busy = self.read_s + self.decode_s
+        return max(0.0, min(1.0, 1.0 - self.stall_s / busy)) if busy > 0 else 1.0
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.wall_s / 1e9 if self.wall_s > 0 else 0.0
+
+    def as_dict(self) -> dict:
+        return dict(asdict(self), overlap=self.overlap, gbps=self.gbps)
+
+
+def _device(device) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+    return dev
+
+
+def _budget(max_memory, device: torch.device) -> int | None:
+    if max_memory is None:
+        return None
+    if isinstance(max_memory, dict):
+        for key in (str(device), device.type, device.index):
+            if key in max_memory:
+                return parse_bytes(max_memory[key])
+        raise BudgetError(f"max_memory {max_memory} has no entry for device {device} "
+                          f"(use e.g. {{'{device.type}': '20GiB'}})")
+    return parse_bytes(max_memory)
+
+
+def runtime_of(model: nn.Module) -> "StreamingRuntime":
+    rt = getattr(model, "endor", None)
+    if not isinstance(rt, StreamingRuntime):
+        raise ValueError("this model was not created by endor_gds.from_pretrained")
+    return rt
+
+
+@dataclass
+class _Placement:
+    resident_layers: list[int]
+    streamed_layers: list[int]
+    resident_bytes: int
+    buffer_bytes: int
+    budget: int | None
+
+
+def _plan_budget(plans: dict[int, LayerPlan], resident_bytes: int, depth: int,
+                 budget: int | None, device: torch.device, tier: str) -> _Placement:
+    """Keep as many whole layers resident as the budget allows once buffer sets are counted."""
+    order = sorted(plans)
+    staging = max((p.length for p in plans.values()), default=0)
+    arena = max((p.arena_bytes for p in plans.values()), default=0)
+    sets = depth * (staging + arena) if not (tier == "ram" and device.type == "cpu") else depth * arena
+    if budget is None:
+        return _Placement([], order, resident_bytes, sets, None)
+    need = resident_bytes + sets
+    if need > budget:
+        raise BudgetError(
+            f"max_memory={budget} bytes for {device} cannot hold the resident tensors "
+            f"({resident_bytes} bytes) plus {depth} buffer set(s) of {staging + arena} bytes "
+            f"(staging {staging} + dense {arena}); need at least {need} bytes, or a smaller prefetch_depth")
+    left = budget - need
+    resident_layers = []
+    for i in order:
+        cost = plans[i].length + plans[i].arena_bytes
+        if cost > left:
+            break
+        resident_layers.append(i)
+        left -= cost
+    if len(resident_layers) == len(order):
+        # everything fits: no streaming, and the buffer sets are not needed
+        return _Placement(order, [], resident_bytes + sum(plans[i].length + plans[i].arena_bytes
+                                                          for i in order), 0, budget)
+    streamed = [i for i in order if i not in resident_layers]
+    held = resident_bytes + sum(plans[i].length + plans[i].arena_bytes for i in resident_layers)
+    return _Placement(resident_layers, streamed, held, sets, budget)
+
+
+class StreamingRuntime:
+    """Everything behind one streaming model: file, reader, decoder, buffers, hooks and stats."""
+
+    def __init__(self, model: nn.Module, ef: EndorFile, recipe: Recipe, device: torch.device, *,
+                 max_memory=None, tier: str = "ssd", prefetch_depth: int | None = None,
+                 io: str | None = None, verify_reads: bool | None = None):
+        if tier not in TIERS:
+            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
+        self.file, self.recipe, self.device, self.tier = ef, recipe, device, tier
+        self.depth = prefetch_depth or defaults.get("prefetch_depth")
+        if self.depth < 1:
+            raise ValueError(f"prefetch_depth must be >= 1, got {self.depth}")
+        self.verify_reads = defaults.get("verify_reads") if verify_reads is None else verify_reads
+        self.reader = open_reader(ef.path, mode=io, device=device.type, expected_size=ef.file_size)
+        self.mode = self.reader.mode
+        self.steps: list[StepStats] = []
+        self._step: StepStats | None = None
+        self._t_step = 0.0
+        self._hooks = []
+        self.pipeline = None
+        self._closed = False
+        try:
+            self._build(model, max_memory)
+        except BaseException:
+            self.close()
+            raise
+
+    # -- construction ---------------------------------------------------------------------------
+
+    def _build(self, model: nn.Module, max_memory) -> None:
+        ef, recipe = self.file, self.recipe
+        layers_module = get_submodule(model, recipe.layers)
+        if len(layers_module) != len(ef.layers):
+            raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
+                              f"config builds {len(layers_module)} layers")
+        plans = {ext.layer: plan_layer(ef, ext, f"{recipe.layers}.{ext.layer}.") for ext in ef.layers}
+        resident_plan = plan_layer(ef, ef.resident, "") if ef.resident is not None else None
+        resident_bytes = 0 if resident_plan is None else resident_plan.length + resident_plan.arena_bytes
+        self.placement = _plan_budget(plans, resident_bytes, self.depth,
+                                      _budget(max_memory, self.device), self.device, self.tier)
+        self.decoder = self._make_decoder()
+        streamed = [plans[i] for i in self.placement.streamed_layers]
+        depth = self.depth if streamed else 0
+        ram = None
+        if self.tier == "ram" and streamed:
+            ram = RamImage(streamed, self.reader, pinned=self.device.type == "cuda")
+        if self.device.type == "cuda":
+            self.backend = CudaBackend(streamed, depth, self.device, self.reader, self.decoder, ram)
+        else:
+            self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram)
+        self.ram_bytes = 0 if ram is None else ram.nbytes
+
+        # resident tensors, then tied aliases, then resident layers
+        if resident_plan is not None:
+            views, _ = self.backend.load(resident_plan, self.reader)
+            for name, t in views.items():
+                set_tensor(model, name, t)
+            for alias, target in ef.tied.items():
+                set_tensor(model, alias, views[target])
+        for i in self.placement.resident_layers:
+            views, _ = self.backend.load(plans[i], self.reader)
+            layer = layers_module[i]
+            for rel, t in views.items():
+                set_tensor(layer, rel, t)
+        for name, buf in list(model.named_buffers()):
+            if buf.device != self.device:
+                set_tensor(model, name, buf.to(self.device))
+
+        # streamed layers: meta placeholders now, weights swapped in by hooks
+        streamed_names = {f"{recipe.layers}.{i}." for i in self.placement.streamed_layers}
+        missing = [n for n, p in model.named_parameters(remove_duplicate=False)
+                   if p.device.type == "meta" and not any(n.startswith(s) for s in streamed_names)]
+        if missing:
+            raise UnsupportedModelError(f"{ef.path}: the model needs tensors the file lacks: "
+                                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        if streamed:
+            self.pipeline = Pipeline(streamed, self.backend, self.depth,
+                                     verify_reads=self.verify_reads, on_layer_done=self._layer_done)
+            for i in self.placement.streamed_layers:
+                self._attach(layers_module[i], i)
+        self._hooks.append(model.register_forward_pre_hook(self._step_begin))
+        self._hooks.append(model.register_forward_hook(self._step_end))
+
+    def _make_decoder(self):
+        if self.device.type == "cuda":
+            from .kernels import GpuDecoder  # noqa: PLC0415 - needs cupy; loaded on GPU hosts only
+
+            return GpuDecoder(self.device.index or 0)
+        return CpuDecoder()
+
+    def _attach(self, layer: nn.Module, index: int) -> None:
+        """Hooks that swap layer ``index``'s weights in before its forward and out after it."""
+        params = {}
+        for rel, p in layer.named_parameters():
+            owner_path, _, leaf = rel.rpartition(".")
+            params[rel] = (layer.get_submodule(owner_path) if owner_path else layer, leaf, p)
+        pipeline = self.pipeline
+        cache: dict[int, list] = {}
+
+        def pre(module, args):
+            tensors = pipeline.acquire(index)
+            swap = cache.get(id(tensors))
+            if swap is None:  # one Parameter per (layer, buffer set), built on first use
+                missing = set(params) - set(tensors)
+                if missing:
+                    raise FormatError(f"layer {index} of {self.file.path} lacks {sorted(missing)}")
+                swap = cache[id(tensors)] = [(params[rel][0], params[rel][1],
+                                              nn.Parameter(t, requires_grad=False))
+                                             for rel, t in tensors.items() if rel in params]
+            for owner, leaf, value in swap:
+                owner._parameters[leaf] = value
+
+        def post(module, args, output):
+            for owner, leaf, placeholder in params.values():
+                owner._parameters[leaf] = placeholder
+            pipeline.release(index)
+
+        self._hooks.append(layer.register_forward_pre_hook(pre))
+        self._hooks.append(layer.register_forward_hook(post))
+
+    # -- statistics -----------------------------------------------------------------------------
+
+    def _step_begin(self, module, args):
+        self._step = StepStats(step=len(self.steps))
+        self._t_step = time.perf_counter()
+
+    def _step_end(self, module, args, output):
+        if self._step is not None:
+            self._step.wall_s = time.perf_counter() - self._t_step
+            self.steps.append(self._step)
+            self._step = None
+
+    def _layer_done(self, t: LayerTimes) -> None:
+        s = self._step
+        if s is None:
+            return
+        s.layers += 1
+        s.bytes_read += t.nbytes
+        s.read_s += t.read_s
+        s.decode_s += t.decode_s
+        s.compute_s += t.compute_s
+        s.stall_s += t.stall_s
+
+    def reset_stats(self) -> None:
+        self.steps.clear()
+
+    def summary(self) -> dict:
+        """Configuration and aggregated statistics (what ``endor-gds run --json`` prints)."""
+        steps = self.steps[1:] if len(self.steps) > 1 else self.steps  # step 0 is the prefill
+        tot = StepStats(step=-1)
+        for s in steps:
+            for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers"):
+                setattr(tot, f, getattr(tot, f) + getattr(s, f))
+        n = max(len(steps), 1)
+        return {
+            "file": self.file.path,
+            "device": str(self.device),
+            "reader_mode": self.mode,
+            "tier": self.tier,
+            "prefetch_depth": self.depth,
+            "resident_layers": self.placement.resident_layers,
+            "streamed_layers": len(self.placement.streamed_layers),
+            "resident_bytes": self.placement.resident_bytes,
+            "buffer_bytes": self.placement.buffer_bytes,
+            "ram_tier_bytes": self.ram_bytes,
+            "budget_bytes": self.placement.budget,
+            "decoder": repr(self.decoder),
+            "steps": len(self.steps),
+            "per_token": {
+                "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
+                "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,
+                "stall_s": tot.stall_s / n, "overlap": tot.overlap, "gbps": tot.gbps,
+                "tokens_per_s": n / tot.wall_s if tot.wall_s > 0 else 0.0,
+            },
+            "step_stats": [s.as_dict() for s in self.steps],
+        }
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._hooks:
+            h.remove()
+        if self.pipeline is not None:
+            self.pipeline.close()
+        dec = getattr(self, "decoder", None)
+        if dec is not None and hasattr(dec, "close"):
+            dec.close()
+        self.reader.close()
+        self.file.close()
+
+    def __repr__(self) -> str:
+        p = self.placement if hasattr(self, "placement") else None
+        return (f"<StreamingRuntime {self.file.path!r} device={self.device} mode={self.mode} "
+                f"tier={self.tier} depth={self.depth} "
+                f"resident_layers={len(p.resident_layers) if p else '?'} "
+                f"streamed={len(p.streamed_layers) if p else '?'}>")
+
+
+def _model_dtype(ef: EndorFile, recipe: Recipe) -> torch.dtype:
+    for e in ef.tensors.values():
+        if recipe.is_linear_weight(e.name):
+            return e.dtype.torch
+    return torch.float32
+
+
+def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
+                    prefetch_depth: int | None = None, io: str | None = None, *,
+                    verify_reads: bool | None = None):
+    """Load an ``.endor`` file as a streaming transformers model (see module docstring).
+
+    ``device``: ``"auto"`` (CUDA when available), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
+    ``max_memory``: a byte budget for the device (``"20GiB"`` or ``{"cuda": "20GiB"}``) that
+    resident tensors, resident layers and the buffer sets must fit; ``None`` streams every layer.
+    ``tier``: ``"ssd"`` reads every streamed layer from the file each token; ``"ram"`` reads the
+    compressed extents once into (pinned) host memory and streams from there.
+    ``prefetch_depth``: buffer sets (2 = double buffering). ``io``: reader mode (see
+    :func:`endor_gds.io.open_reader`). ``verify_reads``: check segment CRCs on every read.
+    """
+    ef = EndorFile(path)
+    try:
+        recipe = recipes().get(ef.architecture)
+        if recipe is None:
+            raise UnsupportedModelError(f"{ef.path} was packed for architecture {ef.architecture!r}, "
+                                        f"which this endor_gds has no recipe for")
+        dev = _device(device)
+        model = empty_model(ef.config, _model_dtype(ef, recipe))
+    except BaseException:
+        ef.close()
+        raise
+    runtime = StreamingRuntime(model, ef, recipe, dev, max_memory=max_memory, tier=tier,
+                               prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads)
+    model.endor = runtime
+    weakref.finalize(model, runtime.close)
+    gen = ef.manifest.get("generation_config")
+    if isinstance(gen, dict) and getattr(model, "generation_config", None) is not None:
+        import transformers  # noqa: PLC0415
+
+        model.generation_config = transformers.GenerationConfig.from_dict(gen)
+    return model
+

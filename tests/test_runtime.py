@@ -1,0 +1,264 @@
+"""Streaming runtime: bit-identical to the same pruned model held in memory, overlap, memory, faults."""
+
+import errno
+import inspect
+import time
+
+import pytest
+import torch
+import transformers
+from models import FAMILIES
+
+import endor_gds
+from endor_gds.errors import BudgetError, ReadError
+
+PROMPT = torch.tensor([[1, 5, 9, 22, 7, 101, 3]])
+BATCH = torch.tensor([[0, 0, 4, 8, 15, 16], [1, 23, 42, 7, 9, 11]])
+BATCH_MASK = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+
+
+def reference_model(path) -> torch.nn.Module:
+    """The same pruned model, every weight decoded by the reference decoder and held in memory."""
+    with endor_gds.open(path) as f:
+        cfg = transformers.AutoConfig.for_model(**f.config)
+        dtype = f.read_tensor(next(n for n in f.tensors if "layers.0." in n and n.endswith("proj.weight")
+                                    or "fc1.weight" in n)).dtype
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        sd = {k: f.read_tensor(k) for k in model.state_dict()}
+    model.load_state_dict(sd)
+    return model.eval()
+
+
+def _generate(model, ids, **kw):
+    torch.manual_seed(1234)
+    with torch.no_grad():
+        return model.generate(ids, max_new_tokens=6, pad_token_id=0, **kw)
+
+
+@pytest.fixture(scope="module")
+def refs():
+    cache = {}
+
+    def get(path):
+        if path not in cache:
+            cache[path] = reference_model(path)
+        return cache[path]
+
+    return get
+
+
+def _assert_same(model, ref):
+    with torch.no_grad():
+        assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
+    assert torch.equal(_generate(model, PROMPT), _generate(ref, PROMPT))
+    sample = dict(do_sample=True, temperature=0.9, top_k=50)
+    assert torch.equal(_generate(model, PROMPT, **sample), _generate(ref, PROMPT, **sample))
+    assert torch.equal(_generate(model, BATCH, attention_mask=BATCH_MASK),
+                       _generate(ref, BATCH, attention_mask=BATCH_MASK))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bit_identical_to_in_memory_model(packed, refs, family):
+    path = packed(family, torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        assert type(model).__name__ == type(refs(path)).__name__
+        assert model.endor.mode in ("posix-direct", "posix-buffered")
+        _assert_same(model, refs(path))
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("depth", [1, 2, 3])
+@pytest.mark.parametrize("tier", ["ssd", "ram"])
+def test_depths_and_tiers(packed, refs, depth, tier):
+    path = packed("qwen2", torch.bfloat16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=depth, tier=tier)
+    try:
+        _assert_same(model, refs(path))
+        s = model.endor.summary()
+        assert s["prefetch_depth"] == depth and s["tier"] == tier
+    finally:
+        model.endor.close()
+
+
+def test_unpruned_and_fp32_files(packed, refs):
+    for path in (packed("opt", torch.float32, prune="none"), packed("llama", torch.float32)):
+        model = endor_gds.from_pretrained(path, device="cpu")
+        try:
+            _assert_same(model, refs(path))
+        finally:
+            model.endor.close()
+
+
+def test_budget_keeps_some_layers_resident(packed, refs):
+    path = packed("mistral", torch.float16, prune="magnitude")
+    probe = endor_gds.from_pretrained(path, device="cpu")
+    rt = probe.endor
+    per_layer = max(p.length + p.arena_bytes for p in rt.pipeline.plans.values())
+    floor = rt.placement.resident_bytes + rt.placement.buffer_bytes
+    rt.close()
+    budget = floor + per_layer + per_layer // 2  # room for exactly one resident layer
+    model = endor_gds.from_pretrained(path, device="cpu", max_memory={"cpu": budget})
+    try:
+        p = model.endor.placement
+        assert p.resident_layers == [0] and p.streamed_layers == [1, 2]
+        assert p.resident_bytes + p.buffer_bytes <= budget
+        _assert_same(model, refs(path))
+    finally:
+        model.endor.close()
+    with pytest.raises(BudgetError, match="cannot hold the resident tensors"):
+        endor_gds.from_pretrained(path, device="cpu", max_memory=str(floor - 1))
+    everything = endor_gds.from_pretrained(path, device="cpu", max_memory="1GiB")
+    try:
+        assert everything.endor.placement.streamed_layers == [] and everything.endor.pipeline is None
+        _assert_same(everything, refs(path))
+    finally:
+        everything.endor.close()
+
+
+def test_stats_per_token(packed):
+    path = packed("llama", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        _generate(model, PROMPT)
+        s = model.endor.summary()
+        extent_bytes = sum(p.length for p in model.endor.pipeline.plans.values())
+        assert s["steps"] == 6  # prefill + 5 decode steps produce 6 new tokens
+        for step in s["step_stats"]:
+            assert step["layers"] == 3 and step["bytes_read"] == extent_bytes
+            assert step["wall_s"] > 0 and 0.0 <= step["overlap"] <= 1.0
+        pt = s["per_token"]
+        for key in ("s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "overlap", "gbps",
+                    "tokens_per_s"):
+            assert key in pt
+        assert pt["bytes_read"] == extent_bytes and s["reader_mode"] == model.endor.mode
+    finally:
+        model.endor.close()
+
+
+def test_overlap_is_real(packed, monkeypatch):
+    """Reads made slow and compute made slow by the same amount: time approaches max, not sum."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    delay = 0.06
+    model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=2)
+    rt = model.endor
+    try:
+        real_read = rt.backend.read
+
+        def slow_read(plan, s):
+            time.sleep(delay)
+            real_read(plan, s)
+
+        monkeypatch.setattr(rt.backend, "read", slow_read)
+        for layer in model.model.layers:
+            layer.register_forward_hook(lambda *a: time.sleep(delay))
+        with torch.no_grad():
+            model(PROMPT)  # warm-up and prefill
+            rt.reset_stats()
+            for _ in range(4):
+                model(PROMPT[:, :1])
+        per_token = sorted(s.wall_s for s in rt.steps)[len(rt.steps) // 2]
+        serial = 3 * (delay + delay)
+        assert per_token < 0.75 * serial, (per_token, serial)
+        assert rt.summary()["per_token"]["overlap"] > 0.5
+    finally:
+        rt.close()
+
+
+def _hwm_kib() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
+
+
+def test_memory_flat_across_tokens(packed):
+    path = packed("llama", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    rt = model.endor
+    try:
+        cache = transformers.StaticCache(config=model.config, max_cache_len=64)
+        # transformers renamed past_key_values to cache; take whichever this version has
+        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        ids = PROMPT
+        seen = {}
+        with torch.no_grad():
+            for step in range(21):
+                out = model(ids, use_cache=True, **{key: cache})
+                ids = out.logits[:, -1:].argmax(-1)
+                if step in (2, 20):
+                    kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)
+                             if t is not None)
+                    seen[step] = (_hwm_kib() * 1024, kv, rt.backend.buffer_bytes,
+                                  [id(b) for b in rt.backend._staging + rt.backend._arena])
+        (hwm2, kv2, buf2, ids2), (hwm20, kv20, buf20, ids20) = seen[2], seen[20]
+        assert buf2 == buf20 and ids2 == ids20  # the same buffers, never reallocated
+        assert abs((hwm20 - kv20) - (hwm2 - kv2)) <= 4096, (hwm2, kv2, hwm20, kv20)
+    finally:
+        rt.close()
+
+
+def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):
+    path = packed("llama", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=2)
+    rt = model.endor
+    try:
+        import endor_gds.io as io_mod
+
+        real = io_mod.os.preadv
+        state = {"fail": True, "calls": 0}
+
+        def eio(fd, bufs, offset):
+            if state["fail"]:
+                state["calls"] += 1
+                raise OSError(errno.EIO, "Input/output error")
+            return real(fd, bufs, offset)
+
+        monkeypatch.setattr(io_mod.os, "preadv", eio)
+        with pytest.raises(ReadError, match=f"{path}.*offset.*length") as info:
+            with torch.no_grad():
+                model(PROMPT)
+        assert "retr" in str(info.value) and state["calls"] > 1  # retried before giving up
+        # no half-swapped weights: every streamed layer is back on meta
+        for layer in model.model.layers:
+            assert all(p.device.type == "meta" for p in layer.parameters())
+        with pytest.raises(ReadError):  # a layer called on its own still cannot use stale weights
+            model.model.layers[0](torch.zeros(1, 1, 128, dtype=torch.float16))
+        state["fail"] = False
+        with torch.no_grad():
+            good = model(PROMPT).logits
+        ref = reference_model(path)
+        with torch.no_grad():
+            assert torch.equal(good, ref(PROMPT).logits)
+    finally:
+        rt.close()
+
+
+def test_verify_reads_catches_corruption(packed, tmp_path):
+    src = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(src) as f:
+        seg = f.tensors["model.layers.1.mlp.up_proj.weight"].segments["values"]
+    data = bytearray(src.read_bytes())
+    data[seg.offset + 10] ^= 0x40  # a flipped bit in a value: decodes fine, but is wrong
+    bad = tmp_path / "bad.endor"
+    bad.write_bytes(bytes(data))
+    model = endor_gds.from_pretrained(bad, device="cpu", verify_reads=True)
+    try:
+        with pytest.raises(endor_gds.ChecksumError, match="up_proj.weight:values"):
+            with torch.no_grad():
+                model(PROMPT)
+    finally:
+        model.endor.close()
+
+
+def test_auto_device_is_cpu_without_gpu(packed):
+    if torch.cuda.is_available():
+        pytest.skip("GPU present")
+    model = endor_gds.from_pretrained(packed("llama", torch.float16), device="auto")
+    try:
+        assert model.endor.device.type == "cpu"
+        assert "StreamingRuntime" in repr(model.endor)
+    finally:
+        model.endor.close()
