@@ -76,7 +76,7 @@ class CpuBackend:
         self._arena = [aligned_empty(arena) for _ in range(depth)] if arena else [None] * depth
         self.buffer_bytes = (0 if ram is not None else staging * depth) + arena * depth
         self._views: dict[tuple[int, int], dict] = {}
-        self._items: dict[tuple[int, int], tuple] = {}
+        self._items: dict[tuple[int, int], object] = {}  # prepared decode work per (layer, set)
 
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
         return self.ram.view(plan) if self.ram is not None else self._staging[s][: plan.length]
@@ -102,9 +102,11 @@ class CpuBackend:
         if not plan.needs_decode:
             return
         key = (plan.index, s)
-        if key not in self._items:
-            self._items[key] = self._decode_items(self.staging_view(plan, s), self._arena[s], plan)
-        self.decoder.decode(*self._items[key])
+        prepared = self._items.get(key)
+        if prepared is None:
+            items = self._decode_items(self.staging_view(plan, s), self._arena[s], plan)
+            prepared = self._items[key] = self.decoder.prepare(*items)
+        self.decoder.run(prepared)
 
     def tensors(self, plan: LayerPlan, s: int) -> dict[str, torch.Tensor]:
         key = (plan.index, s)

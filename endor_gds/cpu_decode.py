@@ -74,6 +74,15 @@ def _check(bitmap: np.ndarray, values: np.ndarray, tile_offsets: np.ndarray, out
                          f"got {tile_offsets.size} of {tile_offsets.dtype}")
 
 
+class Prepared:
+    """Checked, split decode work: C arguments per task, and the arrays they point into (kept alive)."""
+
+    __slots__ = ("tasks", "_keep")
+
+    def __init__(self, tasks: list, keep: list):
+        self.tasks, self._keep = tasks, keep
+
+
 class CpuDecoder:
     """Rebuilds dense tensors from bitmap + values + tile offsets on the CPU.
 
@@ -94,33 +103,46 @@ class CpuDecoder:
     def __repr__(self) -> str:
         return f"<CpuDecoder threads={self.threads} simd={'ssse3' if self.simd else 'off'}>"
 
-    def _run(self, item, t0: int, t1: int) -> int:
-        bitmap, values, offs, out = item
-        return self._lib.endor_decode_tiles(
-            bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data, out.ctypes.data,
-            out.size, out.dtype.itemsize, t0, t1, self._allow_simd,
-        )
+    def prepare(self, items: Sequence[tuple], where: Sequence[str] | None = None) -> "Prepared":
+        """Check the arguments and split the work into tasks once; run it any number of times.
 
-    def decode(self, items: Sequence[tuple], where: Sequence[str] | None = None) -> None:
+        The streaming pipeline prepares each (layer, buffer set) once at its first use, so a token
+        pays for neither the checks nor the task list, and allocates nothing.
+        """
         labels = list(where) if where is not None else [f"tensor {i}" for i in range(len(items))]
         tasks = []
         for item, label in zip(items, labels):
             _check(*item, label)
-            ntiles = num_tiles(item[3].size)
+            bitmap, values, offs, out = item
+            ntiles = num_tiles(out.size)
             step = max(_MIN_TILES_PER_TASK, -(-ntiles // (2 * self.threads)))
-            tasks += [(item, label, t0, min(ntiles, t0 + step)) for t0 in range(0, ntiles, step)]
+            args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
+                    out.ctypes.data, out.size, out.dtype.itemsize)
+            tasks += [(args, label, t0, min(ntiles, t0 + step)) for t0 in range(0, ntiles, step)]
+        return Prepared(tasks, list(items))
+
+    def _run(self, args: tuple, t0: int, t1: int) -> int:
+        return self._lib.endor_decode_tiles(*args, t0, t1, self._allow_simd)
+
+    def run(self, prepared: "Prepared") -> None:
+        """Decode everything in ``prepared``; raises DecodeError naming the first bad tensor/tile."""
+        tasks = prepared.tasks
         if self._pool is None or len(tasks) <= 1:
-            results = [self._run(item, t0, t1) for item, _, t0, t1 in tasks]
+            results = [self._run(args, t0, t1) for args, _, t0, t1 in tasks]
         else:
-            futures = [self._pool.submit(self._run, item, t0, t1) for item, _, t0, t1 in tasks]
+            futures = [self._pool.submit(self._run, args, t0, t1) for args, _, t0, t1 in tasks]
             results = [f.result() for f in futures]
-        for (item, label, t0, t1), rc in zip(tasks, results):
+        for (_, label, t0, _t1), rc in zip(tasks, results):
             if rc:
                 tile = rc - 1 if rc > 0 else t0
                 raise DecodeError(
                     f"{label}: tile {tile} (elements {tile * TILE_ELEMS}..) disagrees with its tile "
                     f"offsets or bitmap (corrupted file? run `endor-gds verify`)"
                 )
+
+    def decode(self, items: Sequence[tuple], where: Sequence[str] | None = None) -> None:
+        """``prepare`` + ``run`` in one call."""
+        self.run(self.prepare(items, where))
 
     def close(self) -> None:
         if self._pool is not None:

@@ -17,6 +17,7 @@ import time
 import weakref
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -34,6 +35,7 @@ from .recipes import Recipe, recipes
 __all__ = ["from_pretrained", "StreamingRuntime", "StepStats", "runtime_of"]
 
 TIERS = ("ssd", "ram")
+KEEP_STEPS = 4096  # per-step records kept (a ring), so a long generation's memory stays flat
 
 
 @dataclass
@@ -61,6 +63,40 @@ class StepStats:
 
     def as_dict(self) -> dict:
         return dict(asdict(self), overlap=self.overlap, gbps=self.gbps)
+
+
+class StepRing:
+    """The last ``capacity`` steps' statistics in one preallocated array.
+
+    Preallocated and touched up front, so recording a step allocates nothing and a generation of
+    any length keeps the process's memory flat; iterating yields :class:`StepStats` objects.
+    """
+
+    FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s")
+
+    def __init__(self, capacity: int = KEEP_STEPS):
+        self._data = np.empty((capacity, len(self.FIELDS)))
+        self._data.fill(0.0)  # fault every page in now, not one page per 64 steps later
+        self._count = 0
+
+    def append(self, s: StepStats) -> None:
+        row = self._data[self._count % len(self._data)]
+        for i, f in enumerate(self.FIELDS):
+            row[i] = getattr(s, f)
+        self._count += 1
+
+    def clear(self) -> None:
+        self._count = 0
+
+    def __len__(self) -> int:
+        return min(self._count, len(self._data))
+
+    def __iter__(self):
+        cap = len(self._data)
+        for k in range(max(0, self._count - cap), self._count):
+            row = self._data[k % cap]
+            yield StepStats(**{f: (int(v) if f in ("step", "layers", "bytes_read") else float(v))
+                               for f, v in zip(self.FIELDS, row)})
 
 
 def _device(device) -> torch.device:
@@ -149,7 +185,9 @@ class StreamingRuntime:
         self.verify_reads = defaults.get("verify_reads") if verify_reads is None else verify_reads
         self.reader = open_reader(ef.path, mode=io, device=device.type, expected_size=ef.file_size)
         self.mode = self.reader.mode
-        self.steps: list[StepStats] = []
+        self.steps = StepRing()
+        self._nsteps = 0
+        self._current = StepStats(step=0)  # reused: a step allocates no new record
         self._step: StepStats | None = None
         self._t_step = 0.0
         self._hooks = []
@@ -257,7 +295,11 @@ class StreamingRuntime:
     # -- statistics -----------------------------------------------------------------------------
 
     def _step_begin(self, module, args):
-        self._step = StepStats(step=len(self.steps))
+        cur = self._current
+        cur.step, cur.wall_s, cur.layers, cur.bytes_read = self._nsteps, 0.0, 0, 0
+        cur.read_s = cur.decode_s = cur.compute_s = cur.stall_s = 0.0
+        self._step = cur
+        self._nsteps += 1
         self._t_step = time.perf_counter()
 
     def _step_end(self, module, args, output):
@@ -279,10 +321,13 @@ class StreamingRuntime:
 
     def reset_stats(self) -> None:
         self.steps.clear()
+        self._nsteps = 0
 
     def summary(self) -> dict:
         """Configuration and aggregated statistics (what ``endor-gds run --json`` prints)."""
-        steps = self.steps[1:] if len(self.steps) > 1 else self.steps  # step 0 is the prefill
+        steps = list(self.steps)
+        if len(steps) > 1 and steps[0].step == 0:
+            steps = steps[1:]  # step 0 is the prompt's prefill, not a generated token
         tot = StepStats(step=-1)
         for s in steps:
             for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers"):
@@ -301,7 +346,7 @@ class StreamingRuntime:
             "ram_tier_bytes": self.ram_bytes,
             "budget_bytes": self.placement.budget,
             "decoder": repr(self.decoder),
-            "steps": len(self.steps),
+            "steps": self._nsteps,
             "per_token": {
                 "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
                 "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,

@@ -138,7 +138,11 @@ def test_stats_per_token(packed):
 
 
 def test_overlap_is_real(packed, monkeypatch):
-    """Reads made slow and compute made slow by the same amount: time approaches max, not sum."""
+    """Reads and compute both made slow: a token costs about max(read, compute), not their sum.
+
+    Judged on the runtime's own per-stage timings, so a disk slowed by other work on the machine
+    changes both sides of the comparison alike.
+    """
     path = packed("llama", torch.float16, prune="magnitude")
     delay = 0.06
     model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=2)
@@ -151,53 +155,46 @@ def test_overlap_is_real(packed, monkeypatch):
             real_read(plan, s)
 
         monkeypatch.setattr(rt.backend, "read", slow_read)
-        for layer in model.model.layers:
-            layer.register_forward_hook(lambda *a: time.sleep(delay))
+        for layer in model.model.layers:  # runs after the swap-in hook: counted as compute
+            layer.register_forward_pre_hook(lambda *a: time.sleep(delay))
         with torch.no_grad():
-            model(PROMPT)  # warm-up and prefill
+            model(PROMPT)  # prefill, and the pipeline's first fill
             rt.reset_stats()
-            for _ in range(4):
+            for _ in range(5):
                 model(PROMPT[:, :1])
-        per_token = sorted(s.wall_s for s in rt.steps)[len(rt.steps) // 2]
-        serial = 3 * (delay + delay)
-        assert per_token < 0.75 * serial, (per_token, serial)
-        assert rt.summary()["per_token"]["overlap"] > 0.5
+        t = rt.summary()["per_token"]
+        io, compute = t["read_s"] + t["decode_s"], t["compute_s"]
+        assert compute >= 3 * delay and io >= 3 * delay
+        assert t["s"] < 0.75 * (io + compute), t
+        assert t["s"] < 1.25 * max(io, compute) + 0.03, t
+        assert t["overlap"] > 0.5, t
     finally:
         rt.close()
-
-
-def _hwm_kib() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
 
 
 def test_memory_flat_across_tokens(packed):
+    """Nothing of ours grows across tokens: the same buffers, no Python memory kept by endor_gds
+    code from token 2 to token 100, and a process peak that grows from token 2 to token 20 no more
+    than the same loop on the in-memory model does (torch and transformers themselves add
+    ~30-45 KiB over those steps on CPU); each measured in a fresh process.
+    """
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
     path = packed("llama", torch.float16, prune="magnitude")
-    model = endor_gds.from_pretrained(path, device="cpu")
-    rt = model.endor
-    try:
-        cache = transformers.StaticCache(config=model.config, max_cache_len=64)
-        # transformers renamed past_key_values to cache; take whichever this version has
-        key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        ids = PROMPT
-        seen = {}
-        with torch.no_grad():
-            for step in range(21):
-                out = model(ids, use_cache=True, **{key: cache})
-                ids = out.logits[:, -1:].argmax(-1)
-                if step in (2, 20):
-                    kv = sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values)
-                             if t is not None)
-                    seen[step] = (_hwm_kib() * 1024, kv, rt.backend.buffer_bytes,
-                                  [id(b) for b in rt.backend._staging + rt.backend._arena])
-        (hwm2, kv2, buf2, ids2), (hwm20, kv20, buf20, ids20) = seen[2], seen[20]
-        assert buf2 == buf20 and ids2 == ids20  # the same buffers, never reallocated
-        assert abs((hwm20 - kv20) - (hwm2 - kv2)) <= 4096, (hwm2, kv2, hwm20, kv20)
-    finally:
-        rt.close()
+    script = Path(__file__).with_name("memloop.py")
+    runs = {}
+    for which, *flags in (("endor",), ("ref",), ("endor", "--trace")):
+        r = subprocess.run([sys.executable, str(script), str(path), which, *flags],
+                           capture_output=True, text=True, check=True)
+        runs[(which, *flags)] = json.loads(r.stdout.strip().splitlines()[-1])
+    e, ref, traced = runs[("endor",)], runs[("ref",)], runs[("endor", "--trace")]
+    assert e["buffers"]["2"] == e["buffers"]["20"] and e["buffers"]["2"]  # the same buffers, kept
+    assert traced["py_endor"] <= 4096, traced["py_endor"]
+    growth = lambda r: (r["hwm"]["20"] - r["kv"]["20"]) - (r["hwm"]["2"] - r["kv"]["2"])  # noqa: E731
+    assert growth(e) <= growth(ref) + 2 * 4096, (growth(e), growth(ref))
 
 
 def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):
