@@ -6,29 +6,34 @@ One interface, several backends:
   ``chunk_bytes`` requests over ``io_threads`` threads (``os.preadv`` drops the GIL), so the
   device sees a deep queue of large sequential requests and the page cache is bypassed.
 * ``posix-buffered`` — the same through the page cache, for file systems that refuse
-  ``O_DIRECT``; chosen automatically with a warning.
+  ``O_DIRECT``; chosen automatically with a ``RuntimeWarning``.
 * ``kvikio``        — ``kvikio.CuFile.pread`` straight into GPU memory: GPUDirect Storage when the
-  host has it (mode ``gds``), KvikIO's own POSIX path otherwise (mode ``kvikio-compat``).
+  host has it (mode ``gds``), a POSIX path otherwise (mode ``kvikio-compat``).
 
 ``pread(where, into)`` returns an :class:`IOFuture`; ``read`` is ``pread(...).get()``. ``where``
 is anything with ``offset`` and ``length`` (an extent of the manifest) or an ``(offset, length)``
-pair. Readers are context managers. The mode in effect is ``reader.mode``.
+pair. Readers are context managers. The mode in effect is ``reader.mode`` and the reason it was
+chosen ``reader.mode_reason``; every tool prints both.
 
 Faults: a short read is continued, ``EINTR`` is retried, ``EIO`` is retried ``io_retries`` times
 and then raised as :class:`~endor_gds.errors.ReadError` naming file, offset and length; reading
 past the end of the file is a ``ReadError`` too, never a silent short buffer.
+
+Host buffers: :func:`aligned_empty` (page-aligned, any machine) and :func:`host_buffer`
+(page-locked when a CUDA GPU is present, so host-to-device copies from it are asynchronous).
 """
 
 from __future__ import annotations
 
+import ctypes
 import errno as _errno
 import mmap
 import os
 import threading
 import time
 import warnings
+import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -39,10 +44,14 @@ __all__ = [
     "IOFuture",
     "Reader",
     "PosixReader",
+    "KvikioReader",
     "open_reader",
     "aligned_empty",
+    "host_buffer",
     "read_fully",
     "evict_page_cache",
+    "page_cache_fraction",
+    "cuda_available",
     "ALIGN",
     "MODES",
 ]
@@ -52,25 +61,180 @@ MODES = ("gds", "kvikio-compat", "posix-direct", "posix-buffered")
 _RETRYABLE = {_errno.EIO, _errno.EAGAIN, _errno.EBUSY}
 
 
+# -- host memory ------------------------------------------------------------------------------
+
+
+_HUGE = 2 << 20  # x86-64 transparent huge page
+
+
+def _aligned_mmap(nbytes: int, align: int) -> tuple[mmap.mmap, np.ndarray]:
+    if nbytes < 0 or align < 1 or align & (align - 1):
+        raise ValueError(f"aligned_empty needs nbytes >= 0 and a power-of-two align, "
+                         f"got nbytes={nbytes}, align={align}")
+    # A device request carries at most max_segments physically contiguous pieces (254 on
+    # virtio-blk, 128-ish on NVMe): over scattered 4 KiB pages a 4 MiB O_DIRECT read becomes ~1 MiB
+    # requests. Huge pages make each chunk one request; on the dev VM that was 1.2 GB/s instead
+    # of 0.42 (docs/performance.md). Needs 2 MiB alignment; madvise because THP is often "madvise".
+    huge = nbytes >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE")
+    if huge:
+        align = max(align, _HUGE)
+    extra = align if align > mmap.PAGESIZE else 0
+    capacity = max(mmap.PAGESIZE, -(-(nbytes + extra) // mmap.PAGESIZE) * mmap.PAGESIZE)
+    mm = mmap.mmap(-1, capacity)
+    if huge:
+        try:
+            mm.madvise(mmap.MADV_HUGEPAGE)
+        except OSError:  # kernel without THP: 4 KiB pages still work, only requests are smaller
+            pass
+    arr = np.frombuffer(mm, dtype=np.uint8, count=capacity)
+    start = (-arr.ctypes.data) % align
+    return mm, arr[start:start + nbytes]
+
+
 def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
-    """Uninitialised uint8 host array whose address and capacity are multiples of ``align``.
+    """Uninitialised uint8 host array of ``nbytes`` whose address is a multiple of ``align``.
 
     Anonymous ``mmap`` gives page-aligned memory that the kernel zero-fills lazily, so a large
-    staging buffer costs nothing until it is read into.
+    staging buffer costs nothing until it is read into. An ``align`` above the page size (e.g.
+    2 MiB) is honoured by over-allocating and slicing. Buffers of 2 MiB or more are 2 MiB-aligned
+    and ask for transparent huge pages, so large reads reach the device as large requests.
     """
-    capacity = max(align, -(-nbytes // align) * align)
-    mm = mmap.mmap(-1, capacity)
-    arr = np.frombuffer(mm, dtype=np.uint8, count=capacity)
-    return arr[:nbytes]
+    return _aligned_mmap(nbytes, align)[1]
 
 
-def evict_page_cache(path) -> None:
-    """Drop a file's pages from the page cache (cold-cache measurements)."""
+_cuda_state: list[bool] = []
+
+
+def cuda_available() -> bool:
+    """True when torch sees a CUDA GPU. Cached; never raises on a machine without a driver."""
+    if not _cuda_state:
+        try:
+            import torch  # noqa: PLC0415 - heavy, and only needed here on first use
+
+            _cuda_state.append(bool(torch.cuda.is_available()))
+        except (ImportError, RuntimeError, OSError):  # no torch, or a broken driver install
+            _cuda_state.append(False)
+    return _cuda_state[0]
+
+
+class _PinnedRegion:
+    """Owns a mapping page-locked with ``cudaHostRegister``; numpy arrays view it through
+    ``__array_interface__``, so the last view's death runs the finalizer (unregister) before the
+    mapping itself is released (munmap); the other order would unmap locked pages."""
+
+    def __init__(self, mm: mmap.mmap, ptr: int, nbytes: int, unregister):
+        self._mm = mm
+        self.__array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1",
+                                    "version": 3}
+        weakref.finalize(self, unregister, ptr)
+
+
+def _cuda_host_register(mm: mmap.mmap, arr: np.ndarray) -> np.ndarray | None:
+    """``arr`` (a view of ``mm``) page-locked with ``cudaHostRegister``, or None if that failed."""
+    import torch  # noqa: PLC0415
+
+    try:
+        cudart = torch.cuda.cudart()
+        ptr = arr.ctypes.data
+        if int(cudart.cudaHostRegister(ptr, arr.nbytes, 0)) != 0:  # 0 == cudaSuccess
+            return None
+    except (AttributeError, RuntimeError):  # a torch build without the cudart binding
+        return None
+    return np.asarray(_PinnedRegion(mm, ptr, arr.nbytes, cudart.cudaHostUnregister))
+
+
+def host_buffer(nbytes: int, pinned: bool | None = None, align: int = ALIGN) -> np.ndarray:
+    """Page-aligned uint8 host array for reads, page-locked ("pinned") when a GPU is present.
+
+    ``pinned=None`` pins when :func:`cuda_available`; ``pinned=False`` is :func:`aligned_empty`;
+    ``pinned=True`` without a GPU raises :class:`MissingDependencyError`. Pinned memory is what
+    makes ``gpu.copy_(torch.from_numpy(buf), non_blocking=True)`` a real asynchronous DMA.
+
+    Pinning registers exactly ``nbytes`` (rounded up to a page) with ``cudaHostRegister``; torch's
+    ``pin_memory`` allocator rounds every block up to a power of two, which would cost up to 2x
+    for a multi-GB RAM tier. It is the fallback when the cudart binding is missing.
+    """
+    if pinned is None:
+        pinned = cuda_available()
+    mm, arr = _aligned_mmap(nbytes, align)
+    if not pinned:
+        return arr
+    if not cuda_available():
+        raise MissingDependencyError(
+            "host_buffer(pinned=True) needs a CUDA GPU and driver (torch.cuda.is_available() is "
+            "False); use pinned=None to pin only when a GPU is present")
+    if nbytes == 0:
+        return arr
+    pinned_arr = _cuda_host_register(mm, arr)
+    if pinned_arr is not None:
+        return pinned_arr
+    import torch  # noqa: PLC0415
+
+    raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=True).numpy()  # base: tensor
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + nbytes]
+
+
+# -- page cache -------------------------------------------------------------------------------
+
+
+def evict_page_cache(path, *, sync: bool = True) -> None:
+    """Drop a file's pages from the page cache (cold-cache measurements).
+
+    ``POSIX_FADV_DONTNEED`` only drops clean pages, so dirty ones (a file just written) are
+    flushed first with ``fdatasync``. Needs no privileges and touches no other file, unlike
+    ``drop_caches``. :func:`page_cache_fraction` shows whether it worked.
+    """
     fd = os.open(path, os.O_RDONLY)
     try:
+        if sync:
+            os.fdatasync(fd)
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
     finally:
         os.close(fd)
+
+
+def _libc():
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long)
+    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+    return libc
+
+
+def page_cache_fraction(path) -> float | None:
+    """Fraction of ``path``'s pages resident in the page cache (``mincore``, as ``fincore`` does).
+
+    Mapping the file and asking ``mincore`` reads nothing, so the probe cannot warm the cache it
+    measures. ``None`` where the platform does not offer it (or the file is empty).
+    """
+    size = os.stat(path).st_size
+    if size == 0:
+        return None
+    try:
+        libc = _libc()
+    except (OSError, AttributeError):
+        return None
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return None
+        try:
+            pages = -(-size // mmap.PAGESIZE)
+            vec = (ctypes.c_ubyte * pages)()
+            if libc.mincore(addr, size, vec) != 0:
+                return None
+            return float(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) / pages
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+
+
+# -- the read loop ----------------------------------------------------------------------------
 
 
 def read_fully(fd: int, view: memoryview, offset: int, *, path: str, direct: bool, retries: int) -> int:
@@ -78,61 +242,93 @@ def read_fully(fd: int, view: memoryview, offset: int, *, path: str, direct: boo
 
     On a direct descriptor a short read can leave the position unaligned; the partial page is
     then read again from its aligned start (same bytes), because O_DIRECT refuses unaligned I/O.
+    Retryable errors (EIO, EAGAIN, EBUSY) and reads that make no progress share one budget of
+    ``retries``; past it, :class:`ReadError` names the file, the offset and the length.
     """
     want = len(view)
     pos = 0
     failures = 0
+
+    def fail(why: str, err: int | None = None) -> ReadError:
+        tries = f"after {failures} retr{'y' if failures == 1 else 'ies'}"
+        return ReadError(
+            f"reading {path} failed at offset {offset + pos} (request offset={offset}, "
+            f"length={want}) {tries}: {why}",
+            path=path, offset=offset, length=want, errno=err)
+
     while pos < want:
         try:
             got = os.preadv(fd, [view[pos:]], offset + pos)
-        except InterruptedError:
+        except InterruptedError:  # a signal arrived before any byte: the read simply restarts
             continue
         except OSError as exc:
             if exc.errno in _RETRYABLE and failures < retries:
                 failures += 1
                 time.sleep(0.001 * failures)
                 continue
-            raise ReadError(
-                f"reading {path} failed at offset {offset + pos} (request offset={offset}, "
-                f"length={want}) after {failures} retr{'y' if failures == 1 else 'ies'}: "
-                f"{os.strerror(exc.errno) if exc.errno else exc}",
-                path=path, offset=offset, length=want, errno=exc.errno,
-            ) from exc
+            raise fail(os.strerror(exc.errno) if exc.errno else str(exc), exc.errno) from exc
         if got == 0:
             raise ReadError(
                 f"{path} ends before offset {offset + pos}: request offset={offset}, length={want} "
                 f"(file truncated?)",
-                path=path, offset=offset, length=want,
-            )
+                path=path, offset=offset, length=want)
+        before = pos
         pos += got
         if direct and pos < want and pos % ALIGN:
             pos -= pos % ALIGN
+            if pos <= before:  # only part of one page came back: no progress this time
+                if failures >= retries:
+                    raise fail(f"O_DIRECT read returned {got} bytes, less than one page, repeatedly")
+                failures += 1
     return want
 
 
 class IOFuture:
-    """Result of :meth:`Reader.pread`: ``get()`` waits and returns the bytes read (or raises)."""
+    """Result of :meth:`Reader.pread`: ``get()`` waits and returns the bytes read (or raises).
 
-    def __init__(self, parts: list[Future] | None = None, nbytes: int = 0, _get=None):
-        self._parts = parts or []
+    ``get()`` can be called again and returns (or raises) the same result. ``done()`` does not
+    block. After an error in one chunk, ``get()`` still waits for every other chunk, so no
+    thread is writing into the buffer once it returns or raises.
+    """
+
+    def __init__(self, nbytes: int, parts: list[Future] | None = None, *, wait=None, poll=None):
         self._nbytes = nbytes
-        self._get = _get
+        self._parts = parts or []
+        self._wait, self._poll = wait, poll
+        self._outcome: tuple[int | None, BaseException | None] | None = None
 
     def done(self) -> bool:
+        if self._outcome is not None:
+            return True
+        if self._poll is not None:
+            return bool(self._poll())
         return all(p.done() for p in self._parts)
 
     def get(self) -> int:
-        if self._get is not None:
-            return self._get()
+        if self._outcome is None:
+            self._outcome = self._collect()
+        value, error = self._outcome
+        if error is not None:
+            raise error
+        return value
+
+    def _collect(self) -> tuple[int | None, BaseException | None]:
+        if self._wait is not None:
+            try:
+                return self._wait(), None
+            except Exception as exc:  # noqa: BLE001 - kept, and re-raised by every get()
+                return None, exc
         first_error = None
-        for part in self._parts:  # wait for every chunk even after an error: none keeps writing
+        for part in self._parts:
             try:
                 part.result()
-            except BaseException as exc:  # noqa: BLE001 - re-raised below, after all chunks end
+            except Exception as exc:  # noqa: BLE001 - first one re-raised after all chunks end
                 first_error = first_error or exc
-        if first_error is not None:
-            raise first_error
-        return self._nbytes
+        return (None, first_error) if first_error else (self._nbytes, None)
+
+    def __repr__(self) -> str:
+        state = "done" if self.done() else "pending"
+        return f"<IOFuture {self._nbytes} bytes {state}>"
 
 
 def _where(where) -> tuple[int, int]:
@@ -147,17 +343,20 @@ class Reader:
     """Base class: a file opened for extent reads. Subclasses set ``mode`` and ``_submit``."""
 
     mode: str = "?"
+    mode_reason: str = ""
 
     def __init__(self, path, *, expected_size: int | None = None):
         self.path = os.fspath(path)
         self.size = os.stat(self.path).st_size
         if expected_size is not None and self.size < expected_size:
             raise ReadError(
-                f"{self.path} is {self.size} bytes but its header says {expected_size} (truncated?)",
+                f"{self.path} is {self.size} bytes but its header says {expected_size} "
+                f"(truncated? {expected_size - self.size} bytes missing)",
                 path=self.path, offset=self.size, length=expected_size - self.size,
             )
 
     def pread(self, where, into) -> IOFuture:
+        """Start reading ``where`` (extent or ``(offset, length)``) into ``into``; returns a future."""
         offset, length = _where(where)
         if offset < 0 or length < 0:
             raise ValueError(f"negative read request offset={offset} length={length}")
@@ -190,7 +389,21 @@ class Reader:
 
 
 def _host_view(into, length: int) -> memoryview:
-    view = memoryview(into).cast("B") if not isinstance(into, memoryview) else into.cast("B")
+    """Writable byte view of a host destination: numpy array, bytearray, mmap or CPU torch tensor."""
+    if type(into).__module__.startswith("torch"):
+        if into.device.type != "cpu":
+            raise ValueError(
+                f"posix readers read into host memory, got a tensor on {into.device}; use mode "
+                f"kvikio for device buffers, or read into host_buffer() and copy")
+        if not into.is_contiguous():
+            raise ValueError("read destination tensor is not contiguous")
+        import torch  # noqa: PLC0415 - the caller already has torch loaded
+
+        into = into.reshape(-1).view(torch.uint8).numpy()
+    try:
+        view = memoryview(into).cast("B")
+    except TypeError as exc:
+        raise ValueError(f"read destination must be a writable C-contiguous buffer: {exc}") from None
     if view.readonly:
         raise ValueError("read destination is read-only")
     if len(view) < length:
@@ -198,31 +411,45 @@ def _host_view(into, length: int) -> memoryview:
     return view[:length]
 
 
+def _address(view: memoryview) -> int:
+    # __array_interface__, not .ctypes: ndarray.ctypes leaves ~56 bytes behind per call, and this
+    # runs for every read request.
+    return np.frombuffer(view, dtype=np.uint8).__array_interface__["data"][0] if len(view) else 0
+
+
 class PosixReader(Reader):
-    """``posix-direct`` (``O_DIRECT``) or ``posix-buffered`` reads into host memory."""
+    """``posix-direct`` (``O_DIRECT``) or ``posix-buffered`` reads into host memory.
+
+    One request is split into ``chunk_bytes`` pieces read by ``threads`` workers, so up to
+    ``threads`` requests are in flight: the queue depth the device sees.
+    """
 
     def __init__(self, path, *, direct: bool = True, threads: int | None = None,
                  chunk_bytes: int | None = None, retries: int | None = None,
                  expected_size: int | None = None):
         super().__init__(path, expected_size=expected_size)
-        self.threads = threads or defaults.get("io_threads")
-        self.chunk_bytes = chunk_bytes or defaults.get("chunk_bytes")
-        self.retries = defaults.get("io_retries") if retries is None else retries
-        if self.chunk_bytes % ALIGN:
-            raise ValueError(f"chunk_bytes={self.chunk_bytes} must be a multiple of {ALIGN}")
+        self.threads = defaults.get("io_threads") if threads is None else int(threads)
+        self.chunk_bytes = defaults.get("chunk_bytes") if chunk_bytes is None else int(chunk_bytes)
+        self.retries = defaults.get("io_retries") if retries is None else int(retries)
+        if self.threads < 1:
+            raise ValueError(f"threads={self.threads}: a reader needs at least 1 thread")
+        if self.chunk_bytes < ALIGN or self.chunk_bytes % ALIGN:
+            raise ValueError(f"chunk_bytes={self.chunk_bytes} must be a positive multiple of {ALIGN}")
+        if self.retries < 0:
+            raise ValueError(f"retries={self.retries} must be >= 0")
+        self._fd = -1
         self.direct = False
         if direct:
-            try:
-                self._fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
-                self.direct = True
-            except OSError as exc:
-                if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP):
-                    raise
+            refused = self._open_direct()
+            if refused:
                 warnings.warn(
-                    f"{self.path}: the file system refuses O_DIRECT ({os.strerror(exc.errno)}); "
-                    f"reading through the page cache (mode posix-buffered)",
-                    RuntimeWarning, stacklevel=2,
-                )
+                    f"{self.path}: the file system refuses O_DIRECT ({refused}); reading through "
+                    f"the page cache (mode posix-buffered)", RuntimeWarning, stacklevel=3)
+                self.mode_reason = f"O_DIRECT refused: {refused}"
+            else:
+                self.mode_reason = "O_DIRECT accepted"
+        else:
+            self.mode_reason = "requested"
         if not self.direct:
             self._fd = os.open(self.path, os.O_RDONLY)
         self.mode = "posix-direct" if self.direct else "posix-buffered"
@@ -230,10 +457,33 @@ class PosixReader(Reader):
         self._closed = False
         self._lock = threading.Lock()
 
+    def _open_direct(self) -> str | None:
+        """Open with O_DIRECT; return why it was refused, or None when direct reads work.
+
+        Some file systems accept the flag at open and refuse the first read (EINVAL), so one
+        aligned page is read as a probe.
+        """
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECT)
+        except OSError as exc:
+            if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                raise
+            return f"open: {os.strerror(exc.errno)}"
+        if self.size >= ALIGN:
+            try:
+                os.preadv(fd, [aligned_empty(ALIGN)], 0)
+            except OSError as exc:
+                os.close(fd)
+                if exc.errno not in (_errno.EINVAL, _errno.EOPNOTSUPP):
+                    raise
+                return f"first read: {os.strerror(exc.errno)}"
+        self._fd, self.direct = fd, True
+        return None
+
     def _check_direct(self, offset: int, length: int, view: memoryview) -> None:
-        address = np.frombuffer(view, dtype=np.uint8).ctypes.data if len(view) else 0
         bad = [f"{name}={value}" for name, value in
-               (("offset", offset), ("length", length), ("buffer address", address)) if value % ALIGN]
+               (("offset", offset), ("length", length), ("buffer address", _address(view)))
+               if value % ALIGN]
         if bad:
             raise ValueError(
                 f"posix-direct reads need offset, length and buffer address aligned to {ALIGN} "
@@ -254,7 +504,7 @@ class PosixReader(Reader):
                 read_fully, self._fd, view[start:stop], offset + start,
                 path=self.path, direct=self.direct, retries=self.retries,
             ))
-        return IOFuture(parts, length)
+        return IOFuture(length, parts)
 
     def close(self) -> None:
         with self._lock:
@@ -265,70 +515,174 @@ class PosixReader(Reader):
         os.close(self._fd)
 
 
-@dataclass
-class _KvikioState:
-    module: object
-    compat_preferred: bool
+# -- KvikIO -----------------------------------------------------------------------------------
 
 
 def _import_kvikio():
     try:
         import kvikio  # noqa: PLC0415 - GPU library, loaded on first use only
-    except Exception as exc:  # ImportError, or OSError when libcuda.so.1 is absent
+        import kvikio.defaults  # noqa: F401, PLC0415
+    except (ImportError, OSError) as exc:  # OSError: libkvikio/libcuda could not be loaded
         raise MissingDependencyError(
             f"the kvikio reader needs KvikIO and a CUDA driver ({type(exc).__name__}: {exc}); "
             f"install it with: pip install 'endor_gds[gpu]' (kvikio-cu13), or use ENDOR_IO=posix-direct"
         ) from exc
+    try:
+        import kvikio.cufile_driver  # noqa: F401, PLC0415 - not imported by kvikio/__init__
+    except (ImportError, OSError):
+        pass  # only used to ask whether nvidia-fs is loaded; the mode then says "unknown"
     return kvikio
 
 
-class KvikioReader(Reader):
-    """``kvikio.CuFile`` reads into GPU memory; reports ``gds`` or ``kvikio-compat``."""
+def _o_direct_refused(path: str) -> bool:
+    try:
+        os.close(os.open(path, os.O_RDONLY | os.O_DIRECT))
+    except OSError:
+        return True
+    return False
 
-    def __init__(self, path, *, compat_mode: str | None = None, expected_size: int | None = None):
+
+def _kvikio_mode(kvikio, path: str, compat_setting: str, compat_preferred: bool) -> tuple[str, str]:
+    """Which path a freshly opened CuFile really takes: (``gds`` | ``kvikio-compat``, why).
+
+    KvikIO's Python ``CuFile`` does not expose its per-file decision, so it is rebuilt from the
+    same facts KvikIO (>= 25.x, ``CompatModeManager``) uses: the global preference (compat mode
+    ON, or AUTO without a loadable cuFile), then, under AUTO, whether the file opens with
+    O_DIRECT. cuFile itself runs POSIX I/O when the nvidia-fs driver is not loaded, which is not
+    GDS either, so ``is_gds_available`` is asked too. Not visible from Python: a failing
+    ``cuFileHandleRegister`` under AUTO (KvikIO falls back silently).
+    """
+    if compat_preferred:
+        why = "compat mode forced on" if compat_setting == "on" else \
+            "cuFile unavailable (libcufile not found, WSL, or /run/udev unreadable)"
+        return "kvikio-compat", why
+    if _o_direct_refused(path):
+        return "kvikio-compat", "the file system refuses O_DIRECT"
+    try:
+        gds = bool(kvikio.cufile_driver.get("is_gds_available"))
+    except (AttributeError, KeyError, RuntimeError) as exc:  # no cufile_driver, or cuFile error
+        return "gds", f"cuFile in use; nvidia-fs state unknown ({type(exc).__name__})"
+    if not gds:
+        return "kvikio-compat", "cuFile without the nvidia-fs driver (cuFile's POSIX path)"
+    return "gds", "cuFile with nvidia-fs"
+
+
+class KvikioReader(Reader):
+    """``kvikio.CuFile`` reads into GPU memory (CuPy, torch, anything with
+    ``__cuda_array_interface__``; host arrays work too); reports ``gds`` or ``kvikio-compat``.
+
+    ``compat_mode`` (``auto`` | ``on`` | ``off``, default option ``compat_mode``) is applied only
+    while the file is opened: KvikIO fixes a file's mode at open, so the process-wide KvikIO
+    setting is restored right after. ``chunk_bytes`` is KvikIO's task size. ``threads`` resizes
+    KvikIO's process-wide thread pool; by default it is ``io_threads`` unless ``KVIKIO_NTHREADS``
+    is set. A read KvikIO fails (``RuntimeError``) is submitted again up to ``retries`` times,
+    then raised as :class:`ReadError` naming file, offset and length.
+    """
+
+    def __init__(self, path, *, compat_mode: str | None = None, threads: int | None = None,
+                 chunk_bytes: int | None = None, retries: int | None = None,
+                 expected_size: int | None = None):
         super().__init__(path, expected_size=expected_size)
         kvikio = _import_kvikio()
-        setting = compat_mode or defaults.get("compat_mode")
-        mode_enum = {"auto": kvikio.CompatMode.AUTO, "on": kvikio.CompatMode.ON,
-                     "off": kvikio.CompatMode.OFF}[setting]
-        kvikio.defaults.set("compat_mode", mode_enum)
-        self._kvikio = kvikio
-        self._file = kvikio.CuFile(self.path, "r")
-        self.mode = "kvikio-compat" if self._file.is_compat_mode_preferred() else "gds"
+        self.retries = defaults.get("io_retries") if retries is None else int(retries)
+        setting = (compat_mode or defaults.get("compat_mode")).lower()
+        if setting not in defaults.COMPAT_MODES:
+            raise ValueError(f"compat_mode={setting!r}; choose one of {', '.join(defaults.COMPAT_MODES)}")
+        self.task_size = defaults.get("chunk_bytes") if chunk_bytes is None else int(chunk_bytes)
+        if threads is None and "KVIKIO_NTHREADS" not in os.environ:
+            threads = defaults.get("io_threads")
+        if threads is not None and kvikio.defaults.get("num_threads") != int(threads):
+            kvikio.defaults.set("num_threads", int(threads))  # waits for running tasks, then resizes
+        self.threads = kvikio.defaults.get("num_threads")
+        with kvikio.defaults.set("compat_mode", getattr(kvikio.CompatMode, setting.upper())):
+            try:
+                self._file = kvikio.CuFile(self.path, "r")
+            except RuntimeError as exc:  # compat_mode=off on a host where cuFile cannot work
+                raise ReadError(f"KvikIO could not open {self.path} with compat_mode={setting}: {exc}",
+                                path=self.path, offset=0, length=self.size) from exc
+            preferred = bool(kvikio.defaults.is_compat_mode_preferred())
+        self.mode, self.mode_reason = _kvikio_mode(kvikio, self.path, setting, preferred)
+        self._closed = False
 
     def _submit(self, offset: int, length: int, into) -> IOFuture:
-        fut = self._file.pread(into, length, offset)
-        return IOFuture(nbytes=length, _get=lambda: self._check(fut.get(), offset, length))
+        if self._closed:
+            raise ValueError(f"reader for {self.path} is closed")
+        capacity = getattr(into, "nbytes", None)
+        if capacity is not None and capacity < length:
+            raise ValueError(f"destination holds {capacity} bytes, request is {length}")
+        try:
+            fut = self._file.pread(into, length, offset, self.task_size)
+        except (RuntimeError, ValueError, TypeError) as exc:
+            raise self._error(exc, offset, length) from exc
 
-    def _check(self, got: int, offset: int, length: int) -> int:
-        if got != length:
-            raise ReadError(
-                f"kvikio read of {self.path} returned {got} of {length} bytes at offset {offset}",
-                path=self.path, offset=offset, length=length,
-            )
-        return got
+        def wait() -> int:
+            nonlocal fut
+            failures = 0
+            while True:  # KvikIO raises RuntimeError on an I/O error; retried like POSIX reads
+                try:
+                    got = fut.get()
+                    break
+                except RuntimeError as exc:
+                    if failures >= self.retries:
+                        raise self._error(exc, offset, length, failures) from exc
+                    failures += 1
+                    time.sleep(0.001 * failures)
+                    try:
+                        fut = self._file.pread(into, length, offset, self.task_size)
+                    except RuntimeError as again:
+                        raise self._error(again, offset, length, failures) from again
+            if got != length:
+                raise ReadError(
+                    f"kvikio read of {self.path} returned {got} of {length} bytes at offset {offset}",
+                    path=self.path, offset=offset, length=length)
+            return got
+
+        return IOFuture(length, wait=wait, poll=lambda: fut.done())  # the retried future, if any
+
+    def _error(self, exc: Exception, offset: int, length: int, failures: int = 0) -> ReadError:
+        return ReadError(
+            f"kvikio read of {self.path} failed (offset={offset}, length={length}, mode {self.mode}) "
+            f"after {failures} retr{'y' if failures == 1 else 'ies'}: {type(exc).__name__}: {exc}",
+            path=self.path, offset=offset, length=length)
 
     def close(self) -> None:
-        self._file.close()
+        if not self._closed:
+            self._closed = True
+            self._file.close()
 
 
-def open_reader(path, *, mode: str | None = None, device: str = "cpu",
+# -- choosing a backend -----------------------------------------------------------------------
+
+
+def open_reader(path, mode: str | None = None, device: str = "cpu",
                 expected_size: int | None = None, **options) -> Reader:
     """Open ``path`` with the backend ``mode`` (default: option ``io``, normally ``auto``).
 
-    ``auto``: ``kvikio`` when the destination is a GPU and KvikIO loads, else ``posix-direct``
-    (which itself falls back to ``posix-buffered`` with a warning where O_DIRECT is refused).
+    ``mode``: ``auto`` | ``kvikio`` | ``posix-direct`` | ``posix-buffered``, or a resulting mode
+    asked for by name: ``gds`` (kvikio, compat mode off) or ``kvikio-compat`` (compat mode on).
+    ``auto``: ``kvikio`` when ``device`` is a GPU and KvikIO loads, else ``posix-direct`` (which
+    itself falls back to ``posix-buffered`` with a warning where O_DIRECT is refused); the
+    reader's ``mode_reason`` says why. ``options``: ``threads``, ``chunk_bytes``, ``retries``,
+    and ``compat_mode`` for kvikio. ``expected_size``: a shorter file is a ``ReadError`` now.
     """
-    mode = mode or defaults.get("io")
-    if mode not in defaults.IO_MODES:
-        raise ValueError(f"unknown reader mode {mode!r}; choose one of {', '.join(defaults.IO_MODES)}")
+    mode = (mode or defaults.get("io")).lower()
+    known = defaults.IO_MODES + ("gds", "kvikio-compat")
+    if mode not in known:
+        raise ValueError(f"unknown reader mode {mode!r}; choose one of {', '.join(known)}")
+    if mode in ("gds", "kvikio-compat"):
+        options["compat_mode"] = "off" if mode == "gds" else "on"
+        mode = "kvikio"
     if mode == "auto":
-        if device.startswith("cuda"):
+        if str(device).startswith("cuda"):
             try:
-                return KvikioReader(path, expected_size=expected_size)
-            except MissingDependencyError:
-                pass
+                return KvikioReader(path, expected_size=expected_size, **options)
+            except MissingDependencyError as exc:
+                options.pop("compat_mode", None)
+                reader = PosixReader(path, direct=True, expected_size=expected_size, **options)
+                reader.mode_reason = f"auto: kvikio unavailable ({exc}); {reader.mode_reason}"
+                return reader
         mode = "posix-direct"
     if mode == "kvikio":
         return KvikioReader(path, expected_size=expected_size, **options)
+    options.pop("compat_mode", None)  # a kvikio setting; meaningless for POSIX reads
     return PosixReader(path, direct=(mode == "posix-direct"), expected_size=expected_size, **options)
