@@ -1,0 +1,342 @@
+#!/usr/bin/env python3
+"""Decode throughput: the CPU decoder against O_DIRECT storage, the GPU kernel against a D2D copy.
+
+    python bench/bench_decode.py                                  # Llama-7B + 70B shapes, 50/60/70 %
+    python bench/bench_decode.py --shapes llama-7b --sparsity 0.5 --json
+    python bench/bench_decode.py --shapes 4096x4096,1000x33 --repeats 3 --storage-bytes 64MiB
+
+CPU: dense output bytes per second of ``endor_gds.cpu_decode.CpuDecoder`` (inputs warm in RAM),
+and the ratio to the sequential O_DIRECT read bandwidth of a temporary file of ``--storage-bytes``
+measured in the same run (``endor_gds.io`` posix-direct reader, page cache evicted before every
+read). Target (docs/design): ``cpu_ratio_to_storage >= 3``, so decoding never outpaces the disk.
+
+GPU (when CuPy sees one): bytes read + written per second by one kernel launch (bitmap + values +
+tile offsets in, dense tensor out), and the ratio to a device-to-device copy that moves the same
+number of bytes (a cudaMemcpy of half of them: each byte is read once and written once), L2 flushed
+before every timed launch. Each GPU output is compared with the CPU decoder's before it is timed.
+Target: ``gpu_ratio_to_d2d >= 0.75``.
+
+Aggregates (``cpu_gbps``, ``gpu_gbps``, ``d2d_gbps``) are total bytes over the sum of the per-case
+median times, i.e. the rate of decoding one of each case. ``--json`` prints the human-readable
+report on stderr and one JSON object on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
+
+from endor_gds import kernels  # noqa: E402
+from endor_gds.cpu_decode import CpuDecoder  # noqa: E402
+from endor_gds.defaults import parse_bytes  # noqa: E402
+from endor_gds.format import encode_bitmap  # noqa: E402
+from endor_gds.io import aligned_empty, evict_page_cache, open_reader  # noqa: E402
+
+# Weight shapes (out_features x in_features) of one decoder layer's linear modules.
+SHAPES = {
+    "llama-7b": [(4096, 4096), (11008, 4096), (4096, 11008)],  # q/k/v/o, gate/up, down
+    "llama-70b": [(8192, 8192), (1024, 8192), (28672, 8192), (8192, 28672)],  # q/o, k/v, gate/up, down
+}
+_GEN_CHUNK = 1 << 24  # elements encoded at a time while generating inputs (bounds peak memory)
+TARGET_CPU = 3.0
+TARGET_GPU = 0.75
+
+
+def parse_shapes(text: str) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for part in (p.strip().lower() for p in text.split(",") if p.strip()):
+        if part == "all":
+            out += SHAPES["llama-7b"] + SHAPES["llama-70b"]
+        elif part in SHAPES:
+            out += SHAPES[part]
+        else:
+            try:
+                rows, cols = (int(x) for x in part.split("x"))
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"bad shape {part!r}: use ROWSxCOLS or one of {', '.join(SHAPES)}, all") from None
+            if rows < 1 or cols < 1:
+                raise argparse.ArgumentTypeError(f"bad shape {part!r}: sizes must be >= 1")
+            out.append((rows, cols))
+    return list(dict.fromkeys(out))
+
+
+def make_encoded(rng, n: int, sparsity: float, itemsize: int):
+    """Random non-zero bit patterns, about ``sparsity`` of them zeroed, encoded (format v1).
+
+    Encoded in chunks of whole tiles and stitched together, so a 235 M-element matrix never holds
+    more than one chunk's temporaries.
+    """
+    dt = np.uint16 if itemsize == 2 else np.uint32
+    bitmaps, values, offsets, base = [], [], [np.zeros(1, "<u4")], 0
+    for start in range(0, n, _GEN_CHUNK):
+        m = min(_GEN_CHUNK, n - start)
+        bits = rng.integers(1, np.iinfo(dt).max, m, dtype=dt, endpoint=True)
+        bits[rng.random(m, dtype=np.float32) < sparsity] = 0
+        enc = encode_bitmap(bits)
+        bitmaps.append(enc.bitmap)
+        values.append(enc.values)
+        offsets.append(enc.tile_offsets[1:] + np.uint32(base))
+        base += enc.nnz
+    return np.concatenate(bitmaps), np.concatenate(values), np.concatenate(offsets)
+
+
+def stats(seconds: list[float], nbytes: int) -> dict:
+    med = float(np.median(seconds))
+    return {
+        "median_s": med,
+        "min_s": float(min(seconds)),
+        "max_s": float(max(seconds)),
+        "gbps": nbytes / med / 1e9,
+        "gbps_min": nbytes / max(seconds) / 1e9,
+        "gbps_max": nbytes / min(seconds) / 1e9,
+        "spread_pct": 100.0 * (max(seconds) - min(seconds)) / med,
+        "runs": len(seconds),
+    }
+
+
+def measure_storage(directory: str, nbytes: int, repeats: int, warmup: int, log) -> dict:
+    """Sequential O_DIRECT read of a fresh temporary file, page cache evicted before every read."""
+    nbytes = max(4096, -(-nbytes // 4096) * 4096)
+    fd, path = tempfile.mkstemp(prefix="endor-bench-decode-", suffix=".bin", dir=directory)
+    try:
+        rng = np.random.default_rng(7)
+        block = 16 << 20
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, nbytes, block):  # incompressible, not deduplicable
+                f.write(rng.integers(0, 256, min(block, nbytes - start), dtype=np.uint8).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        buf = aligned_empty(nbytes)
+        times, mode = [], None
+        for i in range(warmup + repeats):
+            evict_page_cache(path)
+            with open_reader(path, mode="posix-direct") as reader:
+                mode = reader.mode
+                t0 = time.perf_counter()
+                reader.read((0, nbytes), buf)
+                dt = time.perf_counter() - t0
+            if i >= warmup:
+                times.append(dt)
+        out = stats(times, nbytes)
+        out.update(mode=mode, bytes=nbytes, path_dir=os.path.abspath(directory),
+                   cold=mode == "posix-direct")
+        if mode != "posix-direct":
+            log(f"WARNING: {directory} refuses O_DIRECT; storage figure is {mode} (page cache), "
+                f"not a cold read")
+        return out
+    finally:
+        os.unlink(path)
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def ram_gib() -> float:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+
+
+def run_gpu_case(cp, decoder, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
+                 repeats: int, warmup: int) -> dict:
+    """Time one launch (error-word reset + kernel + 8-byte error copy) and a D2D copy of the same
+    traffic, each after an L2 flush. The output is checked against the CPU decoder's first."""
+    b, v, o = (cp.asarray(a) for a in (bitmap, values, offsets))
+    out = cp.empty(n, dtype=cpu_out.dtype)
+    table = decoder.make_table([kernels.GpuItem.from_arrays(b, v, o, out, label="bench")])
+    out.view(cp.uint8).fill(0xA5)
+    decoder.launch(table, stream)
+    decoder.check(table)
+    if not np.array_equal(cp.asnumpy(out), cpu_out):
+        raise SystemExit("GPU decode differs from the CPU decoder: refusing to time a wrong kernel")
+    traffic = b.nbytes + v.nbytes + o.nbytes + out.nbytes  # bytes read + written by the kernel
+    half = traffic // 2
+    src, dst = cp.empty(half, cp.uint8), cp.empty(half, cp.uint8)
+    start, end = cp.cuda.Event(), cp.cuda.Event()
+
+    def timed(fn) -> list[float]:
+        times = []
+        for i in range(warmup + repeats):
+            with stream:
+                flush.fill(i & 0xFF)  # evict the L2 (a buffer several times its size)
+            start.record(stream)
+            fn()
+            end.record(stream)
+            end.synchronize()
+            if i >= warmup:
+                times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+        return times
+
+    kt = timed(lambda: decoder.launch(table, stream))
+    decoder.check(table)
+    ct = timed(lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, half,
+                                                    cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr))
+    k, c = stats(kt, traffic), stats(ct, 2 * half)
+    return {"traffic_bytes": traffic, "kernel": k, "d2d": c, "ratio": k["gbps"] / c["gbps"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", type=parse_shapes, default=parse_shapes("all"),
+                    help="comma list of llama-7b, llama-70b, all, or ROWSxCOLS (default: all)")
+    ap.add_argument("--sparsity", default="0.5,0.6,0.7",
+                    help="comma list of fractions of zeros (default: 0.5,0.6,0.7)")
+    ap.add_argument("--dtype", default="F16", choices=sorted(kernels.ELEM_BYTES),
+                    help="element type (decoding moves bits: F16 and BF16 time the same)")
+    ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (default 7)")
+    ap.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="CPU decoder threads (default: option decode_threads, else all CPUs)")
+    ap.add_argument("--storage-bytes", type=parse_bytes, default=parse_bytes("512MiB"),
+                    help="size of the temporary file read with O_DIRECT (default 512MiB)")
+    ap.add_argument("--storage-dir", default=".",
+                    help="folder for that file: on the storage to compare with (default: cwd)")
+    ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part even if one is present")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="report on stderr, one JSON object on stdout")
+    args = ap.parse_args(argv)
+    sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
+    if not sparsities or any(not 0.0 <= s <= 1.0 for s in sparsities):
+        ap.error(f"--sparsity needs fractions between 0 and 1, got {args.sparsity!r}")
+    if args.repeats < 1 or args.warmup < 0:
+        ap.error("--repeats must be >= 1 and --warmup >= 0")
+    itemsize = kernels.ELEM_BYTES[args.dtype]
+
+    report = sys.stderr if args.json else sys.stdout
+
+    def log(msg: str = "") -> None:
+        print(msg, file=report, flush=True)
+
+    gpu_ok, gpu_name = (False, "skipped (--no-gpu)") if args.no_gpu else kernels.gpu_available()
+    cpu = CpuDecoder(args.threads)
+    path = "simd (ssse3)" if cpu.simd else "scalar"
+    log("endor_gds decode benchmark")
+    log(f"machine : {socket.gethostname()} {platform.platform()}, {os.cpu_count()} CPUs, "
+        f"{ram_gib():.1f} GiB RAM")
+    log(f"CPU     : {cpu_model()}")
+    log(f"GPU     : {gpu_name if gpu_ok else 'none (' + gpu_name.split(';')[0] + ')'}")
+    log(f"decoder : CPU {path}, {cpu.threads} threads; GPU kernel {kernels.KERNEL_NAME}"
+        f"{'' if gpu_ok else ' (not run)'}")
+    log(f"cache   : storage cold (O_DIRECT, page cache evicted before each read); decode inputs "
+        f"warm in RAM{'; GPU L2 flushed before each timed launch' if gpu_ok else ''}")
+    log(f"runs    : dtype {args.dtype}, {args.warmup} warm-up + {args.repeats} timed per case; "
+        f"median [min..max]")
+    log()
+
+    storage = measure_storage(args.storage_dir, args.storage_bytes, args.repeats, 1, log)
+    log(f"storage : {storage['mode']} read of {storage['bytes'] / 2**20:.0f} MiB: "
+        f"{storage['gbps']:.2f} GB/s [{storage['gbps_min']:.2f}..{storage['gbps_max']:.2f}]")
+    log()
+
+    gpu = None
+    if gpu_ok:
+        import cupy as cp  # noqa: PLC0415
+
+        gpu = {"cp": cp, "decoder": kernels.GpuDecoder(0), "stream": cp.cuda.Stream(non_blocking=True)}
+        l2 = cp.cuda.runtime.getDeviceProperties(0).get("l2CacheSize", 64 << 20)
+        gpu["flush"] = cp.empty(max(256 << 20, 4 * l2), cp.uint8)
+
+    hdr = f"{'shape':>13} {'sparsity':>8} {'dense MB':>9} | {'CPU GB/s':>22} {'x stor':>6}"
+    if gpu:
+        hdr += f" | {'kernel GB/s':>22} {'D2D GB/s':>8} {'ratio':>5}"
+    log(hdr)
+    rng = np.random.default_rng(args.seed)
+    cases = []
+    cpu_bytes = cpu_time = gpu_bytes = gpu_time = d2d_time = 0.0
+    bits_dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
+    for rows, cols in args.shapes:
+        for sparsity in sparsities:
+            n = rows * cols
+            bitmap, values, offsets = make_encoded(rng, n, sparsity, itemsize)
+            out = np.empty(n, dtype=bits_dtype)
+            item = (bitmap, values, offsets, out)
+            times = []
+            for i in range(args.warmup + args.repeats):
+                t0 = time.perf_counter()
+                cpu.decode([item])
+                dt = time.perf_counter() - t0
+                if i >= args.warmup:
+                    times.append(dt)
+            c = stats(times, out.nbytes)
+            case = {"shape": [rows, cols], "sparsity": sparsity, "dtype": args.dtype,
+                    "dense_bytes": out.nbytes, "nnz": int(values.size),
+                    "stored_bytes": int(bitmap.nbytes + values.nbytes + offsets.nbytes),
+                    "cpu": c, "cpu_ratio_to_storage": c["gbps"] / storage["gbps"], "gpu": None}
+            cpu_bytes += out.nbytes
+            cpu_time += c["median_s"]
+            line = (f"{rows:>6}x{cols:<6} {sparsity:>8.2f} {out.nbytes / 1e6:>9.1f} | "
+                    f"{c['gbps']:>6.2f} [{c['gbps_min']:>5.2f}..{c['gbps_max']:>5.2f}] "
+                    f"{c['spread_pct']:>3.0f}% {case['cpu_ratio_to_storage']:>5.2f}x")
+            if gpu:
+                g = run_gpu_case(gpu["cp"], gpu["decoder"], gpu["stream"], gpu["flush"], bitmap,
+                                 values, offsets, n, itemsize, out, args.repeats, args.warmup)
+                case["gpu"] = g
+                gpu_bytes += g["traffic_bytes"]
+                gpu_time += g["kernel"]["median_s"]
+                d2d_time += g["d2d"]["median_s"]
+                k = g["kernel"]
+                line += (f" | {k['gbps']:>6.1f} [{k['gbps_min']:>6.1f}..{k['gbps_max']:>6.1f}] "
+                         f"{g['d2d']['gbps']:>8.1f} {g['ratio']:>5.2f}")
+            log(line)
+            cases.append(case)
+            del bitmap, values, offsets, out, item
+    cpu.close()
+
+    cpu_gbps = cpu_bytes / cpu_time / 1e9
+    result = {
+        "benchmark": "decode",
+        "machine": {"host": socket.gethostname(), "platform": platform.platform(),
+                    "cpu": cpu_model(), "cpus": os.cpu_count(), "ram_gib": round(ram_gib(), 1)},
+        "gpu": gpu_name if gpu_ok else None,
+        "decoder_path": "simd" if cpu.simd else "scalar",
+        "threads": cpu.threads,
+        "dtype": args.dtype,
+        "repeats": args.repeats,
+        "warmup": args.warmup,
+        "cache": {"storage": "cold" if storage["cold"] else storage["mode"], "decode_inputs": "warm",
+                  "gpu_l2": "flushed" if gpu_ok else None},
+        "storage": storage,
+        "cases": cases,
+        "cpu_gbps": cpu_gbps,
+        "storage_gbps": storage["gbps"],
+        "cpu_ratio_to_storage": cpu_gbps / storage["gbps"],
+        "gpu_gbps": gpu_bytes / gpu_time / 1e9 if gpu else None,
+        "d2d_gbps": gpu_bytes / d2d_time / 1e9 if gpu else None,
+        "gpu_ratio_to_d2d": d2d_time / gpu_time if gpu else None,
+        "targets": {"cpu_ratio_to_storage": TARGET_CPU, "gpu_ratio_to_d2d": TARGET_GPU},
+    }
+    log()
+    log(f"CPU decoder  {cpu_gbps:.2f} GB/s dense output = {result['cpu_ratio_to_storage']:.2f} x "
+        f"storage {storage['gbps']:.2f} GB/s (target >= {TARGET_CPU})")
+    if gpu:
+        log(f"GPU kernel   {result['gpu_gbps']:.1f} GB/s read+written = "
+            f"{result['gpu_ratio_to_d2d']:.2f} x D2D copy {result['d2d_gbps']:.1f} GB/s "
+            f"(target >= {TARGET_GPU})")
+    else:
+        log("GPU kernel   not measured (no GPU)")
+    if args.json:
+        print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,469 @@
+"""GPU decoder: ``cuda/endor_decode.cu`` through CuPy, one kernel launch per layer.
+
+The pipeline builds one :class:`DecodeTable` per (layer, buffer set) when a model is opened and
+launches it for every token::
+
+    dec = GpuDecoder(device=0)                       # compiles once per device (cached)
+    table = dec.make_table([GpuItem(...), ...])      # checks + uploads the descriptors once
+    dec.launch(table, stream)                        # async: no allocation, no host sync
+    ...
+    dec.check(table)                                 # waits; DecodeError naming tensor and tile
+
+A :class:`GpuItem` is raw device pointers (the layer's segments inside a read buffer, and the
+dense output buffer) plus sizes; :meth:`GpuItem.from_arrays` builds one from CuPy arrays or torch
+CUDA tensors and checks their sizes. Outputs are ordinary device memory: allocate them as torch
+tensors and launch on ``torch.cuda.current_stream()`` (a ``torch.cuda.Stream`` is accepted as
+is), and torch consumes them in stream order, with no extra synchronisation.
+
+Only the CPU-side parts are importable without CuPy (options, dtype table, descriptor layout,
+argument checks); CuPy loads at the first :class:`GpuDecoder`, and its absence is a
+:class:`~endor_gds.errors.MissingDependencyError` naming the package.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from .errors import DecodeError, MissingDependencyError
+from .format import DTYPES, MAX_SPARSE_ELEMS, TILE_ELEMS, WORD_BITS, num_tiles
+
+__all__ = [
+    "KERNEL_FILE",
+    "KERNEL_NAME",
+    "NVRTC_OPTIONS",
+    "nvcc_options",
+    "kernel_source",
+    "ELEM_BYTES",
+    "elem_bytes",
+    "THREADS",
+    "ALIGNMENT",
+    "DESC_DTYPE",
+    "NO_ERROR",
+    "REASONS",
+    "GpuItem",
+    "check_items",
+    "pack_descriptors",
+    "stage_bytes",
+    "decode_error_key",
+    "error_message",
+    "DecodeTable",
+    "GpuDecoder",
+    "stream_handle",
+    "gpu_available",
+]
+
+KERNEL_FILE = "endor_decode.cu"
+KERNEL_NAME = "endor_decode_bitmap"
+
+# NVRTC options of the run-time compile. tests/test_cuda_compile.py compiles the same source with
+# nvcc using nvcc_options(NVRTC_OPTIONS), so CI builds exactly what a GPU host will run.
+# (CuPy adds -arch for the device it compiles for.)
+NVRTC_OPTIONS: tuple[str, ...] = (
+    "--std=c++17",
+    f"-DENDOR_TILE_ELEMS={TILE_ELEMS}",  # the kernel's block layout is tied to format.TILE_ELEMS
+    "--generate-line-info",  # source lines in profiler reports (Nsight Compute); no run-time cost
+)
+# NVRTC option -> nvcc spelling; an option missing here fails nvcc_options() (and the compile
+# test) until its nvcc equivalent is written down.
+_NVCC_SPELLING = {"--std=c++17": "-std=c++17", "--generate-line-info": "-lineinfo"}
+
+# Decoding moves bit patterns, so the kernel has one path per element size: fp16 and bf16 share
+# the 2-byte path, fp32 the 4-byte one. Keys are safetensors dtype names (format.DTYPES).
+ELEM_BYTES: dict[str, int] = {"F16": 2, "BF16": 2, "F32": 4}
+
+THREADS = TILE_ELEMS // WORD_BITS  # 128 threads per block: one per bitmap word of a tile
+STAGE_SLACK = 16  # staging window alignment slack in bytes (endor::kStageSlack)
+_MAX_DESCS = 1 << 24  # the error word has 24 bits for the descriptor index
+_MAX_GRID = (1 << 31) - 1  # gridDim.x limit: one block per tile of the table
+
+# Pointer alignment the kernel relies on (bytes): 4-byte word loads for bitmap and tile offsets,
+# 16-byte vector loads of values (never starting before the segment), 16-byte output stores.
+ALIGNMENT: dict[str, int] = {"bitmap": 4, "values": 16, "tile_offsets": 4, "out": 16}
+
+# Byte layout of `struct endor::Desc` (cuda/endor_decode.cu); the emulation test compares it with
+# the compiled struct's offsetof/sizeof.
+DESC_DTYPE = np.dtype([
+    ("bitmap", "<u8"),
+    ("values", "<u8"),
+    ("values_capacity", "<u8"),
+    ("tile_offsets", "<u8"),
+    ("out", "<u8"),
+    ("n", "<u8"),
+    ("nnz", "<u8"),
+    ("first_tile", "<u8"),
+    ("elem_bytes", "<u4"),
+    ("reserved", "<u4"),
+])
+
+NO_ERROR = (1 << 64) - 1  # the error word before a launch, and after one where every tile passed
+# endor::Reason codes -> what the message says about the tile.
+REASONS: dict[int, str] = {
+    1: f"its tile offsets are out of range (need non-decreasing offsets from 0 to nnz, at most "
+       f"{TILE_ELEMS} values per tile)",
+    2: "bits are set past the tensor's last element",
+    3: "its number of set bits differs from its tile offsets",
+}
+
+
+def nvcc_options(options: Sequence[str] = NVRTC_OPTIONS) -> list[str]:
+    """The nvcc spelling of NVRTC ``options`` (``-D`` defines are spelled the same)."""
+    out = []
+    for opt in options:
+        if opt.startswith("-D"):
+            out.append(opt)
+        elif opt in _NVCC_SPELLING:
+            out.append(_NVCC_SPELLING[opt])
+        else:
+            raise ValueError(f"no nvcc spelling known for NVRTC option {opt!r}; add it to "
+                             f"endor_gds.kernels._NVCC_SPELLING")
+    return out
+
+
+def kernel_source() -> str:
+    """The text of ``cuda/endor_decode.cu`` as shipped (repository or installed wheel)."""
+    from .recipes import data_dir  # noqa: PLC0415 - keeps the import graph of this module small
+
+    return (data_dir("cuda") / KERNEL_FILE).read_text(encoding="utf-8")
+
+
+def elem_bytes(dtype) -> int:
+    """Element size of a bitmap-decodable dtype (safetensors name or torch dtype).
+
+    ``ValueError`` naming the dtype for anything else (dense-only or unknown dtypes).
+    """
+    name = dtype if isinstance(dtype, str) else None
+    if name is None:
+        name = next((d.name for d in DTYPES.values() if d.torch == dtype), None)
+    if name not in ELEM_BYTES:
+        raise ValueError(f"dtype {dtype!r} cannot be bitmap-decoded on the GPU; supported: "
+                         f"{', '.join(ELEM_BYTES)} (torch.float16, torch.bfloat16, torch.float32)")
+    return ELEM_BYTES[name]
+
+
+def stage_bytes(max_elem_bytes: int) -> int:
+    """Dynamic shared memory of a launch: one tile's values, aligned (endor::stage_bytes)."""
+    return TILE_ELEMS * max_elem_bytes + STAGE_SLACK
+
+
+@dataclass(frozen=True)
+class GpuItem:
+    """One bitmap tensor to decode: device pointers and sizes (see docs/format.md, section 1)."""
+
+    bitmap_ptr: int  # ceil(n/32) uint32 words; 4-byte aligned
+    values_ptr: int  # packed non-zero values; 16-byte aligned (0 allowed when capacity is 0)
+    values_capacity: int  # bytes readable at values_ptr, >= nnz * elem_bytes (padded segment)
+    tile_offsets_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned
+    out_ptr: int  # n * elem_bytes dense output; 16-byte aligned, not overlapping any input
+    n: int  # elements, 1 <= n <= 2^32 - 1
+    nnz: int  # packed values, <= n
+    elem_bytes: int  # 2 (fp16, bf16) or 4 (fp32); see elem_bytes()
+    label: str = "tensor"  # named in errors (the tensor's name in the manifest)
+
+    @classmethod
+    def from_arrays(cls, bitmap, values, tile_offsets, out, *, label: str = "tensor") -> GpuItem:
+        """An item over CuPy arrays / torch CUDA tensors, with their sizes checked.
+
+        ``out`` holds the ``n`` elements (its element size decides the path), ``values`` the
+        ``nnz`` packed values of the same element size, ``bitmap`` and ``tile_offsets`` 4-byte
+        words. All must be C-contiguous device memory.
+        """
+        b, v, o, y = (_array_info(a, f"{label}: {name}") for a, name in
+                      ((bitmap, "bitmap"), (values, "values"), (tile_offsets, "tile_offsets"),
+                       (out, "out")))
+        n, eb = y["size"], y["itemsize"]
+        if eb not in (2, 4):
+            raise ValueError(f"{label}: out has {eb}-byte elements; bitmap decoding supports 2 "
+                             f"(fp16/bf16) and 4 (fp32)")
+        if y["readonly"]:
+            raise ValueError(f"{label}: out is read-only")
+        if v["itemsize"] != eb:
+            raise ValueError(f"{label}: values are {v['itemsize']}-byte, out is {eb}-byte")
+        words = -(-n // WORD_BITS)
+        if b["itemsize"] != 4 or b["size"] != words:
+            raise ValueError(f"{label}: bitmap must be {words} uint32 words for n={n}, got "
+                             f"{b['size']} of {b['itemsize']} bytes")
+        if o["itemsize"] != 4 or o["size"] != num_tiles(n) + 1:
+            raise ValueError(f"{label}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
+                             f"got {o['size']} of {o['itemsize']} bytes")
+        return cls(bitmap_ptr=b["ptr"], values_ptr=v["ptr"], values_capacity=v["size"] * eb,
+                   tile_offsets_ptr=o["ptr"], out_ptr=y["ptr"], n=n, nnz=v["size"], elem_bytes=eb,
+                   label=label)
+
+
+def _array_info(a, what: str) -> dict:
+    """ptr, size, itemsize, readonly of a C-contiguous torch CUDA tensor or CUDA array interface."""
+    import torch  # noqa: PLC0415 - a dependency; imported here to keep module import light
+
+    if isinstance(a, torch.Tensor):  # before __cuda_array_interface__: torch has none for bf16
+        if not a.is_cuda:
+            raise ValueError(f"{what} is a CPU tensor; the GPU decoder needs device memory")
+        if not a.is_contiguous():
+            raise ValueError(f"{what} must be C-contiguous")
+        return {"ptr": a.data_ptr(), "size": a.numel(), "itemsize": a.element_size(),
+                "readonly": False}
+    cai = getattr(a, "__cuda_array_interface__", None)
+    if cai is None:
+        raise TypeError(f"{what} must be a CuPy array or a torch CUDA tensor, got {type(a).__name__}")
+    shape = tuple(cai["shape"])
+    itemsize = np.dtype(cai["typestr"]).itemsize
+    size = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    strides = cai.get("strides")
+    if strides is not None and size > 1:
+        expect, acc = [], itemsize
+        for dim in reversed(shape):
+            expect.append(acc)
+            acc *= dim
+        if tuple(s for s, d in zip(strides, shape) if d > 1) != \
+                tuple(s for s, d in zip(reversed(expect), shape) if d > 1):
+            raise ValueError(f"{what} must be C-contiguous")
+    ptr, readonly = cai["data"]
+    return {"ptr": int(ptr), "size": size, "itemsize": itemsize, "readonly": bool(readonly)}
+
+
+def check_items(items: Sequence[GpuItem]) -> None:
+    """Every check of a table's arguments, in one place (``ValueError`` naming item and limit).
+
+    These are the facts the kernel takes for granted (cuda/endor_decode.cu, "Safety"); what comes
+    from the file (bitmap, tile offsets) is checked by the kernel itself.
+    """
+    if not items:
+        raise ValueError("a decode table needs at least one tensor")
+    if len(items) > _MAX_DESCS:
+        raise ValueError(f"a decode table holds at most {_MAX_DESCS} tensors, got {len(items)}")
+    total = 0
+    for i, it in enumerate(items):
+        if not isinstance(it, GpuItem):
+            raise TypeError(f"item {i} must be a GpuItem, got {type(it).__name__}")
+        where = f"item {i} ({it.label})"
+        if it.elem_bytes not in (2, 4):
+            raise ValueError(f"{where}: elem_bytes={it.elem_bytes}; the kernel decodes 2-byte "
+                             f"(fp16/bf16) and 4-byte (fp32) elements")
+        if not 1 <= it.n <= MAX_SPARSE_ELEMS:
+            raise ValueError(f"{where}: n={it.n} must be between 1 and {MAX_SPARSE_ELEMS}")
+        if not 0 <= it.nnz <= it.n:
+            raise ValueError(f"{where}: nnz={it.nnz} must be between 0 and n={it.n}")
+        if it.values_capacity < it.nnz * it.elem_bytes:
+            raise ValueError(f"{where}: values_capacity={it.values_capacity} bytes is less than "
+                             f"nnz * elem_bytes = {it.nnz * it.elem_bytes}")
+        ptrs = {"bitmap": it.bitmap_ptr, "values": it.values_ptr,
+                "tile_offsets": it.tile_offsets_ptr, "out": it.out_ptr}
+        for name, ptr in ptrs.items():
+            if not isinstance(ptr, int) or ptr < 0 or ptr >= 1 << 64:
+                raise ValueError(f"{where}: {name}_ptr={ptr!r} is not a device address")
+            if ptr == 0 and not (name == "values" and it.values_capacity == 0):
+                raise ValueError(f"{where}: {name}_ptr is null")
+            if ptr % ALIGNMENT[name]:
+                raise ValueError(f"{where}: {name}_ptr={ptr:#x} must be {ALIGNMENT[name]}-byte "
+                                 f"aligned")
+        total += num_tiles(it.n)
+    if total > _MAX_GRID:
+        raise ValueError(f"a decode table covers at most {_MAX_GRID} tiles (one block each), "
+                         f"got {total}")
+
+
+def pack_descriptors(items: Sequence[GpuItem]) -> np.ndarray:
+    """The checked items as the kernel's descriptor array (``DESC_DTYPE``, table order)."""
+    check_items(items)
+    descs = np.zeros(len(items), dtype=DESC_DTYPE)
+    first = 0
+    for d, it in zip(descs, items):
+        d["bitmap"], d["values"], d["values_capacity"] = it.bitmap_ptr, it.values_ptr, it.values_capacity
+        d["tile_offsets"], d["out"] = it.tile_offsets_ptr, it.out_ptr
+        d["n"], d["nnz"], d["first_tile"], d["elem_bytes"] = it.n, it.nnz, first, it.elem_bytes
+        first += num_tiles(it.n)
+    return descs
+
+
+def decode_error_key(key: int) -> tuple[int, int, int]:
+    """``(descriptor index, tile, reason)`` of a set error word (``desc << 40 | tile << 8 | reason``)."""
+    return key >> 40, (key >> 8) & ((1 << 32) - 1), key & 0xFF
+
+
+def error_message(items: Sequence[GpuItem], key: int) -> str:
+    """The :class:`DecodeError` text for a set error word."""
+    desc, tile, reason = decode_error_key(key)
+    it = items[desc]
+    first = tile * TILE_ELEMS
+    last = min(it.n, first + TILE_ELEMS) - 1
+    return (f"{it.label}: tile {tile} (elements {first}..{last}) disagrees with its tile offsets "
+            f"or bitmap: {REASONS[reason]} (corrupted file? run `endor-gds verify`); the outputs "
+            f"of this launch must not be used")
+
+
+# ---------------------------------------------------------------------------------------------
+# CuPy side: loaded lazily.
+
+def _cupy():
+    try:
+        import cupy  # noqa: PLC0415 - GPU library, loaded on first use only
+    except Exception as exc:  # ImportError, or a CUDA library error raised while importing
+        raise MissingDependencyError(
+            f"the GPU decoder needs CuPy and a CUDA driver ({type(exc).__name__}: {exc}); install "
+            f"it with: pip install 'endor_gds[gpu]' (cupy-cuda13x)"
+        ) from exc
+    return cupy
+
+
+def gpu_available() -> tuple[bool, str]:
+    """``(True, device name)`` when CuPy loads and sees a GPU, else ``(False, why not)``."""
+    try:
+        cp = _cupy()
+        count = cp.cuda.runtime.getDeviceCount()
+    except MissingDependencyError as exc:
+        return False, str(exc)
+    except Exception as exc:  # noqa: BLE001 - cudaErrorNoDevice / InsufficientDriver etc.
+        return False, f"{type(exc).__name__}: {exc}"
+    if count < 1:
+        return False, "no CUDA device"
+    name = cp.cuda.runtime.getDeviceProperties(0)["name"]
+    return True, name.decode() if isinstance(name, bytes) else str(name)
+
+
+_kernels: dict[int, Any] = {}
+_kernels_lock = threading.Lock()
+
+
+def _kernel_for(device: int):
+    """The compiled kernel for ``device``: NVRTC once per device and process (CuPy also keeps an
+    on-disk cache), then reused."""
+    with _kernels_lock:
+        fn = _kernels.get(device)
+        if fn is None:
+            cp = _cupy()
+            with cp.cuda.Device(device):
+                module = cp.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
+                fn = module.get_function(KERNEL_NAME)
+            _kernels[device] = fn
+        return fn
+
+
+def stream_handle(stream) -> int:
+    """The ``cudaStream_t`` of a CuPy stream, a ``torch.cuda.Stream`` or a raw int handle."""
+    if isinstance(stream, bool):
+        raise TypeError("stream must be a CuPy stream, a torch.cuda.Stream or an int handle, got a bool")
+    if isinstance(stream, int):
+        return stream
+    for attr in ("cuda_stream", "ptr"):  # torch.cuda.Stream, cupy.cuda.Stream / ExternalStream
+        handle = getattr(stream, attr, None)
+        if isinstance(handle, int):
+            return handle
+    raise TypeError(f"stream must be a CuPy stream, a torch.cuda.Stream or an int handle, got "
+                    f"{type(stream).__name__}")
+
+
+@dataclass(eq=False)
+class DecodeTable:
+    """One layer's descriptors on the device, reusable for every launch (see GpuDecoder)."""
+
+    device: int  # CUDA device the table, the buffers and the kernel live on
+    items: tuple[GpuItem, ...]  # in table order (error messages name their labels)
+    total_tiles: int  # grid size: one block per tile
+    smem_bytes: int  # dynamic shared memory per block: stage_bytes(largest element)
+    descs: Any = field(repr=False)  # cupy uint8 array: the packed DESC_DTYPE records
+    error: Any = field(repr=False)  # cupy uint64[1]: NO_ERROR, or the first bad (desc, tile, reason)
+    host_error: np.ndarray = field(repr=False)  # pinned uint64[1]: copy of `error` after a launch
+    done: Any = field(repr=False)  # cupy Event recorded after that copy
+    args: tuple = field(repr=False)  # kernel arguments, built once
+    pinned: Any = field(repr=False)  # the pinned allocation behind host_error (kept alive here)
+    launched: bool = False  # whether check() has a launch to look at
+
+    def __repr__(self) -> str:
+        return (f"<DecodeTable device={self.device} tensors={len(self.items)} "
+                f"tiles={self.total_tiles} smem={self.smem_bytes}B>")
+
+
+class GpuDecoder:
+    """Rebuilds dense tensors on one GPU from bitmap + values + tile offsets (one launch per table).
+
+    ``launch`` is asynchronous on the given stream and allocates nothing; ``check`` waits for the
+    launch and raises :class:`~endor_gds.errors.DecodeError` for a corrupted tensor. A table must
+    not be launched on two streams at once (it has one error word).
+    """
+
+    def __init__(self, device: int = 0):
+        self._cp = _cupy()
+        self.device = int(device)
+        self._kernel = _kernel_for(self.device)
+        self._streams: dict[int, Any] = {}  # handle -> cupy ExternalStream wrapper (no allocation)
+
+    def __repr__(self) -> str:
+        return f"<GpuDecoder device={self.device} kernel={KERNEL_NAME}>"
+
+    def make_table(self, items: Sequence[GpuItem]) -> DecodeTable:
+        """Check ``items`` and upload their descriptors (slow-ish: once per layer and buffer set)."""
+        items = tuple(items)
+        descs = pack_descriptors(items)  # all argument checks happen here
+        cp = self._cp
+        with cp.cuda.Device(self.device):
+            d_descs = cp.asarray(descs.view(np.uint8))
+            error = cp.asarray(np.array([NO_ERROR], dtype=np.uint64))
+            pinned = cp.cuda.alloc_pinned_memory(8)
+            host_error = np.frombuffer(pinned, dtype=np.uint64, count=1)
+            host_error[0] = NO_ERROR
+            done = cp.cuda.Event(block=False, disable_timing=True)
+            cp.cuda.runtime.deviceSynchronize()  # the uploads above are complete before any launch
+        total = int(descs["first_tile"][-1]) + num_tiles(items[-1].n)
+        smem = stage_bytes(max(it.elem_bytes for it in items))
+        args = (d_descs, np.uint32(len(items)), error)
+        return DecodeTable(device=self.device, items=items, total_tiles=total, smem_bytes=smem,
+                           descs=d_descs, error=error, host_error=host_error, done=done, args=args,
+                           pinned=pinned)
+
+    def _stream(self, handle: int):
+        s = self._streams.get(handle)
+        if s is None:
+            s = self._streams[handle] = self._cp.cuda.ExternalStream(handle, self.device)
+        return s
+
+    def launch(self, table: DecodeTable, stream) -> None:
+        """Decode every tensor of ``table`` on ``stream`` (asynchronous; one kernel launch).
+
+        Enqueues: reset of the error word, the kernel, a copy of the error word to pinned host
+        memory, an event. ``stream``: CuPy stream, ``torch.cuda.Stream`` or int handle.
+        """
+        if table.device != self.device:
+            raise ValueError(f"table lives on device {table.device}, this decoder on {self.device}")
+        if stream is None:
+            raise TypeError("launch() needs an explicit stream (e.g. torch.cuda.current_stream())")
+        handle = stream_handle(stream)
+        cp = self._cp
+        rt = cp.cuda.runtime
+        s = self._stream(handle)
+        with cp.cuda.Device(self.device), s:
+            rt.memsetAsync(table.error.data.ptr, 0xFF, 8, handle)
+            self._kernel((table.total_tiles,), (THREADS,), table.args, shared_mem=table.smem_bytes)
+            rt.memcpyAsync(table.host_error.ctypes.data, table.error.data.ptr, 8,
+                           rt.memcpyDeviceToHost, handle)
+            table.done.record(s)
+        table.launched = True
+
+    def check(self, table: DecodeTable) -> None:
+        """Wait for the table's last launch; ``DecodeError`` naming tensor and tile if one was bad."""
+        if not table.launched:
+            raise RuntimeError(f"{table!r} has not been launched; call launch() before check()")
+        table.done.synchronize()
+        key = int(table.host_error[0])
+        if key != NO_ERROR:
+            raise DecodeError(error_message(table.items, key))
+
+    def decode(self, items: Sequence[GpuItem], stream=None) -> None:
+        """make_table + launch + check, for tests and benchmarks.
+
+        ``stream=None`` means torch's current stream on this device (so the outputs are ordered
+        before whatever torch runs next), or CuPy's current stream where torch has no CUDA.
+        """
+        table = self.make_table(items)
+        if stream is None:
+            import torch  # noqa: PLC0415
+
+            if torch.cuda.is_available():
+                stream = torch.cuda.current_stream(self.device)
+            else:
+                with self._cp.cuda.Device(self.device):
+                    stream = self._cp.cuda.get_current_stream()
+        self.launch(table, stream)
+        self.check(table)

@@ -1,0 +1,38 @@
+"""bench/bench_decode.py runs end to end at a tiny size and its JSON holds what the docs quote."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from endor_gds.kernels import gpu_available
+
+BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_decode.py"
+
+
+def test_bench_decode_smoke(tmp_path):
+    res = subprocess.run(
+        [sys.executable, str(BENCH), "--shapes", "64x64,33x4097", "--sparsity", "0.5,0.7",
+         "--repeats", "2", "--warmup", "1", "--storage-bytes", "4MiB", "--storage-dir",
+         str(tmp_path), "--json"],
+        capture_output=True, text=True, timeout=300, check=False)
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert res.stderr.startswith("endor_gds decode benchmark\nmachine : ")
+    for key in ("CPU     :", "GPU     :", "decoder : CPU simd" if out["decoder_path"] == "simd"
+                else "decoder : CPU scalar", "cache   : storage cold"):
+        assert key in res.stderr, key
+    assert len(out["cases"]) == 4
+    assert {tuple(c["shape"]) for c in out["cases"]} == {(64, 64), (33, 4097)}
+    for key in ("cpu_gbps", "storage_gbps", "cpu_ratio_to_storage"):
+        assert out[key] > 0, key
+    assert out["storage"]["mode"] == "posix-direct" and out["cache"]["storage"] == "cold"
+    assert abs(out["cpu_ratio_to_storage"] - out["cpu_gbps"] / out["storage_gbps"]) < 1e-9
+    gpu_keys = ("gpu_gbps", "d2d_gbps", "gpu_ratio_to_d2d")
+    if gpu_available()[0]:
+        assert all(out[k] > 0 for k in gpu_keys) and out["gpu"]
+    else:
+        assert all(out[k] is None for k in gpu_keys) and out["gpu"] is None
+    assert list(tmp_path.iterdir()) == []  # the storage file is removed

@@ -1,0 +1,197 @@
+"""endor_gds.kernels on a machine without a GPU: import, dtype table, argument checks, errors.
+
+Everything here runs without CuPy; the kernel itself is tested by test_cuda_emulated.py (CPU) and
+test_gpu_decode.py (GPU).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from endor_gds import kernels
+from endor_gds.errors import MissingDependencyError
+from endor_gds.kernels import GpuItem, check_items, pack_descriptors
+
+
+def test_import_needs_no_cupy():
+    code = ("import sys, endor_gds, endor_gds.kernels as k; k.NVRTC_OPTIONS; "
+            "assert 'cupy' not in sys.modules, 'cupy imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_decoder_without_cupy_names_the_package():
+    ok, _ = kernels.gpu_available()
+    if ok:
+        pytest.skip("CuPy and a GPU are present here")
+    try:
+        import cupy  # noqa: F401, PLC0415
+    except ImportError:
+        with pytest.raises(MissingDependencyError, match=r"pip install 'endor_gds\[gpu\]' \(cupy-cuda13x\)"):
+            kernels.GpuDecoder()
+    else:
+        pytest.skip("CuPy is installed (no GPU): its error is CuPy's")
+
+
+@pytest.mark.parametrize("dtype, size", [("F16", 2), ("BF16", 2), ("F32", 4), (torch.float16, 2),
+                                         (torch.bfloat16, 2), (torch.float32, 4)])
+def test_elem_bytes(dtype, size):
+    assert kernels.elem_bytes(dtype) == size
+
+
+@pytest.mark.parametrize("dtype", ["F64", "I32", "U8", "BOOL", "float16", torch.int8, torch.float64])
+def test_elem_bytes_rejects_other_dtypes_by_name(dtype):
+    with pytest.raises(ValueError, match=rf"dtype {dtype!r} cannot be bitmap-decoded on the GPU"):
+        kernels.elem_bytes(dtype)
+
+
+def _item(**kw) -> GpuItem:
+    base = dict(bitmap_ptr=0x1000, values_ptr=0x2000, values_capacity=4096, tile_offsets_ptr=0x3000,
+                out_ptr=0x4000, n=5000, nnz=2000, elem_bytes=2, label="layer.0.q_proj")
+    base.update(kw)
+    return GpuItem(**base)
+
+
+def test_descriptors_pack_in_table_order_with_first_tiles():
+    items = [_item(n=1, nnz=1), _item(n=4097, elem_bytes=4, nnz=3, values_capacity=12),
+             _item(n=4096 * 3)]
+    d = pack_descriptors(items)
+    assert d.dtype == kernels.DESC_DTYPE and d.dtype.itemsize == 72
+    assert d["first_tile"].tolist() == [0, 1, 3]
+    assert d["elem_bytes"].tolist() == [2, 4, 2]
+    assert d["n"].tolist() == [1, 4097, 4096 * 3]
+    assert d["values_capacity"].tolist() == [4096, 12, 4096]
+    assert (d["reserved"] == 0).all()
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(elem_bytes=8), r"elem_bytes=8; the kernel decodes 2-byte \(fp16/bf16\) and 4-byte"),
+    (dict(elem_bytes=1), r"elem_bytes=1"),
+    (dict(n=0), r"n=0 must be between 1 and 4294967295"),
+    (dict(n=1 << 32), r"n=4294967296 must be between 1 and 4294967295"),
+    (dict(nnz=5001), r"nnz=5001 must be between 0 and n=5000"),
+    (dict(nnz=-1), r"nnz=-1 must be between 0"),
+    (dict(values_capacity=3999), r"values_capacity=3999 bytes is less than nnz \* elem_bytes = 4000"),
+    (dict(bitmap_ptr=0x1002), r"bitmap_ptr=0x1002 must be 4-byte aligned"),
+    (dict(tile_offsets_ptr=0x3001), r"tile_offsets_ptr=0x3001 must be 4-byte aligned"),
+    (dict(values_ptr=0x2008), r"values_ptr=0x2008 must be 16-byte aligned"),
+    (dict(out_ptr=0x4004), r"out_ptr=0x4004 must be 16-byte aligned"),
+    (dict(out_ptr=0), r"out_ptr is null"),
+    (dict(bitmap_ptr=0), r"bitmap_ptr is null"),
+    (dict(values_ptr=0), r"values_ptr is null"),
+    (dict(out_ptr=-16), r"out_ptr=-16 is not a device address"),
+    (dict(out_ptr=1 << 64), r"out_ptr=18446744073709551616 is not a device address"),
+])
+def test_every_argument_check(change, match):
+    items = [_item(label="ok"), _item(**change)]
+    with pytest.raises(ValueError, match=r"item 1 \(layer.0.q_proj\): " + match):
+        check_items(items)
+
+
+def test_null_values_allowed_only_without_values():
+    check_items([_item(values_ptr=0, values_capacity=0, nnz=0)])
+    with pytest.raises(ValueError, match="values_ptr is null"):
+        check_items([_item(values_ptr=0, values_capacity=16, nnz=0)])
+
+
+def test_table_limits():
+    with pytest.raises(ValueError, match="needs at least one tensor"):
+        check_items([])
+    with pytest.raises(TypeError, match="item 0 must be a GpuItem, got tuple"):
+        check_items([(1, 2, 3)])
+    big = _item(n=(1 << 32) - 1, nnz=0)  # 2^20 tiles each
+    check_items([big] * 2047)
+    with pytest.raises(ValueError, match=r"at most 2147483647 tiles \(one block each\), got 2147483648"):
+        check_items([big] * 2048)
+
+
+def test_too_many_descriptors(monkeypatch):
+    monkeypatch.setattr(kernels, "_MAX_DESCS", 3)  # the real limit, 2^24, is too many to build
+    with pytest.raises(ValueError, match="at most 3 tensors, got 4"):
+        check_items([_item()] * 4)
+
+
+def test_error_word_names_tensor_tile_and_reason():
+    items = [_item(label="a"), _item(label="model.layers.3.mlp.up_proj.weight", n=3 * 4096 + 5)]
+    msg = kernels.error_message(items, 1 << 40 | 3 << 8 | 2)
+    assert msg.startswith("model.layers.3.mlp.up_proj.weight: tile 3 (elements 12288..12292) "
+                          "disagrees with its tile offsets or bitmap: bits are set past the "
+                          "tensor's last element")
+    assert kernels.decode_error_key(1 << 40 | 3 << 8 | 2) == (1, 3, 2)
+    for reason in kernels.REASONS:
+        assert kernels.REASONS[reason] in kernels.error_message(items, reason)
+
+
+def test_stream_handles():
+    class TorchLike:
+        cuda_stream = 1234
+
+    class CupyLike:
+        ptr = 5678
+
+    assert kernels.stream_handle(0) == 0
+    assert kernels.stream_handle(77) == 77
+    assert kernels.stream_handle(TorchLike()) == 1234
+    assert kernels.stream_handle(CupyLike()) == 5678
+    with pytest.raises(TypeError, match="got a bool"):
+        kernels.stream_handle(True)
+    with pytest.raises(TypeError, match="got str"):
+        kernels.stream_handle("0")
+
+
+def test_from_arrays_needs_device_memory():
+    x = torch.zeros(4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="w: bitmap is a CPU tensor"):
+        GpuItem.from_arrays(x, x, x, x, label="w")
+    with pytest.raises(TypeError, match="must be a CuPy array or a torch CUDA tensor, got list"):
+        GpuItem.from_arrays([1], x, x, x, label="w")
+
+
+def test_items_are_immutable():
+    it = _item()
+    with pytest.raises(AttributeError):
+        it.n = 3  # frozen: a table's items cannot drift from its uploaded descriptors
+
+
+class FakeDeviceArray:
+    """Just a __cuda_array_interface__ (no memory behind it): from_arrays only reads the dict."""
+
+    def __init__(self, ptr, shape, typestr, strides=None, readonly=False):
+        self.__cuda_array_interface__ = {"data": (ptr, readonly), "shape": shape,
+                                         "typestr": typestr, "strides": strides, "version": 3}
+
+
+def _fake_arrays(n=1000, eb=2, nnz=400):
+    t = "<u2" if eb == 2 else "<u4"
+    return (FakeDeviceArray(0x1000, (-(-n // 32),), "<u4"), FakeDeviceArray(0x2000, (nnz,), t),
+            FakeDeviceArray(0x3000, (-(-n // 4096) + 1,), "<u4"), FakeDeviceArray(0x4000, (n,), t))
+
+
+def test_from_arrays_over_the_cuda_array_interface():
+    b, v, o, y = _fake_arrays(n=5000, eb=4, nnz=300)
+    it = GpuItem.from_arrays(b, v, o, y, label="w")
+    assert (it.bitmap_ptr, it.values_ptr, it.tile_offsets_ptr, it.out_ptr) == (0x1000, 0x2000, 0x3000, 0x4000)
+    assert (it.n, it.nnz, it.elem_bytes, it.values_capacity) == (5000, 300, 4, 1200)
+    check_items([it])
+    y2 = FakeDeviceArray(0x4000, (50, 100), "<u4")  # any C-contiguous shape: n is its size
+    assert GpuItem.from_arrays(b, v, o, y2, label="w").n == 5000
+
+
+@pytest.mark.parametrize("which, bad, match", [
+    (3, FakeDeviceArray(0x4000, (1000,), "<u2", readonly=True), "w: out is read-only"),
+    (3, FakeDeviceArray(0x4000, (1000,), "<u2", strides=(4,)), "w: out must be C-contiguous"),
+    (3, FakeDeviceArray(0x4000, (10, 100), "<u2", strides=(2, 20)), "w: out must be C-contiguous"),
+    (3, FakeDeviceArray(0x4000, (1000,), "<u8"), "w: out has 8-byte elements"),
+    (1, FakeDeviceArray(0x2000, (400,), "<u4"), "w: values are 4-byte, out is 2-byte"),
+    (0, FakeDeviceArray(0x1000, (31,), "<u4"), "w: bitmap must be 32 uint32 words for n=1000, got 31"),
+    (0, FakeDeviceArray(0x1000, (64,), "<u2"), "w: bitmap must be 32 uint32 words"),
+    (2, FakeDeviceArray(0x3000, (3,), "<u4"), "w: tile_offsets must be 2 uint32 for n=1000, got 3"),
+])
+def test_from_arrays_checks(which, bad, match):
+    arrays = list(_fake_arrays())
+    arrays[which] = bad
+    with pytest.raises(ValueError, match=match):
+        GpuItem.from_arrays(*arrays, label="w")
