@@ -24,16 +24,21 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import secrets
 import struct
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import crc32c as _crc32c
 import numpy as np
 import torch
 
+from . import defaults
 from .errors import ChecksumError, FormatError
 from .format import (
     DTYPES,
+    MAX_SPARSE_ELEMS,
     PAGE,
     TILE_ELEMS,
     DType,
@@ -73,6 +78,7 @@ MAX_NUMEL = 1 << 40
 MAX_NAME = 1024
 MAX_FILES = 64
 _NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -210,16 +216,39 @@ def _fail(path, msg: str) -> FormatError:
     return FormatError(f"{path}: {msg}")
 
 
+def _show(value, limit: int = 80) -> str:
+    """A short description of a manifest value for an error message.
+
+    Never ``repr`` of a container: a hostile manifest can nest lists a thousand deep (``repr``
+    would overflow the stack) or hold megabytes (the message would too).
+    """
+    if isinstance(value, (list, dict)):
+        return f"a {type(value).__name__} of {len(value)} items"
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
+
+
+def _plain_name(name) -> bool:
+    """A file name that stays inside any folder it is joined to: no '/', '..', NUL or hidden."""
+    return isinstance(name, str) and 0 < len(name) <= 128 and set(name) <= _NAME_OK \
+        and not name.startswith(".")
+
+
 def _int(path, where: str, value, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise _fail(path, f"{where} must be an integer in [{lo}, {hi}], got {value!r}"[:300])
+        raise _fail(path, f"{where} must be an integer in [{lo}, {hi}], got {_show(value)}")
     return value
 
 
 def _str(path, where: str, value, limit: int = MAX_NAME) -> str:
     if not isinstance(value, str) or not value or len(value) > limit:
         raise _fail(path, f"{where} must be a non-empty string of at most {limit} characters, "
-                          f"got {value!r}"[:300])
+                          f"got {_show(value)}")
+    # Names end up in error messages and `endor-gds inspect` output: no terminal escapes there.
+    if _CONTROL.search(value):
+        raise _fail(path, f"{where} {_show(value)} contains a control character")
     return value
 
 
@@ -231,8 +260,19 @@ def _dict(path, where: str, value) -> dict:
 
 def _list(path, where: str, value, limit: int) -> list:
     if not isinstance(value, list) or len(value) > limit:
-        raise _fail(path, f"{where} must be a list of at most {limit} items")
+        raise _fail(path, f"{where} must be a list of at most {limit} items, got {_show(value)}")
     return value
+
+
+def _choice(path, where: str, value, allowed) -> str:
+    """``value`` if it is one of the strings ``allowed`` (checked as a string first: a list or
+    dict from a hostile manifest must not reach a ``dict`` lookup, which would raise TypeError)."""
+    if not isinstance(value, str) or value not in allowed:
+        raise _fail(path, f"{where} must be one of {', '.join(map(repr, allowed))}, got {_show(value)}")
+    return value
+
+
+_SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets")
 
 
 class EndorFile:
@@ -240,16 +280,26 @@ class EndorFile:
 
     Attributes: ``manifest`` (dict), ``config`` (the model's config.json), ``architecture``,
     ``tensors`` (name → :class:`TensorEntry`), ``extents`` (name → :class:`Extent`), ``layers``
-    (extents of the decoder layers by index), ``resident`` (the resident extent), ``tied``.
+    (extents of the decoder layers by index), ``resident`` (the resident extent), ``tied``,
+    ``files`` (embedded file name → :class:`Segment`).
+
+    ``verify_reads``: check each segment's CRC-32C every time it is read (``ChecksumError`` on a
+    mismatch). ``None`` (the default) follows the global option ``endor_gds.defaults``
+    ``verify_reads`` (env ``ENDOR_VERIFY_READS``) at each read; a read's own ``verify=``
+    argument, when given, overrides both.
     """
 
-    def __init__(self, path, *, check_tiles: bool = True):
+    def __init__(self, path, *, check_tiles: bool = True, verify_reads: bool | None = None):
         self.path = os.fspath(path)
+        self.verify_reads = verify_reads
+        self._fd = None
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self._load(check_tiles)
         except BaseException:
-            os.close(self._fd)
+            # close() also forgets the descriptor: __del__ must not close it a second time, when
+            # its number may already belong to another open file.
+            self.close()
             raise
 
     # -- construction -------------------------------------------------------------------------
@@ -266,8 +316,9 @@ class EndorFile:
         if self.file_size < PAGE:
             raise _fail(p, f"file is {self.file_size} bytes, smaller than the {PAGE}-byte header page "
                            f"(not an .endor file, or truncated)")
-        head = self._pread(0, _HEADER.size + _HEADER_CRC.size).tobytes()
-        magic, version, _flags, moff, mlen, flen, mcrc = _HEADER.unpack_from(head)
+        page = self._pread(0, PAGE).tobytes()
+        head = page[: _HEADER.size + _HEADER_CRC.size]
+        magic, version, flags, moff, mlen, flen, mcrc = _HEADER.unpack_from(head)
         if magic != MAGIC:
             raise _fail(p, f"bad magic {magic!r}, expected {MAGIC!r} (not an .endor file)")
         (hcrc,) = _HEADER_CRC.unpack_from(head, _HEADER.size)
@@ -277,15 +328,25 @@ class EndorFile:
             raise _fail(p, f"format version {version} is not supported by this endor_gds "
                            f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade endor_gds")
         self.format_version = version
+        if flags != 0:
+            raise _fail(p, f"header flags {flags:#x} are not supported by format version {version} "
+                           f"(must be 0)")
+        # Bytes that no CRC covers must be zero, so that any change to the file is noticed.
+        if any(page[len(head):]):
+            raise _fail(p, "header page is not zero after its fields (corrupted header)")
         if flen != self.file_size:
             raise _fail(p, f"file is {self.file_size} bytes but its header says {flen} "
                            f"({'truncated' if self.file_size < flen else 'extended'} file?)")
-        if moff % PAGE or moff < PAGE or mlen > MAX_MANIFEST_BYTES or moff + mlen > flen:
+        if moff % PAGE or moff < PAGE or mlen > MAX_MANIFEST_BYTES or moff + pad_to_page(mlen) != flen:
             raise _fail(p, f"manifest range offset={moff} length={mlen} is invalid for a "
-                           f"{flen}-byte file")
-        blob = self._pread(moff, mlen).tobytes()
+                           f"{flen}-byte file (page-aligned, at most {MAX_MANIFEST_BYTES} bytes, "
+                           f"ending the file)")
+        tail = self._pread(moff, flen - moff).tobytes()
+        blob = tail[:mlen]
         if crc32c(blob) != mcrc:
             raise ChecksumError(f"{p}: manifest checksum mismatch (corrupted manifest)", segment="manifest")
+        if any(tail[mlen:]):
+            raise _fail(p, "manifest padding is not zero (corrupted file)")
         try:
             manifest = json.loads(blob)
         except (ValueError, RecursionError) as exc:
@@ -296,23 +357,26 @@ class EndorFile:
 
     def _validate(self, check_tiles: bool) -> None:
         p, m = self.path, self.manifest
-        if m.get("format") != "endor" or m.get("format_version") != self.format_version:
-            raise _fail(p, "manifest does not declare format 'endor' with the header's version")
-        if m.get("tile_elems", TILE_ELEMS) != TILE_ELEMS:
-            raise _fail(p, f"tile_elems={m.get('tile_elems')!r} is not supported (only {TILE_ELEMS})")
+        if m.get("format") != "endor":
+            raise _fail(p, f"manifest format is {_show(m.get('format'))}, expected 'endor'")
+        _int(p, "format_version", m.get("format_version"), self.format_version, self.format_version)
+        _int(p, "tile_elems", m.get("tile_elems"), TILE_ELEMS, TILE_ELEMS)
+        _choice(p, "checksum", m.get("checksum"), ("crc32c",))
         self.architecture = _str(p, "architecture", m.get("architecture"), 64)
         self.config = _dict(p, "config", m.get("config"))
+        for key in ("prune", "generation_config"):  # read by tools (inspect) and the runtime
+            if m.get(key) is not None:
+                _dict(p, key, m[key])
         tied = _dict(p, "tied", m.get("tied", {}))
         self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
 
-        # Extents: page-aligned, inside the data area, not overlapping, names unique.
+        # Extents: page-aligned, inside the data area, not overlapping, names unique and telling
+        # their kind ("resident", "files", "layer.<i>"), as the packer writes them.
         self.extents: dict[str, Extent] = {}
         for i, e in enumerate(_list(p, "extents", m.get("extents"), MAX_TENSORS)):
             e = _dict(p, f"extents[{i}]", e)
             name = _str(p, f"extents[{i}].name", e.get("name"))
-            kind = e.get("kind")
-            if kind not in ("resident", "layer", "files"):
-                raise _fail(p, f"extent {name}: unknown kind {kind!r}")
+            kind = _choice(p, f"extent {name} kind", e.get("kind"), ("resident", "layer", "files"))
             off = _int(p, f"extent {name} offset", e.get("offset"), PAGE, self._manifest_offset)
             length = _int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
             if off % PAGE or length % PAGE:
@@ -320,6 +384,9 @@ class EndorFile:
             layer = None
             if kind == "layer":
                 layer = _int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
+            if name != (f"layer.{layer}" if kind == "layer" else kind):
+                raise _fail(p, f"extent {name} of kind {kind} must be named "
+                               f"{f'layer.{layer}' if kind == 'layer' else kind!r}")
             if name in self.extents:
                 raise _fail(p, f"extent {name} appears twice")
             self.extents[name] = Extent(name, kind, off, length, layer)
@@ -342,7 +409,7 @@ class EndorFile:
                 raise _fail(p, f"tensor {entry.name} appears twice")
             ext = self.extents.get(entry.extent)
             if ext is None or ext.kind == "files":
-                raise _fail(p, f"tensor {entry.name} names unknown extent {entry.extent!r}")
+                raise _fail(p, f"tensor {entry.name} names unknown extent {_show(entry.extent)}")
             for seg in entry.segments.values():
                 if seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
                     raise _fail(p, f"tensor {entry.name} segment {seg.kind} at {seg.offset}+{seg.length} "
@@ -354,9 +421,12 @@ class EndorFile:
         for i, f in enumerate(_list(p, "files", m.get("files", []), MAX_FILES)):
             f = _dict(p, f"files[{i}]", f)
             name = _str(p, f"files[{i}].name", f.get("name"), 128)
-            if not set(name) <= _NAME_OK or name.startswith("."):
-                raise _fail(p, f"embedded file name {name!r} is not a plain file name")
-            seg = self._segment(f, f"file {name}")
+            if not _plain_name(name):
+                raise _fail(p, f"embedded file name {_show(name)} is not a plain file name "
+                               f"([A-Za-z0-9._-], no leading dot)")
+            if name in self.files:
+                raise _fail(p, f"embedded file {name} appears twice")
+            seg = self._segment(f, f"file {name}", ("file",))
             ext = self.extents.get("files")
             if ext is None or seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
                 raise _fail(p, f"embedded file {name} lies outside the files extent")
@@ -375,9 +445,10 @@ class EndorFile:
                 if entry.encoding == "bitmap":
                     self.tile_offsets(entry.name)
 
-    def _segment(self, s, where: str) -> Segment:
+    def _segment(self, s, where: str, kinds=_SEGMENT_KINDS) -> Segment:
         p = self.path
         s = _dict(p, where, s)
+        kind = _choice(p, f"{where} kind", s.get("kind"), kinds)
         off = _int(p, f"{where} offset", s.get("offset"), PAGE, self._manifest_offset)
         length = _int(p, f"{where} length", s.get("length"), 0, self._manifest_offset - off)
         nbytes = _int(p, f"{where} nbytes", s.get("nbytes"), 0, length)
@@ -385,7 +456,7 @@ class EndorFile:
         if off % PAGE or length != pad_to_page(nbytes):
             raise _fail(p, f"{where}: offset={off} length={length} nbytes={nbytes} break the "
                            f"{PAGE}-byte page rule")
-        return Segment(str(s.get("kind", "data")), off, length, nbytes, crc)
+        return Segment(kind, off, length, nbytes, crc)
 
     def _tensor_entry(self, t: dict, i: int) -> TensorEntry:
         p = self.path
@@ -393,18 +464,18 @@ class EndorFile:
         shape_raw = _list(p, f"tensor {name} shape", t.get("shape"), MAX_RANK)
         shape = tuple(_int(p, f"tensor {name} shape", s, 0, MAX_NUMEL) for s in shape_raw)
         numel = 1
-        for s in shape:
+        for s in shape:  # Python integers: the product cannot overflow before it is compared
             numel *= s
         if numel > MAX_NUMEL:
             raise _fail(p, f"tensor {name} shape {list(shape)} has {numel} elements, above {MAX_NUMEL}")
-        dtype = DTYPES.get(t.get("dtype"))
-        if dtype is None:
-            raise _fail(p, f"tensor {name} has unsupported dtype {t.get('dtype')!r}")
-        encoding, codec = t.get("encoding"), t.get("codec", "raw")
-        if encoding not in ("dense", "bitmap") or codec != "raw":
-            raise _fail(p, f"tensor {name}: unknown encoding/codec {encoding!r}/{codec!r}")
+        dtype = DTYPES[_choice(p, f"tensor {name} dtype", t.get("dtype"), tuple(DTYPES))]
+        encoding = _choice(p, f"tensor {name} encoding", t.get("encoding"), ("dense", "bitmap"))
+        codec = _choice(p, f"tensor {name} codec", t.get("codec", "raw"), ("raw",))
         if encoding == "bitmap" and not dtype.sparse:
             raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
+        if encoding == "bitmap" and numel > MAX_SPARSE_ELEMS:
+            raise _fail(p, f"tensor {name}: a bitmap-encoded tensor holds at most {MAX_SPARSE_ELEMS} "
+                           f"elements (uint32 tile offsets), shape {list(shape)} has {numel}")
         nnz = _int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
         extent = _str(p, f"tensor {name} extent", t.get("extent"))
         segs: dict[str, Segment] = {}
@@ -429,12 +500,29 @@ class EndorFile:
             raise KeyError(f"{self.path} has no tensor {name!r}")
         return self.tensors[target]
 
-    def read_segment(self, seg: Segment, *, verify: bool = False) -> np.ndarray:
-        """A segment's payload bytes (``nbytes``), optionally checking its CRC first."""
+    def _verify(self, verify: bool | None) -> bool:
+        """Whether a read checks CRCs: its own argument, else the file's, else the global option."""
+        if verify is not None:
+            return bool(verify)
+        if self.verify_reads is not None:
+            return bool(self.verify_reads)
+        return defaults.get("verify_reads")
+
+    def read_segment(self, seg: Segment, *, verify: bool | None = None,
+                     label: str | None = None) -> np.ndarray:
+        """A segment's payload bytes (``nbytes``), checking its CRC first when verifying.
+
+        ``label`` names the segment in errors, as :meth:`verify` does (``"<tensor>:<kind>"``,
+        ``"file <name>"``).
+        """
         raw = self._pread(seg.offset, seg.length)
-        if verify and crc32c(raw) != seg.crc32c:
-            raise ChecksumError(f"{self.path}: segment {seg.kind} at offset {seg.offset} fails its "
-                                f"CRC-32C", segment=seg.kind)
+        if self._verify(verify):
+            crc = crc32c(raw)
+            if crc != seg.crc32c:
+                label = label or seg.kind
+                raise ChecksumError(
+                    f"{self.path}: segment {label} (offset {seg.offset}, {seg.length} bytes) fails "
+                    f"its CRC-32C: stored {seg.crc32c:#010x}, computed {crc:#010x}", segment=label)
         return raw[: seg.nbytes]
 
     def tile_offsets(self, name: str) -> np.ndarray:
@@ -442,25 +530,28 @@ class EndorFile:
         entry = self.resolve(name)
         cached = self._tile_offsets.get(entry.name)
         if cached is None:
-            raw = self.read_segment(entry.segments["tile_offsets"])
+            raw = self.read_segment(entry.segments["tile_offsets"], label=f"{entry.name}:tile_offsets")
             cached = raw.view("<u4")
             check_tile_offsets(cached, entry.numel, entry.nnz, f"{self.path}: tensor {entry.name}")
             self._tile_offsets[entry.name] = cached
         return cached
 
-    def read_tensor_bits(self, name: str, *, verify: bool = False) -> np.ndarray:
+    def read_tensor_bits(self, name: str, *, verify: bool | None = None) -> np.ndarray:
         """Flat numpy array of the tensor's bit patterns, through the reference decoder."""
         entry = self.resolve(name)
         d = entry.dtype
         if entry.encoding == "dense":
-            return self.read_segment(entry.segments["data"], verify=verify).view(d.bits)
-        segs = {k: self.read_segment(s, verify=verify) for k, s in entry.segments.items()}
+            return self.read_segment(entry.segments["data"], verify=verify,
+                                     label=f"{entry.name}:data").view(d.bits)
+        verify = self._verify(verify)
+        segs = {k: self.read_segment(s, verify=verify, label=f"{entry.name}:{k}")
+                for k, s in entry.segments.items()}
         return decode_bitmap_reference(
             segs["bitmap"].view("<u4"), segs["values"].view(d.bits), self.tile_offsets(entry.name),
             entry.numel, where=f"{self.path}: tensor {entry.name}",
         )
 
-    def read_tensor(self, name: str, *, verify: bool = False) -> torch.Tensor:
+    def read_tensor(self, name: str, *, verify: bool | None = None) -> torch.Tensor:
         """The dense tensor (CPU, its own dtype and shape), through the reference decoder."""
         entry = self.resolve(name)
         bits = self.read_tensor_bits(name, verify=verify)
@@ -469,7 +560,42 @@ class EndorFile:
     def read_file(self, name: str) -> bytes:
         """An embedded file (tokenizer) as bytes, CRC-checked."""
         seg = self.files[name]
-        return self.read_segment(seg, verify=True).tobytes()
+        return self.read_segment(seg, verify=True, label=f"file {name}").tobytes()
+
+    def extract_files(self, folder) -> dict[str, Path]:
+        """Write the embedded files (tokenizer) into ``folder`` (created if needed).
+
+        Returns ``{name: path}``. Every file is read and CRC-checked before anything is written,
+        so a damaged file leaves the folder as it was. Names are plain file names (checked at
+        open and again here), so nothing can land outside ``folder``; each file is written under
+        a temporary name and renamed into place, so an entry already at that name (a symlink
+        planted there, say) is replaced, never followed.
+        """
+        for name in self.files:
+            if not _plain_name(name):
+                raise _fail(self.path, f"embedded file name {_show(name)} is not a plain file name")
+        blobs = {name: self.read_file(name) for name in self.files}
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        dir_fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            for name, data in blobs.items():
+                tmp = f".{name}.{secrets.token_hex(4)}.tmp"
+                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644,
+                             dir_fd=dir_fd)
+                try:
+                    with os.fdopen(fd, "wb") as out:
+                        out.write(data)
+                    os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                except BaseException:
+                    try:
+                        os.unlink(tmp, dir_fd=dir_fd)
+                    except FileNotFoundError:
+                        pass
+                    raise
+        finally:
+            os.close(dir_fd)
+        return {name: folder / name for name in blobs}
 
     def verify(self, chunk_bytes: int = 64 << 20):
         """Yield a :class:`ChecksumError` for every segment whose CRC-32C does not match.
