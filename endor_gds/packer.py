@@ -8,6 +8,11 @@ Atomicity: everything is written to a temporary file beside the destination, flu
 ``fsync``-ed, then renamed over the destination (``os.replace`` is atomic on POSIX) and the
 folder is ``fsync``-ed. On any error or interrupt the temporary file is removed: the destination
 is either the old file, untouched, or the new whole file, never a mix; the source is only read.
+
+Wanda is the one exception to "one tensor at a time": its scores need the activations entering a
+layer, so a *layer pruner* (:class:`LayerPruner`, :mod:`endor_gds.wanda`) receives all of layer
+``i``'s tensors at once, layers in order, and peak memory is one layer plus the calibration
+activations. ``none`` and ``magnitude`` still stream tensor by tensor.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import numpy as np
 import torch
@@ -30,8 +35,9 @@ from .format import TILE_ELEMS, bits_view, choose_encoding, dtype_of, encode_bit
 from .layout import FORMAT_VERSION, Writer
 from .prune import magnitude_prune
 from .recipes import recipe_for
+from .wanda import CalibrationError
 
-__all__ = ["pack", "PackReport", "PRUNE_METHODS"]
+__all__ = ["pack", "PackReport", "PRUNE_METHODS", "LayerPruner"]
 
 PRUNE_METHODS = ("none", "magnitude", "wanda")
 
@@ -48,6 +54,51 @@ class PackReport:
     @property
     def mb_per_s(self) -> float:
         return self.source_bytes / self.seconds / 1e6 if self.seconds else 0.0
+
+
+class LayerPruner(Protocol):
+    """Prunes whole decoder layers, called for layers 0, 1, 2, ... in order.
+
+    ``pruner(i, tensors)`` gets layer ``i``'s checkpoint tensors (full name → tensor) and returns a
+    dict with the same names (it may replace entries in place); ``summary()`` is merged into the
+    manifest's ``prune`` entry after the last layer.
+    """
+
+    def __call__(self, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
+
+    def summary(self) -> dict: ...
+
+
+class _ZeroCount:
+    """Zeros already present in the linear weights of a ``prune="none"`` pack."""
+
+    def __init__(self):
+        self.zeros = self.numel = self.negative_zeros = 0
+        self.per_tensor: list[float] = []
+
+    def add(self, t: torch.Tensor, entry: dict) -> None:
+        numel = t.numel()
+        # -0.0 is a zero value but not the all-zero bit pattern, so the bitmap keeps it (the
+        # round trip is bit-exact); count it apart to tell the user why such zeros cost space.
+        neg = 0
+        if t.is_floating_point():
+            bits = bits_view(t)
+            neg = int(np.count_nonzero(bits == bits.dtype.type(1 << (8 * bits.itemsize - 1))))
+        zeros = numel - entry["nnz"] + neg
+        self.zeros += zeros
+        self.numel += numel
+        self.negative_zeros += neg
+        self.per_tensor.append(zeros / numel if numel else 0.0)
+
+    def summary(self) -> dict:
+        """``detected_sparsity``: fraction of linear-weight entries equal to zero (±0.0)."""
+        if not self.numel:  # no linear weights (a model with no layers)
+            return {"detected_sparsity": None}
+        return {
+            "detected_sparsity": round(self.zeros / self.numel, 6),
+            "detected_sparsity_range": [round(min(self.per_tensor), 6), round(max(self.per_tensor), 6)],
+            "negative_zeros": self.negative_zeros,
+        }
 
 
 def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok: bool) -> dict:
@@ -75,6 +126,15 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+def _prune_entry(prune: str, sparsity: float, layer_pruner, found: _ZeroCount | None) -> dict:
+    entry = {"method": prune, "sparsity": sparsity if prune != "none" else None}
+    if layer_pruner is not None:
+        entry.update(layer_pruner.summary())
+    if found is not None:
+        entry.update(found.summary())
+    return entry
+
+
 def pack(
     src,
     dst,
@@ -82,20 +142,33 @@ def pack(
     prune: str = "none",
     sparsity: float = 0.5,
     progress: bool = True,
+    calib=None,
+    calib_samples: int = 128,
+    calib_seqlen: int = 2048,
+    calib_device="cpu",
     pruner: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     extra_manifest: dict | None = None,
 ) -> PackReport:
     """Pack the Hugging Face checkpoint folder ``src`` into the single file ``dst``.
 
-    ``prune``: ``none`` keeps the weights (zeros already present are still bitmap-encoded),
-    ``magnitude`` zeroes the ``sparsity`` fraction of lowest-|w| entries of every output row of
-    each linear weight named by the model's recipe. Embeddings, norms and lm_head are never pruned.
+    ``prune``: ``none`` keeps the weights (zeros already present are still bitmap-encoded, and
+    their fraction is recorded as ``detected_sparsity``), ``magnitude`` zeroes the ``sparsity``
+    fraction of lowest-|w| entries of every output row of each linear weight named by the model's
+    recipe, ``wanda`` the lowest ``|w| * ||X_j||`` ones, with activations from ``calib_samples``
+    sequences of ``calib_seqlen`` tokens of the file ``calib`` (text, or token ids in a ``.ids``
+    file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.wanda`).
+    Embeddings, norms, biases and lm_head are never pruned.
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:
         raise ValueError(f"unknown prune method {prune!r}; choose one of {', '.join(PRUNE_METHODS)}")
-    if prune == "wanda" and pruner is None:
-        raise ValueError("prune='wanda' needs calibration data: use endor_gds.pack(..., calib=...)")
+    if prune == "wanda" and calib is None:
+        raise CalibrationError("prune='wanda' needs calibration data: pass calib='file.txt' (or a "
+                               ".ids file of token ids); on the command line, --calib FILE")
+    if prune != "wanda" and calib is not None:
+        raise CalibrationError(f"calib={str(calib)!r} is only used by prune='wanda', not {prune!r}")
+    if prune == "wanda" and pruner is not None:
+        raise ValueError("pruner= is a per-tensor hook; Wanda prunes whole layers from calib=")
     if prune != "none" and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     ckpt = Checkpoint(src)
@@ -113,6 +186,15 @@ def pack(
         def pruner(name, t):
             return magnitude_prune(t, sparsity) if recipe.is_linear_weight(name) else t
 
+    layer_pruner: LayerPruner | None = None
+    if prune == "wanda":  # reads and checks the calibration file before anything is written
+        from .wanda import make_pruner  # noqa: PLC0415
+
+        layer_pruner = make_pruner(ckpt, recipe, plan, calib=calib, samples=calib_samples,
+                                   seqlen=calib_seqlen, sparsity=sparsity, device=calib_device,
+                                   progress=progress)
+    found = _ZeroCount() if prune == "none" else None
+
     entries: list[dict] = []
     bar = tqdm(total=ckpt.nbytes(), unit="B", unit_scale=True, desc=f"pack {dst.name}",
                disable=not progress)
@@ -120,21 +202,32 @@ def pack(
         with open(tmp, "wb") as f:
             w = Writer(f)
 
-            def put(name: str, extent: str, in_layer: bool) -> None:
+            def read(name: str) -> torch.Tensor:
                 t = ckpt.read(name)
                 bar.update(t.numel() * t.element_size())
-                if in_layer and pruner is not None:
-                    t = pruner(name, t)
-                entries.append(_write_tensor(w, name, t, extent, recipe.is_linear_weight(name)))
+                return t
+
+            def write(name: str, t: torch.Tensor, extent: str) -> None:
+                linear = recipe.is_linear_weight(name)
+                entries.append(_write_tensor(w, name, t, extent, linear))
+                if found is not None and linear:
+                    found.add(t, entries[-1])
 
             w.begin_extent("resident", "resident")
             for name in plan.resident:
-                put(name, "resident", False)
+                write(name, read(name), "resident")
             w.end_extent()
             for i, names in enumerate(plan.layers):
-                w.begin_extent(f"layer.{i}", "layer", layer=i)
-                for name in names:
-                    put(name, f"layer.{i}", True)
+                extent = f"layer.{i}"
+                w.begin_extent(extent, "layer", layer=i)
+                if layer_pruner is None:
+                    for name in names:  # one tensor in memory at a time
+                        t = read(name)
+                        write(name, pruner(name, t) if pruner is not None else t, extent)
+                else:
+                    out = layer_pruner(i, {name: read(name) for name in names})
+                    for name in names:
+                        write(name, out.pop(name), extent)  # pop: each is freed once written
                 w.end_extent()
             files = []
             blobs = ckpt.tokenizer_files()
@@ -153,7 +246,7 @@ def pack(
                 "config": ckpt.config,
                 "generation_config": ckpt.generation_config(),
                 "tied": plan.tied,
-                "prune": {"method": prune, "sparsity": sparsity if prune != "none" else None},
+                "prune": _prune_entry(prune, sparsity, layer_pruner, found),
                 "created_by": f"endor_gds {__version__}",
                 "source": {"folder": Path(src).name, "shards": [Path(s).name for s in ckpt.shards]},
                 "tensors": entries,
