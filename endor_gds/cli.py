@@ -11,7 +11,8 @@ import argparse
 import json
 import sys
 
-from . import __version__
+from . import __version__, runtime_cli
+from . import profile_io
 from .errors import EndorError
 
 __all__ = ["main", "build_parser"]
@@ -31,13 +32,11 @@ def _human(n: float) -> str:
 def cmd_pack(args) -> int:
     from .packer import pack  # noqa: PLC0415 - keep `endor-gds --help` fast
 
-    extra = {}
-    if args.prune == "wanda":
-        from .wanda import wanda_pack_kwargs  # noqa: PLC0415
-
-        extra = wanda_pack_kwargs(args)
+    # Wanda's arguments are passed only with --prune wanda; pack() rejects --calib without it.
+    wanda = dict(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
+                 calib_device=args.calib_device) if args.prune == "wanda" else {}
     report = pack(args.src, args.dst, prune=args.prune, sparsity=args.sparsity,
-                  progress=not args.quiet, **extra)
+                  progress=not args.quiet, calib=args.calib, **wanda)
     print(f"wrote {report.dst}: {_human(report.file_bytes)} from {_human(report.source_bytes)} "
           f"({report.source_bytes / max(report.file_bytes, 1):.2f}x smaller), {report.tensors} tensors, "
           f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)")
@@ -107,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib", help="wanda: calibration text file (.txt) or token ids (.ids)")
     p.add_argument("--calib-samples", type=int, default=128, help="wanda: calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="wanda: tokens per sequence")
+    p.add_argument("--calib-device", default="cpu",
+                   help="wanda: torch device holding one layer + the activations (cpu, cuda, cuda:1)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 
@@ -119,6 +120,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("verify", help="check every segment's CRC-32C (exit 1 naming bad segments)")
     p.add_argument("file")
     p.set_defaults(func=cmd_verify)
+
+    runtime_cli.register(sub)
+    profile_io.register(sub)
 
     return ap
 

@@ -1,0 +1,491 @@
+"""End-to-end comparison in one run: Accelerate offloading vs endor_gds streaming, dense and pruned.
+
+Used by ``bench/bench_e2e.py``, ``endor-gds bench`` and ``endor-gds demo``. Steps:
+
+1. build (once, cached) a random-init checkpoint from a real model config — TinyLlama-1.1B by
+   default — written shard by shard as safetensors, never holding the whole model in memory;
+2. pack it dense (no pruning) and pruned (magnitude, 50 % by default), cached too;
+3. measure ``fio``'s sequential O_DIRECT read bandwidth on the same disk (the I/O floor);
+4. generate with each variant — Hugging Face Accelerate disk offload of the checkpoint (the user's
+   setup today: embeddings, final norm and lm_head in memory, decoder layers on disk), endor_gds
+   on the dense file, endor_gds on the pruned file — evicting the page cache of every file
+   involved before every step, and time each token as the interval between consecutive forward
+   passes (eviction time excluded).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from . import defaults
+from .io import evict_page_cache
+
+__all__ = ["CONFIGS", "build_checkpoint", "packed_variants", "run_e2e", "format_report", "plot_report"]
+
+# Real model shapes (random weights: nothing can be downloaded). "tiny" is for smoke tests.
+_LLAMA = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu",
+          "max_position_embeddings": 2048, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+          "tie_word_embeddings": False, "bos_token_id": 1, "eos_token_id": 2}
+CONFIGS: dict[str, dict] = {
+    "tinyllama-1.1b": dict(_LLAMA, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                           num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "llama-2-7b": dict(_LLAMA, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                       num_attention_heads=32, num_key_value_heads=32, vocab_size=32000,
+                       rms_norm_eps=1e-5, max_position_embeddings=4096),
+    "tiny": dict(_LLAMA, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
+                 num_attention_heads=8, num_key_value_heads=4, vocab_size=1024),
+}
+DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def cache_root() -> Path:
+    return Path(os.path.expanduser(defaults.get("cache_dir")))
+
+
+# -- checkpoint and packed files -----------------------------------------------------------------
+
+
+def resolve_config(config: str) -> tuple[str, dict]:
+    """``(name, config dict)`` for a name in :data:`CONFIGS` or a path to a ``config.json``."""
+    if config in CONFIGS:
+        return config, dict(CONFIGS[config])
+    p = Path(config)
+    if p.is_file():
+        return p.parent.name or p.stem, json.loads(p.read_text())
+    raise ValueError(f"unknown model config {config!r}: give one of {', '.join(CONFIGS)} or a "
+                     f"path to a config.json")
+
+
+def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = None,
+                     shard_bytes: int = 1 << 30, seed: int = 0, progress: bool = True) -> Path:
+    """A random-init checkpoint of config ``name`` (cached), written one shard at a time.
+
+    Weights are N(0, 0.02) as transformers initialises them, norms 1, biases 0. The folder appears
+    only when complete (built under a temporary name, then renamed).
+    """
+    from safetensors.torch import save_file  # noqa: PLC0415
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    from .modeling import empty_model  # noqa: PLC0415
+
+    name, config = resolve_config(name)
+    config["torch_dtype"] = dtype
+    folder = (root or cache_root()) / "models" / f"{name}-{dtype}"
+    if (folder / "model.safetensors.index.json").is_file():
+        return folder
+    tmp = folder.with_name(folder.name + ".building")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    skeleton = empty_model(config, DTYPE_NAMES[dtype])
+    params = list(skeleton.named_parameters())  # tied parameters appear once
+    itemsize = torch.empty((), dtype=DTYPE_NAMES[dtype]).element_size()
+    total = sum(p.numel() for _, p in params) * itemsize
+    nshards = max(1, math.ceil(total / shard_bytes))
+    gen = torch.Generator().manual_seed(seed)
+    weight_map, shard, shard_size, k = {}, {}, 0, 0
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"build {name}", disable=not progress)
+
+    def flush():
+        nonlocal shard, shard_size, k
+        k += 1
+        fname = f"model-{k:05d}-of-{nshards:05d}.safetensors"
+        save_file(shard, tmp / fname, metadata={"format": "pt"})
+        weight_map.update({n: fname for n in shard})
+        shard, shard_size = {}, 0
+
+    for pname, p in params:
+        if p.dim() == 1:
+            t = torch.ones(p.shape, dtype=p.dtype) if "norm" in pname else torch.zeros(p.shape, dtype=p.dtype)
+        else:
+            t = (torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype)
+        shard[pname] = t
+        shard_size += t.nbytes
+        bar.update(t.nbytes)
+        if shard_size >= shard_bytes and k < nshards - 1:
+            flush()
+    if shard:
+        flush()
+    bar.close()
+    if k != nshards:  # keep the "-of-N" names honest
+        for old in sorted(tmp.glob("model-*.safetensors")):
+            i = int(old.name.split("-")[1])
+            new = f"model-{i:05d}-of-{k:05d}.safetensors"
+            old.rename(tmp / new)
+            weight_map = {n: (new if f == old.name else f) for n, f in weight_map.items()}
+    (tmp / "model.safetensors.index.json").write_text(json.dumps(
+        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
+    (tmp / "config.json").write_text(json.dumps(config, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return folder
+
+
+def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
+                    methods: tuple[str, ...] = ("none", "magnitude")) -> dict[str, Path]:
+    """Pack ``ckpt`` dense and pruned (cached beside it); returns ``{"dense": path, "pruned": path}``."""
+    from .layout import EndorFile  # noqa: PLC0415
+    from .packer import pack  # noqa: PLC0415
+
+    out = {}
+    for method in methods:
+        tag = "dense" if method == "none" else f"{method}{round(sparsity * 100)}"
+        path = ckpt.parent / f"{ckpt.name}-{tag}.endor"
+        fresh = path.is_file() and path.stat().st_mtime >= (ckpt / "config.json").stat().st_mtime
+        if fresh:
+            try:
+                EndorFile(path).close()
+            except Exception:  # noqa: BLE001 - a stale or damaged cache entry is rebuilt
+                fresh = False
+        if not fresh:
+            pack(ckpt, path, prune=method, sparsity=sparsity, progress=progress)
+        out["dense" if method == "none" else "pruned"] = path
+    return out
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+class StepTimer:
+    """Forward hooks on a whole model: evict the page cache of ``files``, then time the step."""
+
+    def __init__(self, model: torch.nn.Module, files: list[str], cold: bool = True):
+        self.files, self.cold = files, cold
+        self.starts: list[float] = []
+        self.ends: list[float] = []
+        self.evict_s: list[float] = []
+        self._hooks = [model.register_forward_pre_hook(self._pre, prepend=True),
+                       model.register_forward_hook(self._post)]
+
+    def _pre(self, module, args):
+        t0 = time.perf_counter()
+        if self.cold:
+            for f in self.files:
+                evict_page_cache(f, sync=False)
+        now = time.perf_counter()
+        self.evict_s.append(now - t0)
+        self.starts.append(now)
+
+    def _post(self, module, args, output):
+        self.ends.append(time.perf_counter())
+
+    def token_seconds(self) -> list[float]:
+        """Seconds per generated token: forward start to the next forward start (prefill excluded)."""
+        n = len(self.starts)
+        out = [self.starts[i + 1] - self.starts[i] - self.evict_s[i + 1] for i in range(1, n - 1)]
+        if n >= 2:
+            out.append(self.ends[n - 1] - self.starts[n - 1])
+        return out
+
+    def remove(self) -> None:
+        for h in self._hooks:
+            h.remove()
+
+
+@dataclass
+class VariantResult:
+    name: str
+    kind: str  # "accelerate" | "endor"
+    file_bytes: int
+    bytes_per_token: float
+    token_s: list[float] = field(default_factory=list)
+    stats: dict | None = None  # endor_gds runtime summary (per-stage times, overlap, mode)
+
+    @property
+    def s_per_token_median(self) -> float:
+        return statistics.median(self.token_s) if self.token_s else float("nan")
+
+    def as_dict(self) -> dict:
+        ts = self.token_s
+        return dict(asdict(self), s_per_token_median=self.s_per_token_median,
+                    s_per_token_min=min(ts) if ts else None, s_per_token_max=max(ts) if ts else None,
+                    gbps=self.bytes_per_token / self.s_per_token_median / 1e9 if ts else None)
+
+
+def _generate(model, prompt: torch.Tensor, tokens: int) -> None:
+    with torch.no_grad():
+        model.generate(prompt, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                       pad_token_id=0)
+
+
+def _offload_map(model: torch.nn.Module, layers_path: str, compute, layer_place) -> dict:
+    """Accelerate device_map: the decoder layers on ``layer_place``, every other module on ``compute``."""
+    dm = {}
+
+    def walk(module, prefix):
+        for name, child in module.named_children():
+            path = f"{prefix}{name}"
+            if path == layers_path:
+                for i in range(len(child)):
+                    dm[f"{path}.{i}"] = layer_place
+            elif layers_path.startswith(path + "."):
+                walk(child, path + ".")
+            else:
+                dm[path] = compute
+
+    walk(model, "")
+    return dm
+
+
+def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: int,
+                       place: str = "disk", cold: bool = True) -> VariantResult:
+    """Accelerate offloading of the checkpoint, set up as a user would with ``device_map``."""
+    import tempfile  # noqa: PLC0415
+
+    import transformers  # noqa: PLC0415
+
+    from .modeling import empty_model  # noqa: PLC0415
+    from .recipes import recipe_for  # noqa: PLC0415
+
+    config = json.loads((ckpt / "config.json").read_text())
+    recipe = recipe_for(config)
+    dtype = DTYPE_NAMES[config.get("torch_dtype", "float16")]
+    compute = 0 if device.startswith("cuda") else "cpu"
+    dm = _offload_map(empty_model(config, dtype), recipe.layers, compute, place)
+    shards = sorted(str(p) for p in ckpt.glob("*.safetensors"))
+    layer_bytes = _layer_bytes(ckpt, recipe)
+    with tempfile.TemporaryDirectory(prefix="endor-acc-offload-") as off:
+        model = transformers.AutoModelForCausalLM.from_pretrained(
+            ckpt, device_map=dm, offload_folder=off, dtype=dtype)
+        model.eval()
+        files = shards + [str(p) for p in Path(off).rglob("*") if p.is_file()]
+        timer = StepTimer(model, files, cold=cold and place == "disk")
+        _generate(model, prompt.to(model.device), tokens)
+        timer.remove()
+        del model
+    return VariantResult(f"accelerate-{place}", "accelerate", sum(os.path.getsize(s) for s in shards),
+                         layer_bytes, timer.token_seconds())
+
+
+def _layer_bytes(ckpt: Path, recipe) -> int:
+    from .checkpoint import Checkpoint  # noqa: PLC0415
+
+    c = Checkpoint(ckpt)
+    return sum(t.nbytes for n, t in c.tensors.items() if recipe.layer_of(n) is not None)
+
+
+def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, tokens: int,
+                  tier: str = "ssd", cold: bool = True, **kwargs) -> VariantResult:
+    from .runtime import from_pretrained  # noqa: PLC0415
+
+    model = from_pretrained(path, device=device, tier=tier, **kwargs)
+    rt = model.endor
+    try:
+        timer = StepTimer(model, [str(path)], cold=cold and tier == "ssd")
+        _generate(model, prompt.to(rt.device), tokens)
+        timer.remove()
+        summary = rt.summary()
+    finally:
+        rt.close()
+    summary.pop("step_stats", None)
+    return VariantResult(name, "endor", os.path.getsize(path), summary["per_token"]["bytes_read"],
+                         timer.token_seconds(), summary)
+
+
+# -- the whole comparison ------------------------------------------------------------------------
+
+
+def _fio_gbps(path: Path, log) -> tuple[float | None, str]:
+    from . import profile_io  # noqa: PLC0415
+
+    fio = shutil.which("fio")
+    if fio is None:
+        return None, "fio not installed"
+    size = os.path.getsize(path) // (4 << 20) * (4 << 20)
+    best, how = None, ""
+    for engine, threads in (("libaio", 16), ("psync", defaults.get("io_threads"))):
+        try:
+            evict_page_cache(path)
+            g = profile_io.run_fio(fio, str(path), size, 4 << 20, threads, engine)
+        except Exception as exc:  # noqa: BLE001 - report and try the other engine
+            log(f"fio {engine} failed: {exc}")
+            continue
+        if best is None or g > best:
+            best, how = g, f"fio {engine}, bs=4MiB, {'iodepth' if engine == 'libaio' else 'numjobs'}={threads}"
+    return best, how
+
+
+def system_header(device: str) -> dict:
+    gpu = None
+    if device.startswith("cuda") and torch.cuda.is_available():
+        gpu = torch.cuda.get_device_name(torch.device(device))
+    return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
+            "python": platform.python_version()}
+
+
+def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity: float = 0.5,
+            tokens: int = 8, prompt_len: int = 16, device: str = "cpu", tiers=("ssd",),
+            accelerate: bool = True, cold: bool = True, root: Path | None = None,
+            progress: bool = True, log=print) -> dict:
+    """Build, pack, measure every variant, and return the report (see ``bench_e2e.py --json``)."""
+    ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
+    files = packed_variants(ckpt, sparsity, progress=progress)
+    fio_gbps, fio_how = _fio_gbps(files["dense"], log)
+    gen = torch.Generator().manual_seed(0)
+    vocab = resolve_config(config)[1]["vocab_size"]
+    prompt = torch.randint(3, vocab, (1, prompt_len), generator=gen)
+    variants: list[VariantResult] = []
+    for tier in tiers:
+        if accelerate:
+            log(f"measuring accelerate ({'disk' if tier == 'ssd' else 'cpu'} offload) ...")
+            variants.append(measure_accelerate(ckpt, device, prompt, tokens,
+                                               place="disk" if tier == "ssd" else "cpu", cold=cold))
+        for kind in ("dense", "pruned"):
+            name = f"endor-{kind}" + ("" if tier == "ssd" else "-ram")
+            log(f"measuring {name} ...")
+            variants.append(measure_endor(files[kind], name, device, prompt, tokens, tier=tier,
+                                          cold=cold))
+    return make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how, files,
+                       variants)
+
+
+def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how, files,
+                variants: list[VariantResult]) -> dict:
+    by = {v.name: v for v in variants}
+    rep = {
+        "system": system_header(device),
+        "config": config, "dtype": dtype, "sparsity": sparsity, "device": device,
+        "tokens": tokens, "cache": "cold (page cache evicted before every step)" if cold else "warm",
+        "fio_gbps": fio_gbps, "fio": fio_how,
+        "files": {k: {"path": str(p), "bytes": os.path.getsize(p)} for k, p in files.items()},
+        "variants": [v.as_dict() for v in variants],
+    }
+    dense, pruned, acc = by.get("endor-dense"), by.get("endor-pruned"), by.get("accelerate-disk")
+    ratio = lambda a, b: (a.s_per_token_median / b.s_per_token_median) if a and b else None  # noqa: E731
+    rep["speedup_vs_accelerate"] = ratio(acc, pruned)
+    rep["speedup_vs_dense"] = ratio(dense, pruned)
+    rep["byte_ratio"] = dense.bytes_per_token / pruned.bytes_per_token if dense and pruned else None
+    rep["floor_s"] = pruned.bytes_per_token / (fio_gbps * 1e9) if pruned and fio_gbps else None
+    rep["time_over_floor"] = pruned.s_per_token_median / rep["floor_s"] if rep["floor_s"] else None
+    if by.get("endor-pruned-ram") and by.get("accelerate-cpu"):
+        rep["speedup_vs_accelerate_ram"] = ratio(by["accelerate-cpu"], by["endor-pruned-ram"])
+    rep["targets"] = {
+        "speedup_vs_accelerate >= 2.5": _ok(rep["speedup_vs_accelerate"], lambda x: x >= 2.5),
+        "speedup_vs_dense >= 0.95 * byte_ratio": _ok(
+            rep["speedup_vs_dense"], lambda x: rep["byte_ratio"] is not None and x >= 0.95 * rep["byte_ratio"]),
+        "time_over_floor <= 1.10": _ok(rep["time_over_floor"], lambda x: x <= 1.10),
+    }
+    return rep
+
+
+def _ok(value, test):
+    return None if value is None else bool(test(value))
+
+
+def format_report(rep: dict) -> str:
+    s = rep["system"]
+    lines = [
+        f"endor_gds end-to-end: {rep['config']} {rep['dtype']}, device {rep['device']}, "
+        f"{rep['tokens']} tokens, {rep['cache']}",
+        f"machine {s['machine']} ({s['cpus']} CPUs{', GPU ' + s['gpu'] if s['gpu'] else ', no GPU'}), "
+        f"torch {s['torch']}",
+        f"storage: {rep['fio_gbps']:.2f} GB/s ({rep['fio']})" if rep["fio_gbps"] else "storage: fio unavailable",
+        "",
+        f"{'variant':<22} {'s/token':>9} {'(min-max)':>17} {'MB/token':>9} {'GB/s':>6} {'overlap':>8} {'mode':>14}",
+    ]
+    for v in rep["variants"]:
+        st = v.get("stats") or {}
+        ov = st.get("per_token", {}).get("overlap")
+        lines.append(
+            f"{v['name']:<22} {v['s_per_token_median']:>9.3f} "
+            f"{'(' + format(v['s_per_token_min'] or 0, '.3f') + '-' + format(v['s_per_token_max'] or 0, '.3f') + ')':>17} "
+            f"{v['bytes_per_token'] / 1e6:>9.1f} {v['gbps'] or 0:>6.2f} "
+            f"{(format(ov * 100, '.0f') + ' %') if ov is not None else '-':>8} {st.get('reader_mode', '-'):>14}")
+    lines.append("")
+    fmt = lambda x, f=".2f": "n/a" if x is None else format(x, f)  # noqa: E731
+    lines.append(f"pruned vs accelerate: {fmt(rep['speedup_vs_accelerate'])}x   "
+                 f"pruned vs dense: {fmt(rep['speedup_vs_dense'])}x (byte ratio {fmt(rep['byte_ratio'])})   "
+                 f"time / I/O floor: {fmt(rep['time_over_floor'])}")
+    if rep.get("speedup_vs_accelerate_ram") is not None:
+        lines.append(f"RAM tier: pruned vs accelerate cpu offload: {fmt(rep['speedup_vs_accelerate_ram'])}x")
+    for name, ok in rep["targets"].items():
+        lines.append(f"  target {name}: {'met' if ok else ('MISSED' if ok is False else 'n/a')}")
+    return "\n".join(lines)
+
+
+def plot_report(rep: dict, out_png: str) -> None:
+    import matplotlib  # noqa: PLC0415
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+
+    names = [v["name"] for v in rep["variants"]]
+    med = [v["s_per_token_median"] for v in rep["variants"]]
+    lo = [m - (v["s_per_token_min"] or m) for m, v in zip(med, rep["variants"])]
+    hi = [(v["s_per_token_max"] or m) - m for m, v in zip(med, rep["variants"])]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    ax.bar(names, med, yerr=[lo, hi], capsize=4, color=["#999" if "acc" in n else "#2a7" for n in names])
+    if rep.get("floor_s"):
+        ax.axhline(rep["floor_s"], ls="--", color="k", lw=1, label="I/O floor (pruned bytes / fio)")
+        ax.legend()
+    ax.set_ylabel("seconds per token")
+    ax.set_title(f"{rep['config']} {rep['dtype']} on {rep['device']} ({rep['system']['machine']})")
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=120)
+    plt.close(fig)
+
+
+# -- command line (bench/bench_e2e.py, endor-gds bench, endor-gds demo) -------------------------
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--config", default="tinyllama-1.1b",
+                   help=f"model shape: {', '.join(CONFIGS)}, or a path to a config.json")
+    p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="float16")
+    p.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of the pruned variant")
+    p.add_argument("--tokens", type=int, default=8, help="tokens generated per variant")
+    p.add_argument("--prompt-len", type=int, default=16)
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--tiers", default=None,
+                   help="comma list of ssd,ram (default: ssd on cpu, ssd,ram on cuda)")
+    p.add_argument("--no-accelerate", action="store_true", help="skip the Accelerate baseline")
+    p.add_argument("--warm", action="store_true", help="do not evict the page cache before steps")
+    p.add_argument("--cache-dir", default=None, help="where checkpoints and packed files are kept "
+                   "(default: ENDOR_CACHE_DIR, ~/.cache/endor_gds)")
+    p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
+                   help="write the report as JSON to OUT (or stdout)")
+    p.add_argument("--plot", default=None, metavar="OUT.png", help="bar chart of seconds per token")
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars")
+
+
+def run_from_args(args) -> int:
+    import sys  # noqa: PLC0415
+
+    tiers = tuple(args.tiers.split(",")) if args.tiers else \
+        (("ssd", "ram") if args.device.startswith("cuda") else ("ssd",))
+    to_stdout = args.json == "-"
+    log = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
+    rep = run_e2e(args.config, args.dtype, sparsity=args.sparsity, tokens=args.tokens,
+                  prompt_len=args.prompt_len, device=args.device, tiers=tiers,
+                  accelerate=not args.no_accelerate, cold=not args.warm,
+                  root=Path(args.cache_dir) if args.cache_dir else None,
+                  progress=not args.quiet, log=log)
+    print(format_report(rep), file=sys.stderr if to_stdout else sys.stdout)
+    if args.json:
+        text = json.dumps(rep, indent=1)
+        if to_stdout:
+            print(text)
+        else:
+            Path(args.json).write_text(text)
+    if args.plot:
+        plot_report(rep, args.plot)
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="end-to-end: Accelerate offloading vs streaming dense and pruned")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args)
+    p = sub.add_parser("demo", help="build a TinyLlama-shaped model, pack it, stream it vs Accelerate")
+    add_arguments(p)
+    p.set_defaults(func=run_from_args, tokens=4)
