@@ -17,6 +17,7 @@ __version__ = "0.1.0"
 from . import defaults  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,
+    CalibrationError,
     ChecksumError,
     DecodeError,
     EndorError,
@@ -52,5 +53,6 @@ __all__ = [
     "PackError",
     "UnsupportedModelError",
     "BudgetError",
+    "CalibrationError",
     "MissingDependencyError",
 ]

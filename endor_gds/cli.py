@@ -11,8 +11,7 @@ import argparse
 import json
 import sys
 
-from . import __version__, runtime_cli
-from . import profile_io
+from . import __version__, e2e, profile_io, runtime_cli
 from .errors import EndorError
 
 __all__ = ["main", "build_parser"]
@@ -57,6 +56,10 @@ def cmd_inspect(args) -> int:
     prune = s.get("prune") or {}
     if prune.get("method") not in (None, "none"):
         print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
+    elif (prune.get("detected_sparsity") or 0) >= 0.01:
+        lo, hi = prune.get("detected_sparsity_range") or (None, None)
+        print(f"already pruned checkpoint: measured sparsity {prune['detected_sparsity']:.3f} of the "
+              f"linear weights (per tensor {lo:.3f}..{hi:.3f}); --tensors lists each one")
     if s["resident"]:
         print(f"resident extent: {s['resident']['tensors']} tensors, {_human(s['resident']['length'])}")
     print(f"{'layer':>5} {'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")
@@ -94,7 +97,9 @@ def cmd_verify(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="endor-gds", description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(
+        prog="endor-gds",
+        description="Pack checkpoints into .endor files and run them with layers streamed from storage.")
     ap.add_argument("--version", action="version", version=f"endor_gds {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
 
@@ -123,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     runtime_cli.register(sub)
     profile_io.register(sub)
+    e2e.register(sub)  # bench and demo
 
     return ap
 

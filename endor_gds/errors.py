@@ -17,6 +17,7 @@ __all__ = [
     "UnsupportedModelError",
     "BudgetError",
     "MissingDependencyError",
+    "CalibrationError",
 ]
 
 
@@ -62,3 +63,7 @@ class BudgetError(EndorError):
 
 class MissingDependencyError(EndorError, ImportError):
     """An optional package (cupy, kvikio, nvidia-ml-py, accelerate, ...) is needed and absent."""
+
+
+class CalibrationError(EndorError, ValueError):
+    """Wanda's calibration input (file, token ids, sample count or length) cannot be used."""

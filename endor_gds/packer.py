@@ -30,12 +30,11 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .checkpoint import Checkpoint
-from .errors import EndorError, PackError
+from .errors import CalibrationError, PackError, ReadError
 from .format import TILE_ELEMS, bits_view, choose_encoding, dtype_of, encode_bitmap
 from .layout import FORMAT_VERSION, Writer
 from .prune import magnitude_prune
 from .recipes import recipe_for
-from .wanda import CalibrationError
 
 __all__ = ["pack", "PackReport", "PRUNE_METHODS", "LayerPruner"]
 
@@ -196,6 +195,7 @@ def pack(
     found = _ZeroCount() if prune == "none" else None
 
     entries: list[dict] = []
+    replaced = False
     bar = tqdm(total=ckpt.nbytes(), unit="B", unit_scale=True, desc=f"pack {dst.name}",
                disable=not progress)
     try:
@@ -258,14 +258,23 @@ def pack(
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, dst)
+        replaced = True
         _fsync_dir(dst.parent)
     except BaseException as exc:
         bar.close()
+        if replaced:  # the whole new file is in place; only the folder's sync failed
+            if isinstance(exc, OSError):
+                raise PackError(
+                    f"{dst} was written whole, but syncing its folder failed ({exc}): after a power "
+                    f"loss the old file may reappear; check with `endor-gds verify {dst}`") from exc
+            raise
         try:
             tmp.unlink()
         except FileNotFoundError:
             pass
-        if isinstance(exc, OSError) and not isinstance(exc, EndorError):
+        # Disk errors on either side (writing dst, or reading the source after retries) say the
+        # same thing: this pack failed and left nothing behind.
+        if isinstance(exc, (OSError, ReadError)):
             raise PackError(
                 f"packing {src} into {dst} failed: {exc}. Nothing was written at {dst}; the source "
                 f"is untouched"

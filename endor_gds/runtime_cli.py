@@ -23,16 +23,25 @@ def load_tokenizer(ef, tokenizer_dir: str | None):
         return transformers.AutoTokenizer.from_pretrained(tmp)
 
 
+class PromptError(ValueError):
+    """The prompt cannot be turned into token ids."""
+
+
 def _prompt_ids(prompt: str, tokenizer):
     import torch  # noqa: PLC0415
 
     if tokenizer is not None:
-        return tokenizer(prompt, return_tensors="pt")
+        enc = tokenizer(prompt, return_tensors="pt")
+        if enc["input_ids"].shape[1] == 0:
+            raise PromptError(f"the tokenizer turned the prompt {prompt!r} into no tokens")
+        return enc
     try:
         ids = [int(tok) for tok in prompt.split()]
     except ValueError:
-        raise SystemExit("this file embeds no tokenizer: give --tokenizer DIR, or a prompt of "
-                         "whitespace-separated token ids") from None
+        raise PromptError("this file embeds no tokenizer: give --tokenizer DIR, or a prompt of "
+                          "whitespace-separated token ids") from None
+    if not ids:
+        raise PromptError("the prompt is empty")
     return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
 
 
@@ -60,7 +69,11 @@ def cmd_run(args) -> int:
     rt = model.endor
     try:
         tokenizer = load_tokenizer(rt.file, args.tokenizer)
-        inputs = {k: v.to(rt.device) for k, v in _prompt_ids(args.prompt, tokenizer).items()}
+        try:
+            inputs = {k: v.to(rt.device) for k, v in _prompt_ids(args.prompt, tokenizer).items()}
+        except PromptError as exc:
+            print(f"endor-gds run: {exc}", file=sys.stderr)
+            return 2
         gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
         if args.do_sample:
             gen.update(temperature=args.temperature, top_p=args.top_p)

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .checkpoint import TOKENIZER_FILES
-from .errors import EndorError, UnsupportedModelError
+from .errors import CalibrationError, UnsupportedModelError
 from .format import dtype_of
 from .modeling import empty_model, get_submodule, set_tensor
 from .prune import wanda_prune
@@ -61,10 +61,6 @@ __all__ = ["CalibrationError", "Calibration", "load_calibration", "WandaPruner"]
 # Squared norms are accumulated over blocks of at most this many activation elements, so the
 # float64 copy of a block stays at 32 MB whatever the sequence length and layer width.
 _NORM_BLOCK_ELEMS = 1 << 22
-
-
-class CalibrationError(EndorError, ValueError):
-    """The calibration input (file, token ids, sample count or length) cannot be used."""
 
 
 @dataclass(frozen=True)

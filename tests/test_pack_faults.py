@@ -183,9 +183,6 @@ def test_faults_in_fsync_rename_and_create(src, tmp_path, monkeypatch, good_byte
     _assert_clean(tmp_path, dst, good_bytes, existing, src, src_before)
 
 
-@pytest.mark.xfail(strict=True, reason="packer.py: when fsync of the folder fails after os.replace, "
-                                       "the new file is already in place but the PackError says "
-                                       "'Nothing was written'; reported in issue 7, not fixed here")
 def test_folder_fsync_failure_after_rename_is_reported_truthfully(src, tmp_path, monkeypatch, good_bytes):
     dst = _setup_dst(tmp_path, good_bytes, True)
     real = os.fsync
@@ -205,7 +202,7 @@ def test_folder_fsync_failure_after_rename_is_reported_truthfully(src, tmp_path,
         assert not list(f.verify())
         replaced = f.manifest["prune"]["method"] == "none"
     assert replaced, "the new file is at the destination"
-    assert "Nothing was written" not in str(info.value)  # fails today: the message says so
+    assert "Nothing was written" not in str(info.value) and "written whole" in str(info.value)
 
 
 def _src_read_faults(monkeypatch, src: Path, failures: int):
@@ -241,8 +238,6 @@ def test_failing_source_reads(src, tmp_path, monkeypatch, good_bytes, existing):
     _assert_clean(tmp_path, dst, good_bytes, existing, src, src_before)
 
 
-@pytest.mark.xfail(strict=True, reason="packer.py re-raises a source ReadError as is, not as the "
-                                       "PackError issue 7 asks for; reported, not fixed here")
 def test_failing_source_reads_are_a_pack_error(src, tmp_path, monkeypatch):
     _src_read_faults(monkeypatch, src, failures=10**9)
     with pytest.raises(PackError, match="Input/output error.*Nothing was written"):

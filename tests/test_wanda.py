@@ -482,6 +482,25 @@ def test_already_pruned_checkpoint_detected(tmp_path, capsys):
     line = next(ln for ln in capsys.readouterr().out.splitlines()
                 if ln.startswith("model.layers.1.mlp.up_proj.weight"))
     assert "bitmap" in line and " 0.500 " in line
+    assert cli_main(["inspect", str(dst)]) == 0
+    assert "already pruned checkpoint: measured sparsity 0.500" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_wanda_file_streams_bit_identically(wanda_packed, family):
+    """The Wanda-pruned file through the streaming runtime = the same pruned model in memory."""
+    from test_runtime import PROMPT, reference_model
+
+    path = wanda_packed(family)
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        ref = reference_model(path)
+        with torch.no_grad():
+            assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
+            assert torch.equal(model.generate(PROMPT, max_new_tokens=6, do_sample=False, pad_token_id=0),
+                               ref.generate(PROMPT, max_new_tokens=6, do_sample=False, pad_token_id=0))
+    finally:
+        model.endor.close()
 
 
 def test_unpruned_checkpoint_reports_no_sparsity(packed):
