@@ -14,6 +14,17 @@ already in flight.
 
 __version__ = "0.1.0"
 
+import os as _os  # noqa: E402
+import sys as _sys  # noqa: E402
+
+if "torch" not in _sys.modules:
+    # On the CPU the streaming runtime decodes the next layer on its own threads while torch
+    # computes the current one. OpenMP's default is to keep idle pool threads spinning after each
+    # parallel region, which takes the cores the decoder needs (TinyLlama 50 % on 2 cores: 0.78 s
+    # per token spinning, 0.61 s passive; docs/performance.md). OpenMP reads this once, when torch
+    # loads it, so it is set here, before that; a value the user chose is kept.
+    _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 from . import defaults  # noqa: E402
 from .errors import (  # noqa: E402
     BudgetError,

@@ -33,6 +33,22 @@ def test_bit_exact_against_reference(decoder, rng, n, itemsize, density):
     np.testing.assert_array_equal(out, ref)
 
 
+@pytest.mark.parametrize("itemsize", [2, 4])
+@pytest.mark.parametrize("shift", [0, 1, 3])
+def test_misaligned_output(decoder, rng, itemsize, shift):
+    """Aligned outputs take the streaming-store path, others the ordinary one: same bits."""
+    n = 3 * 4096 + 77
+    bits = random_bits(rng, n, itemsize, 0.5)
+    enc = encode_bitmap(bits)
+    backing = _poisoned(n + 8, bits.dtype)
+    out = backing[shift:shift + n]
+    assert (out.ctypes.data % 16 == 0) == (shift == 0 and backing.ctypes.data % 16 == 0)
+    decoder.decode([(enc.bitmap, enc.values, enc.tile_offsets, out)])
+    np.testing.assert_array_equal(out, bits)
+    assert (backing[:shift] == np.iinfo(bits.dtype).max).all()  # nothing written outside out
+    assert (backing[shift + n:] == np.iinfo(bits.dtype).max).all()
+
+
 def test_many_tensors_in_one_call(decoder, rng):
     items, refs = [], []
     for n, itemsize in [(5000, 2), (33, 4), (70_000, 2), (1, 2), (4097, 4)]:
