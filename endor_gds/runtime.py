@@ -303,6 +303,9 @@ class StreamingRuntime:
         self._t_step = time.perf_counter()
 
     def _step_end(self, module, args, output):
+        # A GPU decode error of any layer of this step is raised here, so the step's output is
+        # never returned (see CudaBackend: error words are read once per step, not per layer).
+        self.backend.check_decodes()
         if self._step is not None:
             self._step.wall_s = time.perf_counter() - self._t_step
             self.steps.append(self._step)
