@@ -105,8 +105,8 @@ _OPTIONS: dict[str, Option] = {
     o.name: o
     for o in [
         Option("io", "ENDOR_IO", "auto", _choice(IO_MODES),
-               "reader backend: auto picks kvikio for GPU destinations when it loads, else "
-               "posix-direct, else posix-buffered"),
+               "reader backend: auto picks kvikio for GPU destinations when the file gets GDS, "
+               "else posix-direct (pinned memory + async copy on a GPU), else posix-buffered"),
         Option("compat_mode", "ENDOR_COMPAT_MODE", "auto", _choice(COMPAT_MODES),
                "KvikIO compat mode: auto lets KvikIO choose GDS or its POSIX fallback; on forces "
                "the fallback, off requires GDS"),

@@ -506,6 +506,24 @@ class _FakeKvikio(types.ModuleType):
                 get=lambda key: {"is_gds_available": nvidia_fs}[key])
 
 
+@pytest.mark.parametrize("cufile_loads,nvidia_fs,expect", [
+    (True, True, ("gds", "cuFile with nvidia-fs")),
+    (True, None, ("gds", "nvidia-fs state unknown")),
+    (True, False, ("posix-direct", "auto: KvikIO would run in compat mode (cuFile without")),
+    (False, False, ("posix-direct", "auto: KvikIO would run in compat mode (cuFile unavailable")),
+])
+def test_auto_on_a_gpu_takes_kvikio_only_for_gds(data_file, monkeypatch, cufile_loads, nvidia_fs,
+                                                 expect):
+    path, data = data_file
+    fake = _FakeKvikio(cufile_loads=cufile_loads, nvidia_fs=nvidia_fs)
+    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
+    with eio.open_reader(path, mode="auto", device="cuda") as r:
+        assert r.mode == expect[0] and expect[1] in r.mode_reason, (r.mode, r.mode_reason)
+        buf = eio.aligned_empty(2 * A)
+        assert r.read((A, 2 * A), buf) == 2 * A
+    assert np.array_equal(buf, data[A:3 * A])
+
+
 @pytest.mark.parametrize("cufile_loads,nvidia_fs,compat,o_direct,expect", [
     (False, False, "auto", True, ("kvikio-compat", "cuFile unavailable")),
     (True, False, "auto", True, ("kvikio-compat", "without the nvidia-fs driver")),
@@ -632,3 +650,26 @@ def test_evict_page_cache_really_evicts(tmp_path):
     after = eio.page_cache_fraction(path)
     assert before is not None and after is not None
     assert before > 0.9 and after < 0.1, (before, after)
+
+
+def test_evict_page_cache_pages_out_own_mappings(tmp_path):
+    """A file this process has mapped (safetensors, Accelerate's disk offload) keeps its pages
+    under DONTNEED alone; ``mapped=True`` pages the mapping out, and the data reads back intact."""
+    import mmap  # noqa: PLC0415
+
+    path = tmp_path / "mapped.bin"
+    data = os.urandom(2 << 20)
+    path.write_bytes(data)
+    if _fs_type(path) in ("tmpfs", "ramfs", "overlay", ""):
+        pytest.skip(f"{_fs_type(path) or 'unknown'} file system: pages cannot be evicted")
+    with open(path, "rb") as f:
+        m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    try:
+        assert m[:] == data  # faults every page in through the mapping
+        eio.evict_page_cache(path)
+        assert eio.page_cache_fraction(path) > 0.9  # mapped pages survive DONTNEED
+        eio.evict_page_cache(path, mapped=True)
+        assert eio.page_cache_fraction(path) < 0.1
+        assert m[:] == data  # paged out, not lost
+    finally:
+        m.close()

@@ -47,7 +47,7 @@ def test_cuda_bit_identical_to_in_memory_model(packed, gpu_refs, family):
     model = endor_gds.from_pretrained(path, device=DEV)
     try:
         assert model.endor.device.type == "cuda"
-        assert model.endor.mode in ("gds", "kvikio-compat"), model.endor.mode  # AUTO picks KvikIO
+        assert model.endor.mode in ("gds", "posix-direct"), model.endor.mode  # AUTO: no compat mode
         _assert_same(model, gpu_refs(path))
     finally:
         model.endor.close()
