@@ -531,7 +531,7 @@ def add_arguments(p) -> None:
     p.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of the pruned variant")
     p.add_argument("--tokens", type=int, default=8, help="tokens generated per variant")
     p.add_argument("--prompt-len", type=int, default=16)
-    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N")
     p.add_argument("--tiers", default=None,
                    help="comma list of ssd,ram (default: ssd on cpu, ssd,ram on cuda)")
     p.add_argument("--rounds", type=int, default=1,
@@ -549,6 +549,8 @@ def add_arguments(p) -> None:
 def run_from_args(args) -> int:
     import sys  # noqa: PLC0415
 
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
     tiers = tuple(args.tiers.split(",")) if args.tiers else \
         (("ssd", "ram") if args.device.startswith("cuda") else ("ssd",))
     to_stdout = args.json == "-"

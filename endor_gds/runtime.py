@@ -340,6 +340,7 @@ class StreamingRuntime:
             "file": self.file.path,
             "device": str(self.device),
             "reader_mode": self.mode,
+            "reader_reason": self.reader.mode_reason,  # why this mode (e.g. why not GDS)
             "tier": self.tier,
             "prefetch_depth": self.depth,
             "resident_layers": self.placement.resident_layers,
