@@ -204,3 +204,19 @@ def test_telemetry_samples(monkeypatch):
     assert summary["mem_used_bytes_max"] == 123 * MiB and summary["sm_clock_mhz_max"] == 1980
     assert len(s.as_records()) == summary["samples"]
     assert fake.live == 0
+
+
+def test_bench_io_smoke(tmp_path):
+    """bench/bench_io.py (the profiler under the benchmarks folder) runs end to end at a tiny size."""
+    import subprocess  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    script = Path(__file__).resolve().parent.parent / "bench" / "bench_io.py"
+    out = tmp_path / "io.json"
+    r = subprocess.run([sys.executable, str(script), str(tmp_path), "--size", "8MiB", "--threads", "1,2",
+                        "--chunk", "1MiB", "--repeats", "1", "--no-fio", "--modes", "posix-direct",
+                        "--json", str(out), "--quiet"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rep = json.loads(out.read_text())
+    best = rep["best"]["posix-direct"]
+    assert best["gbps_median"] > 0 and best["threads"] in (1, 2) and best["chunk_bytes"] == 1 << 20
