@@ -141,6 +141,11 @@ class Streams:
     escape_positions: np.ndarray  # uint16, escapes
     escape_values: np.ndarray  # element bit patterns, escapes
 
+    @property
+    def nnz(self) -> int:
+        """The number of values, from the residuals stream (``residual_bytes`` each)."""
+        return self.residuals.size // self.params.layout.residual_bytes
+
     def segments(self) -> dict[str, np.ndarray]:
         return {k: getattr(self, k) for k in STREAM_KINDS}
 
