@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from .cpu_decode import CpuDecoder
+from .expdict import Streams
 from .io import Reader, aligned_empty
 from .pipeline import LayerPlan, staging_views
 
@@ -55,11 +56,9 @@ class RamImage:
         return self.buffer[start:start + plan.length]
 
 
-def _bitmap_parts(staging, slot):
-    """(bitmap, values, tile_offsets) byte ranges of a bitmap slot inside its staging buffer."""
-    e = slot.entry
-    return tuple(staging[slot.segments[k]:slot.segments[k] + e.segments[k].nbytes]
-                 for k in ("bitmap", "values", "tile_offsets"))
+def _segment_bytes(staging, slot) -> dict:
+    """Every segment of a slot as a byte range of its staging buffer (kind -> view, no copy)."""
+    return {k: staging[off:off + slot.entry.segments[k].nbytes] for k, off in slot.segments.items()}
 
 
 class CpuBackend:
@@ -91,9 +90,11 @@ class CpuBackend:
             if slot.arena_offset is None:
                 continue
             e = slot.entry
-            bitmap, values, offs = _bitmap_parts(staging, slot)
+            segs = _segment_bytes(staging, slot)
+            values = segs["values"].view(e.dtype.bits) if e.expdict is None else \
+                Streams.from_bytes(e.expdict, segs)
             out = arena[slot.arena_offset:slot.arena_offset + e.dense_nbytes]
-            items.append((bitmap.view("<u4"), values.view(e.dtype.bits), offs.view("<u4"),
+            items.append((segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4"),
                           out.view(e.dtype.bits)))
             labels.append(f"layer {plan.index}: {e.name}")
         return items, labels

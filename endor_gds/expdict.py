@@ -141,6 +141,13 @@ class Streams:
     escape_positions: np.ndarray  # uint16, escapes
     escape_values: np.ndarray  # element bit patterns, escapes
 
+    @classmethod
+    def from_bytes(cls, params: ExpDict, segs: dict) -> Streams:
+        """Streams over the raw bytes of a tensor's segments (kind -> uint8 array), no copies."""
+        return cls(params, segs["residuals"], segs["codes"], segs["escape_offsets"].view("<u4"),
+                   segs["escape_positions"].view("<u2"),
+                   segs["escape_values"].view(params.layout.bits))
+
     @property
     def nnz(self) -> int:
         """The number of values, from the residuals stream (``residual_bytes`` each)."""

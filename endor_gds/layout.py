@@ -581,17 +581,11 @@ class EndorFile:
             self._tile_offsets[entry.name] = cached
         return cached
 
-    def streams(self, entry: TensorEntry, segs: dict[str, np.ndarray]) -> Streams:
-        """An expdict tensor's streams over its segments' bytes ``segs`` (kind -> uint8 array)."""
-        return Streams(entry.expdict, segs["residuals"], segs["codes"],
-                       segs["escape_offsets"].view("<u4"), segs["escape_positions"].view("<u2"),
-                       segs["escape_values"].view(entry.dtype.bits))
-
     def _check_escapes(self, entry: TensorEntry) -> None:
         """Escape offsets and positions of an expdict tensor, checked at open (DecodeError)."""
         segs = {k: self.read_segment(entry.segments[k], label=f"{entry.name}:{k}")
                 for k in STREAM_KINDS}
-        check_escapes(self.streams(entry, segs), self.tile_offsets(entry.name),
+        check_escapes(Streams.from_bytes(entry.expdict, segs), self.tile_offsets(entry.name),
                       f"{self.path}: tensor {entry.name}")
 
     def read_tensor_bits(self, name: str, *, verify: bool | None = None) -> np.ndarray:
@@ -609,7 +603,8 @@ class EndorFile:
         if entry.expdict is None:
             values = segs["values"].view(d.bits)
         else:
-            values = decode_values_reference(self.streams(entry, segs), offsets, entry.nnz, where)
+            streams = Streams.from_bytes(entry.expdict, segs)
+            values = decode_values_reference(streams, offsets, entry.nnz, where)
         return decode_bitmap_reference(segs["bitmap"].view("<u4"), values, offsets, entry.numel,
                                        where=where)
 
