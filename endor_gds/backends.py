@@ -137,6 +137,25 @@ class CpuBackend:
         return views, plan.length + plan.arena_bytes
 
 
+def _gpu_item(slot, base: int, out: int, label: str):
+    """The kernel's view of a bitmap slot whose extent is staged at device address ``base``:
+    segment pointers and padded lengths (the readable capacity) and, for codec expdict, its
+    streams and dictionary."""
+    from .kernels import GpuExpDict, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
+
+    e = slot.entry
+    ptr = {k: base + off for k, off in slot.segments.items()}
+    expdict, values = None, "values"
+    if e.expdict is not None:
+        values = "residuals"  # the value stream the kernel stages, residual_bytes per value
+        expdict = GpuExpDict(e.expdict, ptr["codes"], e.segments["codes"].length,
+                             ptr["escape_offsets"], ptr["escape_positions"], ptr["escape_values"])
+    return GpuItem(bitmap_ptr=ptr["bitmap"], values_ptr=ptr[values],
+                   values_capacity=e.segments[values].length, tile_offsets_ptr=ptr["tile_offsets"],
+                   out_ptr=out, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize, label=label,
+                   expdict=expdict)
+
+
 class CudaBackend:
     """GPU memory: KvikIO reads straight into device staging, or host reads + async copies; the
     decode kernel runs on its own stream and the compute stream waits on an event, never the host.
@@ -185,20 +204,9 @@ class CudaBackend:
             self.reader.read((plan.offset, plan.length), self._host_staging[s])
 
     def _table(self, plan: LayerPlan, s: int, staging: torch.Tensor, arena: torch.Tensor):
-        from .kernels import GpuItem  # noqa: PLC0415
-
         base, out = staging.data_ptr(), arena.data_ptr()
-        items = []
-        for slot in plan.slots:
-            if slot.arena_offset is None:
-                continue
-            e = slot.entry
-            items.append(GpuItem(
-                bitmap_ptr=base + slot.segments["bitmap"], values_ptr=base + slot.segments["values"],
-                values_capacity=e.segments["values"].length,
-                tile_offsets_ptr=base + slot.segments["tile_offsets"],
-                out_ptr=out + slot.arena_offset, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize,
-                label=f"layer {plan.index}: {e.name}"))
+        items = [_gpu_item(slot, base, out + slot.arena_offset, f"layer {plan.index}: {slot.entry.name}")
+                 for slot in plan.slots if slot.arena_offset is not None]
         return self.decoder.make_table(items)
 
     def decode(self, plan: LayerPlan, s: int) -> None:
