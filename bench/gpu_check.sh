@@ -52,8 +52,11 @@ decode_log="$OUT/decode.log"
 timeout --kill-after=10 150 "$PY" -m pytest -q -m gpu tests/test_gpu_decode.py \
     bench/test_bench_micro.py --benchmark-disable >>"$decode_log" 2>&1
 decode_tests=$?
-echo "== bench_decode.py (Llama-7B/70B shapes, 50/60/70 %)" >>"$decode_log"
+# bf16 weights, both codecs (format v1 raw and v2 expdict rows for every case); 50 and 70 % keep
+# the input generation (numpy, ~10 s for a 70B MLP matrix) inside the budget.
+echo "== bench_decode.py (Llama-7B/70B shapes, 50/70 %, BF16, codecs raw + expdict)" >>"$decode_log"
 timeout --kill-after=10 210 "$PY" bench/bench_decode.py --json --repeats 5 --warmup 1 \
+    --dtype BF16 --codecs raw,expdict --sparsity 0.5,0.7 \
     --storage-dir "${ENDOR_BENCH_DIR:-$PWD}" >"$OUT/decode.json" 2>>"$decode_log"
 decode_bench=$?
 echo "decode: gpu tests exit $decode_tests, bench_decode exit $decode_bench (details in decode.log," \
