@@ -76,18 +76,32 @@ def _padded(rng, data: bytes, capacity: str) -> bytes:
     return data
 
 
-def make_expdict_tensor(rng, n, dtype, density, capacity="exact", label="t", *, kind="outliers",
-                        index_bits=None) -> Tensor:
-    """A tensor with codec expdict: weights (with exponent outliers and specials, or ``kind=
-    "uniform"`` bit patterns), the best or the given index width."""
+def expdict_bits(rng, n, dtype, density, kind="outliers") -> np.ndarray:
+    """Inputs for codec expdict tests: ``weights`` (N(0, 0.02), magnitude-pruned), ``outliers``
+    (the same with rare far exponents and special patterns: escapes) or ``uniform`` bit patterns
+    (every exponent about as likely: escapes everywhere, codec raw wins)."""
+    if kind == "uniform":
+        return random_bits(rng, n, LAYOUTS[dtype].itemsize, density)
+    return weight_bits(rng, n, dtype, density, outliers=kind == "outliers")
+
+
+def encode_expdict(bits, dtype, index_bits=None):
+    """(bitmap encoding, expdict Streams) of ``bits``, with the packer's index width or the given."""
     layout = LAYOUTS[dtype]
-    bits = random_bits(rng, n, layout.itemsize, density) if kind == "uniform" else \
-        weight_bits(rng, n, dtype, density, outliers=kind == "outliers")
     enc = encode_bitmap(bits)
     hist = exponent_histogram(enc.values, layout)
-    p = best_expdict(hist, n, layout)[0] if index_bits is None else \
+    p = best_expdict(hist, bits.size, layout)[0] if index_bits is None else \
         ExpDict(layout, index_bits, *_dictionary(hist, index_bits))
-    s = encode_values(enc.values, enc.tile_offsets, p)
+    return enc, encode_values(enc.values, enc.tile_offsets, p)
+
+
+def make_expdict_tensor(rng, n, dtype, density, capacity="exact", label="t", *, kind="outliers",
+                        index_bits=None) -> Tensor:
+    """A tensor with codec expdict (see expdict_bits for ``kind``), the best or the given index
+    width."""
+    layout = LAYOUTS[dtype]
+    enc, s = encode_expdict(expdict_bits(rng, n, dtype, density, kind), dtype, index_bits)
+    p = s.params
     return Tensor(layout.itemsize, n, enc.bitmap.copy(), _padded(rng, s.residuals.tobytes(), capacity),
                   enc.tile_offsets.copy(), enc.nnz, label, p, _padded(rng, s.codes.tobytes(), capacity),
                   s.escape_offsets.copy(), s.escape_positions.copy(), s.escape_values.copy())

@@ -810,28 +810,43 @@ def m_segment_bytes(base, rng):
     return data, f"{what} in {seg.label} {where}{', CRC recomputed' if fixed else ''}", fixed
 
 
+def _set_entry(base, rng, seg: SegRef, fmt: str, choices) -> tuple[bytearray, int, int, int]:
+    """``base``'s bytes with a random entry ``i`` of the little-endian table in ``seg`` (entries
+    of struct format ``fmt``) set to one of ``choices(old, prev, last)`` (wrapped to the entry's
+    width); returns the bytes, ``i``, the old and the new entry."""
+    size = struct.calcsize(fmt)
+    buf = bytearray(base.data)
+    count = seg.nbytes // size
+    i = rng.randrange(count)
+    at = seg.offset + size * i
+    old = struct.unpack_from(fmt, buf, at)[0]
+    prev = struct.unpack_from(fmt, buf, at - size)[0] if i else 0
+    last = struct.unpack_from(fmt, buf, seg.offset + size * (count - 1))[0]
+    new = rng.choice(choices(old, prev, last)) & ((1 << 8 * size) - 1)
+    struct.pack_into(fmt, buf, at, new)
+    return buf, i, old, new
+
+
+def _entry_mutant(base, rng, seg: SegRef, buf: bytearray, i: int, old: int, new: int):
+    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
+    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+
+
 def m_tile_offsets(base, rng):
     """An entry of a tile offset table or of an escape offset table (same shape, same rules)."""
     seg = _pick_segment(base, rng, {"tile_offsets", "escape_offsets"})
     if seg.kind not in ("tile_offsets", "escape_offsets"):
         return m_segment_bytes(base, rng)
-    buf = bytearray(base.data)
-    count = seg.nbytes // 4
-    i = rng.randrange(count)
-    at = seg.offset + 4 * i
-    old = struct.unpack_from("<I", buf, at)[0]
-    prev = struct.unpack_from("<I", buf, at - 4)[0] if i else 0
-    last = struct.unpack_from("<I", buf, seg.offset + 4 * (count - 1))[0]
-    new = rng.choice([0, old + 1, old - 1, prev, prev + TILE_ELEMS + 1, last, last + 1, U32,
-                      old + TILE_ELEMS, rng.randrange(U32 + 1)]) & U32
-    struct.pack_into("<I", buf, at, new)
+    buf, i, old, new = _set_entry(base, rng, seg, "<I", lambda old, prev, last: [
+        0, old + 1, old - 1, prev, prev + TILE_ELEMS + 1, last, last + 1, U32, old + TILE_ELEMS,
+        rng.randrange(U32 + 1)])
+    count, at = seg.nbytes // 4, seg.offset + 4 * i
     if rng.random() < 0.3 and count > 2:  # swap two entries
         j = rng.randrange(count)
         a, b = struct.unpack_from("<II", bytes(buf[at:at + 4] + buf[seg.offset + 4 * j:][:4]))
         struct.pack_into("<I", buf, at, b)
         struct.pack_into("<I", buf, seg.offset + 4 * j, a)
-    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
-    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
 
 
 def m_bitmap(base, rng):
@@ -864,17 +879,9 @@ def m_escape_positions(base, rng):
     seg = _pick_segment(base, rng, {"escape_positions"})
     if seg.kind != "escape_positions" or seg.nbytes < 2:
         return m_tile_offsets(base, rng)
-    buf = bytearray(base.data)
-    count = seg.nbytes // 2
-    i = rng.randrange(count)
-    at = seg.offset + 2 * i
-    old = struct.unpack_from("<H", buf, at)[0]
-    prev = struct.unpack_from("<H", buf, at - 2)[0] if i else 0
-    new = rng.choice([prev, prev - 1, old + 1, old - 1, 0, 4095, 4096, 0xFFFF,
-                      rng.randrange(1 << 16)]) & 0xFFFF
-    struct.pack_into("<H", buf, at, new)
-    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
-    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+    buf, i, old, new = _set_entry(base, rng, seg, "<H", lambda old, prev, last: [
+        prev, prev - 1, old + 1, old - 1, 0, 4095, 4096, 0xFFFF, rng.randrange(1 << 16)])
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
 
 
 # -- file length -------------------------------------------------------------------------------

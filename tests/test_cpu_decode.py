@@ -114,20 +114,11 @@ def test_argument_checks(decoder, rng, bad, match):
 # -- codec expdict (format v2) ------------------------------------------------------------------
 
 def _expdict_item(rng, n, dtype, density, kind, index_bits=None):
-    """(bitmap, streams, tile offsets, poisoned out) and the reference's dense bits."""
-    from bitgen import weight_bits  # noqa: PLC0415
+    """(bitmap, streams, tile offsets, poisoned out) and the tensor's dense bits."""
+    from decode_cases import encode_expdict, expdict_bits  # noqa: PLC0415
 
-    from endor_gds.expdict import (  # noqa: PLC0415
-        LAYOUTS, ExpDict, _dictionary, best_expdict, encode_values, exponent_histogram)
-
-    layout = LAYOUTS[dtype]
-    bits = random_bits(rng, n, layout.itemsize, density) if kind == "uniform" else \
-        weight_bits(rng, n, dtype, density, outliers=kind == "outliers")
-    enc = encode_bitmap(bits)
-    hist = exponent_histogram(enc.values, layout)
-    params = best_expdict(hist, n, layout)[0] if index_bits is None else \
-        ExpDict(layout, index_bits, *_dictionary(hist, index_bits))
-    streams = encode_values(enc.values, enc.tile_offsets, params)
+    bits = expdict_bits(rng, n, dtype, density, kind)
+    enc, streams = encode_expdict(bits, dtype, index_bits)
     return (enc.bitmap, streams, enc.tile_offsets, _poisoned(n, bits.dtype)), bits
 
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bitgen import SIZES, SPECIALS, random_bits, weight_bits
+from decode_cases import encode_expdict, expdict_bits
 from models import build_model
 
 import endor_gds
@@ -36,31 +37,13 @@ from endor_gds.format import (
 DTYPE_NAMES = tuple(LAYOUTS)  # BF16, F16, F32
 
 
-def _encode(bits, dtype, index_bits=None):
-    """bitmap encoding + expdict streams with the best (or the given) index width."""
-    layout = LAYOUTS[dtype]
-    enc = encode_bitmap(bits)
-    hist = exponent_histogram(enc.values, layout)
-    if index_bits is None:
-        params, _ = best_expdict(hist, bits.size, layout)
-    else:
-        params = ExpDict(layout, index_bits, *_dictionary(hist, index_bits))
-    return enc, encode_values(enc.values, enc.tile_offsets, params)
-
-
-def _inputs(rng, kind, n, dtype, density):
-    if kind == "uniform":  # every exponent about as likely: escapes everywhere
-        return random_bits(rng, n, LAYOUTS[dtype].itemsize, density)
-    return weight_bits(rng, n, dtype, density, outliers=kind == "outliers")
-
-
 @pytest.mark.parametrize("dtype", DTYPE_NAMES)
 @pytest.mark.parametrize("n", (0,) + SIZES)
 @pytest.mark.parametrize("kind", ["weights", "outliers", "uniform"])
 def test_round_trip_every_index_width(rng, dtype, n, kind):
-    bits = _inputs(rng, kind, n, dtype, 0.5)
+    bits = expdict_bits(rng, n, dtype, 0.5, kind)
     for b in range(1, 5):
-        enc, streams = _encode(bits, dtype, b)
+        enc, streams = encode_expdict(bits, dtype, b)
         values = decode_values_reference(streams, enc.tile_offsets, enc.nnz)
         assert values.dtype == bits.dtype
         np.testing.assert_array_equal(values, enc.values)
@@ -78,7 +61,7 @@ def test_specials_survive_as_escapes_or_entries(rng, dtype):
     bits = weight_bits(rng, 3 * TILE_ELEMS + 7, dtype, 0.6)
     where = rng.choice(np.flatnonzero(bits), SPECIALS[itemsize].size, replace=False)
     bits[where] = SPECIALS[itemsize]
-    enc, streams = _encode(bits, dtype, 1)
+    enc, streams = encode_expdict(bits, dtype, 1)
     assert streams.params.escapes >= SPECIALS[itemsize].size - 2  # at most 2 share an entry
     assert set(SPECIALS[itemsize].tolist()) <= set(streams.escape_values.tolist()) | \
         set(enc.values[np.isin(enc.values, SPECIALS[itemsize])].tolist())
@@ -110,7 +93,7 @@ def test_layout_of_one_bf16_value():
 
 def test_escape_table_checks(rng):
     bits = weight_bits(rng, 2 * TILE_ELEMS, "BF16", 0.5, outliers=True)
-    enc, s = _encode(bits, "BF16", 1)
+    enc, s = encode_expdict(bits, "BF16", 1)
     assert s.params.escapes >= 4
     check_escapes(s, enc.tile_offsets)
 
@@ -144,7 +127,7 @@ def test_escape_table_checks(rng):
 def test_best_index_width_is_the_smallest_on_disk(rng):
     layout = LAYOUTS["BF16"]
     for kind in ("weights", "outliers", "uniform"):
-        bits = _inputs(rng, kind, 20 * TILE_ELEMS, "BF16", 0.5)
+        bits = expdict_bits(rng, 20 * TILE_ELEMS, "BF16", 0.5, kind)
         enc = encode_bitmap(bits)
         hist = exponent_histogram(enc.values, layout)
         best, size = best_expdict(hist, bits.size, layout)
