@@ -192,18 +192,24 @@ def ram_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
+def gpu_item(cp, bitmap, values, offsets, out):
+    """A GpuItem over device copies of the inputs (raw values or expdict streams) and the device
+    array ``out``; returns it and the copies (which must outlive its launches)."""
+    b, o = cp.asarray(bitmap), cp.asarray(offsets)
+    if isinstance(values, np.ndarray):
+        v = cp.asarray(values)
+        return kernels.GpuItem.from_arrays(b, v, o, out, label="bench"), (b, v, o)
+    # expdict streams; an empty escape array gets one element so that its pointer is real
+    v = {k: cp.asarray(a if a.size else np.zeros(1, a.dtype)) for k, a in values.segments().items()}
+    return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params), (b, v, o)
+
+
 def run_gpu_case(cp, decoder, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
                  repeats: int, warmup: int) -> dict:
     """Time one launch (error-word reset + kernel + 8-byte error copy) and a D2D copy of the same
     traffic, each after an L2 flush. The output is checked against the CPU decoder's first."""
-    b, o = cp.asarray(bitmap), cp.asarray(offsets)
     out = cp.empty(n, dtype=cpu_out.dtype)
-    if isinstance(values, np.ndarray):
-        v = cp.asarray(values)
-        item = kernels.GpuItem.from_arrays(b, v, o, out, label="bench")
-    else:  # expdict streams; empty escape arrays get one element so their pointers are real
-        v = {k: cp.asarray(a if a.size else np.zeros(1, a.dtype)) for k, a in values.segments().items()}
-        item = kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params)
+    item, _keep = gpu_item(cp, bitmap, values, offsets, out)
     table = decoder.make_table([item])
     out.view(cp.uint8).fill(0xA5)
     decoder.launch(table, stream)

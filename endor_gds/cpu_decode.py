@@ -96,8 +96,10 @@ def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray
            where: str) -> None:
     """All argument checks, in one place, before any pointer reaches C."""
     n = out.size
-    for label, arr in (("bitmap", bitmap), ("tile_offsets", tile_offsets), ("out", out)) + \
-            ((("values", values),) if not isinstance(values, Streams) else ()):
+    arrays = {"bitmap": bitmap, "tile_offsets": tile_offsets, "out": out}
+    if not isinstance(values, Streams):  # an expdict tensor's streams are checked below
+        arrays["values"] = values
+    for label, arr in arrays.items():
         if not arr.flags.c_contiguous:
             raise ValueError(f"{where}: {label} must be C-contiguous")
     if out.dtype.itemsize not in (2, 4):
