@@ -188,7 +188,8 @@ def _dictionary(hist: np.ndarray, index_bits: int) -> tuple[tuple[int, ...], int
 
 def best_expdict(hist: np.ndarray, n: int, layout: FloatLayout) -> tuple[ExpDict, int]:
     """The index width (1..4) whose encoding of the values counted in ``hist`` is smallest on disk
-    (codec segments, each padded to a page, escapes included); returns it and those bytes.
+    (codec segments, each padded to a page, escapes included, plus the dictionary: one byte an
+    entry, its share of the manifest); returns it and those bytes.
 
     The bitmap and tile offsets are the same for every width, so they do not enter the choice.
     """
@@ -197,7 +198,7 @@ def best_expdict(hist: np.ndarray, n: int, layout: FloatLayout) -> tuple[ExpDict
     for b in range(1, MAX_INDEX_BITS + 1):
         exponents, escapes = _dictionary(hist, b)
         p = ExpDict(layout, b, exponents, escapes)
-        size = sum(pad_to_page(x) for x in p.segment_nbytes(n, nnz).values())
+        size = sum(pad_to_page(x) for x in p.segment_nbytes(n, nnz).values()) + len(exponents)
         if best is None or size < best[1]:  # strict: the narrower width wins a tie
             best = (p, size)
     return best
