@@ -4,21 +4,31 @@
     python bench/bench_decode.py                                  # Llama-7B + 70B shapes, 50/60/70 %
     python bench/bench_decode.py --shapes llama-7b --sparsity 0.5 --json
     python bench/bench_decode.py --shapes 4096x4096,1000x33 --repeats 3 --storage-bytes 64MiB
+    python bench/bench_decode.py --dtype BF16 --codecs raw,expdict   # format v1 and v2 rows
+
+Inputs: weights as transformers initialises them (N(0, 0.02)) in ``--dtype``, the smallest
+``sparsity`` of each 16 M-element chunk zeroed (magnitude pruning), encoded with each codec of
+``--codecs``: ``raw`` (format v1: the values as they are) and ``expdict`` (format v2: residuals,
+exponent-dictionary codes, escapes; index width chosen as the packer does).
 
 CPU: dense output bytes per second of ``endor_gds.cpu_decode.CpuDecoder`` (inputs warm in RAM),
 and the ratio to the sequential O_DIRECT read bandwidth of a temporary file of ``--storage-bytes``
 measured in the same run (``endor_gds.io`` posix-direct reader, page cache evicted before every
 read). Target (docs/design): ``cpu_ratio_to_storage >= 3``, so decoding never outpaces the disk.
+A smaller file is read faster in dense terms, so each codec also gets its *headroom*: decode rate
+over the dense rate at which storage delivers that codec's file (storage GB/s x dense bytes /
+stored bytes); above 1, decoding keeps up with the disk.
 
-GPU (when CuPy sees one): bytes read + written per second by one kernel launch (bitmap + values +
-tile offsets in, dense tensor out), and the ratio to a device-to-device copy that moves the same
+GPU (when CuPy sees one): bytes read + written per second by one kernel launch (every stored
+segment in, dense tensor out), and the ratio to a device-to-device copy that moves the same
 number of bytes (a cudaMemcpy of half of them: each byte is read once and written once), L2 flushed
 before every timed launch. Each GPU output is compared with the CPU decoder's before it is timed.
 Target: ``gpu_ratio_to_d2d >= 0.75``.
 
 Aggregates (``cpu_gbps``, ``gpu_gbps``, ``d2d_gbps``) are total bytes over the sum of the per-case
-median times, i.e. the rate of decoding one of each case. ``--json`` prints the human-readable
-report on stderr and one JSON object on stdout.
+median times, i.e. the rate of decoding one of each case; the top-level ones are the first codec's,
+``codecs`` has each codec's. ``--json`` prints the human-readable report on stderr and one JSON
+object on stdout.
 """
 
 from __future__ import annotations
@@ -40,6 +50,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from endor_gds import kernels  # noqa: E402
 from endor_gds.cpu_decode import CpuDecoder  # noqa: E402
 from endor_gds.defaults import parse_bytes  # noqa: E402
+from endor_gds.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram  # noqa: E402
 from endor_gds.format import encode_bitmap  # noqa: E402
 from endor_gds.io import aligned_empty, evict_page_cache, open_reader  # noqa: E402
 
@@ -72,24 +83,50 @@ def parse_shapes(text: str) -> list[tuple[int, int]]:
     return list(dict.fromkeys(out))
 
 
-def make_encoded(rng, n: int, sparsity: float, itemsize: int):
-    """Random non-zero bit patterns, about ``sparsity`` of them zeroed, encoded (format v1).
+def weight_bits(rng, m: int, sparsity: float, dtype: str) -> np.ndarray:
+    """``m`` N(0, 0.02) weights as ``dtype`` bit patterns, the smallest ``sparsity`` zeroed."""
+    w = rng.standard_normal(m, dtype=np.float32) * np.float32(0.02)
+    k = int(m * sparsity)
+    if k:
+        w[np.argpartition(np.abs(w), k - 1)[:k]] = 0
+    if dtype == "F32":
+        return w.view("<u4")
+    if dtype == "F16":
+        return w.astype(np.float16).view("<u2")
+    b = w.view(np.uint32)  # bf16: round to nearest even, as torch casts
+    return ((b + np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1))) >> np.uint32(16)).astype("<u2")
+
+
+def make_encoded(rng, n: int, sparsity: float, dtype: str):
+    """Weights of ``dtype`` (see weight_bits), encoded as bitmap, values, tile offsets (format v1).
 
     Encoded in chunks of whole tiles and stitched together, so a 235 M-element matrix never holds
     more than one chunk's temporaries.
     """
-    dt = np.uint16 if itemsize == 2 else np.uint32
     bitmaps, values, offsets, base = [], [], [np.zeros(1, "<u4")], 0
     for start in range(0, n, _GEN_CHUNK):
-        m = min(_GEN_CHUNK, n - start)
-        bits = rng.integers(1, np.iinfo(dt).max, m, dtype=dt, endpoint=True)
-        bits[rng.random(m, dtype=np.float32) < sparsity] = 0
-        enc = encode_bitmap(bits)
+        enc = encode_bitmap(weight_bits(rng, min(_GEN_CHUNK, n - start), sparsity, dtype))
         bitmaps.append(enc.bitmap)
         values.append(enc.values)
         offsets.append(enc.tile_offsets[1:] + np.uint32(base))
         base += enc.nnz
     return np.concatenate(bitmaps), np.concatenate(values), np.concatenate(offsets)
+
+
+def codec_values(codec: str, values: np.ndarray, offsets: np.ndarray, n: int, dtype: str):
+    """The values argument of the decoders for ``codec``: the array (raw) or expdict Streams."""
+    if codec == "raw":
+        return values
+    layout = LAYOUTS[dtype]
+    params, _ = best_expdict(exponent_histogram(values, layout), n, layout)
+    return encode_values(values, offsets, params)
+
+
+def stored_bytes(bitmap, values, offsets) -> int:
+    """Bytes of the segments (unpadded) the decoders read."""
+    if isinstance(values, np.ndarray):
+        return int(bitmap.nbytes + values.nbytes + offsets.nbytes)
+    return int(bitmap.nbytes + offsets.nbytes + sum(a.nbytes for a in values.segments().values()))
 
 
 def stats(seconds: list[float], nbytes: int) -> dict:
@@ -155,19 +192,31 @@ def ram_gib() -> float:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
 
 
+def gpu_item(cp, bitmap, values, offsets, out):
+    """A GpuItem over device copies of the inputs (raw values or expdict streams) and the device
+    array ``out``; returns it and the copies (which must outlive its launches)."""
+    b, o = cp.asarray(bitmap), cp.asarray(offsets)
+    if isinstance(values, np.ndarray):
+        v = cp.asarray(values)
+        return kernels.GpuItem.from_arrays(b, v, o, out, label="bench"), (b, v, o)
+    # expdict streams; an empty escape array gets one element so that its pointer is real
+    v = {k: cp.asarray(a if a.size else np.zeros(1, a.dtype)) for k, a in values.segments().items()}
+    return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params), (b, v, o)
+
+
 def run_gpu_case(cp, decoder, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
                  repeats: int, warmup: int) -> dict:
     """Time one launch (error-word reset + kernel + 8-byte error copy) and a D2D copy of the same
     traffic, each after an L2 flush. The output is checked against the CPU decoder's first."""
-    b, v, o = (cp.asarray(a) for a in (bitmap, values, offsets))
     out = cp.empty(n, dtype=cpu_out.dtype)
-    table = decoder.make_table([kernels.GpuItem.from_arrays(b, v, o, out, label="bench")])
+    item, _keep = gpu_item(cp, bitmap, values, offsets, out)
+    table = decoder.make_table([item])
     out.view(cp.uint8).fill(0xA5)
     decoder.launch(table, stream)
     decoder.check(table)
     if not np.array_equal(cp.asnumpy(out), cpu_out):
         raise SystemExit("GPU decode differs from the CPU decoder: refusing to time a wrong kernel")
-    traffic = b.nbytes + v.nbytes + o.nbytes + out.nbytes  # bytes read + written by the kernel
+    traffic = stored_bytes(bitmap, values, offsets) + out.nbytes  # bytes read + written
     half = traffic // 2
     src, dst = cp.empty(half, cp.uint8), cp.empty(half, cp.uint8)
     start, end = cp.cuda.Event(), cp.cuda.Event()
@@ -201,7 +250,9 @@ def main(argv=None) -> int:
     ap.add_argument("--sparsity", default="0.5,0.6,0.7",
                     help="comma list of fractions of zeros (default: 0.5,0.6,0.7)")
     ap.add_argument("--dtype", default="F16", choices=sorted(kernels.ELEM_BYTES),
-                    help="element type (decoding moves bits: F16 and BF16 time the same)")
+                    help="element type (raw decoding moves bits: F16 and BF16 time the same)")
+    ap.add_argument("--codecs", default="raw,expdict",
+                    help="comma list of value codecs: raw (format v1), expdict (format v2)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (default 7)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     ap.add_argument("--threads", type=int, default=None,
@@ -219,6 +270,9 @@ def main(argv=None) -> int:
         ap.error(f"--sparsity needs fractions between 0 and 1, got {args.sparsity!r}")
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
+    codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
+    if not codecs or any(c not in ("raw", "expdict") for c in codecs):
+        ap.error(f"--codecs takes raw and/or expdict, got {args.codecs!r}")
     itemsize = kernels.ELEM_BYTES[args.dtype]
 
     report = sys.stderr if args.json else sys.stdout
@@ -255,53 +309,80 @@ def main(argv=None) -> int:
         l2 = cp.cuda.runtime.getDeviceProperties(0).get("l2CacheSize", 64 << 20)
         gpu["flush"] = cp.empty(max(256 << 20, 4 * l2), cp.uint8)
 
-    hdr = f"{'shape':>13} {'sparsity':>8} {'dense MB':>9} | {'CPU GB/s':>22} {'x stor':>6}"
+    hdr = (f"{'shape':>13} {'sparsity':>8} {'codec':>7} {'bits/el':>7} {'dense MB':>9} | "
+           f"{'CPU GB/s':>22} {'x stor':>6} {'headroom':>8}")
     if gpu:
         hdr += f" | {'kernel GB/s':>22} {'D2D GB/s':>8} {'ratio':>5}"
     log(hdr)
     rng = np.random.default_rng(args.seed)
     cases = []
-    cpu_bytes = cpu_time = gpu_bytes = gpu_time = d2d_time = 0.0
+    totals = {c: dict(cpu_bytes=0.0, cpu_time=0.0, stored=0.0, gpu_bytes=0.0, gpu_time=0.0,
+                      d2d_time=0.0) for c in codecs}
     bits_dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
     for rows, cols in args.shapes:
         for sparsity in sparsities:
             n = rows * cols
-            bitmap, values, offsets = make_encoded(rng, n, sparsity, itemsize)
+            bitmap, raw_values, offsets = make_encoded(rng, n, sparsity, args.dtype)
             out = np.empty(n, dtype=bits_dtype)
-            item = (bitmap, values, offsets, out)
-            times = []
-            for i in range(args.warmup + args.repeats):
-                t0 = time.perf_counter()
-                cpu.decode([item])
-                dt = time.perf_counter() - t0
-                if i >= args.warmup:
-                    times.append(dt)
-            c = stats(times, out.nbytes)
-            case = {"shape": [rows, cols], "sparsity": sparsity, "dtype": args.dtype,
-                    "dense_bytes": out.nbytes, "nnz": int(values.size),
-                    "stored_bytes": int(bitmap.nbytes + values.nbytes + offsets.nbytes),
-                    "cpu": c, "cpu_ratio_to_storage": c["gbps"] / storage["gbps"], "gpu": None}
-            cpu_bytes += out.nbytes
-            cpu_time += c["median_s"]
-            line = (f"{rows:>6}x{cols:<6} {sparsity:>8.2f} {out.nbytes / 1e6:>9.1f} | "
-                    f"{c['gbps']:>6.2f} [{c['gbps_min']:>5.2f}..{c['gbps_max']:>5.2f}] "
-                    f"{c['spread_pct']:>3.0f}% {case['cpu_ratio_to_storage']:>5.2f}x")
-            if gpu:
-                g = run_gpu_case(gpu["cp"], gpu["decoder"], gpu["stream"], gpu["flush"], bitmap,
-                                 values, offsets, n, itemsize, out, args.repeats, args.warmup)
-                case["gpu"] = g
-                gpu_bytes += g["traffic_bytes"]
-                gpu_time += g["kernel"]["median_s"]
-                d2d_time += g["d2d"]["median_s"]
-                k = g["kernel"]
-                line += (f" | {k['gbps']:>6.1f} [{k['gbps_min']:>6.1f}..{k['gbps_max']:>6.1f}] "
-                         f"{g['d2d']['gbps']:>8.1f} {g['ratio']:>5.2f}")
-            log(line)
-            cases.append(case)
-            del bitmap, values, offsets, out, item
+            for codec in codecs:
+                values = codec_values(codec, raw_values, offsets, n, args.dtype)
+                item = (bitmap, values, offsets, out)
+                times = []
+                for i in range(args.warmup + args.repeats):
+                    t0 = time.perf_counter()
+                    cpu.decode([item])
+                    dt = time.perf_counter() - t0
+                    if i >= args.warmup:
+                        times.append(dt)
+                c = stats(times, out.nbytes)
+                stored = stored_bytes(bitmap, values, offsets)
+                # dense bytes storage delivers per second when reading this codec's segments
+                need = storage["gbps"] * out.nbytes / stored
+                case = {"shape": [rows, cols], "sparsity": sparsity, "dtype": args.dtype,
+                        "codec": codec, "dense_bytes": out.nbytes, "nnz": int(raw_values.size),
+                        "stored_bytes": stored, "bits_per_element": 8 * stored / n,
+                        "expdict": None if codec == "raw" else values.params.manifest(),
+                        "cpu": c, "cpu_ratio_to_storage": c["gbps"] / storage["gbps"],
+                        "cpu_headroom": c["gbps"] / need, "gpu": None}
+                tot = totals[codec]
+                tot["cpu_bytes"] += out.nbytes
+                tot["cpu_time"] += c["median_s"]
+                tot["stored"] += stored
+                line = (f"{rows:>6}x{cols:<6} {sparsity:>8.2f} {codec:>7} {8 * stored / n:>7.3f} "
+                        f"{out.nbytes / 1e6:>9.1f} | "
+                        f"{c['gbps']:>6.2f} [{c['gbps_min']:>5.2f}..{c['gbps_max']:>5.2f}] "
+                        f"{c['spread_pct']:>3.0f}% {case['cpu_ratio_to_storage']:>5.2f}x "
+                        f"{case['cpu_headroom']:>7.2f}x")
+                if gpu:
+                    g = run_gpu_case(gpu["cp"], gpu["decoder"], gpu["stream"], gpu["flush"], bitmap,
+                                     values, offsets, n, itemsize, out, args.repeats, args.warmup)
+                    case["gpu"] = g
+                    tot["gpu_bytes"] += g["traffic_bytes"]
+                    tot["gpu_time"] += g["kernel"]["median_s"]
+                    tot["d2d_time"] += g["d2d"]["median_s"]
+                    k = g["kernel"]
+                    line += (f" | {k['gbps']:>6.1f} [{k['gbps_min']:>6.1f}..{k['gbps_max']:>6.1f}] "
+                             f"{g['d2d']['gbps']:>8.1f} {g['ratio']:>5.2f}")
+                log(line)
+                cases.append(case)
+                del values, item
+            del bitmap, raw_values, offsets, out
     cpu.close()
 
-    cpu_gbps = cpu_bytes / cpu_time / 1e9
+    per_codec = {}
+    for codec, tot in totals.items():
+        cpu_gbps = tot["cpu_bytes"] / tot["cpu_time"] / 1e9
+        per_codec[codec] = {
+            "cpu_gbps": cpu_gbps,
+            "cpu_ratio_to_storage": cpu_gbps / storage["gbps"],
+            "bits_per_element": 8 * tot["stored"] / (tot["cpu_bytes"] / itemsize),
+            "cpu_headroom": cpu_gbps / (storage["gbps"] * tot["cpu_bytes"] / tot["stored"]),
+            "gpu_gbps": tot["gpu_bytes"] / tot["gpu_time"] / 1e9 if gpu else None,
+            "d2d_gbps": tot["gpu_bytes"] / tot["d2d_time"] / 1e9 if gpu else None,
+            "gpu_ratio_to_d2d": tot["d2d_time"] / tot["gpu_time"] if gpu else None,
+        }
+    first = per_codec[codecs[0]]
+    cpu_gbps = first["cpu_gbps"]
     result = {
         "benchmark": "decode",
         "machine": {"host": socket.gethostname(), "platform": platform.platform(),
@@ -316,23 +397,28 @@ def main(argv=None) -> int:
                   "gpu_l2": "flushed" if gpu_ok else None},
         "storage": storage,
         "cases": cases,
+        "codecs": per_codec,
         "cpu_gbps": cpu_gbps,
         "storage_gbps": storage["gbps"],
-        "cpu_ratio_to_storage": cpu_gbps / storage["gbps"],
-        "gpu_gbps": gpu_bytes / gpu_time / 1e9 if gpu else None,
-        "d2d_gbps": gpu_bytes / d2d_time / 1e9 if gpu else None,
-        "gpu_ratio_to_d2d": d2d_time / gpu_time if gpu else None,
+        "cpu_ratio_to_storage": first["cpu_ratio_to_storage"],
+        "gpu_gbps": first["gpu_gbps"],
+        "d2d_gbps": first["d2d_gbps"],
+        "gpu_ratio_to_d2d": first["gpu_ratio_to_d2d"],
         "targets": {"cpu_ratio_to_storage": TARGET_CPU, "gpu_ratio_to_d2d": TARGET_GPU},
     }
     log()
-    log(f"CPU decoder  {cpu_gbps:.2f} GB/s dense output = {result['cpu_ratio_to_storage']:.2f} x "
-        f"storage {storage['gbps']:.2f} GB/s (target >= {TARGET_CPU})")
-    if gpu:
-        log(f"GPU kernel   {result['gpu_gbps']:.1f} GB/s read+written = "
-            f"{result['gpu_ratio_to_d2d']:.2f} x D2D copy {result['d2d_gbps']:.1f} GB/s "
-            f"(target >= {TARGET_GPU})")
-    else:
-        log("GPU kernel   not measured (no GPU)")
+    for codec, r in per_codec.items():
+        log(f"CPU decoder  {codec:<7} {r['cpu_gbps']:.2f} GB/s dense output = "
+            f"{r['cpu_ratio_to_storage']:.2f} x storage {storage['gbps']:.2f} GB/s (target >= "
+            f"{TARGET_CPU}); {r['bits_per_element']:.2f} bits/element, headroom "
+            f"{r['cpu_headroom']:.2f} x")
+    for codec, r in per_codec.items():
+        if gpu:
+            log(f"GPU kernel   {codec:<7} {r['gpu_gbps']:.1f} GB/s read+written = "
+                f"{r['gpu_ratio_to_d2d']:.2f} x D2D copy {r['d2d_gbps']:.1f} GB/s "
+                f"(target >= {TARGET_GPU})")
+        else:
+            log(f"GPU kernel   {codec:<7} not measured (no GPU)")
     if args.json:
         print(json.dumps(result, indent=1))
     return 0

@@ -76,8 +76,9 @@ if [ -n "$prep_pid" ]; then
 fi
 
 if has decode; then
-    run decode 80 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
-        --storage-dir $SCRATCH >$OUT/decode.json"
+    # bf16, both codecs (format v1 raw and v2 expdict rows for every case); DECODE_ARGS narrows it
+    run decode 120 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
+        --dtype BF16 --codecs raw,expdict ${DECODE_ARGS:---sparsity 0.5,0.7} --storage-dir $SCRATCH >$OUT/decode.json"
 fi
 
 if has io; then

@@ -24,7 +24,7 @@
 #include <string.h>
 
 #if defined(__x86_64__) || defined(_M_X64)
-#include <tmmintrin.h>
+#include <immintrin.h>
 #define ENDOR_X86 1
 #else
 #define ENDOR_X86 0
@@ -40,6 +40,7 @@ static uint8_t EXPAND32[16][16];
 static uint8_t POP8[256];
 static int tables_ready = 0;
 static int use_simd = 0;
+static int use_pdep = 0; /* BMI2 pdep, and fast (see fields8_pdep) */
 
 static void build_tables(void) {
     for (int b = 0; b < 256; b++) {
@@ -67,6 +68,8 @@ static void build_tables(void) {
 #if ENDOR_X86
     __builtin_cpu_init();
     use_simd = __builtin_cpu_supports("ssse3");
+    use_pdep = __builtin_cpu_supports("bmi2") && !__builtin_cpu_is("znver1") &&
+               !__builtin_cpu_is("znver2");
 #endif
     tables_ready = 1;
 }
@@ -131,40 +134,38 @@ __attribute__((target("ssse3"))) static inline uint64_t simd_word32(uint32_t wor
 }
 #endif
 
-#define DECODE_TILES(T, SIMD_WORD)                                                             \
-    static int64_t decode_##T(const uint32_t *bitmap, const T *vals, uint64_t nnz,            \
-                              const uint32_t *offs, T *out, uint64_t n, uint64_t t0,          \
-                              uint64_t t1, int simd, int nt) {                                 \
-        for (uint64_t t = t0; t < t1; t++) {                                                   \
-            uint64_t v = offs[t], hi = offs[t + 1];                                            \
-            if (v > hi || hi > nnz) return (int64_t)t + 1;                                     \
-            uint64_t start = t * TILE_ELEMS;                                                   \
-            uint64_t end = start + TILE_ELEMS < n ? start + TILE_ELEMS : n;                    \
-            uint64_t w = start / WORD_BITS, wfull = end / WORD_BITS;                           \
-            for (; w < wfull; w++) {                                                           \
-                uint32_t word = bitmap[w];                                                     \
-                T *o = out + w * WORD_BITS;                                                    \
-                if (simd && v + WORD_BITS <= nnz) {                                            \
-                    v = SIMD_WORD(word, vals, v, o, nt);                                       \
-                } else if (scalar_word_##T(word, WORD_BITS, vals, &v, hi, o)) {                \
-                    return (int64_t)t + 1;                                                     \
-                }                                                                              \
+/* Expand one tile: elements [start, end) of the tensor from values vals[v..hi), in bitmap order.
+ * Full words take the SIMD path while a whole word's worth of values (32) is readable below
+ * `avail` (a word may have up to 32 bits set), else the scalar path, which never reads at or past
+ * hi. Returns 0, or -1 when the bitmap and [v, hi) disagree (bits past the tensor's end included).
+ * The SIMD path may run v past hi on a corrupted tile; reads stay below avail and the final
+ * v != hi check rejects the tile. */
+#define EXPAND_TILE(T, SIMD_WORD)                                                              \
+    static int expand_##T(const uint32_t *bitmap, const T *vals, uint64_t v, uint64_t hi,     \
+                          uint64_t avail, T *out, uint64_t start, uint64_t end, int simd,      \
+                          int nt) {                                                            \
+        uint64_t w = start / WORD_BITS, wfull = end / WORD_BITS;                               \
+        for (; w < wfull; w++) {                                                               \
+            uint32_t word = bitmap[w];                                                         \
+            T *o = out + w * WORD_BITS;                                                        \
+            if (simd && v + WORD_BITS <= avail) {                                              \
+                v = SIMD_WORD(word, vals, v, o, nt);                                           \
+            } else if (scalar_word_##T(word, WORD_BITS, vals, &v, hi, o)) {                    \
+                return -1;                                                                     \
             }                                                                                  \
-            if (end % WORD_BITS) { /* last, partial word: bits past n must be clear */         \
-                uint32_t word = bitmap[w];                                                     \
-                int m = (int)(end % WORD_BITS);                                                \
-                if (word >> m) return (int64_t)t + 1;                                          \
-                if (scalar_word_##T(word, m, vals, &v, hi, out + w * WORD_BITS))               \
-                    return (int64_t)t + 1;                                                     \
-            }                                                                                  \
-            if (v != hi) return (int64_t)t + 1;                                                \
         }                                                                                      \
-        return 0;                                                                              \
+        if (end % WORD_BITS) { /* last, partial word: bits past n must be clear */             \
+            uint32_t word = bitmap[w];                                                         \
+            int m = (int)(end % WORD_BITS);                                                    \
+            if (word >> m) return -1;                                                          \
+            if (scalar_word_##T(word, m, vals, &v, hi, out + w * WORD_BITS)) return -1;        \
+        }                                                                                      \
+        return v == hi ? 0 : -1;                                                               \
     }
 
 #if ENDOR_X86
-DECODE_TILES(uint16_t, simd_word16)
-DECODE_TILES(uint32_t, simd_word32)
+EXPAND_TILE(uint16_t, simd_word16)
+EXPAND_TILE(uint32_t, simd_word32)
 #else
 static inline uint64_t no_simd16(uint32_t w, const uint16_t *p, uint64_t v, uint16_t *o, int nt) {
     (void)w; (void)p; (void)o; (void)nt; return v;
@@ -172,9 +173,34 @@ static inline uint64_t no_simd16(uint32_t w, const uint16_t *p, uint64_t v, uint
 static inline uint64_t no_simd32(uint32_t w, const uint32_t *p, uint64_t v, uint32_t *o, int nt) {
     (void)w; (void)p; (void)o; (void)nt; return v;
 }
-DECODE_TILES(uint16_t, no_simd16)
-DECODE_TILES(uint32_t, no_simd32)
+EXPAND_TILE(uint16_t, no_simd16)
+EXPAND_TILE(uint32_t, no_simd32)
 #endif
+
+/* The tile's element range [start, end), and whether its value range [lo, hi) is in bounds. */
+static int tile_range(const uint32_t *offs, uint64_t t, uint64_t n, uint64_t nnz, uint64_t *lo,
+                      uint64_t *hi, uint64_t *start, uint64_t *end) {
+    *lo = offs[t];
+    *hi = offs[t + 1];
+    *start = t * TILE_ELEMS;
+    *end = *start + TILE_ELEMS < n ? *start + TILE_ELEMS : n;
+    return *lo <= *hi && *hi <= nnz && *hi - *lo <= TILE_ELEMS;
+}
+
+#define DECODE_TILES(T)                                                                        \
+    static int64_t decode_##T(const uint32_t *bitmap, const T *vals, uint64_t nnz,            \
+                              const uint32_t *offs, T *out, uint64_t n, uint64_t t0,          \
+                              uint64_t t1, int simd, int nt) {                                 \
+        for (uint64_t t = t0; t < t1; t++) {                                                   \
+            uint64_t lo, hi, start, end;                                                       \
+            if (!tile_range(offs, t, n, nnz, &lo, &hi, &start, &end) ||                        \
+                expand_##T(bitmap, vals, lo, hi, nnz, out, start, end, simd, nt))              \
+                return (int64_t)t + 1;                                                         \
+        }                                                                                      \
+        return 0;                                                                              \
+    }
+DECODE_TILES(uint16_t)
+DECODE_TILES(uint32_t)
 
 /* Decode tiles [t0, t1) of one bitmap-encoded tensor of n elements of elem_bytes (2 or 4).
  * Returns 0 on success, t + 1 for the first inconsistent tile t, -1 for bad arguments. */
@@ -197,6 +223,300 @@ int64_t endor_decode_tiles(const uint32_t *bitmap, const void *values, uint64_t 
 #if ENDOR_X86
     if (nt)
         _mm_sfence(); /* streaming stores are weakly ordered: visible before the caller returns */
+#endif
+    return rc;
+}
+
+/* ---- Codec expdict (format v2): values rebuilt from residuals, exponent codes and escapes ----
+ *
+ * Value k of the tensor: residual r = its low residual_bytes bytes at residuals + k*rb, plus the
+ * high bits of its w-bit field at bit k*w of codes (field = index | high << index_bits); the
+ * value is sign << (8*eb - 1) | exponents[index] << M | mantissa, with sign = r >> M and
+ * mantissa = r & (2^M - 1). Each tile's values are rebuilt into a buffer on this thread's stack,
+ * its escapes (full bit patterns at value positions within the tile) are patched in, and the
+ * buffer is expanded by the bitmap exactly like raw values. Splitting the value into a table
+ * lookup on the field (exponent, and fp16's 3 high residual bits) OR'ed with a function of the
+ * residual's low byte keeps the per-value work to a lookup and an OR, and makes it SIMD-able
+ * (pshufb tables of 16 entries, one per field bit pattern). */
+
+typedef struct { /* mirrored by cpu_decode._ExpDictArgs (ctypes) */
+    const uint32_t *bitmap;
+    const uint32_t *tile_offsets;
+    const uint8_t *residuals;        /* nnz * residual_bytes */
+    const uint8_t *codes;            /* codes_nbytes = ceil(nnz * field_bits / 8) */
+    const uint32_t *escape_offsets;  /* ntiles + 1 */
+    const uint16_t *escape_positions;/* escapes */
+    const void *escape_values;       /* escapes elements */
+    void *out;                       /* n elements */
+    uint64_t n, nnz, codes_nbytes, escapes;
+    uint32_t elem_bytes, man_bits, index_bits, reserved;
+    uint8_t exponents[16];           /* 2^index_bits entries */
+} endor_expdict;
+
+#define MAX_FIELD_BITS 7 /* index_bits <= 4, plus fp16's 3 high residual bits */
+#define TILE_BUF (TILE_ELEMS + WORD_BITS) /* the SIMD expand reads up to 32 values past the cursor */
+
+/* Per-call tables. value = hi16[field] | lo16[residual byte] (2-byte elements), or
+ * hi32[field] | low 3 residual bytes with the sign moved to bit 31 (4-byte elements). The
+ * byte tables split hi16 for pshufb: field = index | high << b, so hi16[field] =
+ * idx16[index] | high16[high], each with at most 16 entries. */
+typedef struct {
+    int rb, w, b;
+    uint32_t fmask;
+    uint16_t hi16[1 << MAX_FIELD_BITS], lo16[256];
+    uint32_t hi32[1 << MAX_FIELD_BITS];
+    uint8_t idx_lo[16], idx_hi[16], high_lo[16], high_hi[16], res_lo_mask, res_hi_mask;
+    uint8_t idx_b2[16], idx_b3[16]; /* bytes 2 and 3 of a 4-byte value's exponent field */
+} expdict_tables;
+
+/* The value of residual r (R = M+1 bits) with exponent field e: pure bit placement. */
+static uint32_t assemble(uint32_t r, uint32_t e, int m, int eb) {
+    return ((r >> m) << (8 * eb - 1)) | (e << m) | (r & ((1u << m) - 1));
+}
+
+static int build_expdict_tables(const endor_expdict *a, expdict_tables *T) {
+    int eb = (int)a->elem_bytes, m = (int)a->man_bits, b = (int)a->index_bits;
+    if (!((eb == 2 && (m == 7 || m == 10)) || (eb == 4 && m == 23)) || b < 1 || b > 4) return -1;
+    T->b = b;
+    T->rb = (m + 1) / 8;
+    T->w = b + (m + 1) % 8;
+    T->fmask = (1u << T->w) - 1;
+    for (uint32_t f = 0; f <= T->fmask; f++) { /* the field's high bits sit above the low bytes */
+        uint32_t r_high = (f >> b) << (8 * T->rb);
+        uint32_t v = assemble(r_high, a->exponents[f & ((1u << b) - 1)], m, eb);
+        T->hi16[f] = (uint16_t)v;
+        T->hi32[f] = v;
+    }
+    for (uint32_t r = 0; r < 256; r++) T->lo16[r] = (uint16_t)assemble(r, 0, m, eb);
+    memset(T->idx_lo, 0, 16); memset(T->idx_hi, 0, 16);
+    memset(T->high_lo, 0, 16); memset(T->high_hi, 0, 16);
+    memset(T->idx_b2, 0, 16); memset(T->idx_b3, 0, 16);
+    for (uint32_t i = 0; i < (1u << b); i++) {
+        uint32_t v = assemble(0, a->exponents[i], m, eb);
+        T->idx_lo[i] = (uint8_t)v;
+        T->idx_hi[i] = (uint8_t)(v >> 8);
+        T->idx_b2[i] = (uint8_t)(v >> 16);
+        T->idx_b3[i] = (uint8_t)(v >> 24);
+    }
+    for (uint32_t h = 0; h < (1u << (T->w - b)); h++) {
+        uint32_t v = assemble(h << 8, 0, m, eb);
+        T->high_lo[h] = (uint8_t)v;
+        T->high_hi[h] = (uint8_t)(v >> 8);
+    }
+    /* lo16[r] split by output byte: which bits of r land in the low and the high byte (bf16: the
+     * sign, bit 7 of r, is bit 7 of the high byte; fp16: r is the low byte as is) */
+    T->res_lo_mask = (uint8_t)(T->lo16[0xFF] & 0xFF);
+    T->res_hi_mask = (uint8_t)(T->lo16[0xFF] >> 8);
+    return 0;
+}
+
+/* Field of value k (bits [k*w, k*w + w) of the stream); reads stay below codes_nbytes. */
+static inline uint32_t field_at(const endor_expdict *a, const expdict_tables *T, uint64_t k) {
+    uint64_t bit = k * (uint64_t)T->w, byte = bit / 8;
+    uint32_t x = a->codes[byte];
+    if (byte + 1 < a->codes_nbytes) x |= (uint32_t)a->codes[byte + 1] << 8;
+    return (x >> (bit % 8)) & T->fmask;
+}
+
+static inline uint32_t residual_at(const endor_expdict *a, int rb, uint64_t k) {
+    const uint8_t *p = a->residuals + k * (uint64_t)rb;
+    return rb == 1 ? p[0] : (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16;
+}
+
+static inline uint32_t value_at(const endor_expdict *a, const expdict_tables *T, uint64_t k) {
+    uint32_t f = field_at(a, T, k), r = residual_at(a, T->rb, k);
+    if (T->rb == 1) return T->hi16[f] | T->lo16[r];
+    return T->hi32[f] | (r & 0x7FFFFFu) | ((r >> 23) << 31);
+}
+
+/* The fields of values 8g..8g+7 (8 fields of w bits fill exactly w bytes starting at byte g*w)
+ * as one byte each. Only called when 8 bytes are readable there. */
+static inline uint64_t fields8_scalar(const uint8_t *p, int w, uint32_t fmask) {
+    uint64_t x, out = 0;
+    memcpy(&x, p, 8);
+    for (int j = 0; j < 8; j++) out |= ((x >> (j * w)) & fmask) << (8 * j);
+    return out;
+}
+
+#if ENDOR_X86
+/* pdep deposits the 8 fields into the 8 bytes in one instruction (fast on Intel and Zen 3+;
+ * microcoded and slow on Zen 1/2, which take the scalar spread instead). */
+__attribute__((target("bmi2"))) static inline uint64_t fields8_pdep(const uint8_t *p, int w,
+                                                                     uint32_t fmask) {
+    uint64_t x;
+    (void)w;
+    memcpy(&x, p, 8);
+    return _pdep_u64(x, 0x0101010101010101ull * fmask);
+}
+
+/* Values k.. (k a multiple of 8) into out[k - lo], 16 at a time while their residuals lie below
+ * hi and 8 code bytes per group of 8 are readable; returns the first value not done. Per output
+ * byte: two pshufb lookups (exponent by index, fp16's high residual bits) OR'ed with the residual
+ * byte's own bits. Built twice, with the pdep and the scalar field spread: a BMI2 instruction
+ * must not be reachable on a CPU without it. */
+#define REBUILD16_RUN(NAME, TARGET, FIELDS8)                                                   \
+    __attribute__((target(TARGET))) static uint64_t NAME(const endor_expdict *a,              \
+                                                         const expdict_tables *T, uint64_t k,  \
+                                                         uint64_t lo, uint64_t hi,            \
+                                                         uint16_t *out) {                      \
+        const __m128i imask = _mm_set1_epi8((char)((1 << T->b) - 1));                          \
+        const __m128i shift = _mm_cvtsi32_si128(T->b);                                         \
+        const __m128i idx_lo = _mm_loadu_si128((const __m128i *)T->idx_lo);                    \
+        const __m128i idx_hi = _mm_loadu_si128((const __m128i *)T->idx_hi);                    \
+        const __m128i high_lo = _mm_loadu_si128((const __m128i *)T->high_lo);                  \
+        const __m128i high_hi = _mm_loadu_si128((const __m128i *)T->high_hi);                  \
+        const __m128i rlo = _mm_set1_epi8((char)T->res_lo_mask);                               \
+        const __m128i rhi = _mm_set1_epi8((char)T->res_hi_mask);                               \
+        const uint64_t w = (uint64_t)T->w;                                                     \
+        for (; k + 16 <= hi && (k / 8 + 1) * w + 8 <= a->codes_nbytes; k += 16) {              \
+            const uint8_t *c = a->codes + (k / 8) * w;                                         \
+            __m128i f = _mm_set_epi64x((long long)FIELDS8(c + w, T->w, T->fmask),              \
+                                       (long long)FIELDS8(c, T->w, T->fmask));                 \
+            __m128i r = _mm_loadu_si128((const __m128i *)(a->residuals + k));                  \
+            __m128i idx = _mm_and_si128(f, imask);                                             \
+            /* f >> b per byte: a 16-bit shift brings bits of the next byte in above bit       \
+             * 7 - b >= 3, which the 3-bit mask drops */                                       \
+            __m128i high = _mm_and_si128(_mm_srl_epi16(f, shift), _mm_set1_epi8(7));           \
+            __m128i vlo = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(idx_lo, idx),             \
+                                                    _mm_shuffle_epi8(high_lo, high)),          \
+                                       _mm_and_si128(r, rlo));                                 \
+            __m128i vhi = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(idx_hi, idx),             \
+                                                    _mm_shuffle_epi8(high_hi, high)),          \
+                                       _mm_and_si128(r, rhi));                                 \
+            _mm_storeu_si128((__m128i *)(out + (k - lo)), _mm_unpacklo_epi8(vlo, vhi));        \
+            _mm_storeu_si128((__m128i *)(out + (k - lo) + 8), _mm_unpackhi_epi8(vlo, vhi));    \
+        }                                                                                      \
+        return k;                                                                              \
+    }
+REBUILD16_RUN(rebuild16_pdep, "ssse3,bmi2", fields8_pdep)
+REBUILD16_RUN(rebuild16_spread, "ssse3", fields8_scalar)
+
+/* The same for 4-byte values (fp32, 3 residual bytes), 16 at a time, 4 per vector: pshufb widens
+ * 3-byte residuals to 32-bit lanes (one 16-byte load covers 12 bytes, hence the 4 spare bytes
+ * required past the group), the sign moves from bit 23 to 31, and the exponent comes from two
+ * pshufb lookups (bytes 2 and 3 of exponent << 23) on the index spread to each lane. */
+#define REBUILD32_RUN(NAME, TARGET, FIELDS8)                                                   \
+    __attribute__((target(TARGET))) static uint64_t NAME(const endor_expdict *a,              \
+                                                         const expdict_tables *T, uint64_t k,  \
+                                                         uint64_t lo, uint64_t hi,            \
+                                                         uint32_t *out) {                      \
+        const __m128i widen = _mm_setr_epi8(0, 1, 2, -128, 3, 4, 5, -128, 6, 7, 8, -128, 9, 10,\
+                                            11, -128);                                         \
+        const __m128i e2 = _mm_loadu_si128((const __m128i *)T->idx_b2);                        \
+        const __m128i e3 = _mm_loadu_si128((const __m128i *)T->idx_b3);                        \
+        const __m128i m2 = _mm_set1_epi32(0x00FF0000), m3 = _mm_set1_epi32((int)0xFF000000u);  \
+        const __m128i mant = _mm_set1_epi32(0x7FFFFF), sign = _mm_set1_epi32(0x800000);        \
+        const uint64_t w = (uint64_t)T->w;                                                     \
+        for (; k + 16 <= hi && (k / 8 + 1) * w + 8 <= a->codes_nbytes &&                       \
+               3 * (k + 16) + 4 <= 3 * a->nnz; k += 16) {                                      \
+            const uint8_t *c = a->codes + (k / 8) * w;                                         \
+            __m128i f = _mm_set_epi64x((long long)FIELDS8(c + w, T->w, T->fmask),              \
+                                       (long long)FIELDS8(c, T->w, T->fmask));                 \
+            for (int q = 0; q < 4; q++) {                                                      \
+                /* index byte 4q + j to bytes 2 and 3 of lane j */                             \
+                __m128i spread = _mm_shuffle_epi8(f, _mm_setr_epi8(                            \
+                    -128, -128, (char)(4 * q), (char)(4 * q), -128, -128, (char)(4 * q + 1),   \
+                    (char)(4 * q + 1), -128, -128, (char)(4 * q + 2), (char)(4 * q + 2), -128, \
+                    -128, (char)(4 * q + 3), (char)(4 * q + 3)));                              \
+                __m128i e = _mm_or_si128(_mm_and_si128(_mm_shuffle_epi8(e2, spread), m2),      \
+                                         _mm_and_si128(_mm_shuffle_epi8(e3, spread), m3));     \
+                __m128i r = _mm_shuffle_epi8(                                                  \
+                    _mm_loadu_si128((const __m128i *)(a->residuals + 3 * (k + 4 * q))), widen);\
+                __m128i v = _mm_or_si128(_mm_or_si128(_mm_and_si128(r, mant), e),              \
+                                         _mm_slli_epi32(_mm_and_si128(r, sign), 8));           \
+                _mm_storeu_si128((__m128i *)(out + (k - lo) + 4 * q), v);                      \
+            }                                                                                  \
+        }                                                                                      \
+        return k;                                                                              \
+    }
+REBUILD32_RUN(rebuild32_pdep, "ssse3,bmi2", fields8_pdep)
+REBUILD32_RUN(rebuild32_spread, "ssse3", fields8_scalar)
+#endif
+
+/* Rebuild values [lo, hi) of the tensor into buf[0, hi - lo). */
+static void rebuild_values(const endor_expdict *a, const expdict_tables *T, uint64_t lo,
+                           uint64_t hi, void *buf, int simd) {
+    uint64_t k = lo;
+    if (T->rb == 1) {
+        uint16_t *out = (uint16_t *)buf;
+#if ENDOR_X86
+        if (simd) {
+            for (; k < hi && k % 8; k++) out[k - lo] = (uint16_t)value_at(a, T, k);
+            k = use_pdep ? rebuild16_pdep(a, T, k, lo, hi, out) : rebuild16_spread(a, T, k, lo, hi, out);
+        }
+#else
+        (void)simd;
+#endif
+        for (; k < hi && k % 8; k++) out[k - lo] = (uint16_t)value_at(a, T, k);
+        for (; k + 8 <= hi && (k / 8) * (uint64_t)T->w + 8 <= a->codes_nbytes; k += 8) {
+            uint64_t f = fields8_scalar(a->codes + (k / 8) * (uint64_t)T->w, T->w, T->fmask);
+            const uint8_t *r = a->residuals + k;
+            for (int j = 0; j < 8; j++)
+                out[k - lo + j] = T->hi16[(f >> (8 * j)) & 0xFF] | T->lo16[r[j]];
+        }
+        for (; k < hi; k++) out[k - lo] = (uint16_t)value_at(a, T, k);
+    } else {
+        uint32_t *out = (uint32_t *)buf;
+#if ENDOR_X86
+        if (simd) {
+            for (; k < hi && k % 8; k++) out[k - lo] = value_at(a, T, k);
+            k = use_pdep ? rebuild32_pdep(a, T, k, lo, hi, out) : rebuild32_spread(a, T, k, lo, hi, out);
+        }
+#endif
+        for (; k < hi; k++) out[k - lo] = value_at(a, T, k);
+    }
+}
+
+/* Patch the escapes of tile t into buf (count values). -1 when a position is not strictly above
+ * the previous one of the tile or not below count (the escape table disagrees with the tile). */
+static int patch_escapes(const endor_expdict *a, uint64_t e0, uint64_t e1, uint64_t count,
+                         void *buf) {
+    for (uint64_t e = e0; e < e1; e++) {
+        uint64_t pos = a->escape_positions[e];
+        if (pos >= count || (e > e0 && pos <= a->escape_positions[e - 1])) return -1;
+        if (a->elem_bytes == 2)
+            ((uint16_t *)buf)[pos] = ((const uint16_t *)a->escape_values)[e];
+        else
+            ((uint32_t *)buf)[pos] = ((const uint32_t *)a->escape_values)[e];
+    }
+    return 0;
+}
+
+/* Decode tiles [t0, t1) of one expdict tensor. Returns 0, t + 1 for the first tile t whose tile
+ * offsets, escape offsets, escape positions or bitmap are inconsistent, -1 for bad arguments. */
+int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t t1,
+                                   int allow_simd) {
+    if (!tables_ready) build_tables();
+    uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
+    expdict_tables T;
+    if (t0 > t1 || t1 > ntiles || build_expdict_tables(a, &T)) return -1;
+    int simd = allow_simd && use_simd;
+    int nt = simd && ((uintptr_t)a->out % 16 == 0);
+    /* zeroed once: the SIMD expand may read (and discard) entries past the tile's values */
+    uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
+    memset(buf32, 0, sizeof buf32);
+    int64_t rc = 0;
+    for (uint64_t t = t0; t < t1 && !rc; t++) {
+        uint64_t lo, hi, start, end, e0 = a->escape_offsets[t], e1 = a->escape_offsets[t + 1];
+        if (!tile_range(a->tile_offsets, t, a->n, a->nnz, &lo, &hi, &start, &end) ||
+            e0 > e1 || e1 > a->escapes || e1 - e0 > hi - lo) {
+            rc = (int64_t)t + 1;
+            break;
+        }
+        rebuild_values(a, &T, lo, hi, buf32, simd);
+        if (patch_escapes(a, e0, e1, hi - lo, buf32)) {
+            rc = (int64_t)t + 1;
+            break;
+        }
+        int bad = a->elem_bytes == 2
+            ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, hi - lo, TILE_BUF,
+                              (uint16_t *)a->out, start, end, simd, nt)
+            : expand_uint32_t(a->bitmap, buf32, 0, hi - lo, TILE_BUF, (uint32_t *)a->out, start,
+                              end, simd, nt);
+        if (bad) rc = (int64_t)t + 1;
+    }
+#if ENDOR_X86
+    if (nt) _mm_sfence();
 #endif
     return rc;
 }

@@ -1,6 +1,7 @@
 /*
- * endor_decode.cu: rebuild dense fp16 / bf16 / fp32 weights on the GPU from format v1
- * (bitmap + packed values + tile offsets; spec: docs/format.md, section 1).
+ * endor_decode.cu: rebuild dense fp16 / bf16 / fp32 weights on the GPU from bitmap + tile offsets
+ * + values, the values stored raw (format v1) or in the expdict codec (format v2: residuals,
+ * exponent-dictionary codes and a per-tile escape list); spec: docs/format.md, section 1.
  *
  * Who uses this file
  *   - endor_gds/kernels.py compiles it at run time with NVRTC (CuPy RawModule, options
@@ -17,7 +18,8 @@
  *   and the grid has one block per tile of the whole layer, so a 7-tensor Llama layer is one
  *   launch instead of seven, and small tensors (k/v projections) share the GPU with large ones
  *   instead of running as tail-heavy launches of their own. A block finds its tensor by a binary
- *   search over the first_tile fields (a handful of broadcast loads that hit L1).
+ *   search over the first_tile fields (a handful of broadcast loads that hit L1). Raw and expdict
+ *   tensors mix freely in one table: the codec is a descriptor field, uniform within a block.
  *
  * One block = one tile of 4096 elements = 128 bitmap words, 128 threads
  *   1. Tile offsets t and t+1 say where the tile's values are: values[lo, hi). This is what lets
@@ -40,29 +42,57 @@
  *   Bitmap and values are read exactly once, hence the L1::no_allocate loads: they should not
  *   evict the descriptors and tile offsets that all threads share.
  *
- * Decoding moves bit patterns: fp16 and bf16 share the 2-byte path, fp32 uses the 4-byte path;
- * the element size is a per-descriptor field (dtype table: endor_gds/kernels.py).
+ * Codec expdict
+ *   Value k has its residual (sign and mantissa, whole bytes) at byte residual_bytes * k of the
+ *   `values` stream and its field (exponent index | high residual bits << index_bits) at bit
+ *   field_bits * k of `codes`: fixed widths, so a tile's residuals and codes are two byte windows,
+ *   staged in step 3 with the same coalesced 16-byte loads as raw values (the tile's escape
+ *   offsets are read and checked in step 1 beside its tile offsets). After the verdict barrier:
+ *   3b. every thread rebuilds values tid, tid + 128, ... of the tile into a shared array (shifts
+ *       and ORs, the exponent from a 16-entry shared table); barrier;
+ *   3c. thread j takes escapes esc_lo + j, + 128, ... and overwrites the value at its position
+ *       with the escape's full bit pattern (escapes are rare, so these scattered loads cost
+ *       little); a second verdict barrier (an escape position may be bad);
+ *   and step 4 writes the rebuilt array exactly as it writes raw values. Shared memory per block
+ *   grows (rebuilt values + both windows: 14.4 KB bf16, 15.9 KB fp16, 30.8 KB fp32, against 9.2
+ *   and 17.4 KB raw), so fewer blocks are resident per SM (about 14 instead of 16 for bf16 on
+ *   sm_90); the tile reads 1.4x fewer bytes from DRAM than raw at 50 % bf16.
  *
- * Safety: the file is untrusted. Whatever the bitmap and the tile offsets say, the kernel reads
- * only [bitmap, bitmap + 4*ceil(n/32)), [values, values + values_capacity),
- * tile_offsets[0..ntiles], and writes only out[0..n). The host (kernels.GpuDecoder.make_table)
- * guarantees the descriptor itself: 1 <= n < 2^32, nnz * elem_bytes <= values_capacity,
- * elem_bytes in {2, 4}, the alignments below, and consecutive first_tile values. The kernel checks
- * everything that comes from the file:
+ * Decoding moves bit patterns: fp16 and bf16 share the 2-byte path, fp32 uses the 4-byte path;
+ * the element size is a per-descriptor field (dtype table: endor_gds/kernels.py). expdict also
+ * needs man_bits (7 bf16, 10 fp16, 23 fp32) to place sign, exponent and mantissa.
+ *
+ * Safety: the file is untrusted. Whatever the bitmap, tile offsets and escape tables say, the
+ * kernel reads only [bitmap, bitmap + 4*ceil(n/32)), [values, values + values_capacity),
+ * tile_offsets[0..ntiles], and for expdict [codes, codes + codes_capacity),
+ * escape_offsets[0..ntiles], escape_positions and escape_values [0, escapes), and writes only
+ * out[0..n). The host (kernels.GpuDecoder.make_table) guarantees the descriptor itself:
+ * 1 <= n < 2^32, nnz * elem_bytes <= values_capacity (raw) or nnz * residual_bytes <=
+ * values_capacity and ceil(nnz * field_bits / 8) <= codes_capacity (expdict), elem_bytes in
+ * {2, 4}, man_bits matching it, index_bits in 1..4, escape arrays of `escapes` entries, the
+ * alignments below, and consecutive first_tile values. The kernel checks everything that comes
+ * from the file:
  *   - lo <= hi <= nnz and hi - lo <= 4096 (else the staging loads could leave the segment or
  *     overflow shared memory), tile_offsets[0] == 0 and tile_offsets[ntiles] == nnz: reason
  *     kBadOffsets, checked before any value is read;
+ *   - expdict: the tile's escape offsets satisfy esc_lo <= esc_hi <= escapes and
+ *     esc_hi - esc_lo <= hi - lo, start at 0 in tile 0 and end at escapes in the last tile:
+ *     kBadEscapes, before any escape is read;
  *   - bits at positions >= n in the tensor's last word must be clear: kBitsPastEnd;
  *   - the tile's popcount must equal hi - lo: kCountMismatch. Together with the first check this
- *     bounds every value index by hi (the emulation asserts it at each read).
+ *     bounds every value index by hi (the emulation asserts it at each read);
+ *   - expdict: every escape position is below hi - lo and above the tile's previous one:
+ *     kBadEscapes. Only such a position is written, so no write leaves the rebuilt array and no
+ *     two threads write the same value.
  *   A bad tile writes nothing and records (descriptor, tile, reason) in *error with atomicMin, so
  *   the first bad tile in table order is reported, deterministically. Other tiles of the launch
  *   may have been written: the caller treats the whole launch's outputs as invalid.
  *
- * Alignment required of the pointers (checked by make_table): bitmap and tile_offsets 4 bytes,
- * values 16 bytes (the 16-byte staging loads start at values + a multiple of 16, never before
- * values), out 16 bytes (tile t starts at out + 4096 * t * elem_bytes, a multiple of 16). Outputs
- * must not overlap inputs (the input loads use the read-only data path).
+ * Alignment required of the pointers (checked by make_table): bitmap, tile_offsets and
+ * escape_offsets 4 bytes, values and codes 16 bytes (the 16-byte staging loads start at a multiple
+ * of 16 past them, never before), escape_positions 2, escape_values elem_bytes, out 16 bytes (tile
+ * t starts at out + 4096 * t * elem_bytes, a multiple of 16). Outputs must not overlap inputs
+ * (the input loads use the read-only data path).
  */
 
 #ifndef ENDOR_TILE_ELEMS
@@ -91,36 +121,63 @@ constexpr u32 kThreads = kTileElems / kWordBits;  // threads per block: one per 
 constexpr u32 kWarps = kThreads / 32;          // warps per block
 constexpr u32 kChunk = 16;                     // bytes per vector load / store
 constexpr u32 kStageSlack = kChunk;            // staging window = values + alignment, see stage_bytes
+constexpr u32 kMaxIndexBits = 4;               // expdict.MAX_INDEX_BITS: 16 dictionary entries
 // Resident blocks per SM the kernel is built for: 16 x 128 = 2048 threads, full occupancy on
 // sm_80/sm_90, to hide DRAM latency in this memory-bound kernel. It caps registers at 32 per
 // thread, which the kernel fits without spilling (tests/test_cuda_compile.py fails on any spill).
 // Shared memory per block is 9.2 KB for fp16/bf16 tables (+1 KB the driver reserves): 16 blocks
 // fit an sm_90 SM (228 KB), about 15 an sm_80 SM (164 KB); a table holding fp32 (17.4 KB a block)
-// runs about 12 and 8.
+// runs about 12 and 8, and expdict tables (see above) 14 / 10 (bf16) and 7 / 5 (fp32).
 constexpr u32 kMinBlocksPerSM = 16;
 static_assert(kTileElems == 4096, "the block layout (128 threads, one word each) assumes 4096-element tiles");
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "the scan keeps one total per warp");
 
-// Shared memory for a tile's staged values when the largest element in the table is
-// `elem_bytes`: the window [floor16(lo*eb), ceil16(hi*eb)) is at most (hi-lo)*eb + 30 bytes and a
-// multiple of 16, so 4096*eb + 16. The host passes this as the dynamic shared memory size.
-ENDOR_HD u32 stage_bytes(u32 elem_bytes) { return kTileElems * elem_bytes + kStageSlack; }
+enum Codec : u32 { kRaw = 0, kExpDict = 1 };
 
 // One bitmap tensor of the layer (built and uploaded once by kernels.GpuDecoder.make_table; the
 // byte layout is kernels.DESC_DTYPE, and the emulation test checks the two agree).
 struct Desc {
   const u32* bitmap;        // ceil(n/32) little-endian words; bit j of word w = element 32w+j
-  const u8* values;         // the nnz packed non-zero values, elem_bytes each; 16-byte aligned
-  u64 values_capacity;      // bytes readable at values (>= nnz*elem_bytes; the padded segment)
+  const u8* values;         // raw: the nnz packed values; expdict: the residuals; 16-byte aligned
+  u64 values_capacity;      // bytes readable at values (the padded segment)
   const u32* tile_offsets;  // ntiles+1 entries: values of tile t are [off[t], off[t+1])
   u8* out;                  // n*elem_bytes dense output; 16-byte aligned
   u64 n;                    // elements of the tensor, 1 <= n < 2^32
-  u64 nnz;                  // number of packed values
+  u64 nnz;                  // number of values
   u64 first_tile;           // global tile index of this tensor's tile 0 (= block index)
   u32 elem_bytes;           // 2 (fp16, bf16) or 4 (fp32)
-  u32 reserved;             // 0; pads the struct to 8-byte alignment
+  u32 codec;                // kRaw or kExpDict; the fields below are 0 for kRaw
+  const u8* codes;          // expdict fields, field_bits each; 16-byte aligned
+  u64 codes_capacity;       // bytes readable at codes
+  const u32* escape_offsets;    // ntiles+1 entries: escapes of tile t are [eoff[t], eoff[t+1])
+  const u16* escape_positions;  // escapes entries: value index within its tile
+  const u8* escape_values;      // escapes entries of elem_bytes: the full bit patterns
+  u64 escapes;              // number of escapes
+  u32 index_bits;           // 1..4: dictionary of 2^index_bits exponents
+  u32 man_bits;             // mantissa bits: 7 (bf16), 10 (fp16), 23 (fp32)
+  u8 exponents[16];         // the dictionary: index i -> exponent field exponents[i]
 };
-static_assert(sizeof(Desc) == 72, "Desc must match kernels.DESC_DTYPE");
+static_assert(sizeof(Desc) == 144, "Desc must match kernels.DESC_DTYPE");
+
+// The byte layout of a value in the expdict streams, from the descriptor.
+ENDOR_HD u32 residual_bytes(const Desc& d) { return (d.man_bits + 1) / 8; }
+ENDOR_HD u32 field_bits(const Desc& d) { return d.index_bits + (d.man_bits + 1) % 8; }
+ENDOR_HD u32 max_field_bits(const Desc& d) { return kMaxIndexBits + (d.man_bits + 1) % 8; }
+
+// Dynamic shared memory a descriptor's tiles need (the host passes the table's maximum).
+// Raw: the staged values window [floor16(lo*eb), ceil16(hi*eb)), at most (hi-lo)*eb + 30 bytes and
+// a multiple of 16, so 4096*eb + 16. Expdict: the rebuilt values (4096*eb), then the residual
+// window (4096*rb + 16, as above), then the codes window: bytes [floor16(lo*w/8), ceil16(ceil(hi*w/8)))
+// span at most 4096*w/8 + 32 bytes (16-byte multiples).
+ENDOR_HD u32 stage_bytes(u32 elem_bytes) { return kTileElems * elem_bytes + kStageSlack; }
+ENDOR_HD u32 residuals_offset(const Desc& d) { return kTileElems * d.elem_bytes; }
+ENDOR_HD u32 codes_offset(const Desc& d) {
+  return residuals_offset(d) + kTileElems * residual_bytes(d) + kStageSlack;
+}
+ENDOR_HD u32 smem_bytes(const Desc& d) {
+  if (d.codec != kExpDict) return stage_bytes(d.elem_bytes);
+  return codes_offset(d) + kTileElems / 8 * max_field_bits(d) + 2 * kChunk;
+}
 
 // Why a tile was rejected. The error word holds desc << 40 | tile << 8 | reason, so atomicMin
 // keeps the first bad tile in table order (tile < 2^20 because n < 2^32; desc < 2^24 by make_table);
@@ -130,6 +187,7 @@ enum Reason : u32 {
   kBadOffsets = 1,     // lo > hi, hi > nnz, > kTileElems values, or the table not from 0 to nnz
   kBitsPastEnd = 2,    // a bit at a position >= n is set in the tensor's last word
   kCountMismatch = 3,  // the tile's popcount differs from hi - lo
+  kBadEscapes = 4,     // expdict: escape offsets out of range, or a bad escape position
 };
 
 ENDOR_HD u64 error_key(u32 desc, u64 tile, u32 reason) {
@@ -212,6 +270,24 @@ ENDOR_HD u32 find_desc(const Desc* descs, u32 ndesc, u64 g) {
   return lo;
 }
 
+// A byte window of a stream staged into shared memory: bytes [win0, win0 + 16 * chunks) of the
+// stream, the first bit of value lo at bit `head_bits` inside it.
+struct Window {
+  u64 win0;       // stream byte offset of the window, a multiple of 16
+  u32 chunks;     // 16-byte chunks
+  u32 head_bits;  // bit offset of value lo inside the window (a multiple of 8 for byte streams)
+};
+
+// The window holding stream bits [first_bit, end_bit) (both multiples of 8 for byte streams).
+ENDOR_HD Window window_of(u64 first_bit, u64 end_bit, bool empty) {
+  Window w;
+  w.win0 = first_bit / 8 / kChunk * kChunk;
+  w.head_bits = static_cast<u32>(first_bit - w.win0 * 8);
+  const u64 end = ((end_bit + 7) / 8 + kChunk - 1) / kChunk * kChunk;
+  w.chunks = empty ? 0 : static_cast<u32>((end - w.win0) / kChunk);
+  return w;
+}
+
 // What every thread of a block knows about its tile (all threads compute the same values).
 struct Tile {
   const Desc* d;  // the tile's tensor
@@ -220,13 +296,14 @@ struct Tile {
   u64 t;          // tile index within the tensor
   u64 e0;         // first element of the tile
   u64 lo, hi;     // the tile's values are values[lo, hi) (trusted only when reason == kOk)
-  u64 win0;       // byte offset in values of the staged window: lo*elem_bytes rounded down to 16
-  u32 chunks;     // 16-byte chunks in the staged window
-  u32 head;       // byte offset of value lo inside the staged window (< 16)
-  u32 reason;     // kOk, or kBadOffsets: then nothing is read through lo/hi
+  u64 esc_lo, esc_hi;  // expdict: the tile's escapes (trusted only when reason == kOk)
+  Window vals;    // raw: the values; expdict: the residuals (head in bytes)
+  Window codes;   // expdict: the fields (head in bits)
+  u32 reason;     // kOk, or kBadOffsets / kBadEscapes: then nothing is read through them
 };
 
-// Phase 1a (every thread): find the tensor, read and check the tile's offsets.
+// Phase 1a (every thread): find the tensor, read and check the tile's offsets (and, for expdict,
+// its escape offsets), and the windows to stage.
 ENDOR_HD Tile open_tile(const Desc* descs, u32 ndesc, u64 g) {
   Tile tl;
   tl.desc = find_desc(descs, ndesc, g);
@@ -242,49 +319,76 @@ ENDOR_HD Tile open_tile(const Desc* descs, u32 ndesc, u64 g) {
   // lo <= hi <= nnz and hi - lo <= 4096 keep every read below inside values and shared memory.
   // The table must also start at 0 and end at nnz (tile t's hi is tile t+1's lo, the same entry),
   // so an accepted launch uses every value exactly once: the kernel accepts exactly the inputs
-  // that format.decode_bitmap_reference accepts.
+  // that the reference decoder (format.py, expdict.py) accepts.
   const bool last = tl.e0 + kTileElems >= d.n;
   const bool ok = tl.lo <= tl.hi && tl.hi <= d.nnz && tl.hi - tl.lo <= kTileElems &&
                   (tl.t != 0 || tl.lo == 0) && (!last || tl.hi == d.nnz);
   tl.reason = ok ? kOk : kBadOffsets;
-  tl.win0 = tl.lo * d.elem_bytes / kChunk * kChunk;
-  tl.head = static_cast<u32>(tl.lo * d.elem_bytes - tl.win0);
-  if (tl.reason != kOk || tl.hi == tl.lo) {
-    tl.chunks = 0;
-  } else {
-    const u64 end = (tl.hi * d.elem_bytes + kChunk - 1) / kChunk * kChunk;
-    tl.chunks = static_cast<u32>((end - tl.win0) / kChunk);
+  tl.esc_lo = tl.esc_hi = 0;
+  const bool expdict = d.codec == kExpDict;
+  if (expdict && ok) {  // the same rules for the escapes, bounded by the tile's value count
+    tl.esc_lo = load_broadcast(d.escape_offsets + tl.t);
+    tl.esc_hi = load_broadcast(d.escape_offsets + tl.t + 1);
+    const bool esc_ok = tl.esc_lo <= tl.esc_hi && tl.esc_hi <= d.escapes &&
+                        tl.esc_hi - tl.esc_lo <= tl.hi - tl.lo && (tl.t != 0 || tl.esc_lo == 0) &&
+                        (!last || tl.esc_hi == d.escapes);
+    tl.reason = esc_ok ? kOk : kBadEscapes;
   }
+  const bool empty = tl.reason != kOk || tl.hi == tl.lo;
+  const u64 vb = expdict ? residual_bytes(d) : d.elem_bytes;  // bytes per value in `values`
+  tl.vals = window_of(tl.lo * vb * 8, tl.hi * vb * 8, empty);
+  tl.codes = window_of(tl.lo * field_bits(d), tl.hi * field_bits(d), empty || !expdict);
   return tl;
 }
 
-// Phase 1c (every thread): stage window chunk c (global byte win0 + 16c) into staged + 16c.
-// A chunk wholly inside values_capacity is one 16-byte load. Only the window's last chunk can
+// Phase 1c (every thread): stage window chunk c (stream byte win0 + 16c) into staged + 16c.
+// A chunk wholly inside the capacity is one 16-byte load. Only the window's last chunk can
 // straddle the capacity (a segment whose length is not a multiple of 16); it is copied byte by
-// byte up to the capacity, and the bytes past it belong to no value (hi*eb <= nnz*eb <= capacity).
-ENDOR_HD void stage_chunk(const Tile& tl, u32 c, u8* staged) {
-  const Desc& d = *tl.d;
-  const u64 off = tl.win0 + static_cast<u64>(c) * kChunk;
-  ENDOR_INVARIANT(c < tl.chunks && tl.reason == kOk);
-  ENDOR_INVARIANT((c + 1) * kChunk <= stage_bytes(d.elem_bytes));
-  ENDOR_INVARIANT(off < d.values_capacity);
-  if (off + kChunk <= d.values_capacity) {
+// byte up to the capacity, and the bytes past it belong to no value (the host guarantees the
+// capacity holds all nnz values).
+ENDOR_HD void stage_chunk(const u8* src, u64 capacity, const Window& w, u32 c, u8* staged) {
+  const u64 off = w.win0 + static_cast<u64>(c) * kChunk;
+  ENDOR_INVARIANT(c < w.chunks);
+  ENDOR_INVARIANT(off < capacity);
+  if (off + kChunk <= capacity) {
     *reinterpret_cast<Chunk16*>(staged + c * kChunk) =
-        load_once(reinterpret_cast<const Chunk16*>(d.values + off));
+        load_once(reinterpret_cast<const Chunk16*>(src + off));
   } else {
 #pragma unroll 1
-    for (u64 b = off; b < d.values_capacity; ++b) staged[c * kChunk + (b - off)] = d.values[b];
+    for (u64 b = off; b < capacity; ++b) staged[c * kChunk + (b - off)] = src[b];
   }
 }
 
+// Rounds of 128 chunks covering the largest window: raw fp32 values, 4096 * 4 + 16 bytes (the
+// expdict windows are smaller: 3 * 4096 + 16 residual bytes, 512 * 7 + 32 code bytes).
 constexpr u32 kMaxStageRounds = (kTileElems * 4 + kStageSlack) / kChunk / kThreads + 1;  // 9
 
-ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* staged) {
+// Consecutive threads, consecutive 16-byte chunks. Unrolled, so a thread's loads of all its
+// rounds are in flight together (memory-level parallelism in a latency-bound phase).
+ENDOR_HD void stage_window(const u8* src, u64 capacity, const Window& w, u32 tid, u8* staged) {
 #pragma unroll
   for (u32 r = 0; r < kMaxStageRounds; ++r) {
-    const u32 c = r * kThreads + tid;  // consecutive threads, consecutive 16-byte chunks
-    if (c < tl.chunks) stage_chunk(tl, c, staged);
+    const u32 c = r * kThreads + tid;
+    if (c < w.chunks) stage_chunk(src, capacity, w, c, staged);
   }
+}
+
+// Phase 1c: stage the tile's streams. Raw: the values at smem. Expdict: the residuals and the
+// codes in their regions (smem_bytes), and the dictionary (exponent << man_bits, 16 entries) into
+// `dict` by threads 0..15.
+ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem, u32* dict) {
+  const Desc& d = *tl.d;
+  ENDOR_INVARIANT(tl.reason == kOk);
+  if (d.codec != kExpDict) {
+    ENDOR_INVARIANT(tl.vals.chunks * kChunk <= stage_bytes(d.elem_bytes));
+    stage_window(d.values, d.values_capacity, tl.vals, tid, smem);
+    return;
+  }
+  ENDOR_INVARIANT(residuals_offset(d) + tl.vals.chunks * kChunk <= codes_offset(d));
+  ENDOR_INVARIANT(codes_offset(d) + tl.codes.chunks * kChunk <= smem_bytes(d));
+  stage_window(d.values, d.values_capacity, tl.vals, tid, smem + residuals_offset(d));
+  stage_window(d.codes, d.codes_capacity, tl.codes, tid, smem + codes_offset(d));
+  if (tid < (1u << kMaxIndexBits)) dict[tid] = static_cast<u32>(d.exponents[tid]) << d.man_bits;
 }
 
 // Phase 1b (thread tid): bitmap word tid of the tile, 0 past the tile's end (nothing is read
@@ -341,16 +445,74 @@ struct BitsOf<4> {
   typedef u32 T;
 };
 
-// Phase 3 (thread tid), for elements of EB bytes: write the tile's 16-byte output chunks
+// Phase 3b (thread tid), expdict: rebuild values tid, tid + 128, ... of the tile into the start
+// of smem from the staged residuals and codes: value = sign << (8*EB - 1) | dict[index] | mantissa,
+// with residual r = low bytes | field >> index_bits << 8*rb, sign = r >> man_bits.
+template <u32 EB>
+ENDOR_HD void rebuild_chunk(const Tile& tl, u32 tid, u8* smem, const u32* dict) {
+  typedef typename BitsOf<EB>::T T;
+  const Desc& d = *tl.d;
+  const u32 rb = residual_bytes(d), w = field_bits(d), b = d.index_bits, m = d.man_bits;
+  const u8* res = smem + residuals_offset(d) + tl.vals.head_bits / 8;
+  const u8* codes = smem + codes_offset(d);
+  T* out = reinterpret_cast<T*>(smem);
+  const u32 count = static_cast<u32>(tl.hi - tl.lo);
+#pragma unroll 1
+  for (u32 i = tid; i < count; i += kThreads) {
+    const u32 bit = tl.codes.head_bits + i * w;
+    u32 x = codes[bit / 8];
+    if (bit % 8 + w > 8) x |= static_cast<u32>(codes[bit / 8 + 1]) << 8;  // straddles a byte
+    const u32 field = (x >> (bit % 8)) & ((1u << w) - 1);
+    u32 r = res[i * rb];
+    if (EB == 4) r |= static_cast<u32>(res[i * rb + 1]) << 8 | static_cast<u32>(res[i * rb + 2]) << 16;
+    r |= (field >> b) << (8 * rb);
+    out[i] = static_cast<T>(((r >> m) << (8 * EB - 1)) | dict[field & ((1u << b) - 1)] |
+                            (r & ((1u << m) - 1)));
+  }
+}
+
+ENDOR_HD void rebuild_values(const Tile& tl, u32 tid, u8* smem, const u32* dict) {
+  if (tl.d->elem_bytes == 4) {
+    rebuild_chunk<4>(tl, tid, smem, dict);
+  } else {
+    rebuild_chunk<2>(tl, tid, smem, dict);
+  }
+}
+
+// Phase 3c (thread tid), expdict: escapes esc_lo + tid, + 128, ... overwrite their values in the
+// rebuilt array. Returns kBadEscapes (writing nothing for that escape) for a position at or past
+// the tile's value count or not above the previous escape's.
+ENDOR_HD u32 patch_escapes(const Tile& tl, u32 tid, u8* smem) {
+  const Desc& d = *tl.d;
+  const u64 count = tl.hi - tl.lo;
+  u32 reason = kOk;
+#pragma unroll 1
+  for (u64 e = tl.esc_lo + tid; e < tl.esc_hi; e += kThreads) {
+    ENDOR_INVARIANT(e < d.escapes);
+    const u32 pos = d.escape_positions[e];
+    if (pos >= count || (e > tl.esc_lo && pos <= d.escape_positions[e - 1])) {
+      reason = kBadEscapes;
+      continue;
+    }
+    if (d.elem_bytes == 4) {
+      reinterpret_cast<u32*>(smem)[pos] = reinterpret_cast<const u32*>(d.escape_values)[e];
+    } else {
+      reinterpret_cast<u16*>(smem)[pos] = reinterpret_cast<const u16*>(d.escape_values)[e];
+    }
+  }
+  return reason;
+}
+
+// Phase 4 (thread tid), for elements of EB bytes: write the tile's 16-byte output chunks
 // tid, tid+128, ... . `words` and `prefix` are the tile's bitmap words and each word's first
-// value index relative to lo (shared memory); `staged` holds the values (shared memory).
+// value index relative to lo (shared memory); vals[i] = values[lo + i] (shared memory).
 template <u32 EB>  // element bytes: 2 (fp16, bf16 bit patterns) or 4 (fp32 bit patterns)
 ENDOR_HD void write_chunks(const Tile& tl, u32 tid, const u32* words, const u32* prefix,
                            const u8* staged) {
   typedef typename BitsOf<EB>::T T;
   constexpr u32 kPer = kChunk / EB;                      // elements per chunk: 8 or 4
   constexpr u32 kRounds = kTileElems / kPer / kThreads;  // chunk rounds per thread: 4 or 8
-  const T* vals = reinterpret_cast<const T*>(staged + tl.head);  // vals[i] = values[lo + i]
+  const T* vals = reinterpret_cast<const T*>(staged);
   u8* out = tl.d->out + tl.e0 * EB;
 #pragma unroll
   for (u32 r = 0; r < kRounds; ++r) {
@@ -394,31 +556,34 @@ ENDOR_HD void write_chunks(const Tile& tl, u32 tid, const u32* words, const u32*
   }
 }
 
+// Phase 4: the values to expand are the staged raw values (from their head) or the rebuilt ones.
 ENDOR_HD void write_outputs(const Tile& tl, u32 tid, const u32* words, const u32* prefix,
-                            const u8* staged) {
+                            const u8* smem) {
+  const u8* vals = tl.d->codec == kExpDict ? smem : smem + tl.vals.head_bits / 8;
   if (tl.d->elem_bytes == 4) {
-    write_chunks<4>(tl, tid, words, prefix, staged);
+    write_chunks<4>(tl, tid, words, prefix, vals);
   } else {
-    write_chunks<2>(tl, tid, words, prefix, staged);
+    write_chunks<2>(tl, tid, words, prefix, vals);
   }
 }
 
 }  // namespace endor
 
 #ifndef ENDOR_EMULATE
-// The kernel: the phases above, separated by the two barriers a block needs. Grid: one block per
-// tile of the table (sum of ceil(n/4096)); block: 128 threads; dynamic shared memory:
-// stage_bytes(largest elem_bytes in the table). *error must be ~0 before the launch.
+// The kernel: the phases above, separated by the barriers a block needs. Grid: one block per
+// tile of the table (sum of ceil(n/4096)); block: 128 threads; dynamic shared memory: the
+// largest smem_bytes() of the table. *error must be ~0 before the launch.
 extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksPerSM)
     endor_decode_bitmap(const endor::Desc* __restrict__ descs,  // the table, first_tile ascending
                         unsigned int ndesc,                    // descriptors in the table (>= 1)
                         unsigned long long* __restrict__ error) {  // first bad (desc, tile, reason)
   using namespace endor;
-  extern __shared__ Chunk16 staged_raw[];  // the tile's values, 16-byte aligned
-  __shared__ u32 words[kThreads];          // the tile's bitmap words
-  __shared__ u32 prefix[kThreads];         // each word's first value index, relative to lo
-  __shared__ u32 warp_totals[kWarps];      // per-warp popcount sums, for the block scan
-  u8* staged = reinterpret_cast<u8*>(staged_raw);
+  extern __shared__ Chunk16 smem_raw[];     // staged values / rebuilt values + windows, aligned
+  __shared__ u32 words[kThreads];           // the tile's bitmap words
+  __shared__ u32 prefix[kThreads];          // each word's first value index, relative to lo
+  __shared__ u32 warp_totals[kWarps];       // per-warp popcount sums, for the block scan
+  __shared__ u32 dict[1u << kMaxIndexBits];  // expdict: exponent << man_bits by index
+  u8* smem = reinterpret_cast<u8*>(smem_raw);
   const u32 tid = threadIdx.x;
 
   const Tile tl = open_tile(descs, ndesc, blockIdx.x);
@@ -426,7 +591,7 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   // overlaps the staging loads (16 resident blocks per SM keep enough of both in flight).
   u32 reason = tl.reason;
   const u32 word = load_word(tl, tid, &reason);
-  if (tl.reason == kOk) stage_values(tl, tid, staged);
+  if (tl.reason == kOk) stage_values(tl, tid, smem, dict);
 
   const u32 count = popc32(word);
   const u32 lane = tid % 32, warp = tid / 32;
@@ -441,11 +606,20 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   words[tid] = word;
   reason = tile_verdict(tl, reason, total);
 
-  // Barrier for staged values, words and prefix; the whole block agrees on accept / reject.
+  // Barrier for staged streams, words and prefix; the whole block agrees on accept / reject.
   if (__syncthreads_or(reason != kOk)) {
     if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
     return;
   }
-  write_outputs(tl, tid, words, prefix, staged);
+  if (tl.d->codec == kExpDict) {  // uniform in the block: no divergence at the barriers
+    rebuild_values(tl, tid, smem, dict);
+    __syncthreads();  // every value is rebuilt before an escape overwrites one
+    reason = patch_escapes(tl, tid, smem);
+    if (__syncthreads_or(reason != kOk)) {
+      if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
+      return;
+    }
+  }
+  write_outputs(tl, tid, words, prefix, smem);
 }
 #endif  // ENDOR_EMULATE

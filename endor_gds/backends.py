@@ -27,6 +27,7 @@ import torch
 
 from .cpu_decode import CpuDecoder
 from .errors import DecodeError
+from .expdict import Streams
 from .io import Reader, aligned_empty
 from .pipeline import LayerPlan, staging_views
 
@@ -59,11 +60,9 @@ class RamImage:
         return self.buffer[start:start + plan.length]
 
 
-def _bitmap_parts(staging, slot):
-    """(bitmap, values, tile_offsets) byte ranges of a bitmap slot inside its staging buffer."""
-    e = slot.entry
-    return tuple(staging[slot.segments[k]:slot.segments[k] + e.segments[k].nbytes]
-                 for k in ("bitmap", "values", "tile_offsets"))
+def _segment_bytes(staging, slot) -> dict:
+    """Every segment of a slot as a byte range of its staging buffer (kind -> view, no copy)."""
+    return {k: staging[off:off + slot.entry.segments[k].nbytes] for k, off in slot.segments.items()}
 
 
 class CpuBackend:
@@ -95,9 +94,11 @@ class CpuBackend:
             if slot.arena_offset is None:
                 continue
             e = slot.entry
-            bitmap, values, offs = _bitmap_parts(staging, slot)
+            segs = _segment_bytes(staging, slot)
+            values = segs["values"].view(e.dtype.bits) if e.expdict is None else \
+                Streams.from_bytes(e.expdict, segs)
             out = arena[slot.arena_offset:slot.arena_offset + e.dense_nbytes]
-            items.append((bitmap.view("<u4"), values.view(e.dtype.bits), offs.view("<u4"),
+            items.append((segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4"),
                           out.view(e.dtype.bits)))
             labels.append(f"layer {plan.index}: {e.name}")
         return items, labels
@@ -141,6 +142,25 @@ class CpuBackend:
         views = staging_views(torch.from_numpy(staging), plan,
                               None if arena is None else torch.from_numpy(arena))
         return views, plan.length + plan.arena_bytes
+
+
+def _gpu_item(slot, base: int, out: int, label: str):
+    """The kernel's view of a bitmap slot whose extent is staged at device address ``base``:
+    segment pointers and padded lengths (the readable capacity) and, for codec expdict, its
+    streams and dictionary."""
+    from .kernels import GpuExpDict, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
+
+    e = slot.entry
+    ptr = {k: base + off for k, off in slot.segments.items()}
+    expdict, values = None, "values"
+    if e.expdict is not None:
+        values = "residuals"  # the value stream the kernel stages, residual_bytes per value
+        expdict = GpuExpDict(e.expdict, ptr["codes"], e.segments["codes"].length,
+                             ptr["escape_offsets"], ptr["escape_positions"], ptr["escape_values"])
+    return GpuItem(bitmap_ptr=ptr["bitmap"], values_ptr=ptr[values],
+                   values_capacity=e.segments[values].length, tile_offsets_ptr=ptr["tile_offsets"],
+                   out_ptr=out, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize, label=label,
+                   expdict=expdict)
 
 
 class CudaBackend:
@@ -199,20 +219,9 @@ class CudaBackend:
             self.reader.read((plan.offset, plan.length), self._host_staging[s])
 
     def _table(self, plan: LayerPlan, s: int, staging: torch.Tensor, arena: torch.Tensor):
-        from .kernels import GpuItem  # noqa: PLC0415
-
         base, out = staging.data_ptr(), arena.data_ptr()
-        items = []
-        for slot in plan.slots:
-            if slot.arena_offset is None:
-                continue
-            e = slot.entry
-            items.append(GpuItem(
-                bitmap_ptr=base + slot.segments["bitmap"], values_ptr=base + slot.segments["values"],
-                values_capacity=e.segments["values"].length,
-                tile_offsets_ptr=base + slot.segments["tile_offsets"],
-                out_ptr=out + slot.arena_offset, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize,
-                label=f"layer {plan.index}: {e.name}"))
+        items = [_gpu_item(slot, base, out + slot.arena_offset, f"layer {plan.index}: {slot.entry.name}")
+                 for slot in plan.slots if slot.arena_offset is not None]
         return self.decoder.make_table(items)
 
     def decode(self, plan: LayerPlan, s: int) -> None:

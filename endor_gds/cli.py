@@ -13,6 +13,7 @@ import sys
 
 from . import __version__, e2e, profile_io, runtime_cli
 from .errors import EndorError
+from .format import CODECS
 
 __all__ = ["main", "build_parser"]
 
@@ -35,7 +36,7 @@ def cmd_pack(args) -> int:
     wanda = dict(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                  calib_device=args.calib_device) if args.prune == "wanda" else {}
     report = pack(args.src, args.dst, prune=args.prune, sparsity=args.sparsity,
-                  progress=not args.quiet, calib=args.calib, **wanda)
+                  progress=not args.quiet, calib=args.calib, codec=args.codec, **wanda)
     print(f"wrote {report.dst}: {_human(report.file_bytes)} from {_human(report.source_bytes)} "
           f"({report.source_bytes / max(report.file_bytes, 1):.2f}x smaller), {report.tensors} tensors, "
           f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)")
@@ -67,12 +68,20 @@ def cmd_inspect(args) -> int:
         print(f"{layer['index']:>5} {layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} "
               f"{layer['density']:>8.3f} {layer['ratio']:>6.3f}")
     if args.tensors:
-        print(f"{'tensor':<56} {'shape':<14} {'dtype':<5} {'encoding':<8} {'density':>8} {'stored':>11}")
+        print(f"{'tensor':<56} {'shape':<14} {'dtype':<5} {'encoding':<8} {'codec':<12} "
+              f"{'density':>8} {'bits/el':>7} {'stored':>11}")
         for e in s["tensors"]:
             shape = "x".join(map(str, e["shape"]))
-            print(f"{e['name']:<56} {shape:<14} {e['dtype']:<5} {e['encoding']:<8} "
-                  f"{e['density']:>8.3f} {_human(e['stored_bytes']):>11}")
-    sparse = f", sparse tensors {t['sparse_ratio']:.3f}x" if t["sparse_ratio"] else ""
+            codec = "-" if e["encoding"] == "dense" else e["codec"]
+            if e["expdict"]:  # index width and escapes: what the dictionary costs
+                codec += f" b{e['expdict']['index_bits']}"
+            print(f"{e['name']:<56} {shape:<14} {e['dtype']:<5} {e['encoding']:<8} {codec:<12} "
+                  f"{e['density']:>8.3f} {e['bits_per_element']:>7.3f} {_human(e['stored_bytes']):>11}")
+    sparse = ""
+    if t["sparse_ratio"]:
+        codecs = ", ".join(f"{n} {c}" for c, n in t["codecs"].items() if n)
+        sparse = (f", sparse tensors {t['sparse_ratio']:.3f}x = {t['sparse_bits_per_element']:.3f} "
+                  f"bits per element ({codecs})")
     print(f"total: dense {_human(t['dense_bytes'])}, stored {_human(t['stored_bytes'])}, "
           f"ratio {t['ratio']:.3f}x{sparse}")
     return 0
@@ -113,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-seqlen", type=int, default=2048, help="wanda: tokens per sequence")
     p.add_argument("--calib-device", default="cpu",
                    help="wanda: torch device holding one layer + the activations (cpu, cuda, cuda:1)")
+    p.add_argument("--codec", choices=CODECS, default="auto",
+                   help="values of bitmap tensors: auto = per tensor the smallest of dense, raw "
+                        "(format v1) and expdict (format v2, lossless exponent dictionary); raw; "
+                        "expdict (forced for every linear weight)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 

@@ -1,8 +1,10 @@
 """The CPU decoder: csrc/endor_cpu.c through ctypes, tiles spread over a thread pool.
 
 ctypes releases the GIL for each foreign call, so ``decode_threads`` threads decode disjoint tile
-ranges truly in parallel. Results are bit-identical to :func:`endor_gds.format.decode_bitmap_reference`
-(tested on random inputs); a bitmap that disagrees with its tile offsets is a
+ranges truly in parallel. Results are bit-identical to the numpy reference
+(:func:`endor_gds.format.decode_bitmap_reference`, after
+:func:`endor_gds.expdict.decode_values_reference` for codec expdict; tested on random inputs); a
+bitmap, tile offset or escape table that disagrees with the rest is a
 :class:`~endor_gds.errors.DecodeError`, never an out-of-bounds access.
 """
 
@@ -18,6 +20,7 @@ import numpy as np
 
 from . import defaults
 from .errors import DecodeError, MissingDependencyError
+from .expdict import Streams
 from .format import TILE_ELEMS, WORD_BITS, num_tiles
 
 __all__ = ["CpuDecoder", "library"]
@@ -27,6 +30,17 @@ __all__ = ["CpuDecoder", "library"]
 _MIN_TILES_PER_TASK = 64
 
 _lib = None
+
+
+class _ExpDictArgs(ctypes.Structure):
+    """``endor_expdict`` in csrc/endor_cpu.c: one expdict tensor's streams and parameters."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "bitmap", "tile_offsets", "residuals", "codes", "escape_offsets", "escape_positions",
+        "escape_values", "out")] + \
+        [(name, ctypes.c_uint64) for name in ("n", "nnz", "codes_nbytes", "escapes")] + \
+        [(name, ctypes.c_uint32) for name in ("elem_bytes", "man_bits", "index_bits", "reserved")] + \
+        [("exponents", ctypes.c_uint8 * 16)]
 
 
 def library() -> ctypes.CDLL:
@@ -44,24 +58,56 @@ def library() -> ctypes.CDLL:
         p, u64 = ctypes.c_void_p, ctypes.c_uint64
         lib.endor_decode_tiles.restype = ctypes.c_int64
         lib.endor_decode_tiles.argtypes = [p, p, u64, p, p, u64, ctypes.c_uint32, u64, u64, ctypes.c_int]
+        lib.endor_decode_expdict_tiles.restype = ctypes.c_int64
+        lib.endor_decode_expdict_tiles.argtypes = [ctypes.POINTER(_ExpDictArgs), u64, u64, ctypes.c_int]
         lib.endor_decode_simd.restype = ctypes.c_int
         lib.endor_decode_simd.argtypes = []
         _lib = lib
     return _lib
 
 
-def _check(bitmap: np.ndarray, values: np.ndarray, tile_offsets: np.ndarray, out: np.ndarray,
+def _check_streams(s: Streams, n: int, itemsize: int, where: str) -> None:
+    """The facts endor_decode_expdict_tiles takes for granted about an expdict tensor's streams;
+    what only a decode can tell (positions, offsets against the bitmap) the C code checks."""
+    for kind, arr in s.segments().items():
+        if not arr.flags.c_contiguous:
+            raise ValueError(f"{where}: {kind} must be C-contiguous")
+    p, layout = s.params, s.params.layout
+    p.check()
+    if layout.itemsize != itemsize:
+        raise ValueError(f"{where}: expdict values of {layout.name} ({layout.itemsize}-byte), out "
+                         f"is {itemsize}-byte")
+    if s.residuals.dtype.itemsize != 1 or s.codes.dtype.itemsize != 1 or \
+            s.residuals.size % layout.residual_bytes:
+        raise ValueError(f"{where}: residuals and codes must be bytes, residuals a multiple of "
+                         f"{layout.residual_bytes}")
+    need = p.stream_nbytes(s.nnz)["codes"]
+    if s.codes.size < need:
+        raise ValueError(f"{where}: codes holds {s.codes.size} bytes, {s.nnz} values need {need}")
+    if s.escape_offsets.dtype.itemsize != 4 or s.escape_offsets.size != num_tiles(n) + 1:
+        raise ValueError(f"{where}: escape_offsets must be {num_tiles(n) + 1} uint32 for n={n}")
+    if s.escape_positions.dtype.itemsize != 2 or s.escape_positions.size != p.escapes or \
+            s.escape_values.dtype.itemsize != itemsize or s.escape_values.size != p.escapes:
+        raise ValueError(f"{where}: escape_positions (uint16) and escape_values ({itemsize}-byte) "
+                         f"must hold escapes={p.escapes} entries")
+
+
+def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray,
            where: str) -> None:
     """All argument checks, in one place, before any pointer reaches C."""
     n = out.size
-    for label, arr in (("bitmap", bitmap), ("values", values), ("tile_offsets", tile_offsets),
-                       ("out", out)):
+    arrays = {"bitmap": bitmap, "tile_offsets": tile_offsets, "out": out}
+    if not isinstance(values, Streams):  # an expdict tensor's streams are checked below
+        arrays["values"] = values
+    for label, arr in arrays.items():
         if not arr.flags.c_contiguous:
             raise ValueError(f"{where}: {label} must be C-contiguous")
     if out.dtype.itemsize not in (2, 4):
         raise ValueError(f"{where}: elements of {out.dtype.itemsize} bytes cannot be bitmap-decoded "
                          f"(supported: 2 = fp16/bf16, 4 = fp32)")
-    if values.dtype.itemsize != out.dtype.itemsize:
+    if isinstance(values, Streams):
+        _check_streams(values, n, out.dtype.itemsize, where)
+    elif values.dtype.itemsize != out.dtype.itemsize:
         raise ValueError(f"{where}: values are {values.dtype.itemsize}-byte, out is "
                          f"{out.dtype.itemsize}-byte")
     if not out.flags.writeable:
@@ -72,6 +118,17 @@ def _check(bitmap: np.ndarray, values: np.ndarray, tile_offsets: np.ndarray, out
     if tile_offsets.dtype.itemsize != 4 or tile_offsets.size != num_tiles(n) + 1:
         raise ValueError(f"{where}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
                          f"got {tile_offsets.size} of {tile_offsets.dtype}")
+
+
+def _expdict_args(bitmap, s: Streams, offs, out) -> _ExpDictArgs:
+    p = s.params
+    a = _ExpDictArgs(bitmap.ctypes.data, offs.ctypes.data, s.residuals.ctypes.data,
+                     s.codes.ctypes.data, s.escape_offsets.ctypes.data,
+                     s.escape_positions.ctypes.data, s.escape_values.ctypes.data, out.ctypes.data,
+                     out.size, s.nnz, s.codes.size, p.escapes, p.layout.itemsize,
+                     p.layout.man_bits, p.index_bits, 0)
+    a.exponents[: len(p.exponents)] = p.exponents
+    return a
 
 
 class Prepared:
@@ -87,8 +144,9 @@ class CpuDecoder:
     """Rebuilds dense tensors from bitmap + values + tile offsets on the CPU.
 
     ``decode(items)`` takes ``(bitmap, values, tile_offsets, out)`` tuples (numpy arrays: uint32,
-    unsigned element bit patterns, uint32, and the flat output of ``n`` elements) and decodes all
-    of them, splitting the tiles of every tensor across the pool.
+    unsigned element bit patterns, uint32, and the flat output of ``n`` elements; for codec
+    expdict ``values`` is the tensor's :class:`~endor_gds.expdict.Streams`) and decodes all of
+    them, splitting the tiles of every tensor across the pool.
     """
 
     def __init__(self, threads: int | None = None, *, simd: bool = True):
@@ -116,12 +174,17 @@ class CpuDecoder:
             bitmap, values, offs, out = item
             ntiles = num_tiles(out.size)
             step = max(_MIN_TILES_PER_TASK, -(-ntiles // (2 * self.threads)))
-            args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
-                    out.ctypes.data, out.size, out.dtype.itemsize)
+            if isinstance(values, Streams):
+                args = _expdict_args(bitmap, values, offs, out)
+            else:
+                args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
+                        out.ctypes.data, out.size, out.dtype.itemsize)
             tasks += [(args, label, t0, min(ntiles, t0 + step)) for t0 in range(0, ntiles, step)]
         return Prepared(tasks, list(items))
 
-    def _run(self, args: tuple, t0: int, t1: int) -> int:
+    def _run(self, args, t0: int, t1: int) -> int:
+        if isinstance(args, _ExpDictArgs):
+            return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self._allow_simd)
         return self._lib.endor_decode_tiles(*args, t0, t1, self._allow_simd)
 
     def run(self, prepared: "Prepared") -> None:

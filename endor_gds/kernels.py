@@ -10,8 +10,10 @@ launches it for every token::
     dec.check(table)                                 # waits; DecodeError naming tensor and tile
 
 A :class:`GpuItem` is raw device pointers (the layer's segments inside a read buffer, and the
-dense output buffer) plus sizes; :meth:`GpuItem.from_arrays` builds one from CuPy arrays or torch
-CUDA tensors and checks their sizes. Outputs are ordinary device memory: allocate them as torch
+dense output buffer) plus sizes, and for a tensor with the expdict codec (format v2) a
+:class:`GpuExpDict` with its streams and dictionary; raw and expdict items mix in one table.
+:meth:`GpuItem.from_arrays` builds one from CuPy arrays or torch CUDA tensors and checks their
+sizes. Outputs are ordinary device memory: allocate them as torch
 tensors and launch on ``torch.cuda.current_stream()`` (a ``torch.cuda.Stream`` is accepted as
 is), and torch consumes them in stream order, with no extra synchronisation.
 
@@ -29,6 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import DecodeError, MissingDependencyError
+from .expdict import MAX_INDEX_BITS, ExpDict
 from .format import DTYPES, MAX_SPARSE_ELEMS, TILE_ELEMS, WORD_BITS, num_tiles
 
 __all__ = [
@@ -45,6 +48,8 @@ __all__ = [
     "NO_ERROR",
     "REASONS",
     "GpuItem",
+    "GpuExpDict",
+    "smem_bytes",
     "check_items",
     "pack_descriptors",
     "stage_bytes",
@@ -80,9 +85,13 @@ STAGE_SLACK = 16  # staging window alignment slack in bytes (endor::kStageSlack)
 _MAX_DESCS = 1 << 24  # the error word has 24 bits for the descriptor index
 _MAX_GRID = (1 << 31) - 1  # gridDim.x limit: one block per tile of the table
 
-# Pointer alignment the kernel relies on (bytes): 4-byte word loads for bitmap and tile offsets,
-# 16-byte vector loads of values (never starting before the segment), 16-byte output stores.
-ALIGNMENT: dict[str, int] = {"bitmap": 4, "values": 16, "tile_offsets": 4, "out": 16}
+# Pointer alignment the kernel relies on (bytes): 4-byte word loads for bitmap, tile and escape
+# offsets, 16-byte vector loads of values and codes (never starting before the segment), 16-byte
+# output stores, element loads of escape positions (2) and escape values (elem_bytes, None here).
+ALIGNMENT: dict[str, int | None] = {"bitmap": 4, "values": 16, "tile_offsets": 4, "out": 16,
+                                    "codes": 16, "escape_offsets": 4, "escape_positions": 2,
+                                    "escape_values": None}
+CODEC_IDS = {"raw": 0, "expdict": 1}  # endor::Codec
 
 # Byte layout of `struct endor::Desc` (cuda/endor_decode.cu); the emulation test compares it with
 # the compiled struct's offsetof/sizeof.
@@ -96,7 +105,16 @@ DESC_DTYPE = np.dtype([
     ("nnz", "<u8"),
     ("first_tile", "<u8"),
     ("elem_bytes", "<u4"),
-    ("reserved", "<u4"),
+    ("codec", "<u4"),
+    ("codes", "<u8"),
+    ("codes_capacity", "<u8"),
+    ("escape_offsets", "<u8"),
+    ("escape_positions", "<u8"),
+    ("escape_values", "<u8"),
+    ("escapes", "<u8"),
+    ("index_bits", "<u4"),
+    ("man_bits", "<u4"),
+    ("exponents", "u1", (16,)),
 ])
 
 NO_ERROR = (1 << 64) - 1  # the error word before a launch, and after one where every tile passed
@@ -106,6 +124,8 @@ REASONS: dict[int, str] = {
        f"{TILE_ELEMS} values per tile)",
     2: "bits are set past the tensor's last element",
     3: "its number of set bits differs from its tile offsets",
+    4: "its escape table is out of range (need non-decreasing escape offsets from 0 to escapes, "
+       "at most one escape per value, positions strictly increasing below the tile's value count)",
 }
 
 
@@ -145,8 +165,20 @@ def elem_bytes(dtype) -> int:
 
 
 def stage_bytes(max_elem_bytes: int) -> int:
-    """Dynamic shared memory of a launch: one tile's values, aligned (endor::stage_bytes)."""
+    """Dynamic shared memory of a raw tile: its values, aligned (endor::stage_bytes)."""
     return TILE_ELEMS * max_elem_bytes + STAGE_SLACK
+
+
+@dataclass(frozen=True)
+class GpuExpDict:
+    """The expdict streams of a :class:`GpuItem` (whose ``values_ptr`` points at the residuals)."""
+
+    params: ExpDict  # index width, dictionary, escape count, float layout (expdict.py)
+    codes_ptr: int  # packed fields; 16-byte aligned (0 allowed when capacity is 0)
+    codes_capacity: int  # bytes readable at codes_ptr, >= ceil(nnz * field_bits / 8)
+    escape_offsets_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned
+    escape_positions_ptr: int  # params.escapes uint16 (0 allowed when there are none)
+    escape_values_ptr: int  # params.escapes elements (0 allowed when there are none)
 
 
 @dataclass(frozen=True)
@@ -154,34 +186,34 @@ class GpuItem:
     """One bitmap tensor to decode: device pointers and sizes (see docs/format.md, section 1)."""
 
     bitmap_ptr: int  # ceil(n/32) uint32 words; 4-byte aligned
-    values_ptr: int  # packed non-zero values; 16-byte aligned (0 allowed when capacity is 0)
-    values_capacity: int  # bytes readable at values_ptr, >= nnz * elem_bytes (padded segment)
+    values_ptr: int  # raw: packed values; expdict: residuals; 16-byte aligned (0 if capacity 0)
+    values_capacity: int  # bytes readable at values_ptr (padded segment): >= nnz * elem_bytes
     tile_offsets_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned
     out_ptr: int  # n * elem_bytes dense output; 16-byte aligned, not overlapping any input
     n: int  # elements, 1 <= n <= 2^32 - 1
     nnz: int  # packed values, <= n
     elem_bytes: int  # 2 (fp16, bf16) or 4 (fp32); see elem_bytes()
     label: str = "tensor"  # named in errors (the tensor's name in the manifest)
+    expdict: GpuExpDict | None = None  # codec expdict (format v2); None: raw values
 
     @classmethod
-    def from_arrays(cls, bitmap, values, tile_offsets, out, *, label: str = "tensor") -> GpuItem:
+    def from_arrays(cls, bitmap, values, tile_offsets, out, *, label: str = "tensor",
+                    expdict: ExpDict | None = None) -> GpuItem:
         """An item over CuPy arrays / torch CUDA tensors, with their sizes checked.
 
         ``out`` holds the ``n`` elements (its element size decides the path), ``values`` the
         ``nnz`` packed values of the same element size, ``bitmap`` and ``tile_offsets`` 4-byte
-        words. All must be C-contiguous device memory.
+        words. With ``expdict`` (the tensor's parameters), ``values`` is a dict of its five
+        streams (``expdict.STREAM_KINDS`` -> array). All must be C-contiguous device memory.
         """
-        b, v, o, y = (_array_info(a, f"{label}: {name}") for a, name in
-                      ((bitmap, "bitmap"), (values, "values"), (tile_offsets, "tile_offsets"),
-                       (out, "out")))
+        b, o, y = (_array_info(a, f"{label}: {name}") for a, name in
+                   ((bitmap, "bitmap"), (tile_offsets, "tile_offsets"), (out, "out")))
         n, eb = y["size"], y["itemsize"]
         if eb not in (2, 4):
             raise ValueError(f"{label}: out has {eb}-byte elements; bitmap decoding supports 2 "
                              f"(fp16/bf16) and 4 (fp32)")
         if y["readonly"]:
             raise ValueError(f"{label}: out is read-only")
-        if v["itemsize"] != eb:
-            raise ValueError(f"{label}: values are {v['itemsize']}-byte, out is {eb}-byte")
         words = -(-n // WORD_BITS)
         if b["itemsize"] != 4 or b["size"] != words:
             raise ValueError(f"{label}: bitmap must be {words} uint32 words for n={n}, got "
@@ -189,9 +221,29 @@ class GpuItem:
         if o["itemsize"] != 4 or o["size"] != num_tiles(n) + 1:
             raise ValueError(f"{label}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
                              f"got {o['size']} of {o['itemsize']} bytes")
-        return cls(bitmap_ptr=b["ptr"], values_ptr=v["ptr"], values_capacity=v["size"] * eb,
-                   tile_offsets_ptr=o["ptr"], out_ptr=y["ptr"], n=n, nnz=v["size"], elem_bytes=eb,
-                   label=label)
+        common = dict(bitmap_ptr=b["ptr"], tile_offsets_ptr=o["ptr"], out_ptr=y["ptr"], n=n,
+                      elem_bytes=eb, label=label)
+        if expdict is None:
+            v = _array_info(values, f"{label}: values")
+            if v["itemsize"] != eb:
+                raise ValueError(f"{label}: values are {v['itemsize']}-byte, out is {eb}-byte")
+            return cls(values_ptr=v["ptr"], values_capacity=v["size"] * eb, nnz=v["size"], **common)
+        s = {k: _array_info(a, f"{label}: {k}") for k, a in values.items()}
+        want = {"residuals": 1, "codes": 1, "escape_offsets": 4, "escape_positions": 2,
+                "escape_values": eb}
+        for k, size in want.items():
+            if k not in s or s[k]["itemsize"] != size:
+                raise ValueError(f"{label}: expdict stream {k} must be an array of {size}-byte items")
+        nnz = s["residuals"]["size"] // expdict.layout.residual_bytes
+        if s["escape_offsets"]["size"] != num_tiles(n) + 1 or \
+                s["escape_positions"]["size"] != expdict.escapes or \
+                s["escape_values"]["size"] != expdict.escapes:
+            raise ValueError(f"{label}: escape_offsets must be {num_tiles(n) + 1} entries, escape "
+                             f"positions and values {expdict.escapes}")
+        ed = GpuExpDict(expdict, s["codes"]["ptr"], s["codes"]["size"], s["escape_offsets"]["ptr"],
+                        s["escape_positions"]["ptr"], s["escape_values"]["ptr"])
+        return cls(values_ptr=s["residuals"]["ptr"], values_capacity=s["residuals"]["size"],
+                   nnz=nnz, expdict=ed, **common)
 
 
 def _array_info(a, what: str) -> dict:
@@ -224,6 +276,54 @@ def _array_info(a, what: str) -> dict:
     return {"ptr": int(ptr), "size": size, "itemsize": itemsize, "readonly": bool(readonly)}
 
 
+def smem_bytes(item: GpuItem) -> int:
+    """Dynamic shared memory a tile of ``item`` needs (endor::smem_bytes): raw, its values window;
+    expdict, the rebuilt values, the residual window and the codes window (widest field)."""
+    if item.expdict is None:
+        return stage_bytes(item.elem_bytes)
+    layout = item.expdict.params.layout
+    codes_offset = TILE_ELEMS * item.elem_bytes + TILE_ELEMS * layout.residual_bytes + STAGE_SLACK
+    return codes_offset + TILE_ELEMS // 8 * (MAX_INDEX_BITS + layout.high_bits) + 2 * 16
+
+
+def _check_pointers(where: str, ptrs: dict[str, tuple[int, int]], elem_bytes: int) -> None:
+    """Each ``name: (pointer, bytes behind it)`` is a device address aligned as the kernel loads
+    it; null only where nothing is read."""
+    for name, (ptr, size) in ptrs.items():
+        if not isinstance(ptr, int) or ptr < 0 or ptr >= 1 << 64:
+            raise ValueError(f"{where}: {name}_ptr={ptr!r} is not a device address")
+        if ptr == 0 and size:
+            raise ValueError(f"{where}: {name}_ptr is null")
+        align = ALIGNMENT[name] or elem_bytes
+        if ptr % align:
+            raise ValueError(f"{where}: {name}_ptr={ptr:#x} must be {align}-byte aligned")
+
+
+def _check_expdict(where: str, it: GpuItem) -> None:
+    ed = it.expdict
+    if not isinstance(ed, GpuExpDict):
+        raise TypeError(f"{where}: expdict must be a GpuExpDict, got {type(ed).__name__}")
+    p = ed.params
+    try:
+        p.check()
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if p.layout.itemsize != it.elem_bytes:
+        raise ValueError(f"{where}: expdict values of {p.layout.name} are {p.layout.itemsize}-byte, "
+                         f"elem_bytes={it.elem_bytes}")
+    need = p.stream_nbytes(it.nnz)
+    if it.values_capacity < need["residuals"] or ed.codes_capacity < need["codes"]:
+        raise ValueError(f"{where}: {it.nnz} values need {need['residuals']} residual and "
+                         f"{need['codes']} code bytes, got capacities {it.values_capacity} and "
+                         f"{ed.codes_capacity}")
+    if not 0 <= p.escapes <= it.nnz:
+        raise ValueError(f"{where}: escapes={p.escapes} must be between 0 and nnz={it.nnz}")
+    _check_pointers(where, {"codes": (ed.codes_ptr, ed.codes_capacity),
+                            "escape_offsets": (ed.escape_offsets_ptr, 1),
+                            "escape_positions": (ed.escape_positions_ptr, p.escapes),
+                            "escape_values": (ed.escape_values_ptr, p.escapes)}, it.elem_bytes)
+
+
 def check_items(items: Sequence[GpuItem]) -> None:
     """Every check of a table's arguments, in one place (``ValueError`` naming item and limit).
 
@@ -246,19 +346,14 @@ def check_items(items: Sequence[GpuItem]) -> None:
             raise ValueError(f"{where}: n={it.n} must be between 1 and {MAX_SPARSE_ELEMS}")
         if not 0 <= it.nnz <= it.n:
             raise ValueError(f"{where}: nnz={it.nnz} must be between 0 and n={it.n}")
-        if it.values_capacity < it.nnz * it.elem_bytes:
+        if it.expdict is None and it.values_capacity < it.nnz * it.elem_bytes:
             raise ValueError(f"{where}: values_capacity={it.values_capacity} bytes is less than "
                              f"nnz * elem_bytes = {it.nnz * it.elem_bytes}")
-        ptrs = {"bitmap": it.bitmap_ptr, "values": it.values_ptr,
-                "tile_offsets": it.tile_offsets_ptr, "out": it.out_ptr}
-        for name, ptr in ptrs.items():
-            if not isinstance(ptr, int) or ptr < 0 or ptr >= 1 << 64:
-                raise ValueError(f"{where}: {name}_ptr={ptr!r} is not a device address")
-            if ptr == 0 and not (name == "values" and it.values_capacity == 0):
-                raise ValueError(f"{where}: {name}_ptr is null")
-            if ptr % ALIGNMENT[name]:
-                raise ValueError(f"{where}: {name}_ptr={ptr:#x} must be {ALIGNMENT[name]}-byte "
-                                 f"aligned")
+        _check_pointers(where, {"bitmap": (it.bitmap_ptr, 1), "values": (it.values_ptr, it.values_capacity),
+                                "tile_offsets": (it.tile_offsets_ptr, 1), "out": (it.out_ptr, 1)},
+                        it.elem_bytes)
+        if it.expdict is not None:
+            _check_expdict(where, it)
         total += num_tiles(it.n)
     if total > _MAX_GRID:
         raise ValueError(f"a decode table covers at most {_MAX_GRID} tiles (one block each), "
@@ -274,6 +369,14 @@ def pack_descriptors(items: Sequence[GpuItem]) -> np.ndarray:
         d["bitmap"], d["values"], d["values_capacity"] = it.bitmap_ptr, it.values_ptr, it.values_capacity
         d["tile_offsets"], d["out"] = it.tile_offsets_ptr, it.out_ptr
         d["n"], d["nnz"], d["first_tile"], d["elem_bytes"] = it.n, it.nnz, first, it.elem_bytes
+        if it.expdict is not None:
+            ed, p = it.expdict, it.expdict.params
+            d["codec"] = CODEC_IDS["expdict"]
+            d["codes"], d["codes_capacity"] = ed.codes_ptr, ed.codes_capacity
+            d["escape_offsets"], d["escape_positions"] = ed.escape_offsets_ptr, ed.escape_positions_ptr
+            d["escape_values"], d["escapes"] = ed.escape_values_ptr, p.escapes
+            d["index_bits"], d["man_bits"] = p.index_bits, p.layout.man_bits
+            d["exponents"][: len(p.exponents)] = p.exponents
         first += num_tiles(it.n)
     return descs
 
@@ -362,7 +465,7 @@ class DecodeTable:
     device: int  # CUDA device the table, the buffers and the kernel live on
     items: tuple[GpuItem, ...]  # in table order (error messages name their labels)
     total_tiles: int  # grid size: one block per tile
-    smem_bytes: int  # dynamic shared memory per block: stage_bytes(largest element)
+    smem_bytes: int  # dynamic shared memory per block: the largest smem_bytes() of the items
     descs: Any = field(repr=False)  # cupy uint8 array: the packed DESC_DTYPE records
     error: Any = field(repr=False)  # cupy uint64[1]: NO_ERROR, or the first bad (desc, tile, reason)
     host_error: np.ndarray = field(repr=False)  # pinned uint64[1]: copy of `error` after a launch
@@ -407,7 +510,7 @@ class GpuDecoder:
             done = cp.cuda.Event(block=False, disable_timing=True)
             cp.cuda.runtime.deviceSynchronize()  # the uploads above are complete before any launch
         total = int(descs["first_tile"][-1]) + num_tiles(items[-1].n)
-        smem = stage_bytes(max(it.elem_bytes for it in items))
+        smem = max(smem_bytes(it) for it in items)
         args = (d_descs, np.uint32(len(items)), error)
         return DecodeTable(device=self.device, items=items, total_tiles=total, smem_bytes=smem,
                            descs=d_descs, error=error, host_error=host_error, done=done, args=args,

@@ -36,6 +36,8 @@ import torch
 
 from . import defaults
 from .errors import ChecksumError, FormatError
+from .expdict import LAYOUTS, MAX_INDEX_BITS, STREAM_KINDS, ExpDict, Streams, check_escapes, \
+    decode_values_reference
 from .format import (
     DTYPES,
     MAX_SPARSE_ELEMS,
@@ -53,6 +55,7 @@ __all__ = [
     "MAGIC",
     "FORMAT_VERSION",
     "SUPPORTED_VERSIONS",
+    "format_version_for",
     "Segment",
     "TensorEntry",
     "Extent",
@@ -62,8 +65,11 @@ __all__ = [
 ]
 
 MAGIC = b"ENDORGDS"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2  # the newest version this code writes
+SUPPORTED_VERSIONS = (1, 2)
+# Codecs each version may hold. A file is written as the lowest version that holds its codecs, so
+# files without expdict tensors stay readable by version-1 readers.
+VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict")}
 # magic, version, flags, manifest offset, manifest length, file length, manifest CRC; then the
 # header's own CRC over these 44 bytes.
 _HEADER = struct.Struct("<8sIIQQQI")
@@ -85,6 +91,12 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value=value)
 
 
+def format_version_for(codecs) -> int:
+    """The lowest format version that holds every codec in ``codecs``."""
+    codecs = set(codecs)
+    return min(v for v, allowed in VERSION_CODECS.items() if codecs <= set(allowed))
+
+
 @dataclass(frozen=True)
 class Segment:
     kind: str
@@ -104,10 +116,11 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: DType
     encoding: str  # "dense" | "bitmap"
-    codec: str  # "raw" (format v1)
+    codec: str  # "raw" (format v1) | "expdict" (format v2, bitmap only)
     nnz: int
     extent: str
     segments: dict[str, Segment]
+    expdict: ExpDict | None = None  # the codec's parameters when codec == "expdict"
 
     @property
     def numel(self) -> int:
@@ -200,7 +213,11 @@ class Writer:
         self._f.write(blob)
         self._f.write(self._zeros[: pad_to_page(len(blob)) - len(blob)])
         file_length = moff + pad_to_page(len(blob))
-        head = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, moff, len(blob), file_length, crc32c(blob))
+        version = manifest["format_version"]
+        if version not in SUPPORTED_VERSIONS:
+            raise FormatError(f"cannot write format version {version!r}; this endor_gds writes "
+                              f"{', '.join(map(str, SUPPORTED_VERSIONS))}")
+        head = _HEADER.pack(MAGIC, version, 0, moff, len(blob), file_length, crc32c(blob))
         head += _HEADER_CRC.pack(crc32c(head))
         self._f.seek(0)
         self._f.write(head)
@@ -272,7 +289,7 @@ def _choice(path, where: str, value, allowed) -> str:
     return value
 
 
-_SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets")
+_SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS
 
 
 class EndorFile:
@@ -444,6 +461,8 @@ class EndorFile:
             for entry in self.tensors.values():
                 if entry.encoding == "bitmap":
                     self.tile_offsets(entry.name)
+                if entry.expdict is not None:
+                    self._check_escapes(entry)
 
     def _segment(self, s, where: str, kinds=_SEGMENT_KINDS) -> Segment:
         p = self.path
@@ -470,13 +489,21 @@ class EndorFile:
             raise _fail(p, f"tensor {name} shape {list(shape)} has {numel} elements, above {MAX_NUMEL}")
         dtype = DTYPES[_choice(p, f"tensor {name} dtype", t.get("dtype"), tuple(DTYPES))]
         encoding = _choice(p, f"tensor {name} encoding", t.get("encoding"), ("dense", "bitmap"))
-        codec = _choice(p, f"tensor {name} codec", t.get("codec", "raw"), ("raw",))
+        codec = _choice(p, f"tensor {name} codec", t.get("codec", "raw"),
+                        VERSION_CODECS[self.format_version])
+        if codec != "raw" and encoding != "bitmap":
+            raise _fail(p, f"tensor {name}: codec {codec} needs encoding 'bitmap', got {encoding!r}")
         if encoding == "bitmap" and not dtype.sparse:
             raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
         if encoding == "bitmap" and numel > MAX_SPARSE_ELEMS:
             raise _fail(p, f"tensor {name}: a bitmap-encoded tensor holds at most {MAX_SPARSE_ELEMS} "
                            f"elements (uint32 tile offsets), shape {list(shape)} has {numel}")
         nnz = _int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
+        expdict = None
+        if codec == "expdict":
+            expdict = self._expdict(name, t.get("expdict"), dtype, nnz)
+        elif "expdict" in t:
+            raise _fail(p, f"tensor {name}: expdict parameters given for codec {codec!r}")
         extent = _str(p, f"tensor {name} extent", t.get("extent"))
         segs: dict[str, Segment] = {}
         for j, s in enumerate(_list(p, f"tensor {name} segments", t.get("segments"), 8)):
@@ -484,12 +511,30 @@ class EndorFile:
             if seg.kind in segs:
                 raise _fail(p, f"tensor {name} has two {seg.kind} segments")
             segs[seg.kind] = seg
-        expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize)
+        expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize, expdict)
         got = {k: s.nbytes for k, s in segs.items()}
         if got != expected:
-            raise _fail(p, f"tensor {name} ({encoding}, shape {list(shape)}, {dtype.name}, nnz={nnz}) "
-                           f"needs segments {expected}, manifest has {got}")
-        return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs)
+            raise _fail(p, f"tensor {name} ({encoding}/{codec}, shape {list(shape)}, {dtype.name}, "
+                           f"nnz={nnz}) needs segments {expected}, manifest has {got}")
+        return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs, expdict)
+
+    def _expdict(self, name: str, raw, dtype: DType, nnz: int) -> ExpDict:
+        """The checked ``expdict`` object of a tensor (see docs/format.md, codec expdict)."""
+        p = self.path
+        raw = _dict(p, f"tensor {name} expdict", raw)
+        layout = LAYOUTS.get(dtype.name)
+        if layout is None:
+            raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot use codec expdict "
+                           f"(supported: {', '.join(LAYOUTS)})")
+        b = _int(p, f"tensor {name} expdict index_bits", raw.get("index_bits"), 1, MAX_INDEX_BITS)
+        exps = _list(p, f"tensor {name} expdict exponents", raw.get("exponents"), 1 << b)
+        top = (1 << layout.exp_bits) - 1
+        exps = tuple(_int(p, f"tensor {name} expdict exponent", e, 0, top) for e in exps)
+        if len(exps) != 1 << b or len(set(exps)) != len(exps):
+            raise _fail(p, f"tensor {name} expdict exponents must be {1 << b} distinct integers "
+                           f"(index_bits={b}), got {len(exps)} with {len(set(exps))} distinct")
+        escapes = _int(p, f"tensor {name} expdict escapes", raw.get("escapes"), 0, nnz)
+        return ExpDict(layout, b, exps, escapes)
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -536,6 +581,13 @@ class EndorFile:
             self._tile_offsets[entry.name] = cached
         return cached
 
+    def _check_escapes(self, entry: TensorEntry) -> None:
+        """Escape offsets and positions of an expdict tensor, checked at open (DecodeError)."""
+        segs = {k: self.read_segment(entry.segments[k], label=f"{entry.name}:{k}")
+                for k in STREAM_KINDS}
+        check_escapes(Streams.from_bytes(entry.expdict, segs), self.tile_offsets(entry.name),
+                      f"{self.path}: tensor {entry.name}")
+
     def read_tensor_bits(self, name: str, *, verify: bool | None = None) -> np.ndarray:
         """Flat numpy array of the tensor's bit patterns, through the reference decoder."""
         entry = self.resolve(name)
@@ -546,10 +598,15 @@ class EndorFile:
         verify = self._verify(verify)
         segs = {k: self.read_segment(s, verify=verify, label=f"{entry.name}:{k}")
                 for k, s in entry.segments.items()}
-        return decode_bitmap_reference(
-            segs["bitmap"].view("<u4"), segs["values"].view(d.bits), self.tile_offsets(entry.name),
-            entry.numel, where=f"{self.path}: tensor {entry.name}",
-        )
+        where = f"{self.path}: tensor {entry.name}"
+        offsets = self.tile_offsets(entry.name)
+        if entry.expdict is None:
+            values = segs["values"].view(d.bits)
+        else:
+            streams = Streams.from_bytes(entry.expdict, segs)
+            values = decode_values_reference(streams, offsets, entry.nnz, where)
+        return decode_bitmap_reference(segs["bitmap"].view("<u4"), values, offsets, entry.numel,
+                                       where=where)
 
     def read_tensor(self, name: str, *, verify: bool | None = None) -> torch.Tensor:
         """The dense tensor (CPU, its own dtype and shape), through the reference decoder."""
@@ -618,13 +675,16 @@ class EndorFile:
     def summary(self) -> dict:
         """What ``endor-gds inspect --json`` prints."""
         tensors, layers = [], []
-        dense_total = stored_total = sparse_dense = sparse_stored = 0
+        dense_total = stored_total = sparse_dense = sparse_stored = sparse_numel = 0
         for e in self.tensors.values():
             tensors.append({
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype.name,
                 "encoding": e.encoding, "codec": e.codec, "nnz": e.nnz,
                 "density": (e.nnz / e.numel) if e.numel else 0.0,
                 "extent": e.extent, "dense_bytes": e.dense_nbytes, "stored_bytes": e.stored_nbytes,
+                # stored bits per element: every segment with its page padding
+                "bits_per_element": 8 * e.stored_nbytes / e.numel if e.numel else 0.0,
+                "expdict": e.expdict.manifest() if e.expdict is not None else None,
                 "segments": [{"kind": s.kind, "offset": s.offset, "length": s.length,
                               "nbytes": s.nbytes} for s in e.segments.values()],
             })
@@ -633,6 +693,7 @@ class EndorFile:
             if e.encoding == "bitmap":
                 sparse_dense += e.dense_nbytes
                 sparse_stored += e.stored_nbytes
+                sparse_numel += e.numel
         for ext in self.layers:
             entries = [self.tensors[n] for n in ext.tensors]
             dense = sum(e.dense_nbytes for e in entries)
@@ -663,6 +724,9 @@ class EndorFile:
                 "sparse_dense_bytes": sparse_dense,
                 "sparse_stored_bytes": sparse_stored,
                 "sparse_ratio": sparse_dense / sparse_stored if sparse_stored else None,
+                "sparse_bits_per_element": 8 * sparse_stored / sparse_numel if sparse_numel else None,
+                "codecs": {c: sum(e.codec == c for e in self.tensors.values() if e.encoding == "bitmap")
+                           for c in VERSION_CODECS[self.format_version]},
             },
         }
 

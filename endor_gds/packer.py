@@ -1,8 +1,10 @@
 """checkpoint folder → one .endor file, one tensor at a time, atomically.
 
 The packer reads each tensor with ``pread`` (never mapping a whole shard), optionally prunes it,
-encodes it (bitmap when that is smaller, dense otherwise), writes its page-aligned segments and
-drops it before reading the next, so peak memory stays near the largest tensor, not the model.
+encodes it (per linear weight the smallest of dense, bitmap + raw values and bitmap + expdict
+values, see ``format.choose_storage``; everything else dense), writes its page-aligned segments
+and drops it before reading the next, so peak memory stays near the largest tensor, not the model.
+The file is format version 1 unless a tensor uses the expdict codec (version 2).
 
 Atomicity: everything is written to a temporary file beside the destination, flushed and
 ``fsync``-ed, then renamed over the destination (``os.replace`` is atomic on POSIX) and the
@@ -31,8 +33,9 @@ from tqdm.auto import tqdm
 from . import __version__
 from .checkpoint import Checkpoint
 from .errors import CalibrationError, PackError, ReadError
-from .format import TILE_ELEMS, bits_view, choose_encoding, dtype_of, encode_bitmap
-from .layout import FORMAT_VERSION, Writer
+from .expdict import encode_values
+from .format import CODECS, TILE_ELEMS, Storage, bits_view, choose_storage, dtype_of, encode_bitmap
+from .layout import Writer, format_version_for
 from .prune import magnitude_prune
 from .recipes import recipe_for
 
@@ -100,21 +103,28 @@ class _ZeroCount:
         }
 
 
-def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok: bool) -> dict:
+def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok: bool,
+                  codec: str) -> dict:
     d = dtype_of(t.dtype)
     bits = bits_view(t)
-    nnz = int(np.count_nonzero(bits))
     shape = tuple(int(s) for s in t.shape)
-    encoding = choose_encoding(d, shape, nnz) if sparse_ok else "dense"
-    if encoding == "bitmap":
-        enc = encode_bitmap(bits)
-        segments = [w.write_segment(kind, arr) for kind, arr in enc.segments().items()]
-    else:
+    store = choose_storage(d, shape, bits, codec) if sparse_ok else Storage("dense")
+    entry = {"name": name, "shape": list(shape), "dtype": d.name, "encoding": store.encoding,
+             "codec": store.codec}
+    if store.encoding == "dense":
         segments = [w.write_segment("data", bits)]
-    return {
-        "name": name, "shape": list(shape), "dtype": d.name, "encoding": encoding, "codec": "raw",
-        "nnz": nnz, "extent": extent, "segments": [s.as_dict() for s in segments],
-    }
+        entry["nnz"] = int(np.count_nonzero(bits))
+    else:
+        enc = encode_bitmap(bits)
+        arrays = enc.segments()
+        if store.expdict is not None:  # the codec's streams replace the raw values
+            arrays = {"bitmap": enc.bitmap, "tile_offsets": enc.tile_offsets,
+                      **encode_values(enc.values, enc.tile_offsets, store.expdict).segments()}
+            entry["expdict"] = store.expdict.manifest()
+        segments = [w.write_segment(kind, arr) for kind, arr in arrays.items()]
+        entry["nnz"] = enc.nnz
+    entry.update(extent=extent, segments=[s.as_dict() for s in segments])
+    return entry
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -147,6 +157,7 @@ def pack(
     calib_device="cpu",
     pruner: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     extra_manifest: dict | None = None,
+    codec: str = "auto",
 ) -> PackReport:
     """Pack the Hugging Face checkpoint folder ``src`` into the single file ``dst``.
 
@@ -157,6 +168,11 @@ def pack(
     sequences of ``calib_seqlen`` tokens of the file ``calib`` (text, or token ids in a ``.ids``
     file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.wanda`).
     Embeddings, norms, biases and lm_head are never pruned.
+
+    ``codec``: how the non-zero values of bitmap tensors are stored. ``auto`` takes per linear
+    weight the smallest of dense, bitmap + ``raw`` values (format v1) and bitmap + ``expdict``
+    values (format v2: exponent dictionary, lossless); ``raw`` never uses expdict (a version-1
+    file); ``expdict`` uses it for every linear weight (see ``format.choose_storage``).
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:
@@ -168,6 +184,8 @@ def pack(
         raise CalibrationError(f"calib={str(calib)!r} is only used by prune='wanda', not {prune!r}")
     if prune == "wanda" and pruner is not None:
         raise ValueError("pruner= is a per-tensor hook; Wanda prunes whole layers from calib=")
+    if codec not in CODECS:
+        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
     if prune != "none" and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     ckpt = Checkpoint(src)
@@ -209,7 +227,7 @@ def pack(
 
             def write(name: str, t: torch.Tensor, extent: str) -> None:
                 linear = recipe.is_linear_weight(name)
-                entries.append(_write_tensor(w, name, t, extent, linear))
+                entries.append(_write_tensor(w, name, t, extent, linear, codec))
                 if found is not None and linear:
                     found.add(t, entries[-1])
 
@@ -239,7 +257,7 @@ def pack(
                 w.end_extent()
             manifest = {
                 "format": "endor",
-                "format_version": FORMAT_VERSION,
+                "format_version": format_version_for(e["codec"] for e in entries),
                 "tile_elems": TILE_ELEMS,
                 "checksum": "crc32c",
                 "architecture": recipe.family,

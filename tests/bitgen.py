@@ -24,3 +24,31 @@ def random_bits(rng, n: int, itemsize: int, density: float) -> np.ndarray:
         bits[rng.integers(0, n, k)] = rng.choice(SPECIALS[itemsize], k)
     bits[rng.random(n) >= density] = 0
     return bits
+
+
+def weight_bits(rng, n: int, dtype: str, density: float, outliers: bool = False) -> np.ndarray:
+    """Bit patterns of ``n`` weights as transformers initialises them (N(0, 0.02)) in ``dtype``
+    (``"BF16"``, ``"F16"``, ``"F32"``), the smallest ``1 - density`` of them zeroed (magnitude
+    pruning). ``outliers``: about 1 in 300 survivors get an exponent far from the rest (x 2^+-12)
+    and every :data:`SPECIALS` pattern appears, so an exponent dictionary needs escapes."""
+    import torch  # noqa: PLC0415
+
+    w = torch.from_numpy(rng.standard_normal(n, dtype=np.float32) * 0.02)
+    if n and density < 1:
+        k = int(round(n * (1 - density)))
+        w[torch.argsort(w.abs(), stable=True)[:k]] = 0
+    if outliers and n:
+        live = torch.nonzero(w).reshape(-1)
+        pick = live[torch.from_numpy(rng.integers(0, max(live.numel(), 1), max(1, n // 300)))] \
+            if live.numel() else live
+        w[pick] *= torch.from_numpy(np.float32(2.0) ** rng.choice([-12, 12], pick.numel()).astype(np.float32))
+    t = w.to({"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}[dtype])
+    bits = t.view(torch.int16 if t.element_size() == 2 else torch.int32).numpy()
+    bits = bits.view("<u2" if t.element_size() == 2 else "<u4").copy()
+    if outliers and n:
+        live = np.flatnonzero(bits)
+        if live.size:
+            specials = SPECIALS[bits.itemsize]
+            bits[rng.choice(live, min(live.size, specials.size), replace=False)] = \
+                specials[: min(live.size, specials.size)]
+    return bits

@@ -7,14 +7,15 @@
 //   endor_decode_emulate layout              sizeof/offsetof of endor::Desc, one "name value" a line
 //   endor_decode_emulate run IN OUT [--malloc]
 //
-// IN  (little-endian): "EMU1", u32 ntables, then per table: u32 ndesc, ndesc 72-byte Desc records
-//     (pointers ignored; n, nnz, values_capacity, first_tile, elem_bytes used), then per
-//     descriptor its bitmap (4*ceil(n/32) bytes), values (values_capacity bytes), tile offsets
-//     (4*(ntiles+1) bytes).
+// IN  (little-endian): "EMU2", u32 ntables, then per table: u32 ndesc, ndesc 144-byte Desc
+//     records (pointers ignored, every other field used), then per descriptor its bitmap
+//     (4*ceil(n/32) bytes), values (values_capacity bytes), tile offsets (4*(ntiles+1) bytes),
+//     and for codec expdict its codes (codes_capacity bytes), escape offsets (4*(ntiles+1)),
+//     escape positions (2*escapes) and escape values (elem_bytes*escapes).
 // OUT: per table: u64 error word, then per descriptor its n*elem_bytes output bytes.
 //
-// Memory checking: every buffer the kernel touches (descriptors, bitmap, values, offsets, output,
-// shared memory) is its own allocation of exactly its size. Default: mmap with an inaccessible
+// Memory checking: every buffer the kernel touches (descriptors, bitmap, values, offsets, codes,
+// escape tables, output, shared memory) is its own allocation of exactly its size. Default: mmap with an inaccessible
 // page on each side, the buffer placed against the trailing guard page (as close as 16-byte
 // alignment allows) and the slack filled with a canary that is verified afterwards, so an
 // overrun faults or is reported. --malloc: plain posix_memalign, for running under valgrind,
@@ -115,19 +116,20 @@ u32 read_u32(FILE* f) {
 }
 
 struct Tensor {
-  Buffer bitmap, values, offsets, out;
+  Buffer bitmap, values, offsets, out, codes, escape_offsets, escape_positions, escape_values;
 };
 
-// One launch of the kernel, emulated: grid = total tiles, block = kThreads, shared memory =
-// stage_bytes(largest element) + the kernel's static arrays.
-u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 max_eb) {
+// One launch of the kernel, emulated: grid = total tiles, block = kThreads, dynamic shared
+// memory = the largest smem_bytes of the table (as kernels.py passes it) + the static arrays.
+u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size) {
   using namespace endor;
-  Buffer staged = alloc(stage_bytes(max_eb));
+  Buffer staged = alloc(smem_size);
   Buffer words_buf = alloc(kThreads * 4), prefix_buf = alloc(kThreads * 4);
-  Buffer totals_buf = alloc(kWarps * 4);
+  Buffer totals_buf = alloc(kWarps * 4), dict_buf = alloc((1u << kMaxIndexBits) * 4);
   u32* words = reinterpret_cast<u32*>(words_buf.p);
   u32* prefix = reinterpret_cast<u32*>(prefix_buf.p);
   u32* warp_totals = reinterpret_cast<u32*>(totals_buf.p);
+  u32* dict = reinterpret_cast<u32*>(dict_buf.p);
   u64 error = ~0ull;
   std::vector<Tile> tl(kThreads);
   std::vector<u32> word(kThreads), reason(kThreads), count(kThreads), inclusive(kThreads);
@@ -138,12 +140,13 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 max_eb) {
     std::memset(words, kStale, kThreads * 4);
     std::memset(prefix, kStale, kThreads * 4);
     std::memset(warp_totals, kStale, kWarps * 4);
+    std::memset(dict, kStale, dict_buf.size);
     // Phase 1: open the tile, load the word, stage values (per thread, as in the kernel).
     for (u32 tid = 0; tid < kThreads; ++tid) {
       tl[tid] = open_tile(descs, ndesc, g);
       reason[tid] = tl[tid].reason;
       word[tid] = load_word(tl[tid], tid, &reason[tid]);
-      if (tl[tid].reason == kOk) stage_values(tl[tid], tid, staged.p);
+      if (tl[tid].reason == kOk) stage_values(tl[tid], tid, staged.p, dict);
       count[tid] = popc32(word[tid]);
       inclusive[tid] = count[tid];
     }
@@ -172,14 +175,29 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 max_eb) {
         if (reason[tid] != kOk) report_error(&error, error_key(tl[tid].desc, tl[tid].t, reason[tid]));
       continue;
     }
-    // Phase 3: outputs.
+    if (tl[0].d->codec == kExpDict) {
+      // Phase 3b: rebuild; __syncthreads(); phase 3c: escapes; __syncthreads_or(reason != kOk).
+      for (u32 tid = 0; tid < kThreads; ++tid) rebuild_values(tl[tid], tid, staged.p, dict);
+      for (u32 tid = 0; tid < kThreads; ++tid) {
+        reason[tid] = patch_escapes(tl[tid], tid, staged.p);
+        any_bad = any_bad || reason[tid] != kOk;
+      }
+      if (any_bad) {
+        for (u32 tid = 0; tid < kThreads; ++tid)
+          if (reason[tid] != kOk) report_error(&error, error_key(tl[tid].desc, tl[tid].t, reason[tid]));
+        continue;
+      }
+    }
+    // Phase 4: outputs.
     for (u32 tid = 0; tid < kThreads; ++tid) write_outputs(tl[tid], tid, words, prefix, staged.p);
   }
-  bool ok = intact(staged) && intact(words_buf) && intact(prefix_buf) && intact(totals_buf);
+  bool ok = intact(staged) && intact(words_buf) && intact(prefix_buf) && intact(totals_buf) &&
+            intact(dict_buf);
   release(staged);
   release(words_buf);
   release(prefix_buf);
   release(totals_buf);
+  release(dict_buf);
   if (!ok) die("shared-memory canary overwritten");
   return error;
 }
@@ -191,7 +209,7 @@ int run(const char* in_path, const char* out_path) {
   if (!out) die("cannot open output");
   char magic[4];
   read_exact(in, magic, 4);
-  if (std::memcmp(magic, "EMU1", 4)) die("bad magic");
+  if (std::memcmp(magic, "EMU2", 4)) die("bad magic");
   const u32 ntables = read_u32(in);
   for (u32 ti = 0; ti < ntables; ++ti) {
     const u32 ndesc = read_u32(in);
@@ -201,16 +219,24 @@ int run(const char* in_path, const char* out_path) {
     read_exact(in, descs, sizeof(Desc) * ndesc);
     std::vector<Tensor> ts(ndesc);
     u64 total_tiles = 0;
-    u32 max_eb = 0;
+    u32 smem_size = 0;
     for (u32 k = 0; k < ndesc; ++k) {
       Desc& d = descs[k];
       const u64 ntiles = (d.n + endor::kTileElems - 1) / endor::kTileElems;
+      const bool expdict = d.codec == endor::kExpDict;
       // Preconditions the host side guarantees (kernels.check_items / pack_descriptors).
-      if (d.n == 0 || d.nnz > d.n || d.nnz * d.elem_bytes > d.values_capacity ||
-          (d.elem_bytes != 2 && d.elem_bytes != 4) || d.first_tile != total_tiles)
+      const u64 value_bytes = expdict ? endor::residual_bytes(d) : d.elem_bytes;
+      if (d.n == 0 || d.nnz > d.n || d.nnz * value_bytes > d.values_capacity ||
+          (d.elem_bytes != 2 && d.elem_bytes != 4) || d.first_tile != total_tiles ||
+          (d.codec != endor::kRaw && !expdict))
         die("descriptor breaks the host-side preconditions");
+      if (expdict && (d.index_bits < 1 || d.index_bits > endor::kMaxIndexBits ||
+                      (d.elem_bytes == 2) != (d.man_bits == 7 || d.man_bits == 10) ||
+                      (d.elem_bytes == 4) != (d.man_bits == 23) || d.escapes > d.nnz ||
+                      (d.nnz * endor::field_bits(d) + 7) / 8 > d.codes_capacity))
+        die("expdict descriptor breaks the host-side preconditions");
       total_tiles += ntiles;
-      max_eb = d.elem_bytes > max_eb ? d.elem_bytes : max_eb;
+      smem_size = endor::smem_bytes(d) > smem_size ? endor::smem_bytes(d) : smem_size;
       Tensor& t = ts[k];
       t.bitmap = alloc((d.n + 31) / 32 * 4);
       t.values = alloc(d.values_capacity);
@@ -219,13 +245,27 @@ int run(const char* in_path, const char* out_path) {
       read_exact(in, t.bitmap.p, t.bitmap.size);
       read_exact(in, t.values.p, t.values.size);
       read_exact(in, t.offsets.p, t.offsets.size);
+      if (expdict) {
+        t.codes = alloc(d.codes_capacity);
+        t.escape_offsets = alloc((ntiles + 1) * 4);
+        t.escape_positions = alloc(d.escapes * 2);
+        t.escape_values = alloc(d.escapes * d.elem_bytes);
+        read_exact(in, t.codes.p, t.codes.size);
+        read_exact(in, t.escape_offsets.p, t.escape_offsets.size);
+        read_exact(in, t.escape_positions.p, t.escape_positions.size);
+        read_exact(in, t.escape_values.p, t.escape_values.size);
+        d.codes = t.codes.p;
+        d.escape_offsets = reinterpret_cast<const u32*>(t.escape_offsets.p);
+        d.escape_positions = reinterpret_cast<const endor::u16*>(t.escape_positions.p);
+        d.escape_values = t.escape_values.p;
+      }
       std::memset(t.out.p, kPoison, t.out.size);
       d.bitmap = reinterpret_cast<const u32*>(t.bitmap.p);
       d.values = t.values.p;
       d.tile_offsets = reinterpret_cast<const u32*>(t.offsets.p);
       d.out = t.out.p;
     }
-    const u64 error = emulate_launch(descs, ndesc, total_tiles, max_eb);
+    const u64 error = emulate_launch(descs, ndesc, total_tiles, smem_size);
     std::fwrite(&error, 8, 1, out);
     bool ok = intact(desc_buf);
     for (Tensor& t : ts) {
@@ -235,6 +275,14 @@ int run(const char* in_path, const char* out_path) {
       release(t.values);
       release(t.offsets);
       release(t.out);
+      if (t.codes.map || t.codes.p) {  // expdict buffers
+        ok = ok && intact(t.codes) && intact(t.escape_offsets) && intact(t.escape_positions) &&
+             intact(t.escape_values);
+        release(t.codes);
+        release(t.escape_offsets);
+        release(t.escape_positions);
+        release(t.escape_values);
+      }
     }
     release(desc_buf);
     if (!ok) die("a canary next to a tensor buffer was overwritten");
@@ -252,11 +300,26 @@ int main(int argc, char** argv) {
     std::printf("bitmap %zu\nvalues %zu\nvalues_capacity %zu\ntile_offsets %zu\nout %zu\n",
                 offsetof(Desc, bitmap), offsetof(Desc, values), offsetof(Desc, values_capacity),
                 offsetof(Desc, tile_offsets), offsetof(Desc, out));
-    std::printf("n %zu\nnnz %zu\nfirst_tile %zu\nelem_bytes %zu\nreserved %zu\n", offsetof(Desc, n),
+    std::printf("n %zu\nnnz %zu\nfirst_tile %zu\nelem_bytes %zu\ncodec %zu\n", offsetof(Desc, n),
                 offsetof(Desc, nnz), offsetof(Desc, first_tile), offsetof(Desc, elem_bytes),
-                offsetof(Desc, reserved));
+                offsetof(Desc, codec));
+    std::printf("codes %zu\ncodes_capacity %zu\nescape_offsets %zu\nescape_positions %zu\n",
+                offsetof(Desc, codes), offsetof(Desc, codes_capacity),
+                offsetof(Desc, escape_offsets), offsetof(Desc, escape_positions));
+    std::printf("escape_values %zu\nescapes %zu\nindex_bits %zu\nman_bits %zu\nexponents %zu\n",
+                offsetof(Desc, escape_values), offsetof(Desc, escapes), offsetof(Desc, index_bits),
+                offsetof(Desc, man_bits), offsetof(Desc, exponents));
     std::printf("stage_bytes_2 %u\nstage_bytes_4 %u\nthreads %u\n", endor::stage_bytes(2),
                 endor::stage_bytes(4), endor::kThreads);
+    // smem_bytes of each (codec, element bytes, mantissa bits) the format has
+    const unsigned combos[][3] = {{0, 2, 0}, {0, 4, 0}, {1, 2, 7}, {1, 2, 10}, {1, 4, 23}};
+    for (const auto& c : combos) {
+      Desc d{};
+      d.codec = c[0];
+      d.elem_bytes = c[1];
+      d.man_bits = c[2];
+      std::printf("smem_%u_%u_%u %u\n", c[0], c[1], c[2], endor::smem_bytes(d));
+    }
     return 0;
   }
   if ((argc == 4 || argc == 5) && !std::strcmp(argv[1], "run")) {

@@ -45,6 +45,7 @@ from fuzzlib import HEADER, Base, Mutant
 
 from endor_gds.cli import main as cli_main
 from endor_gds.errors import ChecksumError, DecodeError, EndorError
+from endor_gds.expdict import Streams
 from endor_gds.format import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
 from endor_gds.layout import EndorFile, crc32c
 
@@ -83,6 +84,8 @@ def alloc_limit(file_bytes: int) -> int:
 _DT = {"F16": (2, True), "BF16": (2, True), "F32": (4, True), "F64": (8, False),
        "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
        "U8": (1, False), "BOOL": (1, False)}
+# codec expdict (format v2): (exponent bits, residual bytes, residual bits left for the field)
+_EXPDICT = {"F16": (5, 1, 3), "BF16": (8, 1, 0), "F32": (8, 3, 0)}
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 
 
@@ -101,7 +104,7 @@ def spec_violations(data: bytes, m) -> list[str]:
 
     magic, version, flags, moff, mlen, flen, mcrc = HEADER.unpack_from(data)
     need(magic == b"ENDORGDS", "magic")
-    need(version == 1 and flags == 0, f"version {version} / flags {flags}")
+    need(version in (1, 2) and flags == 0, f"version {version} / flags {flags}")
     need(crc32c(data[:44]) == struct.unpack_from("<I", data, 44)[0], "header CRC")
     need(not any(data[48:PAGE]), "header page is not zero after the fields")
     need(flen == len(data), "file length")
@@ -175,14 +178,34 @@ def spec_violations(data: bytes, m) -> list[str]:
             numel *= s
         need(numel <= 1 << 40, f"tensor {name} numel")
         dt = _DT.get(t.get("dtype")) if type(t.get("dtype")) is str else None
-        enc, nnz = t.get("encoding"), t.get("nnz")
-        if not need(dt is not None and enc in ("dense", "bitmap") and t.get("codec", "raw") == "raw"
-                    and _is_int(nnz) and 0 <= nnz <= numel, f"tensor {name} dtype/encoding/nnz"):
+        enc, nnz, codec = t.get("encoding"), t.get("nnz"), t.get("codec", "raw")
+        if not need(dt is not None and enc in ("dense", "bitmap") and _is_int(nnz)
+                    and 0 <= nnz <= numel, f"tensor {name} dtype/encoding/nnz"):
             continue
+        # version 1: codec raw only; version 2: expdict too, for bitmap tensors only
+        if not need(codec == "raw" or (codec == "expdict" and version == 2 and enc == "bitmap"),
+                    f"tensor {name} codec {codec!r:.40} (version {version}, {enc})"):
+            continue
+        need(codec == "expdict" or "expdict" not in t, f"tensor {name}: expdict object on codec raw")
+        ed = t.get("expdict") if codec == "expdict" else None
+        if codec == "expdict":
+            layout = _EXPDICT.get(t["dtype"])
+            b = ed.get("index_bits") if type(ed) is dict else None
+            ex = ed.get("exponents") if type(ed) is dict else None
+            if not need(layout is not None and _is_int(b) and 1 <= b <= 4 and type(ex) is list
+                        and len(ex) == 1 << b and all(_is_int(e) and 0 <= e < 1 << layout[0] for e in ex)
+                        and len(set(ex)) == len(ex) and _is_int(ed.get("escapes"))
+                        and 0 <= ed["escapes"] <= nnz, f"tensor {name}: expdict parameters"):
+                continue
         if enc == "bitmap":
             need(dt[1] and numel < 1 << 32, f"tensor {name}: bitmap needs F16/BF16/F32, < 2^32 elements")
             want = {"bitmap": 4 * -(-numel // WORD_BITS), "values": nnz * dt[0],
                     "tile_offsets": 4 * (num_tiles(numel) + 1)}
+            if ed is not None:
+                del want["values"]
+                want.update(residuals=nnz * layout[1], codes=-(-nnz * (b + layout[2]) // 8),
+                            escape_offsets=4 * (num_tiles(numel) + 1),
+                            escape_positions=2 * ed["escapes"], escape_values=dt[0] * ed["escapes"])
         else:
             want = {"data": numel * dt[0]}
         ext = extents.get(t.get("extent")) if type(t.get("extent")) is str else None
@@ -200,8 +223,10 @@ def spec_violations(data: bytes, m) -> list[str]:
             s = got["tile_offsets"]
             offs = np.frombuffer(data, "<u4", count=s["nbytes"] // 4, offset=s["offset"]).astype(np.int64)
             steps = np.diff(offs)
-            need(offs.size == num_tiles(numel) + 1 and offs[0] == 0 and offs[-1] == nnz
-                 and (steps >= 0).all() and (steps <= TILE_ELEMS).all(), f"tensor {name}: tile offsets")
+            if need(offs.size == num_tiles(numel) + 1 and offs[0] == 0 and offs[-1] == nnz
+                    and (steps >= 0).all() and (steps <= TILE_ELEMS).all(),
+                    f"tensor {name}: tile offsets") and ed is not None:
+                _escape_rules(data, got, offs, ed["escapes"], f"tensor {name}", need)
 
     files = m.get("files", [])
     need(type(files) is list and len(files) <= 64, "files")
@@ -223,6 +248,23 @@ def spec_violations(data: bytes, m) -> list[str]:
             need(type(target) is str and alias not in names and target in names,
                  f"tie {alias} -> {target!r:.80}")
     return bad
+
+
+def _escape_rules(data: bytes, got: dict, offs: np.ndarray, nesc: int, label: str, need) -> None:
+    """docs/format.md, codec expdict: escape offsets run from 0 to escapes, each tile has at most
+    as many escapes as values, and its positions rise strictly below its value count."""
+    s, p = got["escape_offsets"], got["escape_positions"]
+    eo = np.frombuffer(data, "<u4", count=s["nbytes"] // 4, offset=s["offset"]).astype(np.int64)
+    pos = np.frombuffer(data, "<u2", count=p["nbytes"] // 2, offset=p["offset"]).astype(np.int64)
+    counts = np.diff(offs)
+    if not need(eo.size == offs.size and eo[0] == 0 and eo[-1] == nesc and pos.size == nesc
+                and (np.diff(eo) >= 0).all() and (np.diff(eo) <= counts).all(),
+                f"{label}: escape offsets"):
+        return
+    for t in range(counts.size):
+        tile = pos[eo[t]:eo[t + 1]]
+        need((tile < counts[t]).all() and (np.diff(tile) > 0).all(), f"{label}: escape positions "
+                                                                      f"of tile {t}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -251,13 +293,14 @@ def _bits(t: torch.Tensor) -> bytes:
 
 def _c_decode(f: EndorFile, entry, decoder, path: Path) -> bytes:
     """The C decoder on the file's raw segments (no CRC check), fenced on every side."""
-    segs = {k: f.read_segment(s, verify=False) for k, s in entry.segments.items()}
+    segs = {k: fenced_copy(f.read_segment(s, verify=False)) for k, s in entry.segments.items()}
     bits = entry.dtype.bits
     out = fenced_empty(entry.numel * entry.dtype.itemsize)
     out.fill(0xA5)  # an element the decoder forgets to write shows up as a mismatch
-    decoder.decode([(fenced_copy(segs["bitmap"]).view("<u4"), fenced_copy(segs["values"]).view(bits),
-                     fenced_copy(segs["tile_offsets"]).view("<u4"), out.view(bits))],
-                   where=[f"{path}: tensor {entry.name}"])
+    values = segs["values"].view(bits) if entry.expdict is None else \
+        Streams.from_bytes(entry.expdict, segs)
+    decoder.decode([(segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4"),
+                     out.view(bits))], where=[f"{path}: tensor {entry.name}"])
     return out.tobytes()
 
 

@@ -4,7 +4,8 @@ judges each mutated file is tests/fuzzcheck.py.
 
 A *corpus* is a handful of real files packed from tiny random checkpoints (bitmap tensors from
 magnitude pruning in fp16, bf16 and fp32 with partial tiles and partial bitmap words, a
-dense-only file, embedded tokenizer files, tied embeddings). A *mutator* turns one corpus file
+dense-only file, embedded tokenizer files, tied embeddings; format v1 files (codec raw) and
+format v2 files whose linear weights use the expdict codec, with escapes in their tiles). A *mutator* turns one corpus file
 into a :class:`Mutant`: the new bytes, a line saying what changed, and ``hostile``:
 
 * ``hostile=False`` — plain damage (bit flips, overwrites, truncation, extension) with no
@@ -30,8 +31,10 @@ from pathlib import Path
 import torch
 
 import endor_gds
+from endor_gds.expdict import LAYOUTS
 from endor_gds.format import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
 from endor_gds.layout import crc32c
+from endor_gds.prune import magnitude_prune
 
 HEADER = struct.Struct("<8sIIQQQI")  # magic, version, flags, moff, mlen, flen, manifest CRC
 HEADER_FIELDS = ("magic", "version", "flags", "moff", "mlen", "flen", "mcrc")
@@ -51,6 +54,8 @@ class CorpusSpec:
     sparsity: float
     tokenizer: bool
     overrides: tuple  # config overrides, as sorted (key, value) pairs
+    codec: str = "raw"  # pack(codec=...): "raw" keeps a version-1 file
+    outliers: bool = False  # rare far exponents and special values in the linear weights: escapes
 
 
 _SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -70,7 +75,41 @@ CORPUS = (
     CorpusSpec("llama-f16-dense-files-tied", "llama", torch.float16, "none", 0.0, True,
                tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176,
                                  tie_word_embeddings=True).items()))),
+    # format v2: every linear weight with codec expdict; outliers give escapes in most tiles
+    CorpusSpec("llama-bf16-expdict-outliers", "llama", torch.bfloat16, "magnitude", 0.5, False,
+               tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176).items())),
+               codec="expdict", outliers=True),
+    CorpusSpec("qwen2-f16-expdict-files", "qwen2", torch.float16, "magnitude", 0.4, True,
+               tuple(sorted(dict(_SMALL, hidden_size=72, intermediate_size=90).items())),
+               codec="expdict", outliers=True),
 )
+
+
+def _outliers(sparsity: float):
+    """A per-tensor pruner for pack(): magnitude pruning, then every 29th survivor of a linear
+    weight scaled by one of 2^+-3 .. 2^+-14 (24 rare exponents: more than a 16-entry dictionary
+    holds) and a few special bit patterns (-0.0, a subnormal, a NaN payload), so the exponent
+    dictionary leaves escapes in the tiles."""
+    powers = torch.tensor([p for k in range(3, 15) for p in (k, -k)], dtype=torch.float32)
+
+    def prune(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2 or not t.is_floating_point():
+            return t
+        t = magnitude_prune(t, sparsity).clone()
+        flat = t.view(-1)
+        live = torch.nonzero(flat).reshape(-1)
+        pick = live[::29]
+        scale = torch.pow(2.0, powers[torch.arange(pick.numel()) % powers.numel()])
+        flat[pick] = (flat[pick].float() * scale).to(t.dtype)
+        ints = flat.view(torch.int16 if t.element_size() == 2 else torch.int32)
+        sign = -(1 << (8 * t.element_size() - 1))
+        specials = [sign, 1, (0x7F81 if t.dtype == torch.bfloat16 else 0x7C01)
+                    if t.element_size() == 2 else 0x7F800001]
+        for pos, bits in zip(live[5::301], specials):
+            ints[pos] = bits
+        return t
+
+    return prune
 
 
 @dataclass(frozen=True)
@@ -116,7 +155,8 @@ def build_corpus(folder, build_model) -> list[Path]:
             src = build_model(folder / spec.name, spec.family, spec.dtype, tokenizer=spec.tokenizer,
                               **dict(spec.overrides))
             endor_gds.pack(src, dst, prune=spec.prune, sparsity=spec.sparsity or 0.5,
-                           progress=False)
+                           progress=False, codec=spec.codec,
+                           pruner=_outliers(spec.sparsity) if spec.outliers else None)
         paths.append(dst)
     return paths
 
@@ -361,7 +401,14 @@ def consistent_sizes(t: dict) -> None:
         for s in t["shape"]:
             n *= s
         item = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2}.get(t["dtype"], 1)
-        if t["encoding"] == "bitmap":
+        if t["encoding"] == "bitmap" and t.get("codec") == "expdict":
+            layout, ed = LAYOUTS[t["dtype"]], t["expdict"]
+            w = ed["index_bits"] + layout.high_bits
+            sizes = {"bitmap": 4 * -(-n // WORD_BITS), "tile_offsets": 4 * (num_tiles(n) + 1),
+                     "residuals": t["nnz"] * layout.residual_bytes, "codes": -(-t["nnz"] * w // 8),
+                     "escape_offsets": 4 * (num_tiles(n) + 1),
+                     "escape_positions": 2 * ed["escapes"], "escape_values": item * ed["escapes"]}
+        elif t["encoding"] == "bitmap":
             sizes = {"bitmap": 4 * -(-n // WORD_BITS), "values": t["nnz"] * item,
                      "tile_offsets": 4 * (num_tiles(n) + 1)}
         else:
@@ -533,7 +580,7 @@ def j_encoding(m, base, rng):
     t = _tensor(m, rng)
     field = rng.choice(["encoding", "codec"])
     old = t.get(field)
-    t[field] = rng.choice(["dense", "bitmap", "csr", "raw", "zstd", "", None, 1, ["bitmap"]])
+    t[field] = rng.choice(["dense", "bitmap", "csr", "raw", "expdict", "zstd", "", None, 1, ["bitmap"]])
     if rng.random() < 0.3:
         consistent_sizes(t)
     return f"tensor {t['name']} {field} {old!r} -> {_short(t[field])}"
@@ -550,6 +597,38 @@ def j_nnz(m, base, rng):
     if fixed:
         consistent_sizes(t)
     return f"tensor {t['name']} nnz {old} -> {_short(t['nnz'])}{', sizes made consistent' if fixed else ''}"
+
+
+def j_expdict(m, base, rng):
+    """Change an expdict tensor's parameters: index width, dictionary, escape count."""
+    ts = [t for t in m["tensors"] if t.get("codec") == "expdict"]
+    if not ts:
+        return j_encoding(m, base, rng)
+    t = rng.choice(ts)
+    ed = t["expdict"]
+    choice = rng.choice(["index_bits", "exponent", "dup_exponent", "drop_exponent", "escapes",
+                         "swap_exponents", "type"])
+    if choice == "index_bits":
+        ed["index_bits"] = rng.choice([0, 1, 2, 3, 4, 5, 8, -1, 33, "2", None, 2.0])
+    elif choice == "exponent":
+        i = rng.randrange(len(ed["exponents"]))
+        ed["exponents"][i] = rng.choice([0, 31, 32, 255, 256, -1, ed["exponents"][i] + 1, "x", None])
+    elif choice == "dup_exponent":
+        ed["exponents"][-1] = ed["exponents"][0]
+    elif choice == "drop_exponent":
+        ed["exponents"].pop(rng.randrange(len(ed["exponents"])))
+    elif choice == "escapes":
+        ed["escapes"] = rng.choice([0, ed["escapes"] - 1, ed["escapes"] + 1, t["nnz"], t["nnz"] + 1,
+                                    -1, 1 << 40])
+    elif choice == "swap_exponents":  # a valid dictionary that decodes to other values
+        e = ed["exponents"]
+        e[0], e[-1] = e[-1], e[0]
+    else:
+        t["expdict"] = rng.choice([None, [], "expdict", {"index_bits": ed["index_bits"]}])
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} expdict {choice}{', sizes made consistent' if fixed else ''}"
 
 
 HOSTILE_NAMES = ["../evil", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "nul\x00x", ".",
@@ -711,7 +790,8 @@ def _maybe_fix(base, data, seg, rng, p: float):
 def m_segment_bytes(base, rng):
     seg = _pick_segment(base, rng)
     if seg.length == 0:
-        seg = _pick_segment(base, rng, {"data", "bitmap", "values", "tile_offsets", "file"})
+        seg = _pick_segment(base, rng, {"data", "bitmap", "values", "tile_offsets", "file",
+                                        "residuals", "codes", "escape_offsets"})
     buf = bytearray(base.data)
     in_padding = seg.length > seg.nbytes and rng.random() < 0.2
     lo, hi = (seg.offset + seg.nbytes, seg.offset + seg.length) if in_padding else \
@@ -730,27 +810,43 @@ def m_segment_bytes(base, rng):
     return data, f"{what} in {seg.label} {where}{', CRC recomputed' if fixed else ''}", fixed
 
 
-def m_tile_offsets(base, rng):
-    seg = _pick_segment(base, rng, {"tile_offsets"})
-    if seg.kind != "tile_offsets":
-        return m_segment_bytes(base, rng)
+def _set_entry(base, rng, seg: SegRef, fmt: str, choices) -> tuple[bytearray, int, int, int]:
+    """``base``'s bytes with a random entry ``i`` of the little-endian table in ``seg`` (entries
+    of struct format ``fmt``) set to one of ``choices(old, prev, last)`` (wrapped to the entry's
+    width); returns the bytes, ``i``, the old and the new entry."""
+    size = struct.calcsize(fmt)
     buf = bytearray(base.data)
-    count = seg.nbytes // 4
+    count = seg.nbytes // size
     i = rng.randrange(count)
-    at = seg.offset + 4 * i
-    old = struct.unpack_from("<I", buf, at)[0]
-    prev = struct.unpack_from("<I", buf, at - 4)[0] if i else 0
-    last = struct.unpack_from("<I", buf, seg.offset + 4 * (count - 1))[0]
-    new = rng.choice([0, old + 1, old - 1, prev, prev + TILE_ELEMS + 1, last, last + 1, U32,
-                      old + TILE_ELEMS, rng.randrange(U32 + 1)]) & U32
-    struct.pack_into("<I", buf, at, new)
+    at = seg.offset + size * i
+    old = struct.unpack_from(fmt, buf, at)[0]
+    prev = struct.unpack_from(fmt, buf, at - size)[0] if i else 0
+    last = struct.unpack_from(fmt, buf, seg.offset + size * (count - 1))[0]
+    new = rng.choice(choices(old, prev, last)) & ((1 << 8 * size) - 1)
+    struct.pack_into(fmt, buf, at, new)
+    return buf, i, old, new
+
+
+def _entry_mutant(base, rng, seg: SegRef, buf: bytearray, i: int, old: int, new: int):
+    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
+    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+
+
+def m_tile_offsets(base, rng):
+    """An entry of a tile offset table or of an escape offset table (same shape, same rules)."""
+    seg = _pick_segment(base, rng, {"tile_offsets", "escape_offsets"})
+    if seg.kind not in ("tile_offsets", "escape_offsets"):
+        return m_segment_bytes(base, rng)
+    buf, i, old, new = _set_entry(base, rng, seg, "<I", lambda old, prev, last: [
+        0, old + 1, old - 1, prev, prev + TILE_ELEMS + 1, last, last + 1, U32, old + TILE_ELEMS,
+        rng.randrange(U32 + 1)])
+    count, at = seg.nbytes // 4, seg.offset + 4 * i
     if rng.random() < 0.3 and count > 2:  # swap two entries
         j = rng.randrange(count)
         a, b = struct.unpack_from("<II", bytes(buf[at:at + 4] + buf[seg.offset + 4 * j:][:4]))
         struct.pack_into("<I", buf, at, b)
         struct.pack_into("<I", buf, seg.offset + 4 * j, a)
-    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
-    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
 
 
 def m_bitmap(base, rng):
@@ -776,6 +872,16 @@ def m_bitmap(base, rng):
     struct.pack_into("<I", buf, at, new)
     data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
     return data, f"{seg.label} word {w}: {old:#010x} -> {new:#010x} ({choice}){', CRC recomputed' if fixed else ''}", fixed
+
+
+def m_escape_positions(base, rng):
+    """An escape position: repeated, decreasing, past its tile, or anywhere in uint16."""
+    seg = _pick_segment(base, rng, {"escape_positions"})
+    if seg.kind != "escape_positions" or seg.nbytes < 2:
+        return m_tile_offsets(base, rng)
+    buf, i, old, new = _set_entry(base, rng, seg, "<H", lambda old, prev, last: [
+        prev, prev - 1, old + 1, old - 1, 0, 4095, 4096, 0xFFFF, rng.randrange(1 << 16)])
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
 
 
 # -- file length -------------------------------------------------------------------------------
@@ -827,6 +933,7 @@ MUTATORS = {
     "json.dtype": _structured(j_dtype),
     "json.encoding": _structured(j_encoding),
     "json.nnz": _structured(j_nnz),
+    "json.expdict": _structured(j_expdict),
     "json.names": _structured(j_names),
     "json.tied": _structured(j_tied),
     "json.top": _structured(j_top),
@@ -837,6 +944,7 @@ MUTATORS = {
     "segment.bytes": m_segment_bytes,
     "segment.tile_offsets": m_tile_offsets,
     "segment.bitmap": m_bitmap,
+    "segment.escape_positions": m_escape_positions,
     "file.truncate": m_truncate,
     "file.extend": m_extend,
 }

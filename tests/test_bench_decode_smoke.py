@@ -14,7 +14,7 @@ BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_decode.py"
 
 def test_bench_decode_smoke(tmp_path):
     res = subprocess.run(
-        [sys.executable, str(BENCH), "--shapes", "64x64,33x4097", "--sparsity", "0.5,0.7",
+        [sys.executable, str(BENCH), "--shapes", "64x64,33x4097", "--sparsity", "0.5,0.7", "--dtype", "BF16",
          "--repeats", "2", "--warmup", "1", "--storage-bytes", "4MiB", "--storage-dir",
          str(tmp_path), "--json"],
         capture_output=True, text=True, timeout=300, check=False)
@@ -24,10 +24,19 @@ def test_bench_decode_smoke(tmp_path):
     for key in ("CPU     :", "GPU     :", "decoder : CPU simd" if out["decoder_path"] == "simd"
                 else "decoder : CPU scalar", "cache   : storage cold"):
         assert key in res.stderr, key
-    assert len(out["cases"]) == 4
+    assert len(out["cases"]) == 8  # 2 shapes x 2 sparsities x codecs raw and expdict
     assert {tuple(c["shape"]) for c in out["cases"]} == {(64, 64), (33, 4097)}
+    assert [c["codec"] for c in out["cases"]] == ["raw", "expdict"] * 4
     for key in ("cpu_gbps", "storage_gbps", "cpu_ratio_to_storage"):
         assert out[key] > 0, key
+    raw, ed = out["codecs"]["raw"], out["codecs"]["expdict"]
+    assert raw["cpu_gbps"] == out["cpu_gbps"]  # the top-level figures are the first codec's
+    assert ed["bits_per_element"] < raw["bits_per_element"]  # bf16 weights: fewer bytes
+    for c in out["cases"]:
+        want = c["cpu"]["gbps"] / (out["storage_gbps"] * c["dense_bytes"] / c["stored_bytes"])
+        assert abs(c["cpu_headroom"] - want) < 1e-9
+        assert (c["expdict"] is None) == (c["codec"] == "raw")
+    assert "CPU decoder  expdict" in res.stderr and "headroom" in res.stderr
     assert out["storage"]["mode"] == "posix-direct" and out["cache"]["storage"] == "cold"
     assert abs(out["cpu_ratio_to_storage"] - out["cpu_gbps"] / out["storage_gbps"]) < 1e-9
     gpu_keys = ("gpu_gbps", "d2d_gbps", "gpu_ratio_to_d2d")

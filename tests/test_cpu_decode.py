@@ -109,3 +109,109 @@ def test_argument_checks(decoder, rng, bad, match):
     out = np.zeros(1000, dtype="<u2")
     with pytest.raises(ValueError, match=match):
         decoder.decode([bad(enc.bitmap, enc.values, enc.tile_offsets, out)])
+
+
+# -- codec expdict (format v2) ------------------------------------------------------------------
+
+def _expdict_item(rng, n, dtype, density, kind, index_bits=None):
+    """(bitmap, streams, tile offsets, poisoned out) and the tensor's dense bits."""
+    from decode_cases import encode_expdict, expdict_bits  # noqa: PLC0415
+
+    bits = expdict_bits(rng, n, dtype, density, kind)
+    enc, streams = encode_expdict(bits, dtype, index_bits)
+    return (enc.bitmap, streams, enc.tile_offsets, _poisoned(n, bits.dtype)), bits
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", (0,) + SIZES + (300_001,))
+@pytest.mark.parametrize("kind", ["weights", "outliers", "uniform"])
+def test_expdict_bit_exact_against_reference(decoder, rng, dtype, n, kind):
+    from endor_gds.expdict import decode_values_reference  # noqa: PLC0415
+
+    for density in (0.5, 1.0, 0.1):
+        for b in (None, 1, 4):
+            item, bits = _expdict_item(rng, n, dtype, density, kind, b)
+            bitmap, streams, offs, out = item
+            ref = decode_bitmap_reference(bitmap, decode_values_reference(streams, offs, streams.nnz),
+                                          offs, n)
+            np.testing.assert_array_equal(ref, bits)
+            decoder.decode([item])
+            np.testing.assert_array_equal(out, ref, err_msg=f"{dtype} n={n} {kind} d={density} b={b}")
+
+
+def test_expdict_and_raw_in_one_call(decoder, rng):
+    items, refs = [], []
+    for n, dtype, kind in [(5000, "BF16", "outliers"), (33, "F32", "weights"), (70_000, "F16", "outliers"),
+                           (1, "BF16", "weights"), (4097, "F32", "uniform")]:
+        item, bits = _expdict_item(rng, n, dtype, 0.5, kind)
+        items.append(item)
+        refs.append(bits)
+        raw_bits = random_bits(rng, n, bits.itemsize, 0.5)
+        enc = encode_bitmap(raw_bits)
+        items.append((enc.bitmap, enc.values, enc.tile_offsets, _poisoned(n, raw_bits.dtype)))
+        refs.append(raw_bits)
+    decoder.decode(items)
+    for item, ref in zip(items, refs):
+        np.testing.assert_array_equal(item[3], ref)
+
+
+def _expdict_corrupt_cases(rng):
+    """Inconsistent expdict inputs for a 6-tile bf16 tensor with escapes in its first tiles."""
+    from dataclasses import replace  # noqa: PLC0415
+
+    n = 5 * TILE_ELEMS + 17
+    (bitmap, s, offs, _), _bits = _expdict_item(rng, n, "BF16", 0.5, "outliers", 1)
+    assert (np.diff(s.escape_offsets.astype(int))[:3] >= 2).all(), "tiles 0-2 need two escapes"
+    cases = {}
+    eo = s.escape_offsets.copy()
+    eo[2] += 1  # tile 1 ends, tile 2 starts, one escape later
+    cases["escape offset +1"] = (bitmap, replace(s, escape_offsets=eo), offs)
+    eo = s.escape_offsets.copy()
+    eo[3] = 0xFFFFFFFF
+    cases["escape offset huge"] = (bitmap, replace(s, escape_offsets=eo), offs)
+    pos = s.escape_positions.copy()
+    pos[s.escape_offsets[1] + 1] = pos[s.escape_offsets[1]]  # tile 1: a position repeated
+    cases["position repeated"] = (bitmap, replace(s, escape_positions=pos), offs)
+    pos = s.escape_positions.copy()
+    pos[s.escape_offsets[2] - 1] = 4095  # tile 1 has about 2048 values: past its end
+    cases["position past the tile"] = (bitmap, replace(s, escape_positions=pos), offs)
+    o = offs.copy()
+    o[2] += 7
+    cases["tile offset +7"] = (bitmap, s, o)
+    b = bitmap.copy()
+    b[200] ^= 0xFFFF
+    cases["bitmap flip"] = (b, s, offs)
+    cases["all ones"] = (np.full_like(bitmap, 0xFFFFFFFF), s, offs)
+    return n, cases
+
+
+def test_expdict_inconsistent_input_is_decode_error(decoder, rng):
+    from endor_gds.expdict import decode_values_reference  # noqa: PLC0415
+
+    n, cases = _expdict_corrupt_cases(rng)
+    for label, (bitmap, streams, offs) in cases.items():
+        with pytest.raises(DecodeError):  # the reference refuses the same input
+            decode_bitmap_reference(bitmap, decode_values_reference(streams, offs, streams.nnz), offs, n)
+        out = np.zeros(n, dtype="<u2")
+        with pytest.raises(DecodeError, match="disagrees"):
+            decoder.decode([(bitmap, streams, offs, out)], where=[label])
+
+
+def test_expdict_argument_checks(decoder, rng):
+    from dataclasses import replace  # noqa: PLC0415
+
+    from endor_gds.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
+
+    (bitmap, s, offs, out), _ = _expdict_item(rng, 5000, "F16", 0.5, "outliers", 2)
+    cases = [
+        (replace(s, codes=s.codes[:-1]), "codes holds"),
+        (replace(s, escape_offsets=s.escape_offsets[:-1]), "escape_offsets must be 3 uint32"),
+        (replace(s, escape_positions=s.escape_positions.astype("<u4")), "escape_positions"),
+        (replace(s, escape_values=s.escape_values[:-1]), "escape_values"),
+        (replace(s, params=replace(s.params, layout=LAYOUTS["F32"])), "out is 2-byte"),
+        (replace(s, params=ExpDict(LAYOUTS["F16"], 2, (1, 1, 2, 3), s.params.escapes)), "distinct"),
+        (replace(s, residuals=s.residuals[::2]), "C-contiguous"),
+    ]
+    for streams, match in cases:
+        with pytest.raises(ValueError, match=match):
+            decoder.decode([(bitmap, streams, offs, out)])

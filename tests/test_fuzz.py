@@ -74,6 +74,12 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     # partial bitmap words and partial tiles exercise the decoders' edges
     numels = [np.prod(t["shape"]) for b in bases for t in b.manifest["tensors"] if t["encoding"] == "bitmap"]
     assert any(n % 32 for n in numels) and any(n % 4096 for n in numels)
+    # format v2: expdict tensors of 2-byte types with and without high residual bits, escapes
+    assert {b.manifest["format_version"] for b in bases} == {1, 2}
+    expdict = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "expdict"]
+    assert {t["dtype"] for t in expdict} == {"BF16", "F16"}
+    assert sum(t["expdict"]["escapes"] > 0 for t in expdict) >= 4
+    assert {t["expdict"]["index_bits"] for t in expdict} >= {1, 2} or len(expdict) > 4
 
 
 @pytest.mark.parametrize("op", fuzzlib.OPS)
@@ -201,7 +207,8 @@ REGRESSIONS = {
     # manifest fields whose type was not checked
     "segment without kind": (
         lambda b: _with(b, lambda m: _first(m, "dense")["segments"][0].pop("kind")),
-        r"segment 0 kind must be one of 'data', 'bitmap', 'values', 'tile_offsets', got None"),
+        r"segment 0 kind must be one of 'data', 'bitmap', 'values', 'tile_offsets', 'residuals', "
+        r"'codes', 'escape_offsets', 'escape_positions', 'escape_values', got None"),
     "segment kind nested 900 deep": (
         lambda b: _with(b, lambda m: _first(m, "bitmap")["segments"][2].update(kind="\x00DEEP:900")),
         "segment 2 kind must be one of .*got a list of 1 items"),

@@ -1,4 +1,5 @@
-"""The CUDA decode kernel on a GPU, bit-exact against the numpy reference (marker ``gpu``).
+"""The CUDA decode kernel on a GPU, bit-exact against the numpy reference (marker ``gpu``), for
+raw values (format v1) and the expdict codec (format v2), and v1/v2 files streamed on CUDA.
 
 Every output is poisoned before each launch, twice with different patterns, so an element the
 kernel forgets to write fails whatever its expected value (the specials include 0xFFFF).
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 from bitgen import SIZES
-from decode_cases import corrupt_cases, make_tensor
+from decode_cases import corrupt_cases, expdict_corrupt_cases, make_expdict_tensor, make_tensor
 
 from endor_gds.cpu_decode import CpuDecoder
 from endor_gds.errors import DecodeError
@@ -45,17 +46,25 @@ class Dev:
     def __init__(self, cp, t, out=None):
         self.t = t
         self.bitmap = cp.asarray(t.bitmap)
-        self.values = cp.asarray(np.frombuffer(t.values, np.uint8)) if t.values else cp.empty(0, cp.uint8)
+        self.values = _bytes(cp, t.values)
         self.offsets = cp.asarray(t.offsets)
         self.out = cp.empty(t.n, dtype=_bits_dtype(t.elem_bytes)) if out is None else out
+        if t.expdict is not None:
+            self.codes = _bytes(cp, t.codes)
+            self.escapes = [cp.asarray(a) if a.size else cp.empty(1, a.dtype) for a in
+                            (t.escape_offsets, t.escape_positions, t.escape_values)]
 
     def item(self):
-        from endor_gds.kernels import GpuItem  # noqa: PLC0415
+        from endor_gds.kernels import GpuExpDict, GpuItem  # noqa: PLC0415
 
+        expdict = None
+        if self.t.expdict is not None:
+            expdict = GpuExpDict(self.t.expdict, self.codes.data.ptr, self.codes.nbytes,
+                                 *(a.data.ptr for a in self.escapes))
         return GpuItem(bitmap_ptr=self.bitmap.data.ptr, values_ptr=self.values.data.ptr,
                        values_capacity=self.values.nbytes, tile_offsets_ptr=self.offsets.data.ptr,
                        out_ptr=_ptr(self.out), n=self.t.n, nnz=self.t.nnz,
-                       elem_bytes=self.t.elem_bytes, label=self.t.label)
+                       elem_bytes=self.t.elem_bytes, label=self.t.label, expdict=expdict)
 
     def poison(self, byte):
         if isinstance(self.out, torch.Tensor):
@@ -67,6 +76,10 @@ class Dev:
         if isinstance(self.out, torch.Tensor):
             return self.out.view(torch.uint8).cpu().numpy().view(_bits_dtype(self.t.elem_bytes))
         return self.out.get()
+
+
+def _bytes(cp, data: bytes):
+    return cp.asarray(np.frombuffer(data, np.uint8)) if data else cp.empty(0, cp.uint8)
 
 
 def _ptr(a):
@@ -237,3 +250,61 @@ def test_from_arrays_checks_sizes(cp, rng):
         GpuItem.from_arrays(b, v, o, cp.empty(2000, cp.uint16)[::2], label="w")
     item = GpuItem.from_arrays(b, v, o, out, label="w")
     assert (item.n, item.nnz, item.elem_bytes, item.values_capacity) == (1000, enc.nnz, 2, 2 * enc.nnz)
+
+
+# -- codec expdict (format v2) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", SIZES + (300_001,))
+@pytest.mark.parametrize("kind", ["weights", "outliers", "uniform"])
+def test_expdict_bit_exact_against_reference(cp, decoder, rng, dtype, n, kind):
+    for density, bits in ((0.5, None), (1.0, 1), (0.1, 4)):
+        t = make_expdict_tensor(rng, n, dtype, density, "page", kind=kind, index_bits=bits)
+        for outs in _decode_poisoned(cp, decoder, [Dev(cp, t)]):
+            np.testing.assert_array_equal(outs[0], t.reference())
+
+
+def test_expdict_and_raw_in_one_launch(cp, decoder, rng):
+    tensors = [make_expdict_tensor(rng, 5000, "BF16", 0.5), make_tensor(rng, 33, 4, 0.5, "page"),
+               make_expdict_tensor(rng, 70_001, "F16", 0.3, "page"), make_tensor(rng, 4097, 2, 0.7),
+               make_expdict_tensor(rng, 12289, "F32", 0.5, kind="weights"),
+               make_expdict_tensor(rng, 1, "BF16", 1.0)]
+    devs = [Dev(cp, t) for t in tensors]
+    for outs in _decode_poisoned(cp, decoder, devs):
+        for d, out in zip(devs, outs):
+            np.testing.assert_array_equal(out, d.t.reference(), err_msg=d.t.label)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_expdict_corrupt_tables_raise_decode_error(cp, decoder, rng, dtype):
+    from endor_gds.kernels import decode_error_key  # noqa: PLC0415
+
+    for name, (bad, want) in expdict_corrupt_cases(rng, dtype).items():
+        bad.label = f"layers.0.{name}"
+        devs = [Dev(cp, make_tensor(rng, 9000, 2, 0.5, "page", "good0")), Dev(cp, bad),
+                Dev(cp, make_expdict_tensor(rng, 4097, "F32", 0.3, "exact", "good2"))]
+        table = decoder.make_table([d.item() for d in devs])
+        decoder.launch(table, cp.cuda.get_current_stream())
+        _, tile, _ = decode_error_key(want)
+        with pytest.raises(DecodeError, match=rf"^{re.escape(bad.label)}: tile {tile} \(elements "):
+            decoder.check(table)
+        assert int(table.host_error[0]) == want, name
+        np.testing.assert_array_equal(devs[0].host(), devs[0].t.reference())
+
+
+@pytest.mark.parametrize("codec", ["raw", "expdict"])
+def test_v1_and_v2_files_stream_on_cuda(packed, codec):
+    """The CUDA runtime path (backends.CudaBackend, kernel descriptors of both codecs) streams a
+    file bit-identically to the same model decoded by the reference and held on the GPU."""
+    import endor_gds  # noqa: PLC0415
+    from test_runtime import PROMPT, reference_model  # noqa: PLC0415
+
+    path = packed("llama", torch.bfloat16, prune="magnitude", codec=codec)
+    ref = reference_model(path).to("cuda")
+    model = endor_gds.from_pretrained(path, device="cuda")
+    try:
+        with torch.no_grad():
+            assert torch.equal(model(PROMPT.cuda()).logits, ref(PROMPT.cuda()).logits)
+    finally:
+        model.endor.close()

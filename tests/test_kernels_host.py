@@ -59,12 +59,74 @@ def test_descriptors_pack_in_table_order_with_first_tiles():
     items = [_item(n=1, nnz=1), _item(n=4097, elem_bytes=4, nnz=3, values_capacity=12),
              _item(n=4096 * 3)]
     d = pack_descriptors(items)
-    assert d.dtype == kernels.DESC_DTYPE and d.dtype.itemsize == 72
+    assert d.dtype == kernels.DESC_DTYPE and d.dtype.itemsize == 144
     assert d["first_tile"].tolist() == [0, 1, 3]
     assert d["elem_bytes"].tolist() == [2, 4, 2]
     assert d["n"].tolist() == [1, 4097, 4096 * 3]
     assert d["values_capacity"].tolist() == [4096, 12, 4096]
-    assert (d["reserved"] == 0).all()
+    assert (d["codec"] == 0).all() and (d["codes"] == 0).all() and (d["exponents"] == 0).all()
+
+
+def _expdict_item(dtype="BF16", escapes=3, **kw) -> GpuItem:
+    from endor_gds.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
+
+    layout = LAYOUTS[dtype]
+    exponents = (15, 14, 16, 13) if dtype == "F16" else (120, 121, 119, 122)
+    ed = dict(params=ExpDict(layout, 2, exponents, escapes), codes_ptr=0x5000,
+              codes_capacity=1250, escape_offsets_ptr=0x6000, escape_positions_ptr=0x7000,
+              escape_values_ptr=0x8000)
+    ed.update({k: kw.pop(k) for k in list(kw) if k in ed})
+    base = dict(values_capacity=2000 * layout.residual_bytes, elem_bytes=layout.itemsize)
+    base.update(kw)
+    return _item(expdict=kernels.GpuExpDict(**ed), **base)
+
+
+def test_expdict_descriptors():
+    items = [_item(n=1, nnz=1), _expdict_item("F16", n=4097), _expdict_item("F32", escapes=0)]
+    d = pack_descriptors(items)
+    assert d["codec"].tolist() == [0, 1, 1]
+    assert d["first_tile"].tolist() == [0, 1, 3]
+    assert d["man_bits"].tolist() == [0, 10, 23] and d["index_bits"].tolist() == [0, 2, 2]
+    assert d["exponents"][1].tolist() == [15, 14, 16, 13] + [0] * 12
+    assert d["exponents"][2].tolist() == [120, 121, 119, 122] + [0] * 12
+    assert d["escapes"].tolist() == [0, 3, 0]
+    assert d["codes"].tolist() == [0, 0x5000, 0x5000] and d["codes_capacity"].tolist() == [0, 1250, 1250]
+    assert d["escape_values"].tolist() == [0, 0x8000, 0x8000]
+    # shared memory: the largest need of the table (kernel's smem_bytes, checked in emulation)
+    assert kernels.smem_bytes(items[0]) == 4096 * 2 + 16
+    assert kernels.smem_bytes(items[1]) == 4096 * 2 + 4096 + 16 + 512 * 7 + 32  # fp16: 3 high bits
+    assert kernels.smem_bytes(items[2]) == 4096 * 4 + 3 * 4096 + 16 + 512 * 4 + 32
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(codes_ptr=0x5008), r"codes_ptr=0x5008 must be 16-byte aligned"),
+    (dict(escape_offsets_ptr=0x6002), r"escape_offsets_ptr=0x6002 must be 4-byte aligned"),
+    (dict(escape_positions_ptr=0x7001), r"escape_positions_ptr=0x7001 must be 2-byte aligned"),
+    (dict(escape_values_ptr=0x8001), r"escape_values_ptr=0x8001 must be 2-byte aligned"),
+    (dict(dtype="F32", escape_values_ptr=0x8002), r"escape_values_ptr=0x8002 must be 4-byte aligned"),
+    (dict(codes_ptr=0), r"codes_ptr is null"),
+    (dict(escape_offsets_ptr=0), r"escape_offsets_ptr is null"),
+    (dict(escape_values_ptr=0), r"escape_values_ptr is null"),
+    (dict(codes_capacity=499), r"2000 values need 2000 residual and 500 code bytes, got capacities 2000 and 499"),
+    (dict(values_capacity=1999), r"2000 values need 2000 residual .* got capacities 1999"),
+    (dict(escapes=2001), r"escapes=2001 must be between 0 and nnz=2000"),
+    (dict(elem_bytes=4), r"expdict values of BF16 are 2-byte, elem_bytes=4"),
+])
+def test_every_expdict_argument_check(change, match):
+    with pytest.raises(ValueError, match=r"item 1 \(layer.0.q_proj\): " + match):
+        check_items([_item(label="ok"), _expdict_item(**change)])
+
+
+def test_expdict_nulls_allowed_without_escapes_or_codes():
+    check_items([_expdict_item(escapes=0, escape_positions_ptr=0, escape_values_ptr=0)])
+    check_items([_expdict_item(nnz=0, escapes=0, values_ptr=0, values_capacity=0, codes_ptr=0,
+                               codes_capacity=0)])
+    with pytest.raises(ValueError, match="distinct"):
+        from dataclasses import replace  # noqa: PLC0415
+
+        it = _expdict_item()
+        bad = replace(it.expdict, params=replace(it.expdict.params, exponents=(1, 1, 2, 3)))
+        check_items([replace(it, expdict=bad)])
 
 
 @pytest.mark.parametrize("change, match", [

@@ -223,12 +223,13 @@ def test_cli_pack_inspect_verify(model_dir, tmp_path, capsys):
 
 
 def test_sparse_ratio_realistic_shapes(tmp_path):
-    """TinyLlama-1.1B layer shapes (hidden 2048, MLP 5632, 4 KV heads), 50 % magnitude, fp16."""
+    """TinyLlama-1.1B layer shapes (hidden 2048, MLP 5632, 4 KV heads), 50 % magnitude, fp16,
+    format v1 values (codec raw; format v2 is tests/test_expdict.py)."""
     src = build_model(tmp_path / "tl", "llama", hidden_size=2048, intermediate_size=5632,
                       num_attention_heads=32, num_key_value_heads=4, num_hidden_layers=1,
                       vocab_size=1024, tokenizer=False)
     dst = tmp_path / "tl.endor"
-    endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False)
+    endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False, codec="raw")
     with endor_gds.open(dst) as f:
         totals = f.summary()["totals"]
     assert totals["sparse_ratio"] >= 1.76, totals

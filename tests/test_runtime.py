@@ -69,6 +69,22 @@ def test_bit_identical_to_in_memory_model(packed, refs, family):
         model.endor.close()
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("codec", ["raw", "expdict"])
+def test_format_versions_stream_bit_identically(packed, refs, dtype, codec):
+    """Format v1 (codec raw) and v2 (codec expdict on every linear weight) files stream
+    bit-identically to the in-memory model decoded by the numpy reference."""
+    path = packed("llama", dtype, prune="magnitude", codec=codec)
+    with endor_gds.open(path) as f:
+        assert f.format_version == (2 if codec == "expdict" else 1)
+        assert {e.codec for e in f.tensors.values() if e.encoding == "bitmap"} == {codec}
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        _assert_same(model, refs(path))
+    finally:
+        model.endor.close()
+
+
 @pytest.mark.parametrize("depth", [1, 2, 3])
 @pytest.mark.parametrize("tier", ["ssd", "ram"])
 def test_depths_and_tiers(packed, refs, depth, tier):
