@@ -199,8 +199,8 @@ def gpu_item(cp, bitmap, values, offsets, out):
     if isinstance(values, np.ndarray):
         v = cp.asarray(values)
         return kernels.GpuItem.from_arrays(b, v, o, out, label="bench"), (b, v, o)
-    # expdict streams; an empty escape array gets one element so that its pointer is real
-    v = {k: cp.asarray(a if a.size else np.zeros(1, a.dtype)) for k, a in values.segments().items()}
+    # expdict streams; a tensor without escapes has empty escape arrays (pointer 0, never read)
+    v = {k: cp.asarray(a) for k, a in values.segments().items()}
     return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params), (b, v, o)
 
 

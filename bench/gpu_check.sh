@@ -11,6 +11,7 @@
 #   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned
 #
 # The TinyLlama checkpoint e2e needs is built and packed in the background while the tests run.
+# Narrower or other runs: DECODE_ARGS (bench_decode shapes/sparsity), E2E_DTYPE, E2E_ARGS.
 # Sections do not stop each other: each one's exit status and seconds go to $OUT/summary.txt,
 # all output to $OUT/gpu_check.log, figures to $OUT/{decode,io-profile,e2e}.json (+ PNGs).
 set -uo pipefail
@@ -57,7 +58,7 @@ fi
 prep_pid=""
 if has e2e; then  # CPU and disk work only: overlaps the GPU tests
     echo "==== prep (background): build + pack tinyllama-1.1b" >>"$LOG"
-    timeout 300 "$PY" -c "from endor_gds import e2e; c = e2e.build_checkpoint('tinyllama-1.1b', 'float16', progress=False); print(e2e.packed_variants(c, 0.5, progress=False))" \
+    timeout 300 "$PY" -c "from endor_gds import e2e; c = e2e.build_checkpoint('tinyllama-1.1b', '${E2E_DTYPE:-float16}', progress=False); print(e2e.packed_variants(c, 0.5, progress=False, kinds=tuple(e2e.VARIANTS)))" \
         >"$SCRATCH/prep.log" 2>&1 &
     prep_pid=$!
 fi
@@ -88,7 +89,8 @@ if has io; then
 fi
 
 if has e2e; then
-    run e2e 200 "$PY" bench/bench_e2e.py --device cuda --tiers ssd,ram --tokens 6 --rounds 2 --quiet \
+    run e2e 200 "$PY" bench/bench_e2e.py --device cuda --dtype "${E2E_DTYPE:-float16}" \
+        ${E2E_ARGS:---tiers ssd,ram --tokens 6 --rounds 2} --quiet \
         --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
 fi
 echo "done: $(date -u)" >>"$OUT/summary.txt"

@@ -257,3 +257,32 @@ def test_from_arrays_checks(which, bad, match):
     arrays[which] = bad
     with pytest.raises(ValueError, match=match):
         GpuItem.from_arrays(*arrays, label="w")
+
+
+def _fake(a, ptr):
+    """A FakeDeviceArray with the shape and dtype of host array ``a`` (pointer 0 when empty, as
+    CuPy and torch give for zero-size allocations)."""
+    return FakeDeviceArray(ptr if a.size else 0, a.shape, a.dtype.str)
+
+
+def test_from_arrays_expdict_without_escapes(rng):
+    """What bench_decode and the CUDA backend pass for a tensor with no escapes: empty escape
+    arrays with null pointers are accepted; arrays padded to one element are not (their sizes
+    must match the escape count the parameters declare)."""
+    import numpy as np  # noqa: PLC0415
+    from decode_cases import encode_expdict, expdict_bits  # noqa: PLC0415
+
+    n = 10_000
+    enc, streams = encode_expdict(expdict_bits(rng, n, "BF16", 0.5, kind="weights"), "BF16")
+    assert streams.params.escapes == 0
+    segs = streams.segments()
+    args = (_fake(enc.bitmap, 0x1000), _fake(enc.tile_offsets, 0x3000),
+            FakeDeviceArray(0x4000, (n,), "<u2"))
+    v = {k: _fake(a, 0x10000 * (i + 1)) for i, (k, a) in enumerate(segs.items())}
+    it = GpuItem.from_arrays(args[0], v, args[1], args[2], label="w", expdict=streams.params)
+    assert it.expdict.escape_positions_ptr == 0 and it.expdict.escape_values_ptr == 0
+    assert it.nnz == int(enc.tile_offsets[-1])
+    check_items([it])
+    padded = dict(v, escape_positions=FakeDeviceArray(0x90000, (1,), np.dtype("<u2").str))
+    with pytest.raises(ValueError, match="escape positions and values 0"):
+        GpuItem.from_arrays(args[0], padded, args[1], args[2], label="w", expdict=streams.params)
