@@ -263,6 +263,11 @@ _CHILD = textwrap.dedent("""
     if mode == "fsize":  # the kernel refuses writes past this size: EFBIG, a real write error
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (int(arg), int(arg)))
+    if mode == "slow":
+        # Ctrl-C as a terminal delivers it, whatever this process inherited: a job started in
+        # the background of a non-interactive shell (nohup, `&` in a CI script) inherits SIGINT
+        # ignored, and Python then installs no KeyboardInterrupt handler at all.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     if mode in ("slow", "race"):  # slow writes, so that a signal or the other packer lands mid-pack
         real = layout.Writer.write_segment
         def slow(self, kind, data):

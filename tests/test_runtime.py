@@ -47,14 +47,17 @@ def refs():
     return get
 
 
-def _assert_same(model, ref):
+def _assert_same(model, ref, device="cpu"):
+    """Logits, greedy, sampled and batched generations of ``model`` equal ``ref``'s, bit for bit."""
+    prompt, batch, mask = PROMPT.to(device), BATCH.to(device), BATCH_MASK.to(device)
     with torch.no_grad():
-        assert torch.equal(model(PROMPT).logits, ref(PROMPT).logits)
-    assert torch.equal(_generate(model, PROMPT), _generate(ref, PROMPT))
+        got, want = model(prompt).logits, ref(prompt).logits
+    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max().item()}"
+    assert torch.equal(_generate(model, prompt), _generate(ref, prompt))
     sample = dict(do_sample=True, temperature=0.9, top_k=50)
-    assert torch.equal(_generate(model, PROMPT, **sample), _generate(ref, PROMPT, **sample))
-    assert torch.equal(_generate(model, BATCH, attention_mask=BATCH_MASK),
-                       _generate(ref, BATCH, attention_mask=BATCH_MASK))
+    assert torch.equal(_generate(model, prompt, **sample), _generate(ref, prompt, **sample))
+    assert torch.equal(_generate(model, batch, attention_mask=mask),
+                       _generate(ref, batch, attention_mask=mask))
 
 
 @pytest.mark.parametrize("family", FAMILIES)

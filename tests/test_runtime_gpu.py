@@ -7,7 +7,8 @@ extent stops the forward with a named error. Skipped without a GPU (see conftest
 import pytest
 import torch
 from models import FAMILIES
-from test_runtime import BATCH, BATCH_MASK, PROMPT, _generate, reference_model
+from test_runtime import PROMPT, _generate, reference_model
+from test_runtime import _assert_same as assert_same
 
 import endor_gds
 from endor_gds.errors import DecodeError
@@ -30,15 +31,7 @@ def gpu_refs():
 
 
 def _assert_same(model, ref):
-    prompt, batch, mask = PROMPT.to(DEV), BATCH.to(DEV), BATCH_MASK.to(DEV)
-    with torch.no_grad():
-        got, want = model(prompt).logits, ref(prompt).logits
-    assert torch.equal(got, want), f"max |diff| {(got.float() - want.float()).abs().max().item()}"
-    assert torch.equal(_generate(model, prompt), _generate(ref, prompt))
-    sample = dict(do_sample=True, temperature=0.9, top_k=50)
-    assert torch.equal(_generate(model, prompt, **sample), _generate(ref, prompt, **sample))
-    assert torch.equal(_generate(model, batch, attention_mask=mask),
-                       _generate(ref, batch, attention_mask=mask))
+    assert_same(model, ref, DEV)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
