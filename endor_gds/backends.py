@@ -190,11 +190,11 @@ class CudaBackend:
         self._copied = [torch.cuda.Event() for _ in range(depth)]  # host staging may be reused
         self._views: dict[tuple[int, int], dict] = {}
         self._tables: dict[tuple[int, int], object] = {}
-        # Decode errors are read after the fact, never by a host sync per layer: that sync would
-        # tie the host to the GPU every layer and leave the copy engine idle while the host
-        # launches the next layer's compute (measured: RAM tier 1.4x its copy floor with it).
-        # A layer's forward uses its weights before the kernel's error word is read; the step's
-        # end (check_decodes) raises, so the step's output never reaches the caller.
+        # Decode errors are read after the fact, never by a host sync per layer: such a sync
+        # holds the forward thread until the GPU has copied and decoded the layer, so the host
+        # cannot queue compute ahead of the copies. A layer's forward uses its weights before
+        # the kernel's error word is read; the step's end (check_decodes) raises, so the
+        # step's output never reaches the caller.
         self._lock = threading.Lock()
         self._consumed: list = []  # tables handed to a forward since the last check_decodes
         self._error: DecodeError | None = None  # first error read, raised by check_decodes

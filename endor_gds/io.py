@@ -689,8 +689,9 @@ def open_reader(path, mode: str | None = None, device: str = "cpu",
     is refused); the reader's ``mode_reason`` says why. KvikIO in compat mode is not chosen by
     ``auto``: it reads through bounce buffers of its own, and on an H200 host without GDS it
     streamed a model 1.28x slower than posix-direct into pinned memory plus an async copy
-    (docs/performance.md); ``mode="kvikio"`` still gives it. ``options``: ``threads``, ``chunk_bytes``, ``retries``,
-    and ``compat_mode`` for kvikio. ``expected_size``: a shorter file is a ``ReadError`` now.
+    (docs/performance.md); ``mode="kvikio"`` still gives it. ``options``: ``threads``,
+    ``chunk_bytes``, ``retries``, and ``compat_mode`` for kvikio. ``expected_size``: a shorter
+    file is a ``ReadError`` now.
     """
     mode = (mode or defaults.get("io")).lower()
     known = defaults.IO_MODES + ("gds", "kvikio-compat")
