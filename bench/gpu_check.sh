@@ -78,7 +78,7 @@ fi
 
 if has decode; then
     # bf16, both codecs (format v1 raw and v2 expdict rows for every case); DECODE_ARGS narrows it
-    run decode 120 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
+    run decode 150 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
         --dtype BF16 --codecs raw,expdict ${DECODE_ARGS:---sparsity 0.5,0.7} --storage-dir $SCRATCH >$OUT/decode.json"
 fi
 
