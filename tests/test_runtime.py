@@ -195,7 +195,9 @@ def test_memory_flat_across_tokens(packed):
     """Nothing of ours grows across tokens: the same buffers, no Python memory kept by endor_gds
     code from token 2 to token 100, and a process peak that grows from token 2 to token 20 no more
     than the same loop on the in-memory model does (torch and transformers themselves add
-    ~30-45 KiB over those steps on CPU); each measured in a fresh process.
+    ~28-45 KiB over those steps on CPU); each measured in a fresh process. The peak's growth
+    varies by a page or two from run to run, upwards only (when a worker thread's malloc arena or
+    stack first touches a page), so each side's smallest growth of two runs is compared.
     """
     import json
     import subprocess
@@ -204,16 +206,19 @@ def test_memory_flat_across_tokens(packed):
 
     path = packed("llama", torch.float16, prune="magnitude")
     script = Path(__file__).with_name("memloop.py")
-    runs = {}
-    for which, *flags in (("endor",), ("ref",), ("endor", "--trace")):
+    def run(which, *flags):
         r = subprocess.run([sys.executable, str(script), str(path), which, *flags],
                            capture_output=True, text=True, check=True)
-        runs[(which, *flags)] = json.loads(r.stdout.strip().splitlines()[-1])
-    e, ref, traced = runs[("endor",)], runs[("ref",)], runs[("endor", "--trace")]
-    assert e["buffers"]["2"] == e["buffers"]["20"] and e["buffers"]["2"]  # the same buffers, kept
-    assert traced["py_endor"] <= 4096, traced["py_endor"]
+        return json.loads(r.stdout.strip().splitlines()[-1])
+
     growth = lambda r: (r["hwm"]["20"] - r["kv"]["20"]) - (r["hwm"]["2"] - r["kv"]["2"])  # noqa: E731
-    assert growth(e) <= growth(ref) + 2 * 4096, (growth(e), growth(ref))
+    endor, ref = [run("endor") for _ in range(2)], [run("ref") for _ in range(2)]
+    traced = run("endor", "--trace")
+    for e in endor:
+        assert e["buffers"]["2"] == e["buffers"]["20"] and e["buffers"]["2"]  # the same buffers, kept
+    assert traced["py_endor"] <= 4096, traced["py_endor"]
+    ours, theirs = min(map(growth, endor)), min(map(growth, ref))
+    assert ours <= theirs + 2 * 4096, ([growth(r) for r in endor], [growth(r) for r in ref])
 
 
 def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):
