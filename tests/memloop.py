@@ -1,7 +1,7 @@
 """Run 101 decoding steps with a static KV cache and print memory figures (used by test_runtime).
 
 python tests/memloop.py FILE.endor {endor|ref} [--trace]  →  one JSON line:
-  hwm[step]: the process's peak RSS in bytes after steps 2 and 20,
+  hwm[step]: the process's peak RSS in bytes after steps 2, 20 and 100,
   kv[step]: bytes held by the KV cache, py_endor: net Python bytes allocated by endor_gds code
   between steps 2 and 100 (a long span, so that even a few bytes leaked per token add up past a
   page; only with --trace: tracemalloc's own bookkeeping moves the peak, so
@@ -50,7 +50,7 @@ def main(path: str, which: str, trace: bool) -> None:
         for step in range(101):
             logits = model(ids, use_cache=True, **{key: cache}).logits
             ids = logits[:, -1:].argmax(-1)
-            if step in (2, 20):
+            if step in (2, 20, 100):
                 out["hwm"][step] = hwm()
                 out["kv"][step] = sum(t.nbytes for layer in cache.layers
                                       for t in (layer.keys, layer.values) if t is not None)

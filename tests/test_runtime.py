@@ -193,11 +193,14 @@ def test_overlap_is_real(packed, monkeypatch):
 
 def test_memory_flat_across_tokens(packed):
     """Nothing of ours grows across tokens: the same buffers, no Python memory kept by endor_gds
-    code from token 2 to token 100, and a process peak that grows from token 2 to token 20 no more
-    than the same loop on the in-memory model does (torch and transformers themselves add
-    ~28-45 KiB over those steps on CPU); each measured in a fresh process. The peak's growth
-    varies by a page or two from run to run, upwards only (when a worker thread's malloc arena or
-    stack first touches a page), so each side's smallest growth of two runs is compared.
+    code from token 2 to token 100, and a process peak (minus the KV cache) that grows no more
+    than the same loop on the in-memory model does — each measured in a fresh process, each
+    side's smallest growth of two runs (the noise is upwards only).
+
+    From token 2 to 20 torch and transformers themselves add 28-32 KiB on CPU, and our worker
+    threads (reader, decoder, the C decoder's pool) touch a few more stack and malloc-arena pages:
+    measured 0-12 KiB more than the in-memory model, depending on the machine's state (12 KiB in
+    full CI runs), so 4 pages are allowed: a cost of 910 bytes per token or more fails.
     """
     import json
     import subprocess
@@ -211,14 +214,16 @@ def test_memory_flat_across_tokens(packed):
                            capture_output=True, text=True, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    growth = lambda r: (r["hwm"]["20"] - r["kv"]["20"]) - (r["hwm"]["2"] - r["kv"]["2"])  # noqa: E731
+    def growth(r, a, b):
+        return (r["hwm"][b] - r["kv"][b]) - (r["hwm"][a] - r["kv"][a])
+
     endor, ref = [run("endor") for _ in range(2)], [run("ref") for _ in range(2)]
     traced = run("endor", "--trace")
-    for e in endor:
-        assert e["buffers"]["2"] == e["buffers"]["20"] and e["buffers"]["2"]  # the same buffers, kept
+    for e in endor:  # the same buffers, kept
+        assert e["buffers"]["2"] == e["buffers"]["20"] == e["buffers"]["100"] and e["buffers"]["2"]
     assert traced["py_endor"] <= 4096, traced["py_endor"]
-    ours, theirs = min(map(growth, endor)), min(map(growth, ref))
-    assert ours <= theirs + 2 * 4096, ([growth(r) for r in endor], [growth(r) for r in ref])
+    ours, theirs = [growth(r, "2", "20") for r in endor], [growth(r, "2", "20") for r in ref]
+    assert min(ours) <= min(theirs) + 4 * 4096, (ours, theirs)
 
 
 def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):
