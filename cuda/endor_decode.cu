@@ -95,8 +95,11 @@
  * (the input loads use the read-only data path).
  */
 
+// The tile size of the file format (docs/format.md: 4096 elements, endor_gds.format.TILE_ELEMS).
+// kernels.NVRTC_OPTIONS always passes it, so a change on the Python side reaches the kernel; the
+// default lets the file compile on its own (nvcc -arch=sm_90 -cubin cuda/endor_decode.cu).
 #ifndef ENDOR_TILE_ELEMS
-#error "compile with -DENDOR_TILE_ELEMS=<endor_gds.format.TILE_ELEMS> (see kernels.NVRTC_OPTIONS)"
+#define ENDOR_TILE_ELEMS 4096
 #endif
 
 #if defined(ENDOR_EMULATE) && !defined(__CUDA_ARCH__)

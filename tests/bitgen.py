@@ -52,3 +52,11 @@ def weight_bits(rng, n: int, dtype: str, density: float, outliers: bool = False)
             bits[rng.choice(live, min(live.size, specials.size), replace=False)] = \
                 specials[: min(live.size, specials.size)]
     return bits
+
+
+def random_file(folder, nbytes: int, seed: int):
+    """``(path, data)``: a file of ``nbytes`` random bytes in ``folder`` (reader tests)."""
+    path = folder / "data.bin"
+    data = np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
+    path.write_bytes(data.tobytes())
+    return path, data

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from bitgen import random_file
 
 from endor_gds import defaults
 from endor_gds import io as eio
@@ -31,10 +32,7 @@ _real_open = os.open
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("io") / "data.bin"
-    data = np.random.default_rng(7).integers(0, 256, FILE_BYTES, dtype=np.uint8)
-    path.write_bytes(data.tobytes())
-    return path, data
+    return random_file(tmp_path_factory.mktemp("io"), FILE_BYTES, seed=7)
 
 
 @pytest.fixture(params=["posix-direct", "posix-buffered"])

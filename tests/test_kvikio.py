@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from bitgen import random_file
 
 from endor_gds import io as eio
 from endor_gds.errors import ReadError
@@ -21,10 +22,7 @@ FILE_BYTES = 16 * 1024 * 1024 + 5 * A
 
 @pytest.fixture(scope="module")
 def data_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("kvikio") / "data.bin"
-    data = np.random.default_rng(11).integers(0, 256, FILE_BYTES, dtype=np.uint8)
-    path.write_bytes(data.tobytes())
-    return path, data
+    return random_file(tmp_path_factory.mktemp("kvikio"), FILE_BYTES, seed=11)
 
 
 def _device_buffer(kind: str, nbytes: int):

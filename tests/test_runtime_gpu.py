@@ -7,8 +7,7 @@ extent stops the forward with a named error. Skipped without a GPU (see conftest
 import pytest
 import torch
 from models import FAMILIES
-from test_runtime import PROMPT, _generate, reference_model
-from test_runtime import _assert_same as assert_same
+from test_runtime import PROMPT, _assert_same, _generate, reference_model
 
 import endor_gds
 from endor_gds.errors import DecodeError
@@ -30,10 +29,6 @@ def gpu_refs():
     return get
 
 
-def _assert_same(model, ref):
-    assert_same(model, ref, DEV)
-
-
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_bit_identical_to_in_memory_model(packed, gpu_refs, family):
     path = packed(family, torch.float16, prune="magnitude")
@@ -41,7 +36,7 @@ def test_cuda_bit_identical_to_in_memory_model(packed, gpu_refs, family):
     try:
         assert model.endor.device.type == "cuda"
         assert model.endor.mode in ("gds", "posix-direct"), model.endor.mode  # AUTO: no compat mode
-        _assert_same(model, gpu_refs(path))
+        _assert_same(model, gpu_refs(path), DEV)
     finally:
         model.endor.close()
 
@@ -57,7 +52,7 @@ def test_cuda_readers_tiers_depths(packed, gpu_refs, io, tier, depth):
         direct = rt.mode in ("gds", "kvikio-compat")
         assert direct == (io == "kvikio")
         assert rt.backend.direct_to_device == (direct and tier == "ssd")
-        _assert_same(model, gpu_refs(path))
+        _assert_same(model, gpu_refs(path), DEV)
         s = rt.summary()
         assert s["prefetch_depth"] == depth and s["tier"] == tier and s["reader_mode"] == rt.mode
         assert s["per_token"]["bytes_read"] == sum(p.length for p in rt.pipeline.plans.values())
@@ -69,7 +64,7 @@ def test_cuda_fp32_and_unpruned_files(packed, gpu_refs):
     for path in (packed("opt", torch.float32, prune="none"), packed("llama", torch.float32)):
         model = endor_gds.from_pretrained(path, device=DEV)
         try:
-            _assert_same(model, gpu_refs(path))
+            _assert_same(model, gpu_refs(path), DEV)
         finally:
             model.endor.close()
 
@@ -112,7 +107,7 @@ def test_cuda_budget_is_never_exceeded(packed, gpu_refs):
         _generate(model, PROMPT.to(DEV))
         ran = _peak_over(base)
         assert ran <= budget + activations, (ran, budget, activations)
-        _assert_same(model, ref)
+        _assert_same(model, ref, DEV)
     finally:
         model.endor.close()
 
