@@ -282,7 +282,7 @@ def main(argv=None) -> int:
 
     gpu_ok, gpu_name = (False, "skipped (--no-gpu)") if args.no_gpu else kernels.gpu_available()
     cpu = CpuDecoder(args.threads)
-    path = "simd (ssse3)" if cpu.simd else "scalar"
+    path = cpu.simd_name
     log("endor_gds decode benchmark")
     log(f"machine : {socket.gethostname()} {platform.platform()}, {os.cpu_count()} CPUs, "
         f"{ram_gib():.1f} GiB RAM")
@@ -388,7 +388,7 @@ def main(argv=None) -> int:
         "machine": {"host": socket.gethostname(), "platform": platform.platform(),
                     "cpu": cpu_model(), "cpus": os.cpu_count(), "ram_gib": round(ram_gib(), 1)},
         "gpu": gpu_name if gpu_ok else None,
-        "decoder_path": "simd" if cpu.simd else "scalar",
+        "decoder_path": cpu.simd_name,
         "threads": cpu.threads,
         "dtype": args.dtype,
         "repeats": args.repeats,

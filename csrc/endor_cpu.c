@@ -39,8 +39,16 @@ static uint8_t EXPAND16[256][16];
 static uint8_t EXPAND32[16][16];
 static uint8_t POP8[256];
 static int tables_ready = 0;
-static int use_simd = 0;
-static int use_pdep = 0; /* BMI2 pdep, and fast (see fields8_pdep) */
+
+/* Instruction-set features, as a mask: what this CPU has (cpu_features), and what a call may use
+ * (its `features` argument, AND'ed with cpu_features), so that tests run every code path the CPU
+ * can run, not only the fastest. Mirrored by cpu_decode.SIMD_FEATURES. */
+enum {
+    FEAT_SSSE3 = 1, /* pshufb: the expand, and the 4-byte expdict rebuild */
+    FEAT_PDEP = 2,  /* BMI2 pdep, and fast: not on Zen 1/2, where it is microcoded (fields8_pdep) */
+    FEAT_AVX2 = 4,  /* the 2-byte expdict rebuild, 32 values per step */
+};
+static int cpu_features = 0;
 
 static void build_tables(void) {
     for (int b = 0; b < 256; b++) {
@@ -67,9 +75,11 @@ static void build_tables(void) {
     }
 #if ENDOR_X86
     __builtin_cpu_init();
-    use_simd = __builtin_cpu_supports("ssse3");
-    use_pdep = __builtin_cpu_supports("bmi2") && !__builtin_cpu_is("znver1") &&
-               !__builtin_cpu_is("znver2");
+    if (__builtin_cpu_supports("ssse3")) cpu_features |= FEAT_SSSE3;
+    if (__builtin_cpu_supports("bmi2") && !__builtin_cpu_is("znver1") &&
+        !__builtin_cpu_is("znver2"))
+        cpu_features |= FEAT_PDEP;
+    if (__builtin_cpu_supports("avx2")) cpu_features |= FEAT_AVX2;
 #endif
     tables_ready = 1;
 }
@@ -128,7 +138,7 @@ __attribute__((target("ssse3"))) static inline uint64_t simd_word32(uint32_t wor
         __m128i x = _mm_loadu_si128((const __m128i *)(vals + v));
         __m128i m = _mm_loadu_si128((const __m128i *)EXPAND32[b]);
         store16(out + 4 * q, _mm_shuffle_epi8(x, m), nt);
-        v += (uint64_t)__builtin_popcount(b);
+        v += POP8[b]; /* a table, not __builtin_popcount: without -mpopcnt that is a libgcc call */
     }
     return v;
 }
@@ -202,15 +212,15 @@ static int tile_range(const uint32_t *offs, uint64_t t, uint64_t n, uint64_t nnz
 DECODE_TILES(uint16_t)
 DECODE_TILES(uint32_t)
 
-/* Decode tiles [t0, t1) of one bitmap-encoded tensor of n elements of elem_bytes (2 or 4).
- * Returns 0 on success, t + 1 for the first inconsistent tile t, -1 for bad arguments. */
+/* Decode tiles [t0, t1) of one bitmap-encoded tensor of n elements of elem_bytes (2 or 4), using
+ * the FEAT_* features in `features` that this CPU has. Returns 0 on success, t + 1 for the first inconsistent tile t, -1 for bad arguments. */
 int64_t endor_decode_tiles(const uint32_t *bitmap, const void *values, uint64_t nnz,
                            const uint32_t *tile_offsets, void *out, uint64_t n,
-                           uint32_t elem_bytes, uint64_t t0, uint64_t t1, int allow_simd) {
+                           uint32_t elem_bytes, uint64_t t0, uint64_t t1, int features) {
     if (!tables_ready) build_tables();
     uint64_t ntiles = (n + TILE_ELEMS - 1) / TILE_ELEMS;
     if (t0 > t1 || t1 > ntiles) return -1;
-    int simd = allow_simd && use_simd;
+    int simd = (features & cpu_features & FEAT_SSSE3) != 0;
     /* every word's 32 outputs start at out + 64 or 128 bytes * word: aligned iff out is */
     int nt = simd && ((uintptr_t)out % 16 == 0);
     int64_t rc = -1;
@@ -349,47 +359,54 @@ __attribute__((target("bmi2"))) static inline uint64_t fields8_pdep(const uint8_
     return _pdep_u64(x, 0x0101010101010101ull * fmask);
 }
 
-/* Values k.. (k a multiple of 8) into out[k - lo], 16 at a time while their residuals lie below
+/* Values k.. (k a multiple of 8) into out[k - lo], 32 at a time while their residuals lie below
  * hi and 8 code bytes per group of 8 are readable; returns the first value not done. Per output
- * byte: two pshufb lookups (exponent by index, fp16's high residual bits) OR'ed with the residual
+ * byte: two pshufb lookups (exponent by index, fp16's high residual bits; the 16-entry tables
+ * repeated in both 128-bit lanes, as AVX2's pshufb works within a lane) OR'ed with the residual
  * byte's own bits. Built twice, with the pdep and the scalar field spread: a BMI2 instruction
- * must not be reachable on a CPU without it. */
+ * must not be reachable on a CPU without it. AVX2, not SSSE3: 1.13x the 16-value SSSE3 loop on
+ * one core (docs/performance.md); a CPU without AVX2 takes the 8-value scalar loop. */
+#define BROADCAST16(p) _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(p)))
 #define REBUILD16_RUN(NAME, TARGET, FIELDS8)                                                   \
     __attribute__((target(TARGET))) static uint64_t NAME(const endor_expdict *a,              \
                                                          const expdict_tables *T, uint64_t k,  \
                                                          uint64_t lo, uint64_t hi,            \
                                                          uint16_t *out) {                      \
-        const __m128i imask = _mm_set1_epi8((char)((1 << T->b) - 1));                          \
+        const __m256i imask = _mm256_set1_epi8((char)((1 << T->b) - 1));                       \
         const __m128i shift = _mm_cvtsi32_si128(T->b);                                         \
-        const __m128i idx_lo = _mm_loadu_si128((const __m128i *)T->idx_lo);                    \
-        const __m128i idx_hi = _mm_loadu_si128((const __m128i *)T->idx_hi);                    \
-        const __m128i high_lo = _mm_loadu_si128((const __m128i *)T->high_lo);                  \
-        const __m128i high_hi = _mm_loadu_si128((const __m128i *)T->high_hi);                  \
-        const __m128i rlo = _mm_set1_epi8((char)T->res_lo_mask);                               \
-        const __m128i rhi = _mm_set1_epi8((char)T->res_hi_mask);                               \
+        const __m256i idx_lo = BROADCAST16(T->idx_lo), idx_hi = BROADCAST16(T->idx_hi);        \
+        const __m256i high_lo = BROADCAST16(T->high_lo), high_hi = BROADCAST16(T->high_hi);    \
+        const __m256i rlo = _mm256_set1_epi8((char)T->res_lo_mask);                            \
+        const __m256i rhi = _mm256_set1_epi8((char)T->res_hi_mask);                            \
         const uint64_t w = (uint64_t)T->w;                                                     \
-        for (; k + 16 <= hi && (k / 8 + 1) * w + 8 <= a->codes_nbytes; k += 16) {              \
+        for (; k + 32 <= hi && (k / 8 + 3) * w + 8 <= a->codes_nbytes; k += 32) {              \
             const uint8_t *c = a->codes + (k / 8) * w;                                         \
-            __m128i f = _mm_set_epi64x((long long)FIELDS8(c + w, T->w, T->fmask),              \
-                                       (long long)FIELDS8(c, T->w, T->fmask));                 \
-            __m128i r = _mm_loadu_si128((const __m128i *)(a->residuals + k));                  \
-            __m128i idx = _mm_and_si128(f, imask);                                             \
+            __m256i f = _mm256_set_epi64x((long long)FIELDS8(c + 3 * w, T->w, T->fmask),       \
+                                          (long long)FIELDS8(c + 2 * w, T->w, T->fmask),       \
+                                          (long long)FIELDS8(c + w, T->w, T->fmask),           \
+                                          (long long)FIELDS8(c, T->w, T->fmask));              \
+            __m256i r = _mm256_loadu_si256((const __m256i *)(a->residuals + k));               \
+            __m256i idx = _mm256_and_si256(f, imask);                                          \
             /* f >> b per byte: a 16-bit shift brings bits of the next byte in above bit       \
              * 7 - b >= 3, which the 3-bit mask drops */                                       \
-            __m128i high = _mm_and_si128(_mm_srl_epi16(f, shift), _mm_set1_epi8(7));           \
-            __m128i vlo = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(idx_lo, idx),             \
-                                                    _mm_shuffle_epi8(high_lo, high)),          \
-                                       _mm_and_si128(r, rlo));                                 \
-            __m128i vhi = _mm_or_si128(_mm_or_si128(_mm_shuffle_epi8(idx_hi, idx),             \
-                                                    _mm_shuffle_epi8(high_hi, high)),          \
-                                       _mm_and_si128(r, rhi));                                 \
-            _mm_storeu_si128((__m128i *)(out + (k - lo)), _mm_unpacklo_epi8(vlo, vhi));        \
-            _mm_storeu_si128((__m128i *)(out + (k - lo) + 8), _mm_unpackhi_epi8(vlo, vhi));    \
+            __m256i high = _mm256_and_si256(_mm256_srl_epi16(f, shift), _mm256_set1_epi8(7));  \
+            __m256i vlo = _mm256_or_si256(_mm256_or_si256(_mm256_shuffle_epi8(idx_lo, idx),   \
+                                                          _mm256_shuffle_epi8(high_lo, high)), \
+                                          _mm256_and_si256(r, rlo));                           \
+            __m256i vhi = _mm256_or_si256(_mm256_or_si256(_mm256_shuffle_epi8(idx_hi, idx),   \
+                                                          _mm256_shuffle_epi8(high_hi, high)), \
+                                          _mm256_and_si256(r, rhi));                           \
+            /* the byte interleave works per lane: values 0-7 | 16-23 and 8-15 | 24-31 */      \
+            __m256i v0 = _mm256_unpacklo_epi8(vlo, vhi), v1 = _mm256_unpackhi_epi8(vlo, vhi);  \
+            _mm256_storeu_si256((__m256i *)(out + (k - lo)),                                   \
+                                _mm256_permute2x128_si256(v0, v1, 0x20));                      \
+            _mm256_storeu_si256((__m256i *)(out + (k - lo) + 16),                              \
+                                _mm256_permute2x128_si256(v0, v1, 0x31));                      \
         }                                                                                      \
         return k;                                                                              \
     }
-REBUILD16_RUN(rebuild16_pdep, "ssse3,bmi2", fields8_pdep)
-REBUILD16_RUN(rebuild16_spread, "ssse3", fields8_scalar)
+REBUILD16_RUN(rebuild16_pdep, "avx2,bmi2", fields8_pdep)
+REBUILD16_RUN(rebuild16_spread, "avx2", fields8_scalar)
 
 /* The same for 4-byte values (fp32, 3 residual bytes), 16 at a time, 4 per vector: pshufb widens
  * 3-byte residuals to 32-bit lanes (one 16-byte load covers 12 bytes, hence the 4 spare bytes
@@ -433,21 +450,20 @@ REBUILD32_RUN(rebuild32_pdep, "ssse3,bmi2", fields8_pdep)
 REBUILD32_RUN(rebuild32_spread, "ssse3", fields8_scalar)
 #endif
 
-/* Rebuild values [lo, hi) of the tensor into buf[0, hi - lo). */
+/* Rebuild values [lo, hi) of the tensor into buf[0, hi - lo), with the features in feat. */
 static void rebuild_values(const endor_expdict *a, const expdict_tables *T, uint64_t lo,
-                           uint64_t hi, void *buf, int simd) {
+                           uint64_t hi, void *buf, int feat) {
     uint64_t k = lo;
     if (T->rb == 1) {
         uint16_t *out = (uint16_t *)buf;
-#if ENDOR_X86
-        if (simd) {
-            for (; k < hi && k % 8; k++) out[k - lo] = (uint16_t)value_at(a, T, k);
-            k = use_pdep ? rebuild16_pdep(a, T, k, lo, hi, out) : rebuild16_spread(a, T, k, lo, hi, out);
-        }
-#else
-        (void)simd;
-#endif
         for (; k < hi && k % 8; k++) out[k - lo] = (uint16_t)value_at(a, T, k);
+#if ENDOR_X86
+        if (feat & FEAT_AVX2)
+            k = (feat & FEAT_PDEP) ? rebuild16_pdep(a, T, k, lo, hi, out)
+                                   : rebuild16_spread(a, T, k, lo, hi, out);
+#else
+        (void)feat;
+#endif
         for (; k + 8 <= hi && (k / 8) * (uint64_t)T->w + 8 <= a->codes_nbytes; k += 8) {
             uint64_t f = fields8_scalar(a->codes + (k / 8) * (uint64_t)T->w, T->w, T->fmask);
             const uint8_t *r = a->residuals + k;
@@ -458,9 +474,10 @@ static void rebuild_values(const endor_expdict *a, const expdict_tables *T, uint
     } else {
         uint32_t *out = (uint32_t *)buf;
 #if ENDOR_X86
-        if (simd) {
+        if (feat & FEAT_SSSE3) {
             for (; k < hi && k % 8; k++) out[k - lo] = value_at(a, T, k);
-            k = use_pdep ? rebuild32_pdep(a, T, k, lo, hi, out) : rebuild32_spread(a, T, k, lo, hi, out);
+            k = (feat & FEAT_PDEP) ? rebuild32_pdep(a, T, k, lo, hi, out)
+                                   : rebuild32_spread(a, T, k, lo, hi, out);
         }
 #endif
         for (; k < hi; k++) out[k - lo] = value_at(a, T, k);
@@ -482,15 +499,16 @@ static int patch_escapes(const endor_expdict *a, uint64_t e0, uint64_t e1, uint6
     return 0;
 }
 
-/* Decode tiles [t0, t1) of one expdict tensor. Returns 0, t + 1 for the first tile t whose tile
- * offsets, escape offsets, escape positions or bitmap are inconsistent, -1 for bad arguments. */
+/* Decode tiles [t0, t1) of one expdict tensor (features: as endor_decode_tiles). Returns 0,
+ * t + 1 for the first tile t whose tile offsets, escape offsets, escape positions or bitmap are
+ * inconsistent, -1 for bad arguments. */
 int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t t1,
-                                   int allow_simd) {
+                                   int features) {
     if (!tables_ready) build_tables();
     uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
     expdict_tables T;
     if (t0 > t1 || t1 > ntiles || build_expdict_tables(a, &T)) return -1;
-    int simd = allow_simd && use_simd;
+    int feat = features & cpu_features, simd = (feat & FEAT_SSSE3) != 0;
     int nt = simd && ((uintptr_t)a->out % 16 == 0);
     /* zeroed once: the SIMD expand may read (and discard) entries past the tile's values */
     uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
@@ -503,7 +521,7 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
             rc = (int64_t)t + 1;
             break;
         }
-        rebuild_values(a, &T, lo, hi, buf32, simd);
+        rebuild_values(a, &T, lo, hi, buf32, feat);
         if (patch_escapes(a, e0, e1, hi - lo, buf32)) {
             rc = (int64_t)t + 1;
             break;
@@ -521,10 +539,10 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
     return rc;
 }
 
-/* 1 when the SIMD path is in use on this CPU (reported by the benchmarks). */
-int endor_decode_simd(void) {
+/* The FEAT_* mask of this CPU: what a call's `features` argument can enable. */
+int endor_cpu_features(void) {
     if (!tables_ready) build_tables();
-    return use_simd;
+    return cpu_features;
 }
 
 /* An importable module only so setuptools builds, names and ships this library; Python calls

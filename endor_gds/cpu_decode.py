@@ -14,7 +14,7 @@ import ctypes
 import importlib
 import os
 from concurrent.futures import ThreadPoolExecutor
-from typing import Sequence
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -23,7 +23,12 @@ from .errors import DecodeError, MissingDependencyError
 from .expdict import Streams
 from .format import TILE_ELEMS, WORD_BITS, num_tiles
 
-__all__ = ["CpuDecoder", "library"]
+__all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
+
+# Instruction-set features of the decoder (FEAT_* in csrc/endor_cpu.c), each a bit of the mask a
+# call may use: ssse3 = the pshufb expand and the 4-byte expdict rebuild, pdep = BMI2 field
+# spread (only where it is fast), avx2 = the 2-byte expdict rebuild. Order = fastest last.
+SIMD_FEATURES = {"ssse3": 1, "pdep": 2, "avx2": 4}
 
 # A task of at least this many tiles (256 Ki elements, ~40 us of work) keeps the ctypes call and
 # thread hand-off overhead (a few us) negligible while still splitting one matrix across cores.
@@ -60,10 +65,16 @@ def library() -> ctypes.CDLL:
         lib.endor_decode_tiles.argtypes = [p, p, u64, p, p, u64, ctypes.c_uint32, u64, u64, ctypes.c_int]
         lib.endor_decode_expdict_tiles.restype = ctypes.c_int64
         lib.endor_decode_expdict_tiles.argtypes = [ctypes.POINTER(_ExpDictArgs), u64, u64, ctypes.c_int]
-        lib.endor_decode_simd.restype = ctypes.c_int
-        lib.endor_decode_simd.argtypes = []
+        lib.endor_cpu_features.restype = ctypes.c_int
+        lib.endor_cpu_features.argtypes = []
         _lib = lib
     return _lib
+
+
+def cpu_features() -> tuple[str, ...]:
+    """The SIMD_FEATURES this CPU has (and the decoder uses by default)."""
+    mask = library().endor_cpu_features()
+    return tuple(name for name, bit in SIMD_FEATURES.items() if mask & bit)
 
 
 def _check_streams(s: Streams, n: int, itemsize: int, where: str) -> None:
@@ -147,19 +158,40 @@ class CpuDecoder:
     unsigned element bit patterns, uint32, and the flat output of ``n`` elements; for codec
     expdict ``values`` is the tensor's :class:`~endor_gds.expdict.Streams`) and decodes all of
     them, splitting the tiles of every tensor across the pool.
+
+    ``simd``: True uses every feature of :func:`cpu_features`, False none (portable C); a
+    collection of SIMD_FEATURES names restricts the decoder to those (tests run each path the CPU
+    can run; the results are bit-identical). A name the CPU lacks is a ValueError.
     """
 
-    def __init__(self, threads: int | None = None, *, simd: bool = True):
+    def __init__(self, threads: int | None = None, *, simd: bool | Iterable[str] = True):
         threads = threads if threads is not None else defaults.get("decode_threads")
         self.threads = threads or (os.cpu_count() or 1)
         self._lib = library()
-        self.simd = bool(simd and self._lib.endor_decode_simd())
-        self._allow_simd = 1 if simd else 0
+        have = cpu_features()
+        if simd is True or simd is False:
+            wanted = have if simd else ()
+        else:
+            wanted = tuple(simd)
+            for name in wanted:
+                if name not in SIMD_FEATURES:
+                    raise ValueError(f"unknown SIMD feature {name!r} (known: {', '.join(SIMD_FEATURES)})")
+                if name not in have:
+                    raise ValueError(f"this CPU lacks SIMD feature {name!r} (it has: "
+                                     f"{', '.join(have) or 'none'})")
+        #: the SIMD features in use, in SIMD_FEATURES order ("()" = portable C)
+        self.features = tuple(name for name in SIMD_FEATURES if name in wanted)
+        self._mask = sum(SIMD_FEATURES[name] for name in self.features)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="endor-decode") \
             if self.threads > 1 else None
 
     def __repr__(self) -> str:
-        return f"<CpuDecoder threads={self.threads} simd={'ssse3' if self.simd else 'off'}>"
+        return f"<CpuDecoder threads={self.threads} simd={self.simd_name}>"
+
+    @property
+    def simd_name(self) -> str:
+        """The features in use, as ``ssse3+pdep+avx2``, or ``scalar``."""
+        return "+".join(self.features) or "scalar"
 
     def prepare(self, items: Sequence[tuple], where: Sequence[str] | None = None) -> "Prepared":
         """Check the arguments and split the work into tasks once; run it any number of times.
@@ -184,8 +216,8 @@ class CpuDecoder:
 
     def _run(self, args, t0: int, t1: int) -> int:
         if isinstance(args, _ExpDictArgs):
-            return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self._allow_simd)
-        return self._lib.endor_decode_tiles(*args, t0, t1, self._allow_simd)
+            return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self._mask)
+        return self._lib.endor_decode_tiles(*args, t0, t1, self._mask)
 
     def run(self, prepared: "Prepared") -> None:
         """Decode everything in ``prepared``; raises DecodeError naming the first bad tensor/tile."""

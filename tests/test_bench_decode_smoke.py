@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from endor_gds.cpu_decode import CpuDecoder
 from endor_gds.kernels import gpu_available
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_decode.py"
@@ -21,8 +22,9 @@ def test_bench_decode_smoke(tmp_path):
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert res.stderr.startswith("endor_gds decode benchmark\nmachine : ")
-    for key in ("CPU     :", "GPU     :", "decoder : CPU simd" if out["decoder_path"] == "simd"
-                else "decoder : CPU scalar", "cache   : storage cold"):
+    assert out["decoder_path"] == CpuDecoder(1).simd_name  # every feature this CPU has
+    for key in ("CPU     :", "GPU     :", f"decoder : CPU {out['decoder_path']}, ",
+                "cache   : storage cold"):
         assert key in res.stderr, key
     assert len(out["cases"]) == 8  # 2 shapes x 2 sparsities x codecs raw and expdict
     assert {tuple(c["shape"]) for c in out["cases"]} == {(64, 64), (33, 4097)}

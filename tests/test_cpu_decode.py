@@ -2,13 +2,20 @@ import numpy as np
 import pytest
 from bitgen import SIZES, random_bits
 
-from endor_gds.cpu_decode import CpuDecoder
+from endor_gds.cpu_decode import CpuDecoder, cpu_features
 from endor_gds.errors import DecodeError
 from endor_gds.format import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
 
+# Every code path this CPU can run: all features (the default), none (portable C), and the subsets
+# that swap one SIMD routine for its fallback (without pdep: the scalar field spread; without avx2:
+# the scalar 2-byte expdict rebuild). Subsets naming a feature this CPU lacks are left out.
+_PATHS = [(1, True), (2, True), (3, False), (2, ("ssse3",)), (2, ("ssse3", "avx2"))]
+_PATHS = [(t, s) for t, s in _PATHS if isinstance(s, bool) or set(s) <= set(cpu_features())]
 
-@pytest.fixture(scope="module", params=[(1, True), (2, True), (3, False)],
-                ids=["1thread-simd", "2threads-simd", "3threads-scalar"])
+
+@pytest.fixture(scope="module", params=_PATHS,
+                ids=lambda p: f"{p[0]}thr-" + ({True: "all", False: "scalar"}.get(p[1]) if isinstance(p[1], bool)
+                                                else "+".join(p[1])))
 def decoder(request):
     threads, simd = request.param
     with CpuDecoder(threads, simd=simd) as d:
