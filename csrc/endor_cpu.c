@@ -213,7 +213,8 @@ DECODE_TILES(uint16_t)
 DECODE_TILES(uint32_t)
 
 /* Decode tiles [t0, t1) of one bitmap-encoded tensor of n elements of elem_bytes (2 or 4), using
- * the FEAT_* features in `features` that this CPU has. Returns 0 on success, t + 1 for the first inconsistent tile t, -1 for bad arguments. */
+ * the FEAT_* features in `features` that this CPU has. Returns 0 on success, t + 1 for the first
+ * inconsistent tile t, -1 for bad arguments. */
 int64_t endor_decode_tiles(const uint32_t *bitmap, const void *values, uint64_t nnz,
                            const uint32_t *tile_offsets, void *out, uint64_t n,
                            uint32_t elem_bytes, uint64_t t0, uint64_t t1, int features) {

@@ -27,7 +27,7 @@ __all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
 
 # Instruction-set features of the decoder (FEAT_* in csrc/endor_cpu.c), each a bit of the mask a
 # call may use: ssse3 = the pshufb expand and the 4-byte expdict rebuild, pdep = BMI2 field
-# spread (only where it is fast), avx2 = the 2-byte expdict rebuild. Order = fastest last.
+# spread (only where it is fast), avx2 = the 2-byte expdict rebuild.
 SIMD_FEATURES = {"ssse3": 1, "pdep": 2, "avx2": 4}
 
 # A task of at least this many tiles (256 Ki elements, ~40 us of work) keeps the ctypes call and
@@ -172,14 +172,14 @@ class CpuDecoder:
         if simd is True or simd is False:
             wanted = have if simd else ()
         else:
-            wanted = tuple(simd)
+            wanted = (simd,) if isinstance(simd, str) else tuple(simd)
             for name in wanted:
                 if name not in SIMD_FEATURES:
                     raise ValueError(f"unknown SIMD feature {name!r} (known: {', '.join(SIMD_FEATURES)})")
                 if name not in have:
                     raise ValueError(f"this CPU lacks SIMD feature {name!r} (it has: "
                                      f"{', '.join(have) or 'none'})")
-        #: the SIMD features in use, in SIMD_FEATURES order ("()" = portable C)
+        #: the SIMD features in use, in SIMD_FEATURES order (empty: portable C)
         self.features = tuple(name for name in SIMD_FEATURES if name in wanted)
         self._mask = sum(SIMD_FEATURES[name] for name in self.features)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="endor-decode") \

@@ -13,13 +13,30 @@ _PATHS = [(1, True), (2, True), (3, False), (2, ("ssse3",)), (2, ("ssse3", "avx2
 _PATHS = [(t, s) for t, s in _PATHS if isinstance(s, bool) or set(s) <= set(cpu_features())]
 
 
-@pytest.fixture(scope="module", params=_PATHS,
-                ids=lambda p: f"{p[0]}thr-" + ({True: "all", False: "scalar"}.get(p[1]) if isinstance(p[1], bool)
-                                                else "+".join(p[1])))
+def _path_id(path) -> str:
+    threads, simd = path
+    return f"{threads}thr-" + ("+".join(simd) if not isinstance(simd, bool) else "all" if simd else "scalar")
+
+
+@pytest.fixture(scope="module", params=_PATHS, ids=_path_id)
 def decoder(request):
     threads, simd = request.param
     with CpuDecoder(threads, simd=simd) as d:
         yield d
+
+
+def test_simd_feature_selection(monkeypatch):
+    with CpuDecoder(1) as d:
+        assert d.features == cpu_features()
+    with CpuDecoder(1, simd=False) as d:
+        assert d.features == () and d.simd_name == "scalar"
+    with pytest.raises(ValueError, match="unknown SIMD feature 'sse9'"):
+        CpuDecoder(1, simd=("ssse3", "sse9"))
+    monkeypatch.setattr("endor_gds.cpu_decode.cpu_features", lambda: ("ssse3",))
+    with CpuDecoder(1, simd="ssse3") as d:  # one name alone, not its letters
+        assert d.simd_name == "ssse3"
+    with pytest.raises(ValueError, match="this CPU lacks SIMD feature 'avx2'"):
+        CpuDecoder(1, simd=("avx2",))
 
 
 def _poisoned(n, dtype):
