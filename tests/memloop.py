@@ -1,7 +1,9 @@
 """Run 101 decoding steps with a static KV cache and print memory figures (used by test_runtime).
 
-python tests/memloop.py FILE.endor {endor|ref} [--trace]  →  one JSON line:
+python tests/memloop.py FILE.endor {endor|ref} [--trace] [--steps N]  →  one JSON line:
   hwm[step]: the process's peak RSS in bytes after steps 2, 20 and 100,
+  rss[step]: its current RSS after those steps and after every eighth of N steps (default 100;
+  a long run shows whether a growth keeps going or levels off, docs/performance.md),
   kv[step]: bytes held by the KV cache, py_endor: net Python bytes allocated by endor_gds code
   between steps 2 and 100 (a long span, so that even a few bytes leaked per token add up past a
   page; only with --trace: tracemalloc's own bookkeeping moves the peak, so
@@ -20,15 +22,16 @@ import transformers
 import endor_gds
 
 
-def hwm() -> int:
+def proc_status(key: str) -> int:
+    """A memory figure of this process from /proc/self/status (VmHWM, VmRSS), in bytes."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmHWM:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    raise RuntimeError(f"no {key} in /proc/self/status")
 
 
-def main(path: str, which: str, trace: bool) -> None:
+def main(path: str, which: str, trace: bool, steps: int) -> None:
     if which == "ref":
         with endor_gds.open(path) as f:
             cfg = transformers.AutoConfig.for_model(**f.config)
@@ -39,19 +42,22 @@ def main(path: str, which: str, trace: bool) -> None:
         model = endor_gds.from_pretrained(path, device="cpu")
         be = model.endor.backend
         buffers = lambda: [(id(b), b.nbytes) for b in be._staging + be._arena if b is not None]  # noqa: E731
-    cache = transformers.StaticCache(config=model.config, max_cache_len=128)
+    cache = transformers.StaticCache(config=model.config, max_cache_len=max(128, steps + 16))
     # transformers renamed past_key_values to cache; take whichever this version has
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.tensor([[1, 5, 9, 22, 7, 101, 3]])
-    out = {"hwm": {}, "kv": {}, "buffers": {}, "py_endor": None}
+    out = {"hwm": {}, "rss": {}, "kv": {}, "buffers": {}, "py_endor": None}
+    marks = {2, 20, 100} | {steps * i // 8 for i in range(1, 9)}
     if trace:
         tracemalloc.start()
     with torch.no_grad():
-        for step in range(101):
+        for step in range(max(steps, 100) + 1):
             logits = model(ids, use_cache=True, **{key: cache}).logits
             ids = logits[:, -1:].argmax(-1)
+            if step in marks:
+                out["rss"][step] = proc_status("VmRSS")
             if step in (2, 20, 100):
-                out["hwm"][step] = hwm()
+                out["hwm"][step] = proc_status("VmHWM")
                 out["kv"][step] = sum(t.nbytes for layer in cache.layers
                                       for t in (layer.keys, layer.values) if t is not None)
                 out["buffers"][step] = buffers()
@@ -67,4 +73,6 @@ def main(path: str, which: str, trace: bool) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], "--trace" in sys.argv[3:])
+    flags = sys.argv[3:]
+    main(sys.argv[1], sys.argv[2], "--trace" in flags,
+         int(flags[flags.index("--steps") + 1]) if "--steps" in flags else 100)
