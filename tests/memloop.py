@@ -1,4 +1,4 @@
-"""Run 101 decoding steps with a static KV cache and print memory figures (used by test_runtime).
+"""Run 101 (or N + 1) decoding steps with a static KV cache; print memory figures (for test_runtime).
 
 python tests/memloop.py FILE.endor {endor|ref} [--trace] [--steps N]  →  one JSON line:
   hwm[step]: the process's peak RSS in bytes after steps 2, 20 and 100,

@@ -15,7 +15,8 @@ _PATHS = [(t, s) for t, s in _PATHS if isinstance(s, bool) or set(s) <= set(cpu_
 
 def _path_id(path) -> str:
     threads, simd = path
-    return f"{threads}thr-" + ("+".join(simd) if not isinstance(simd, bool) else "all" if simd else "scalar")
+    name = {True: "all", False: "scalar"}[simd] if isinstance(simd, bool) else "+".join(simd)
+    return f"{threads}thr-{name}"
 
 
 @pytest.fixture(scope="module", params=_PATHS, ids=_path_id)
