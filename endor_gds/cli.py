@@ -57,10 +57,11 @@ def cmd_inspect(args) -> int:
     prune = s.get("prune") or {}
     if prune.get("method") not in (None, "none"):
         print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
-    elif (prune.get("detected_sparsity") or 0) >= 0.01:
-        lo, hi = prune.get("detected_sparsity_range") or (None, None)
+    elif (prune.get("detected_sparsity") or 0) >= 0.01:  # types checked at open (layout)
+        span = prune.get("detected_sparsity_range")
+        per_tensor = f" (per tensor {span[0]:.3f}..{span[1]:.3f})" if span else ""
         print(f"already pruned checkpoint: measured sparsity {prune['detected_sparsity']:.3f} of the "
-              f"linear weights (per tensor {lo:.3f}..{hi:.3f}); --tensors lists each one")
+              f"linear weights{per_tensor}; --tensors lists each one")
     if s["resident"]:
         print(f"resident extent: {s['resident']['tensors']} tensors, {_human(s['resident']['length'])}")
     print(f"{'layer':>5} {'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")

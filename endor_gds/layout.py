@@ -281,6 +281,29 @@ def _list(path, where: str, value, limit: int) -> list:
     return value
 
 
+def _fraction(path, where: str, value) -> float:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+        raise _fail(path, f"{where} must be a number in [0, 1], got {_show(value)}")
+    return float(value)
+
+
+def _check_prune(path, prune: dict) -> None:
+    """The fields of the (informational) prune block that `inspect` prints or formats, as the
+    packer writes them: a fuzzed manifest with a list where a number belongs must be a
+    FormatError at open, not a TypeError in a tool, and a method name no terminal escape."""
+    if prune.get("method") is not None:
+        _str(path, "prune.method", prune["method"])
+    for key in ("sparsity", "detected_sparsity"):
+        if prune.get(key) is not None:
+            _fraction(path, f"prune.{key}", prune[key])
+    if prune.get("detected_sparsity_range") is not None:
+        span = _list(path, "prune.detected_sparsity_range", prune["detected_sparsity_range"], 2)
+        if len(span) != 2:
+            raise _fail(path, f"prune.detected_sparsity_range must be [low, high], got {_show(span)}")
+        for v in span:
+            _fraction(path, "prune.detected_sparsity_range item", v)
+
+
 def _choice(path, where: str, value, allowed) -> str:
     """``value`` if it is one of the strings ``allowed`` (checked as a string first: a list or
     dict from a hostile manifest must not reach a ``dict`` lookup, which would raise TypeError)."""
@@ -384,6 +407,8 @@ class EndorFile:
         for key in ("prune", "generation_config"):  # read by tools (inspect) and the runtime
             if m.get(key) is not None:
                 _dict(p, key, m[key])
+        if m.get("prune") is not None:
+            _check_prune(p, m["prune"])
         tied = _dict(p, "tied", m.get("tied", {}))
         self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
 

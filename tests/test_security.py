@@ -127,6 +127,40 @@ def test_list_lengths_are_bounded(base, tmp_path, key, limit):
         _open_edited(base, tmp_path, lambda m: m.update({key: [0] * (limit + 1)}))
 
 
+def _swap_prune_fields(m):
+    """The fuzz case (seed 20261127, case 1638) that reached `inspect` as a TypeError."""
+    p = m["prune"]
+    p["detected_sparsity"], p["detected_sparsity_range"] = [0.4, 0.6], 0.5
+
+
+@pytest.mark.parametrize("edit, match", [
+    (_swap_prune_fields, r"prune.detected_sparsity must be a number in \[0, 1\], got a list of 2 items"),
+    (lambda m: m["prune"].update(sparsity="half"), r"prune.sparsity must be a number in \[0, 1\]"),
+    (lambda m: m["prune"].update(sparsity=float("nan")), r"prune.sparsity must be a number in \[0, 1\]"),
+    (lambda m: m["prune"].update(detected_sparsity=True), r"prune.detected_sparsity must be a number"),
+    (lambda m: m["prune"].update(detected_sparsity_range=[0.1]), r"detected_sparsity_range must be \[low, high\]"),
+    (lambda m: m["prune"].update(detected_sparsity_range=[0.1, 2]), r"range item must be a number in \[0, 1\]"),
+    (lambda m: m["prune"].update(method="\x1b[2Jmagnitude"), "prune.method .* contains a control character"),
+    (lambda m: m["prune"].update(method=7), "prune.method must be a non-empty string"),
+])
+def test_malformed_prune_block_is_a_format_error(base, tmp_path, edit, match):
+    """The prune block is informational, but `inspect` formats its numbers and prints its method:
+    wrong types are refused at open with the field's name, like the rest of the manifest."""
+    with pytest.raises(FormatError, match=match):
+        _open_edited(base, tmp_path, edit)
+
+
+def test_inspect_without_a_per_tensor_range(base, tmp_path, capsys):
+    """An already-pruned checkpoint whose manifest has no per-tensor range still inspects."""
+    from endor_gds.cli import main  # noqa: PLC0415
+
+    def edit(m):
+        m["prune"] = {"method": "none", "sparsity": None, "detected_sparsity": 0.5}
+    _open_edited(base, tmp_path, edit).close()
+    assert main(["inspect", str(tmp_path / "x.endor")]) == 0
+    assert "measured sparsity 0.500 of the linear weights; --tensors" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("shape, match", [
     ([1] * 9, "shape must be a list of at most 8 items, got a list of 9 items"),
     ([1 << 40, 1 << 40], r"has 1208925819614629174706176 elements, above 1099511627776"),
