@@ -25,7 +25,7 @@ from . import defaults
 from .backends import CpuBackend, CudaBackend, RamImage
 from .cpu_decode import CpuDecoder
 from .defaults import parse_bytes
-from .errors import BudgetError, FormatError, UnsupportedModelError
+from .errors import BudgetError, EndorError, FormatError, UnsupportedModelError
 from .io import open_reader
 from .layout import EndorFile
 from .modeling import empty_model, get_submodule, set_tensor
@@ -207,6 +207,7 @@ class StreamingRuntime:
         if len(layers_module) != len(ef.layers):
             raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
                               f"config builds {len(layers_module)} layers")
+        _check_shapes(ef, model)
         plans = {ext.layer: plan_layer(ef, ext, f"{recipe.layers}.{ext.layer}.") for ext in ef.layers}
         resident_plan = plan_layer(ef, ef.resident, "") if ef.resident is not None else None
         resident_bytes = 0 if resident_plan is None else resident_plan.length + resident_plan.arena_bytes
@@ -384,6 +385,49 @@ class StreamingRuntime:
                 f"streamed={len(p.streamed_layers) if p else '?'}>")
 
 
+def _check_shapes(ef: EndorFile, model: nn.Module) -> None:
+    """Each tensor of the file, and each tied alias, has the shape of the parameter or buffer it
+    becomes. The model is built from the manifest's config, and the manifest CRC covers the config
+    and the tensor table alike, so a buggy or hostile writer can make them disagree: a model whose
+    config says twice the hidden size still runs on the file's weights (attention reshapes by the
+    config's head size) and gives wrong tokens without an error. Checked once, before any read."""
+    kind = type(model).__name__
+    for name, source in {**{n: n for n in ef.tensors}, **ef.tied}.items():
+        owner_path, _, leaf = name.rpartition(".")
+        try:
+            owner = model.get_submodule(owner_path) if owner_path else model
+        except AttributeError:
+            owner = None
+        slot = None if owner is None else owner._parameters.get(leaf, owner._buffers.get(leaf))
+        if slot is None:
+            raise FormatError(f"{ef.path}: tensor {name} has no parameter or buffer in the {kind} "
+                              f"its config builds")
+        shape = tuple(ef.tensors[source].shape)
+        if tuple(slot.shape) != shape:
+            raise FormatError(f"{ef.path}: tensor {name} is {list(shape)} in the file but "
+                              f"{list(slot.shape)} in the {kind} its config builds (the config "
+                              f"disagrees with the weights)")
+
+
+def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
+    """The empty model of the manifest's config. The layer count is checked first (a config asking
+    for 10^9 layers would take hours to build on meta), and a config that transformers refuses is
+    a FormatError naming the file, not a transformers exception from deep inside."""
+    n = recipe.num_layers(ef.config)
+    if n != len(ef.layers):
+        raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, its config "
+                          f"asks for {n} layers")
+    try:
+        return empty_model(ef.config, _model_dtype(ef, recipe))
+    except EndorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a bad config
+        why = " ".join(str(exc).split())
+        raise FormatError(f"{ef.path}: its config does not build a {ef.architecture} model "
+                          f"({type(exc).__name__}: {why[:200]}{'...' if len(why) > 200 else ''})"
+                          ) from exc
+
+
 def _model_dtype(ef: EndorFile, recipe: Recipe) -> torch.dtype:
     for e in ef.tensors.values():
         if recipe.is_linear_weight(e.name):
@@ -411,7 +455,7 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
             raise UnsupportedModelError(f"{ef.path} was packed for architecture {ef.architecture!r}, "
                                         f"which this endor_gds has no recipe for")
         dev = _device(device)
-        model = empty_model(ef.config, _model_dtype(ef, recipe))
+        model = _build_model(ef, recipe)
     except BaseException:
         ef.close()
         raise

@@ -84,14 +84,19 @@ def base(packed):
     return fuzzlib.load_base(packed("qwen2", torch.float16, prune="magnitude"))
 
 
-def _open_edited(base, tmp_path, edit=None, data=None):
+def _write_edited(base, tmp_path, edit=None, data=None) -> Path:
+    """``base`` with its manifest edited by ``edit(manifest)`` (CRCs fixed), or ``data`` as is."""
     if data is None:
         m = copy.deepcopy(base.manifest)
         edit(m)
         data = fuzzlib.with_manifest(base, fuzzlib.dump(m))
     path = tmp_path / "x.endor"
     path.write_bytes(data)
-    return EndorFile(path)
+    return path
+
+
+def _open_edited(base, tmp_path, edit=None, data=None):
+    return EndorFile(_write_edited(base, tmp_path, edit, data))
 
 
 def _first(m, encoding="bitmap"):
@@ -148,6 +153,25 @@ def test_malformed_prune_block_is_a_format_error(base, tmp_path, edit, match):
     wrong types are refused at open with the field's name, like the rest of the manifest."""
     with pytest.raises(FormatError, match=match):
         _open_edited(base, tmp_path, edit)
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda c: c.update(hidden_size=2 * c["hidden_size"]),
+     r"is \[\d+, \d+\] in the file but \[\d+, \d+\] in the Qwen2ForCausalLM its config builds"),
+    (lambda c: c.update(intermediate_size=c["intermediate_size"] + 8), "down_proj.weight is .* in the file but"),
+    (lambda c: c.update(vocab_size=c["vocab_size"] + 1), "in the file but"),
+    (lambda c: c.update(num_hidden_layers=10**9), "its config asks for 1000000000 layers"),  # was a hang
+    (lambda c: c.update(num_attention_heads="eight"), "its config does not build a qwen2 model"),
+    (lambda c: c.update(model_type="nosuch"), r"its config does not build a qwen2 model \(ValueError"),
+])
+def test_config_that_disagrees_with_the_tensors_is_a_format_error(base, tmp_path, edit, match):
+    """The manifest CRC covers the config and the tensor table alike: a writer that gets the config
+    wrong must not produce a model that runs with wrong shapes (a doubled hidden size used to run
+    and give other tokens) or takes hours to build, but a FormatError naming the disagreement."""
+    path = _write_edited(base, tmp_path, lambda m: edit(m["config"]))
+    EndorFile(path).close()  # the file itself is well formed
+    with pytest.raises(FormatError, match=match):
+        endor_gds.from_pretrained(path, device="cpu")
 
 
 def test_inspect_without_a_per_tensor_range(base, tmp_path, capsys):
