@@ -410,9 +410,9 @@ def _check_shapes(ef: EndorFile, model: nn.Module) -> None:
 
 
 def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
-    """The empty model of the manifest's config. The layer count is checked first (a config asking
-    for 10^9 layers would take hours to build on meta), and a config that transformers refuses is
-    a FormatError naming the file, not a transformers exception from deep inside."""
+    """The empty model of the manifest's config. The layer count is checked first (a Llama config
+    asking for 10^9 layers was still building modules on meta after a minute), and a config that
+    transformers refuses is a FormatError naming the file, not a transformers exception."""
     n = recipe.num_layers(ef.config)
     if n != len(ef.layers):
         raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, its config "
