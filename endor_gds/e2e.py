@@ -208,6 +208,11 @@ class StepTimer:
             out.append(self.ends[n - 1] - self.starts[n - 1])
         return out
 
+    @property
+    def worst_cached(self) -> float:
+        """The largest fraction of the files still cached after an eviction (prefill excluded)."""
+        return max(self.cached[1:], default=0.0)
+
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
@@ -298,7 +303,7 @@ def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: in
         del model
     return VariantResult(f"accelerate-{place}", "accelerate", sum(os.path.getsize(s) for s in shards),
                          layer_bytes, timer.token_seconds(),
-                         cached_after_evict=max(timer.cached[1:], default=0.0))
+                         cached_after_evict=timer.worst_cached)
 
 
 def _layer_bytes(ckpt: Path, recipe) -> int:
@@ -323,7 +328,7 @@ def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, toke
         rt.close()
     summary.pop("step_stats", None)
     return VariantResult(name, "endor", os.path.getsize(path), summary["per_token"]["bytes_read"],
-                         timer.token_seconds(), summary, cached_after_evict=max(timer.cached[1:], default=0.0))
+                         timer.token_seconds(), summary, cached_after_evict=timer.worst_cached)
 
 
 # -- the whole comparison ------------------------------------------------------------------------

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-__all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule"]
+__all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule", "slot_of"]
 
 
 @contextmanager
@@ -55,13 +55,28 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
         raise AttributeError(f"{type(model).__name__} has no submodule {path!r}: {exc}") from None
 
 
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    """The module holding parameter (or buffer) ``name``, and its name there."""
+    owner_path, _, leaf = name.rpartition(".")
+    return (get_submodule(model, owner_path) if owner_path else model), leaf
+
+
+def slot_of(model: nn.Module, name: str) -> torch.Tensor | None:
+    """The tensor now in parameter (or buffer) ``name`` of ``model``, or None if it has no such one."""
+    try:
+        owner, leaf = _owner(model, name)
+    except AttributeError:
+        return None
+    return owner._parameters.get(leaf, owner._buffers.get(leaf))
+
+
 def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     """Make parameter (or buffer) ``name`` of ``model`` be ``value`` itself, without a copy."""
-    owner_path, _, leaf = name.rpartition(".")
-    owner = get_submodule(model, owner_path) if owner_path else model
+    owner, leaf = _owner(model, name)
     if leaf in owner._parameters:
         owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
     elif leaf in owner._buffers:
         owner._buffers[leaf] = value
     else:
-        raise KeyError(f"{type(owner).__name__} at {owner_path!r} has no parameter or buffer {leaf!r}")
+        raise KeyError(f"{type(owner).__name__} at {name.rpartition('.')[0]!r} has no parameter or "
+                       f"buffer {leaf!r}")

@@ -28,7 +28,7 @@ from .defaults import parse_bytes
 from .errors import BudgetError, EndorError, FormatError, UnsupportedModelError
 from .io import open_reader
 from .layout import EndorFile
-from .modeling import empty_model, get_submodule, set_tensor
+from .modeling import empty_model, get_submodule, set_tensor, slot_of
 from .pipeline import LayerPlan, LayerTimes, Pipeline, plan_layer
 from .recipes import Recipe, recipes
 
@@ -393,12 +393,7 @@ def _check_shapes(ef: EndorFile, model: nn.Module) -> None:
     config's head size) and gives wrong tokens without an error. Checked once, before any read."""
     kind = type(model).__name__
     for name, source in {**{n: n for n in ef.tensors}, **ef.tied}.items():
-        owner_path, _, leaf = name.rpartition(".")
-        try:
-            owner = model.get_submodule(owner_path) if owner_path else model
-        except AttributeError:
-            owner = None
-        slot = None if owner is None else owner._parameters.get(leaf, owner._buffers.get(leaf))
+        slot = slot_of(model, name)
         if slot is None:
             raise FormatError(f"{ef.path}: tensor {name} has no parameter or buffer in the {kind} "
                               f"its config builds")

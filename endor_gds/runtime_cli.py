@@ -50,7 +50,7 @@ def _print_stats(s: dict, out) -> None:
     print(f"reader {s['reader_mode']}, device {s['device']}, tier {s['tier']}, prefetch depth "
           f"{s['prefetch_depth']}, resident layers {len(s['resident_layers'])}, streamed layers "
           f"{s['streamed_layers']}, decoder {s['decoder']}", file=out)
-    print(f"reader mode {s['reader_mode']}: {s['reader_reason']}", file=out)
+    print(f"reader chosen: {s['reader_reason']}", file=out)
     print(f"per token: {t['s'] * 1e3:.1f} ms ({t['tokens_per_s']:.2f} tokens/s), "
           f"{t['bytes_read'] / 1e6:.1f} MB read at {t['gbps']:.2f} GB/s effective", file=out)
     print(f"  read {t['read_s'] * 1e3:.1f} ms, decode {t['decode_s'] * 1e3:.1f} ms, compute "
