@@ -5,6 +5,8 @@
     python bench/bench_decode.py --shapes llama-7b --sparsity 0.5 --json
     python bench/bench_decode.py --shapes 4096x4096,1000x33 --repeats 3 --storage-bytes 64MiB
     python bench/bench_decode.py --dtype BF16 --codecs raw,expdict   # format v1 and v2 rows
+    git show REV:cuda/endor_decode.cu > /tmp/old.cu
+    python bench/bench_decode.py --dtype BF16 --compare-source /tmp/old.cu   # this kernel vs REV's
 
 Inputs: weights as transformers initialises them (N(0, 0.02)) in ``--dtype``, the smallest
 ``sparsity`` of each 16 M-element chunk zeroed (magnitude pruning), encoded with each codec of
@@ -23,7 +25,10 @@ GPU (when CuPy sees one): bytes read + written per second by one kernel launch (
 segment in, dense tensor out), and the ratio to a device-to-device copy that moves the same
 number of bytes (a cudaMemcpy of half of them: each byte is read once and written once), L2 flushed
 before every timed launch. Each GPU output is compared with the CPU decoder's before it is timed.
-Target: ``gpu_ratio_to_d2d >= 0.75``.
+Target: ``gpu_ratio_to_d2d >= 0.75``. ``--compare-source OLD.cu`` also builds that version of the
+kernel file and times it in the same runs, interleaved with the packaged kernel and the copy:
+``speedup_vs_compare`` per case, ``gpu_speedup_vs_compare`` per codec (a kernel change proven
+against its predecessor in one process).
 
 Aggregates (``cpu_gbps``, ``gpu_gbps``, ``d2d_gbps``) are total bytes over the sum of the per-case
 median times, i.e. the rate of decoding one of each case; the top-level ones are the first codec's,
@@ -204,26 +209,33 @@ def gpu_item(cp, bitmap, values, offsets, out):
     return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params), (b, v, o)
 
 
-def run_gpu_case(cp, decoder, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
+def run_gpu_case(cp, decoders, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
                  repeats: int, warmup: int) -> dict:
-    """Time one launch (error-word reset + kernel + 8-byte error copy) and a D2D copy of the same
-    traffic, each after an L2 flush. The output is checked against the CPU decoder's first."""
+    """Time one launch (error-word reset + kernel + 8-byte error copy) of each decoder in
+    ``decoders`` (``kernel``, and ``compare`` with --compare-source) and a D2D copy of the same
+    traffic, interleaved run by run, each after an L2 flush. Every decoder's output is checked
+    against the CPU decoder's first."""
     out = cp.empty(n, dtype=cpu_out.dtype)
     item, _keep = gpu_item(cp, bitmap, values, offsets, out)
-    table = decoder.make_table([item])
-    out.view(cp.uint8).fill(0xA5)
-    decoder.launch(table, stream)
-    decoder.check(table)
-    if not np.array_equal(cp.asnumpy(out), cpu_out):
-        raise SystemExit("GPU decode differs from the CPU decoder: refusing to time a wrong kernel")
+    tables = {}
+    for name, decoder in decoders.items():
+        tables[name] = table = decoder.make_table([item])
+        out.view(cp.uint8).fill(0xA5)
+        decoder.launch(table, stream)
+        decoder.check(table)
+        if not np.array_equal(cp.asnumpy(out), cpu_out):
+            raise SystemExit(f"GPU decode ({name}) differs from the CPU decoder: refusing to time a "
+                             f"wrong kernel")
     traffic = stored_bytes(bitmap, values, offsets) + out.nbytes  # bytes read + written
     half = traffic // 2
     src, dst = cp.empty(half, cp.uint8), cp.empty(half, cp.uint8)
     start, end = cp.cuda.Event(), cp.cuda.Event()
-
-    def timed(fn) -> list[float]:
-        times = []
-        for i in range(warmup + repeats):
+    runs = {name: (lambda d=decoders[name], t=tables[name]: d.launch(t, stream)) for name in decoders}
+    runs["d2d"] = lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, half,
+                                                      cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+    times = {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name, fn in runs.items():  # interleaved: drift in clocks or neighbours hits all alike
             with stream:
                 flush.fill(i & 0xFF)  # evict the L2 (a buffer several times its size)
             start.record(stream)
@@ -231,15 +243,16 @@ def run_gpu_case(cp, decoder, stream, flush, bitmap, values, offsets, n, itemsiz
             end.record(stream)
             end.synchronize()
             if i >= warmup:
-                times.append(cp.cuda.get_elapsed_time(start, end) / 1e3)
-        return times
-
-    kt = timed(lambda: decoder.launch(table, stream))
-    decoder.check(table)
-    ct = timed(lambda: cp.cuda.runtime.memcpyAsync(dst.data.ptr, src.data.ptr, half,
-                                                    cp.cuda.runtime.memcpyDeviceToDevice, stream.ptr))
-    k, c = stats(kt, traffic), stats(ct, 2 * half)
-    return {"traffic_bytes": traffic, "kernel": k, "d2d": c, "ratio": k["gbps"] / c["gbps"]}
+                times[name].append(cp.cuda.get_elapsed_time(start, end) / 1e3)
+    for name, decoder in decoders.items():
+        decoder.check(tables[name])
+    k, c = stats(times["kernel"], traffic), stats(times["d2d"], 2 * half)
+    result = {"traffic_bytes": traffic, "kernel": k, "d2d": c, "ratio": k["gbps"] / c["gbps"],
+              "compare": None, "speedup_vs_compare": None}
+    if "compare" in decoders:
+        result["compare"] = stats(times["compare"], traffic)
+        result["speedup_vs_compare"] = k["gbps"] / result["compare"]["gbps"]
+    return result
 
 
 def main(argv=None) -> int:
@@ -262,6 +275,9 @@ def main(argv=None) -> int:
     ap.add_argument("--storage-dir", default=".",
                     help="folder for that file: on the storage to compare with (default: cwd)")
     ap.add_argument("--no-gpu", action="store_true", help="skip the GPU part even if one is present")
+    ap.add_argument("--compare-source", metavar="FILE.cu", default=None,
+                    help="another version of cuda/endor_decode.cu (e.g. git show REV:cuda/endor_decode.cu) "
+                         "to time beside the packaged kernel on the GPU: speedup column")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="report on stderr, one JSON object on stdout")
     args = ap.parse_args(argv)
@@ -274,6 +290,12 @@ def main(argv=None) -> int:
     if not codecs or any(c not in ("raw", "expdict") for c in codecs):
         ap.error(f"--codecs takes raw and/or expdict, got {args.codecs!r}")
     itemsize = kernels.ELEM_BYTES[args.dtype]
+    compare_source = None
+    if args.compare_source is not None:
+        try:
+            compare_source = Path(args.compare_source).read_text()
+        except OSError as exc:
+            ap.error(f"--compare-source: {exc}")
 
     report = sys.stderr if args.json else sys.stdout
 
@@ -289,7 +311,8 @@ def main(argv=None) -> int:
     log(f"CPU     : {cpu_model()}")
     log(f"GPU     : {gpu_name if gpu_ok else 'none (' + gpu_name.split(';')[0] + ')'}")
     log(f"decoder : CPU {path}, {cpu.threads} threads; GPU kernel {kernels.KERNEL_NAME}"
-        f"{'' if gpu_ok else ' (not run)'}")
+        f"{'' if gpu_ok else ' (not run)'}"
+        f"{f', compared with {args.compare_source}' if compare_source and gpu_ok else ''}")
     log(f"cache   : storage cold (O_DIRECT, page cache evicted before each read); decode inputs "
         f"warm in RAM{'; GPU L2 flushed before each timed launch' if gpu_ok else ''}")
     log(f"runs    : dtype {args.dtype}, {args.warmup} warm-up + {args.repeats} timed per case; "
@@ -305,7 +328,10 @@ def main(argv=None) -> int:
     if gpu_ok:
         import cupy as cp  # noqa: PLC0415
 
-        gpu = {"cp": cp, "decoder": kernels.GpuDecoder(0), "stream": cp.cuda.Stream(non_blocking=True)}
+        decoders = {"kernel": kernels.GpuDecoder(0)}
+        if compare_source is not None:
+            decoders["compare"] = kernels.GpuDecoder(0, source=compare_source)
+        gpu = {"cp": cp, "decoders": decoders, "stream": cp.cuda.Stream(non_blocking=True)}
         l2 = cp.cuda.runtime.getDeviceProperties(0).get("l2CacheSize", 64 << 20)
         gpu["flush"] = cp.empty(max(256 << 20, 4 * l2), cp.uint8)
 
@@ -313,11 +339,13 @@ def main(argv=None) -> int:
            f"{'CPU GB/s':>22} {'x stor':>6} {'headroom':>8}")
     if gpu:
         hdr += f" | {'kernel GB/s':>22} {'D2D GB/s':>8} {'ratio':>5}"
+        if compare_source is not None:
+            hdr += f" {'compare GB/s':>12} {'speedup':>7}"
     log(hdr)
     rng = np.random.default_rng(args.seed)
     cases = []
     totals = {c: dict(cpu_bytes=0.0, cpu_time=0.0, stored=0.0, gpu_bytes=0.0, gpu_time=0.0,
-                      d2d_time=0.0) for c in codecs}
+                      d2d_time=0.0, compare_time=0.0) for c in codecs}
     bits_dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
     for rows, cols in args.shapes:
         for sparsity in sparsities:
@@ -355,7 +383,7 @@ def main(argv=None) -> int:
                         f"{c['spread_pct']:>3.0f}% {case['cpu_ratio_to_storage']:>5.2f}x "
                         f"{case['cpu_headroom']:>7.2f}x")
                 if gpu:
-                    g = run_gpu_case(gpu["cp"], gpu["decoder"], gpu["stream"], gpu["flush"], bitmap,
+                    g = run_gpu_case(gpu["cp"], gpu["decoders"], gpu["stream"], gpu["flush"], bitmap,
                                      values, offsets, n, itemsize, out, args.repeats, args.warmup)
                     case["gpu"] = g
                     tot["gpu_bytes"] += g["traffic_bytes"]
@@ -364,6 +392,9 @@ def main(argv=None) -> int:
                     k = g["kernel"]
                     line += (f" | {k['gbps']:>6.1f} [{k['gbps_min']:>6.1f}..{k['gbps_max']:>6.1f}] "
                              f"{g['d2d']['gbps']:>8.1f} {g['ratio']:>5.2f}")
+                    if g["compare"] is not None:
+                        tot["compare_time"] += g["compare"]["median_s"]
+                        line += f" {g['compare']['gbps']:>12.1f} {g['speedup_vs_compare']:>6.2f}x"
                 log(line)
                 cases.append(case)
                 del values, prepared
@@ -381,6 +412,8 @@ def main(argv=None) -> int:
             "gpu_gbps": tot["gpu_bytes"] / tot["gpu_time"] / 1e9 if gpu else None,
             "d2d_gbps": tot["gpu_bytes"] / tot["d2d_time"] / 1e9 if gpu else None,
             "gpu_ratio_to_d2d": tot["d2d_time"] / tot["gpu_time"] if gpu else None,
+            "gpu_speedup_vs_compare": (tot["compare_time"] / tot["gpu_time"]
+                                       if gpu and compare_source is not None else None),
         }
     first = per_codec[codecs[0]]
     cpu_gbps = first["cpu_gbps"]
@@ -389,6 +422,7 @@ def main(argv=None) -> int:
         "machine": {"host": socket.gethostname(), "platform": platform.platform(),
                     "cpu": cpu_model(), "cpus": os.cpu_count(), "ram_gib": round(ram_gib(), 1)},
         "gpu": gpu_name if gpu_ok else None,
+        "compare_source": args.compare_source,
         "decoder_path": cpu.simd_name,
         "threads": cpu.threads,
         "dtype": args.dtype,
@@ -417,7 +451,9 @@ def main(argv=None) -> int:
         if gpu:
             log(f"GPU kernel   {codec:<7} {r['gpu_gbps']:.1f} GB/s read+written = "
                 f"{r['gpu_ratio_to_d2d']:.2f} x D2D copy {r['d2d_gbps']:.1f} GB/s "
-                f"(target >= {TARGET_GPU})")
+                f"(target >= {TARGET_GPU})"
+                + (f"; {r['gpu_speedup_vs_compare']:.2f} x the compared kernel"
+                   if r["gpu_speedup_vs_compare"] is not None else ""))
         else:
             log(f"GPU kernel   {codec:<7} not measured (no GPU)")
     if args.json:

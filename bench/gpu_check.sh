@@ -11,7 +11,8 @@
 #   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned
 #
 # The TinyLlama checkpoint e2e needs is built and packed in the background while the tests run.
-# Narrower or other runs: DECODE_ARGS (bench_decode shapes/sparsity), E2E_DTYPE, E2E_ARGS.
+# Narrower or other runs: DECODE_ARGS (bench_decode shapes/sparsity), DECODE_COMPARE (a kernel
+# file to time beside this one), E2E_DTYPE, E2E_ARGS.
 # Sections do not stop each other: each one's exit status and seconds go to $OUT/summary.txt,
 # all output to $OUT/gpu_check.log, figures to $OUT/{decode,io-profile,e2e}.json (+ PNGs).
 set -uo pipefail
@@ -77,9 +78,12 @@ if [ -n "$prep_pid" ]; then
 fi
 
 if has decode; then
-    # bf16, both codecs (format v1 raw and v2 expdict rows for every case); DECODE_ARGS narrows it
+    # bf16, both codecs (format v1 raw and v2 expdict rows for every case); DECODE_ARGS narrows it.
+    # DECODE_COMPARE=old.cu (another version of the kernel file, e.g. git show REV:cuda/endor_decode.cu
+    # into a carried, git-ignored folder) also times that kernel in the same runs.
     run decode 150 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
-        --dtype BF16 --codecs raw,expdict ${DECODE_ARGS:---sparsity 0.5,0.7} --storage-dir $SCRATCH >$OUT/decode.json"
+        --dtype BF16 --codecs raw,expdict ${DECODE_ARGS:---sparsity 0.5,0.7} --storage-dir $SCRATCH \
+        ${DECODE_COMPARE:+--compare-source $DECODE_COMPARE} >$OUT/decode.json"
 fi
 
 if has io; then

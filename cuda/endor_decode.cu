@@ -48,15 +48,19 @@
  *   field_bits * k of `codes`: fixed widths, so a tile's residuals and codes are two byte windows,
  *   staged in step 3 with the same coalesced 16-byte loads as raw values (the tile's escape
  *   offsets are read and checked in step 1 beside its tile offsets). After the verdict barrier:
- *   3b. every thread rebuilds values tid, tid + 128, ... of the tile into a shared array (shifts
- *       and ORs, the exponent from a 16-entry shared table); barrier;
- *   3c. thread j takes escapes esc_lo + j, + 128, ... and overwrites the value at its position
- *       with the escape's full bit pattern (escapes are rare, so these scattered loads cost
- *       little); a second verdict barrier (an escape position may be bad);
+ *   3b. thread j rebuilds values 4j .. 4j + 3, then 4(j + 128) .., of the tile into a shared array:
+ *       one 32-bit read gives the four fields, one or three (plus one when they straddle a word)
+ *       the residuals, and a value is field_part[field] | low_part(residual) (field_part tabulated
+ *       per block in step 3 for every field value: exponent, and fp16's high residual bits); the
+ *       tile's last count % 4 values one a thread; barrier;
+ *   3c. only in a tile with escapes (uniform in the block): thread j takes escapes esc_lo + j,
+ *       + 128, ... and overwrites the value at its position with the escape's full bit pattern
+ *       (escapes are rare, so these scattered loads cost little); a second verdict barrier (an
+ *       escape position may be bad);
  *   and step 4 writes the rebuilt array exactly as it writes raw values. Shared memory per block
- *   grows (rebuilt values + both windows: 14.4 KB bf16, 15.9 KB fp16, 30.8 KB fp32, against 9.2
- *   and 17.4 KB raw), so fewer blocks are resident per SM (about 14 instead of 16 for bf16 on
- *   sm_90); the tile reads 1.4x fewer bytes from DRAM than raw at 50 % bf16.
+ *   grows (rebuilt values + both windows + field table: 14.4 KB bf16, 16.2 KB fp16, 30.8 KB
+ *   fp32, against 9.2 and 17.4 KB raw), so fewer blocks are resident per SM (14 instead of 16 for
+ *   bf16 on sm_90, 12 for fp16); the tile reads 1.4x fewer bytes from DRAM than raw at 50 % bf16.
  *
  * Decoding moves bit patterns: fp16 and bf16 share the 2-byte path, fp32 uses the 4-byte path;
  * the element size is a per-descriptor field (dtype table: endor_gds/kernels.py). expdict also
@@ -167,19 +171,46 @@ ENDOR_HD u32 residual_bytes(const Desc& d) { return (d.man_bits + 1) / 8; }
 ENDOR_HD u32 field_bits(const Desc& d) { return d.index_bits + (d.man_bits + 1) % 8; }
 ENDOR_HD u32 max_field_bits(const Desc& d) { return kMaxIndexBits + (d.man_bits + 1) % 8; }
 
+// A rebuilt value is the OR of two disjoint parts (docs/format.md: residual r = low bytes | the
+// field's high bits << 8*rb, value = r >> man_bits << (8*eb - 1) | exponent << man_bits |
+// r & mantissa mask):
+//   field_part(f): what the field decides, i.e. the exponent of its index and the residual's bits
+//     above its low bytes (fp16: the sign and the top two mantissa bits);
+//   low_part(low): what the residual's low bytes decide, i.e. mantissa bits and, in bf16 and fp32
+//     (where the low bytes are the whole residual), the sign.
+// Each block tabulates field_part for every field value (at most 2^7, in smem at
+// field_table_offset), so a value costs one table read and a few ALU operations instead of index
+// arithmetic, a dictionary read and the high bits' shifts.
+ENDOR_HD u32 field_part(const Desc& d, u32 f) {
+  const u32 b = d.index_bits, m = d.man_bits;
+  const u32 high = (f >> b) << (8 * residual_bytes(d));
+  return (static_cast<u32>(d.exponents[f & ((1u << b) - 1)]) << m) |
+         ((high >> m) << (8 * d.elem_bytes - 1)) | (high & ((1u << m) - 1));
+}
+template <u32 EB>
+ENDOR_HD u32 low_part(u32 low, u32 m) { return ((low >> m) << (8 * EB - 1)) | (low & ((1u << m) - 1)); }
+constexpr u32 kMaxFieldBits = kMaxIndexBits + 3;  // fp16: 11-bit residual = 1 byte + 3 high bits
+static_assert((1u << kMaxFieldBits) <= kThreads, "one table entry per thread");
+
 // Dynamic shared memory a descriptor's tiles need (the host passes the table's maximum).
 // Raw: the staged values window [floor16(lo*eb), ceil16(hi*eb)), at most (hi-lo)*eb + 30 bytes and
 // a multiple of 16, so 4096*eb + 16. Expdict: the rebuilt values (4096*eb), then the residual
 // window (4096*rb + 16, as above), then the codes window: bytes [floor16(lo*w/8), ceil16(ceil(hi*w/8)))
-// span at most 4096*w/8 + 32 bytes (16-byte multiples).
+// span at most 4096*w/8 + 32 bytes (16-byte multiples), then the field table (field_part of every
+// field value, elem_bytes each: 32 bytes for bf16, 256 fp16, 64 fp32). The table sits in dynamic
+// memory so that it costs each tensor only its own size: a static 128-entry array would take a
+// resident block off every bf16 SM.
 ENDOR_HD u32 stage_bytes(u32 elem_bytes) { return kTileElems * elem_bytes + kStageSlack; }
 ENDOR_HD u32 residuals_offset(const Desc& d) { return kTileElems * d.elem_bytes; }
 ENDOR_HD u32 codes_offset(const Desc& d) {
   return residuals_offset(d) + kTileElems * residual_bytes(d) + kStageSlack;
 }
+ENDOR_HD u32 field_table_offset(const Desc& d) {
+  return codes_offset(d) + kTileElems / 8 * max_field_bits(d) + 2 * kChunk;
+}
 ENDOR_HD u32 smem_bytes(const Desc& d) {
   if (d.codec != kExpDict) return stage_bytes(d.elem_bytes);
-  return codes_offset(d) + kTileElems / 8 * max_field_bits(d) + 2 * kChunk;
+  return field_table_offset(d) + (1u << max_field_bits(d)) * d.elem_bytes;
 }
 
 // Why a tile was rejected. The error word holds desc << 40 | tile << 8 | reason, so atomicMin
@@ -377,9 +408,9 @@ ENDOR_HD void stage_window(const u8* src, u64 capacity, const Window& w, u32 tid
 }
 
 // Phase 1c: stage the tile's streams. Raw: the values at smem. Expdict: the residuals and the
-// codes in their regions (smem_bytes), and the dictionary (exponent << man_bits, 16 entries) into
-// `dict` by threads 0..15.
-ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem, u32* dict) {
+// codes in their regions (smem_bytes), and field_part of every field value into the field table
+// (one entry per thread; 2-byte entries for fp16/bf16, so 128 of them span the 32 banks only twice).
+ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem) {
   const Desc& d = *tl.d;
   ENDOR_INVARIANT(tl.reason == kOk);
   if (d.codec != kExpDict) {
@@ -391,7 +422,14 @@ ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem, u32* dict) {
   ENDOR_INVARIANT(codes_offset(d) + tl.codes.chunks * kChunk <= smem_bytes(d));
   stage_window(d.values, d.values_capacity, tl.vals, tid, smem + residuals_offset(d));
   stage_window(d.codes, d.codes_capacity, tl.codes, tid, smem + codes_offset(d));
-  if (tid < (1u << kMaxIndexBits)) dict[tid] = static_cast<u32>(d.exponents[tid]) << d.man_bits;
+  if (tid < (1u << field_bits(d))) {
+    u8* table = smem + field_table_offset(d);
+    if (d.elem_bytes == 4) {
+      reinterpret_cast<u32*>(table)[tid] = field_part(d, tid);
+    } else {
+      reinterpret_cast<u16*>(table)[tid] = static_cast<u16>(field_part(d, tid));
+    }
+  }
 }
 
 // Phase 1b (thread tid): bitmap word tid of the tile, 0 past the tile's end (nothing is read
@@ -448,37 +486,127 @@ struct BitsOf<4> {
   typedef u32 T;
 };
 
-// Phase 3b (thread tid), expdict: rebuild values tid, tid + 128, ... of the tile into the start
-// of smem from the staged residuals and codes: value = sign << (8*EB - 1) | dict[index] | mantissa,
-// with residual r = low bytes | field >> index_bits << 8*rb, sign = r >> man_bits.
-template <u32 EB>
-ENDOR_HD void rebuild_chunk(const Tile& tl, u32 tid, u8* smem, const u32* dict) {
-  typedef typename BitsOf<EB>::T T;
+// Phase 3b, expdict: what a thread needs to rebuild values of its tile.
+struct Rebuild {
+  u32 w;                // field bits
+  u32 m;                // mantissa bits
+  u32 rb;               // residual bytes
+  const u8* res;        // the residuals of the tile's values (value i at res + i*rb)
+  const u8* res_words;  // the staged residual window, 16-byte aligned: value 0 at bit res_head
+  u32 res_head;
+  const u8* codes;      // the staged codes window, 16-byte aligned: value 0's field at bit head
+  u32 head;
+};
+
+ENDOR_HD Rebuild rebuild_of(const Tile& tl, const u8* smem) {
   const Desc& d = *tl.d;
-  const u32 rb = residual_bytes(d), w = field_bits(d), b = d.index_bits, m = d.man_bits;
-  const u8* res = smem + residuals_offset(d) + tl.vals.head_bits / 8;
-  const u8* codes = smem + codes_offset(d);
-  T* out = reinterpret_cast<T*>(smem);
-  const u32 count = static_cast<u32>(tl.hi - tl.lo);
-#pragma unroll 1
-  for (u32 i = tid; i < count; i += kThreads) {
-    const u32 bit = tl.codes.head_bits + i * w;
-    u32 x = codes[bit / 8];
-    if (bit % 8 + w > 8) x |= static_cast<u32>(codes[bit / 8 + 1]) << 8;  // straddles a byte
-    const u32 field = (x >> (bit % 8)) & ((1u << w) - 1);
-    u32 r = res[i * rb];
-    if (EB == 4) r |= static_cast<u32>(res[i * rb + 1]) << 8 | static_cast<u32>(res[i * rb + 2]) << 16;
-    r |= (field >> b) << (8 * rb);
-    out[i] = static_cast<T>(((r >> m) << (8 * EB - 1)) | dict[field & ((1u << b) - 1)] |
-                            (r & ((1u << m) - 1)));
+  Rebuild p;
+  p.w = field_bits(d);
+  p.m = d.man_bits;
+  p.rb = residual_bytes(d);
+  p.res_words = smem + residuals_offset(d);
+  p.res_head = tl.vals.head_bits;
+  p.res = p.res_words + p.res_head / 8;
+  p.codes = smem + codes_offset(d);
+  p.head = tl.codes.head_bits;
+  return p;
+}
+
+// Value i alone, its field and residual bytes read byte by byte (the tile's last count % 4 values).
+template <u32 EB>
+ENDOR_HD typename BitsOf<EB>::T rebuild_one(const Rebuild& p, u32 i, const typename BitsOf<EB>::T* table) {
+  const u32 bit = p.head + i * p.w;
+  u32 x = p.codes[bit / 8];
+  if (bit % 8 + p.w > 8) x |= static_cast<u32>(p.codes[bit / 8 + 1]) << 8;  // straddles a byte
+  const u32 field = (x >> (bit % 8)) & ((1u << p.w) - 1);
+  u32 low = p.res[i * p.rb];
+  if (EB == 4) low |= static_cast<u32>(p.res[i * p.rb + 1]) << 8 | static_cast<u32>(p.res[i * p.rb + 2]) << 16;
+  return static_cast<typename BitsOf<EB>::T>(table[field] | low_part<EB>(low, p.m));
+}
+
+// Bits [bit, bit + width) of a 4-byte aligned shared array, width <= 32, in the low bits of the
+// result (the bits above them are whatever follows). The second word is read only when those
+// bits reach into it, so nothing past the last needed word is read.
+ENDOR_HD u32 bits_at(const u8* base, u32 bit, u32 width) {
+  const u32* a = reinterpret_cast<const u32*>(base);
+  const u32 k = bit / 32, s = bit % 32;
+  const u32 lo = a[k];
+  if (s + width <= 32) return lo >> s;
+#ifdef __CUDA_ARCH__
+  return __funnelshift_r(lo, a[k + 1], s);
+#else
+  return (lo >> s) | (a[k + 1] << (32 - s));  // 0 < s < 32 here
+#endif
+}
+
+// A pair of 32-bit words for one 8-byte shared store (four fp16/bf16 values).
+struct alignas(8) Pair8 {
+  u32 x, y;
+};
+
+// Values i0 .. i0 + 3 (i0 a multiple of 4; all four below the tile's count), the rebuild's step:
+// the four share one read of their fields (4 x at most 7 bits) and of their residuals (4 or 12
+// bytes), and one 8- or 16-byte store, where one value a step would read a byte for every field
+// and residual byte and store each value alone. The residual bytes of every group start at the
+// same offset mod 4 (a group has 4*rb bytes), so whether they straddle a word is the same for the
+// whole block.
+template <u32 EB>
+ENDOR_HD void rebuild_group(const Rebuild& p, u32 i0, const typename BitsOf<EB>::T* table, u8* smem) {
+  typedef typename BitsOf<EB>::T T;
+  constexpr u32 kRb = EB == 2 ? 1 : 3;  // residual bytes: (7 or 10 + 1) / 8, (23 + 1) / 8
+  constexpr u32 kLowBits = 8 * kRb;
+  ENDOR_INVARIANT(p.rb == kRb && i0 % 4 == 0 && 4 * p.w <= 32);
+  const u32 fields = bits_at(p.codes, p.head + i0 * p.w, 4 * p.w);
+  u32 r[kRb];  // the group's 4*kRb residual bytes, little-endian
+  const u32 rbit = p.res_head + i0 * kLowBits;
+#pragma unroll
+  for (u32 k = 0; k < kRb; ++k) r[k] = bits_at(p.res_words, rbit + 32 * k, 32);
+  T v[4];
+#pragma unroll
+  for (u32 j = 0; j < 4; ++j) {
+    const u32 q = kLowBits * j, k = q / 32, s = q % 32;  // constants once unrolled
+    u32 low = r[k] >> s;
+    if (s + kLowBits > 32) low |= r[k + 1] << (32 - s);
+    low &= (1u << kLowBits) - 1;
+    const u32 field = (fields >> (j * p.w)) & ((1u << p.w) - 1);
+    v[j] = static_cast<T>(table[field] | low_part<EB>(low, p.m));
+  }
+  if constexpr (EB == 2) {
+    Pair8 o;
+    o.x = v[0] | static_cast<u32>(v[1]) << 16;
+    o.y = v[2] | static_cast<u32>(v[3]) << 16;
+    *reinterpret_cast<Pair8*>(smem + 2 * i0) = o;
+  } else {
+    Chunk16 o;
+    o.x = v[0];
+    o.y = v[1];
+    o.z = v[2];
+    o.w = v[3];
+    *reinterpret_cast<Chunk16*>(smem + 4 * i0) = o;
   }
 }
 
-ENDOR_HD void rebuild_values(const Tile& tl, u32 tid, u8* smem, const u32* dict) {
+// Phase 3b (thread tid), expdict: rebuild the tile's values into the start of smem: groups
+// 4*tid, 4*(tid + 128), ..., then the last count % 4 values, one a thread.
+template <u32 EB>
+ENDOR_HD void rebuild_chunk(const Tile& tl, u32 tid, u8* smem) {
+  typedef typename BitsOf<EB>::T T;
+  const Rebuild p = rebuild_of(tl, smem);
+  const T* tab = reinterpret_cast<const T*>(smem + field_table_offset(*tl.d));
+  const u32 count = static_cast<u32>(tl.hi - tl.lo);
+  const u32 grouped = count / 4 * 4;
+#pragma unroll 1
+  for (u32 i0 = 4 * tid; i0 < grouped; i0 += 4 * kThreads) rebuild_group<EB>(p, i0, tab, smem);
+  T* out = reinterpret_cast<T*>(smem);
+#pragma unroll 1
+  for (u32 i = grouped + tid; i < count; i += kThreads) out[i] = rebuild_one<EB>(p, i, tab);
+}
+
+ENDOR_HD void rebuild_values(const Tile& tl, u32 tid, u8* smem) {
   if (tl.d->elem_bytes == 4) {
-    rebuild_chunk<4>(tl, tid, smem, dict);
+    rebuild_chunk<4>(tl, tid, smem);
   } else {
-    rebuild_chunk<2>(tl, tid, smem, dict);
+    rebuild_chunk<2>(tl, tid, smem);
   }
 }
 
@@ -585,7 +713,6 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   __shared__ u32 words[kThreads];           // the tile's bitmap words
   __shared__ u32 prefix[kThreads];          // each word's first value index, relative to lo
   __shared__ u32 warp_totals[kWarps];       // per-warp popcount sums, for the block scan
-  __shared__ u32 dict[1u << kMaxIndexBits];  // expdict: exponent << man_bits by index
   u8* smem = reinterpret_cast<u8*>(smem_raw);
   const u32 tid = threadIdx.x;
 
@@ -594,7 +721,7 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   // overlaps the staging loads (16 resident blocks per SM keep enough of both in flight).
   u32 reason = tl.reason;
   const u32 word = load_word(tl, tid, &reason);
-  if (tl.reason == kOk) stage_values(tl, tid, smem, dict);
+  if (tl.reason == kOk) stage_values(tl, tid, smem);
 
   const u32 count = popc32(word);
   const u32 lane = tid % 32, warp = tid / 32;
@@ -615,12 +742,14 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
     return;
   }
   if (tl.d->codec == kExpDict) {  // uniform in the block: no divergence at the barriers
-    rebuild_values(tl, tid, smem, dict);
-    __syncthreads();  // every value is rebuilt before an escape overwrites one
-    reason = patch_escapes(tl, tid, smem);
-    if (__syncthreads_or(reason != kOk)) {
-      if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
-      return;
+    rebuild_values(tl, tid, smem);
+    __syncthreads();  // every value is rebuilt before an escape overwrites one or a chunk reads it
+    if (tl.esc_hi != tl.esc_lo) {  // the same for the whole block; most tiles have no escape
+      reason = patch_escapes(tl, tid, smem);
+      if (__syncthreads_or(reason != kOk)) {
+        if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
+        return;
+      }
     }
   }
   write_outputs(tl, tid, words, prefix, smem);

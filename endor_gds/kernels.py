@@ -278,12 +278,15 @@ def _array_info(a, what: str) -> dict:
 
 def smem_bytes(item: GpuItem) -> int:
     """Dynamic shared memory a tile of ``item`` needs (endor::smem_bytes): raw, its values window;
-    expdict, the rebuilt values, the residual window and the codes window (widest field)."""
+    expdict, the rebuilt values, the residual window, the codes window (widest field) and the
+    field table (one element per field value of the widest field)."""
     if item.expdict is None:
         return stage_bytes(item.elem_bytes)
     layout = item.expdict.params.layout
+    max_field_bits = MAX_INDEX_BITS + layout.high_bits
     codes_offset = TILE_ELEMS * item.elem_bytes + TILE_ELEMS * layout.residual_bytes + STAGE_SLACK
-    return codes_offset + TILE_ELEMS // 8 * (MAX_INDEX_BITS + layout.high_bits) + 2 * 16
+    table_offset = codes_offset + TILE_ELEMS // 8 * max_field_bits + 2 * 16
+    return table_offset + (1 << max_field_bits) * item.elem_bytes
 
 
 def _check_pointers(where: str, ptrs: dict[str, tuple[int, int]], elem_bytes: int) -> None:
@@ -426,21 +429,22 @@ def gpu_available() -> tuple[bool, str]:
     return True, name.decode() if isinstance(name, bytes) else str(name)
 
 
-_kernels: dict[int, Any] = {}
+_kernels: dict[tuple[int, str | None], Any] = {}
 _kernels_lock = threading.Lock()
 
 
-def _kernel_for(device: int):
-    """The compiled kernel for ``device``: NVRTC once per device and process (CuPy also keeps an
-    on-disk cache), then reused."""
+def _kernel_for(device: int, source: str | None = None):
+    """The compiled kernel for ``device`` (from ``source`` text instead of cuda/ when given): NVRTC
+    once per device and source in a process (CuPy also keeps an on-disk cache), then reused."""
     with _kernels_lock:
-        fn = _kernels.get(device)
+        fn = _kernels.get((device, source))
         if fn is None:
             cp = _cupy()
             with cp.cuda.Device(device):
-                module = cp.RawModule(code=kernel_source(), options=NVRTC_OPTIONS)
+                module = cp.RawModule(code=kernel_source() if source is None else source,
+                                      options=NVRTC_OPTIONS)
                 fn = module.get_function(KERNEL_NAME)
-            _kernels[device] = fn
+            _kernels[(device, source)] = fn
         return fn
 
 
@@ -484,17 +488,25 @@ class GpuDecoder:
 
     ``launch`` is asynchronous on the given stream and allocates nothing; ``check`` waits for the
     launch and raises :class:`~endor_gds.errors.DecodeError` for a corrupted tensor. A table must
-    not be launched on two streams at once (it has one error word).
+    not be launched on two streams at once (it has one error word). ``source``: the text of
+    another version of the kernel file (same ``Desc`` layout and arguments) to build instead of
+    the packaged one, for a benchmark to compare two versions in one process.
     """
 
-    def __init__(self, device: int = 0):
+    def __init__(self, device: int = 0, source: str | None = None):
+        if source is not None and ('extern "C" __global__' not in source or
+                                   f" {KERNEL_NAME}(" not in source):
+            raise ValueError(f"a kernel source for GpuDecoder must define extern \"C\" __global__ "
+                             f"{KERNEL_NAME}(...) with the Desc table of {KERNEL_FILE}")
+        self.source = source
         self._cp = _cupy()
         self.device = int(device)
-        self._kernel = _kernel_for(self.device)
+        self._kernel = _kernel_for(self.device, source)
         self._streams: dict[int, Any] = {}  # handle -> cupy ExternalStream wrapper (no allocation)
 
     def __repr__(self) -> str:
-        return f"<GpuDecoder device={self.device} kernel={KERNEL_NAME}>"
+        built = "" if self.source is None else " source=given"
+        return f"<GpuDecoder device={self.device} kernel={KERNEL_NAME}{built}>"
 
     def make_table(self, items: Sequence[GpuItem]) -> DecodeTable:
         """Check ``items`` and upload their descriptors (slow-ish: once per layer and buffer set)."""

@@ -125,11 +125,10 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
   using namespace endor;
   Buffer staged = alloc(smem_size);
   Buffer words_buf = alloc(kThreads * 4), prefix_buf = alloc(kThreads * 4);
-  Buffer totals_buf = alloc(kWarps * 4), dict_buf = alloc((1u << kMaxIndexBits) * 4);
+  Buffer totals_buf = alloc(kWarps * 4);
   u32* words = reinterpret_cast<u32*>(words_buf.p);
   u32* prefix = reinterpret_cast<u32*>(prefix_buf.p);
   u32* warp_totals = reinterpret_cast<u32*>(totals_buf.p);
-  u32* dict = reinterpret_cast<u32*>(dict_buf.p);
   u64 error = ~0ull;
   std::vector<Tile> tl(kThreads);
   std::vector<u32> word(kThreads), reason(kThreads), count(kThreads), inclusive(kThreads);
@@ -140,13 +139,12 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
     std::memset(words, kStale, kThreads * 4);
     std::memset(prefix, kStale, kThreads * 4);
     std::memset(warp_totals, kStale, kWarps * 4);
-    std::memset(dict, kStale, dict_buf.size);
     // Phase 1: open the tile, load the word, stage values (per thread, as in the kernel).
     for (u32 tid = 0; tid < kThreads; ++tid) {
       tl[tid] = open_tile(descs, ndesc, g);
       reason[tid] = tl[tid].reason;
       word[tid] = load_word(tl[tid], tid, &reason[tid]);
-      if (tl[tid].reason == kOk) stage_values(tl[tid], tid, staged.p, dict);
+      if (tl[tid].reason == kOk) stage_values(tl[tid], tid, staged.p);
       count[tid] = popc32(word[tid]);
       inclusive[tid] = count[tid];
     }
@@ -176,9 +174,10 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
       continue;
     }
     if (tl[0].d->codec == kExpDict) {
-      // Phase 3b: rebuild; __syncthreads(); phase 3c: escapes; __syncthreads_or(reason != kOk).
-      for (u32 tid = 0; tid < kThreads; ++tid) rebuild_values(tl[tid], tid, staged.p, dict);
-      for (u32 tid = 0; tid < kThreads; ++tid) {
+      // Phase 3b: rebuild; __syncthreads(); phase 3c, in a tile with escapes: escapes;
+      // __syncthreads_or(reason != kOk).
+      for (u32 tid = 0; tid < kThreads; ++tid) rebuild_values(tl[tid], tid, staged.p);
+      for (u32 tid = 0; tid < kThreads && tl[0].esc_hi != tl[0].esc_lo; ++tid) {
         reason[tid] = patch_escapes(tl[tid], tid, staged.p);
         any_bad = any_bad || reason[tid] != kOk;
       }
@@ -191,13 +190,11 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
     // Phase 4: outputs.
     for (u32 tid = 0; tid < kThreads; ++tid) write_outputs(tl[tid], tid, words, prefix, staged.p);
   }
-  bool ok = intact(staged) && intact(words_buf) && intact(prefix_buf) && intact(totals_buf) &&
-            intact(dict_buf);
+  bool ok = intact(staged) && intact(words_buf) && intact(prefix_buf) && intact(totals_buf);
   release(staged);
   release(words_buf);
   release(prefix_buf);
   release(totals_buf);
-  release(dict_buf);
   if (!ok) die("shared-memory canary overwritten");
   return error;
 }

@@ -10,14 +10,16 @@ from pathlib import Path
 from endor_gds.cpu_decode import CpuDecoder
 from endor_gds.kernels import gpu_available
 
-BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_decode.py"
+REPO = Path(__file__).resolve().parent.parent
+BENCH = REPO / "bench" / "bench_decode.py"
+KERNEL = REPO / "cuda" / "endor_decode.cu"
 
 
 def test_bench_decode_smoke(tmp_path):
     res = subprocess.run(
         [sys.executable, str(BENCH), "--shapes", "64x64,33x4097", "--sparsity", "0.5,0.7", "--dtype", "BF16",
          "--repeats", "2", "--warmup", "1", "--storage-bytes", "4MiB", "--storage-dir",
-         str(tmp_path), "--json"],
+         str(tmp_path), "--compare-source", str(KERNEL), "--json"],
         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -42,8 +44,14 @@ def test_bench_decode_smoke(tmp_path):
     assert out["storage"]["mode"] == "posix-direct" and out["cache"]["storage"] == "cold"
     assert abs(out["cpu_ratio_to_storage"] - out["cpu_gbps"] / out["storage_gbps"]) < 1e-9
     gpu_keys = ("gpu_gbps", "d2d_gbps", "gpu_ratio_to_d2d")
-    if gpu_available()[0]:
+    assert out["compare_source"] == str(KERNEL)
+    if gpu_available()[0]:  # the kernel compared with itself: both timed, both checked
         assert all(out[k] > 0 for k in gpu_keys) and out["gpu"]
+        assert all(c["gpu"]["speedup_vs_compare"] > 0 and c["gpu"]["compare"]["gbps"] > 0
+                   for c in out["cases"])
+        assert all(r["gpu_speedup_vs_compare"] > 0 for r in out["codecs"].values())
+        assert f"compared with {KERNEL}" in res.stderr and "x the compared kernel" in res.stderr
     else:
         assert all(out[k] is None for k in gpu_keys) and out["gpu"] is None
+        assert all(r["gpu_speedup_vs_compare"] is None for r in out["codecs"].values())
     assert list(tmp_path.iterdir()) == []  # the storage file is removed

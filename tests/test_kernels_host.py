@@ -36,6 +36,14 @@ def test_decoder_without_cupy_names_the_package():
         pytest.skip("CuPy is installed (no GPU): its error is CuPy's")
 
 
+@pytest.mark.parametrize("source", ["", "__global__ void other_kernel() {}",
+                                    'extern "C" __global__ void endor_decode_bitmap_v2(int x) {}'])
+def test_a_kernel_source_must_define_the_kernel(source):
+    """Checked before CuPy loads: a wrong file fails the same way on any machine."""
+    with pytest.raises(ValueError, match='must define extern "C" __global__ endor_decode_bitmap'):
+        kernels.GpuDecoder(0, source=source)
+
+
 @pytest.mark.parametrize("dtype, size", [("F16", 2), ("BF16", 2), ("F32", 4), (torch.float16, 2),
                                          (torch.bfloat16, 2), (torch.float32, 4)])
 def test_elem_bytes(dtype, size):
@@ -94,8 +102,9 @@ def test_expdict_descriptors():
     assert d["escape_values"].tolist() == [0, 0x8000, 0x8000]
     # shared memory: the largest need of the table (kernel's smem_bytes, checked in emulation)
     assert kernels.smem_bytes(items[0]) == 4096 * 2 + 16
-    assert kernels.smem_bytes(items[1]) == 4096 * 2 + 4096 + 16 + 512 * 7 + 32  # fp16: 3 high bits
-    assert kernels.smem_bytes(items[2]) == 4096 * 4 + 3 * 4096 + 16 + 512 * 4 + 32
+    # values, residual window, codes window, field table (2^max field bits entries of elem bytes)
+    assert kernels.smem_bytes(items[1]) == 4096 * 2 + 4096 + 16 + 512 * 7 + 32 + 128 * 2  # fp16: 3 high bits
+    assert kernels.smem_bytes(items[2]) == 4096 * 4 + 3 * 4096 + 16 + 512 * 4 + 32 + 16 * 4
 
 
 @pytest.mark.parametrize("change, match", [
