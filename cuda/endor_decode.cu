@@ -533,9 +533,11 @@ ENDOR_HD u32 bits_at(const u8* base, u32 bit, u32 width) {
   const u32 lo = a[k];
   if (s + width <= 32) return lo >> s;
 #ifdef __CUDA_ARCH__
-  return __funnelshift_r(lo, a[k + 1], s);
+  u32 r;  // funnel shift: the low 32 bits of (a[k+1]:lo) >> s, one instruction
+  asm("shf.r.wrap.b32 %0, %1, %2, %3;" : "=r"(r) : "r"(lo), "r"(a[k + 1]), "r"(s));
+  return r;
 #else
-  return (lo >> s) | (a[k + 1] << (32 - s));  // 0 < s < 32 here
+  return (lo >> s) | (a[k + 1] << (32 - s));  // the same, 0 < s < 32 here
 #endif
 }
 
@@ -609,6 +611,9 @@ ENDOR_HD void rebuild_values(const Tile& tl, u32 tid, u8* smem) {
     rebuild_chunk<2>(tl, tid, smem);
   }
 }
+
+// Phase 3c runs only in a tile with escapes (all threads agree: esc_lo, esc_hi are the block's).
+ENDOR_HD bool has_escapes(const Tile& tl) { return tl.esc_hi != tl.esc_lo; }
 
 // Phase 3c (thread tid), expdict: escapes esc_lo + tid, + 128, ... overwrite their values in the
 // rebuilt array. Returns kBadEscapes (writing nothing for that escape) for a position at or past
@@ -744,7 +749,7 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   if (tl.d->codec == kExpDict) {  // uniform in the block: no divergence at the barriers
     rebuild_values(tl, tid, smem);
     __syncthreads();  // every value is rebuilt before an escape overwrites one or a chunk reads it
-    if (tl.esc_hi != tl.esc_lo) {  // the same for the whole block; most tiles have no escape
+    if (has_escapes(tl)) {  // the same for the whole block; most tiles have none
       reason = patch_escapes(tl, tid, smem);
       if (__syncthreads_or(reason != kOk)) {
         if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));

@@ -177,7 +177,7 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
       // Phase 3b: rebuild; __syncthreads(); phase 3c, in a tile with escapes: escapes;
       // __syncthreads_or(reason != kOk).
       for (u32 tid = 0; tid < kThreads; ++tid) rebuild_values(tl[tid], tid, staged.p);
-      for (u32 tid = 0; tid < kThreads && tl[0].esc_hi != tl[0].esc_lo; ++tid) {
+      for (u32 tid = 0; tid < kThreads && has_escapes(tl[0]); ++tid) {
         reason[tid] = patch_escapes(tl[tid], tid, staged.p);
         any_bad = any_bad || reason[tid] != kOk;
       }
