@@ -514,13 +514,16 @@ ENDOR_HD Rebuild rebuild_of(const Tile& tl, const u8* smem) {
 
 // Value i alone, its field and residual bytes read byte by byte (the tile's last count % 4 values).
 template <u32 EB>
-ENDOR_HD typename BitsOf<EB>::T rebuild_one(const Rebuild& p, u32 i, const typename BitsOf<EB>::T* table) {
+ENDOR_HD typename BitsOf<EB>::T rebuild_one(const Rebuild& p, u32 i,
+                                            const typename BitsOf<EB>::T* table) {
   const u32 bit = p.head + i * p.w;
   u32 x = p.codes[bit / 8];
   if (bit % 8 + p.w > 8) x |= static_cast<u32>(p.codes[bit / 8 + 1]) << 8;  // straddles a byte
   const u32 field = (x >> (bit % 8)) & ((1u << p.w) - 1);
   u32 low = p.res[i * p.rb];
-  if (EB == 4) low |= static_cast<u32>(p.res[i * p.rb + 1]) << 8 | static_cast<u32>(p.res[i * p.rb + 2]) << 16;
+  if (EB == 4) {
+    low |= static_cast<u32>(p.res[i * p.rb + 1]) << 8 | static_cast<u32>(p.res[i * p.rb + 2]) << 16;
+  }
   return static_cast<typename BitsOf<EB>::T>(table[field] | low_part<EB>(low, p.m));
 }
 

@@ -1,7 +1,11 @@
-"""Locating nvcc and building with the run-time options (shared by the CUDA compile/emulation tests)."""
+"""Locating nvcc and NVRTC and building with the run-time options (shared by the CUDA
+compile/emulation tests)."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -37,3 +41,38 @@ def run_nvcc(nvcc: str, args: list[str], timeout: int = 300) -> subprocess.Compl
     """nvcc with the run-time options (kernels.NVRTC_OPTIONS, nvcc spelling) + ``args``."""
     cmd = [nvcc, *nvcc_options(NVRTC_OPTIONS), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def require_nvrtc() -> ctypes.CDLL:
+    """libnvrtc, the compiler CuPy runs on a GPU host: the nvidia-cuda-nvrtc wheel of the test
+    extra, else the system's; skips when there is none. Needs no GPU and no driver."""
+    candidates = []
+    spec = importlib.util.find_spec("nvidia")
+    for base in (spec.submodule_search_locations or []) if spec else []:
+        candidates += sorted(Path(base).glob("cu*/lib/libnvrtc.so*"))
+    system = ctypes.util.find_library("nvrtc")
+    if system:
+        candidates.append(system)
+    for lib in candidates:
+        try:
+            return ctypes.CDLL(str(lib))
+        except OSError:
+            continue
+    pytest.skip("libnvrtc not found (pip install nvidia-cuda-nvrtc, part of the test extra)")
+
+
+def nvrtc_compile(lib: ctypes.CDLL, source: str, name: str, options: list[str]) -> tuple[bool, str]:
+    """Compile ``source`` with NVRTC and ``options`` exactly; (success, compiler log)."""
+    prog = ctypes.c_void_p()
+    if lib.nvrtcCreateProgram(ctypes.byref(prog), source.encode(), name.encode(), 0, None, None):
+        raise RuntimeError("nvrtcCreateProgram failed")
+    try:
+        opts = (ctypes.c_char_p * len(options))(*(o.encode() for o in options))
+        status = lib.nvrtcCompileProgram(prog, len(options), opts)
+        size = ctypes.c_size_t()
+        lib.nvrtcGetProgramLogSize(prog, ctypes.byref(size))
+        log = ctypes.create_string_buffer(size.value)
+        lib.nvrtcGetProgramLog(prog, log)
+        return status == 0, log.value.decode(errors="replace")
+    finally:
+        lib.nvrtcDestroyProgram(ctypes.byref(prog))

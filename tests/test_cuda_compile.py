@@ -13,7 +13,7 @@ import sys
 import zipfile
 
 import pytest
-from nvcc_tools import CUDA_DIR, REPO, STRICT, require_nvcc, run_nvcc
+from nvcc_tools import CUDA_DIR, REPO, STRICT, nvrtc_compile, require_nvcc, require_nvrtc, run_nvcc
 
 from endor_gds import kernels
 from endor_gds.recipes import data_dir
@@ -37,6 +37,30 @@ def test_compiles_without_warnings(src, arch, tmp_path):
     assert "warning" not in log.lower(), f"nvcc warned for {src.name} ({arch}):\n{log}"
     spills = re.findall(r"(\d+) bytes spill (?:stores|loads)", log)
     assert spills and all(s == "0" for s in spills), log
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("src", SOURCES, ids=[p.name for p in SOURCES])
+def test_nvrtc_compiles_with_the_run_time_options(src, arch):
+    """NVRTC, with exactly kernels.NVRTC_OPTIONS, is what builds the kernel on a GPU host. It has
+    none of the headers nvcc includes implicitly, so a kernel nvcc accepts can still fail there
+    (see the next test); this proves it on a machine without a GPU."""
+    ok, log = nvrtc_compile(require_nvrtc(), src.read_text(), src.name,
+                            [*kernels.NVRTC_OPTIONS, f"--gpu-architecture={arch}"])
+    assert ok, f"NVRTC failed for {src.name} ({arch}):\n{log}"
+    assert "warning" not in log.lower(), log
+
+
+def test_nvrtc_refuses_what_nvcc_accepts(tmp_path):
+    """The check above can fail: INT_MAX comes from a header nvcc includes and NVRTC does not."""
+    lib, nvcc = require_nvrtc(), require_nvcc()
+    src = tmp_path / "limits.cu"
+    src.write_text('extern "C" __global__ void k(int* p) { p[0] = INT_MAX; }\n')
+    built = run_nvcc(nvcc, ["-arch=sm_90", "-cubin", "-o", str(tmp_path / "k.cubin"), str(src)])
+    assert built.returncode == 0, built.stderr
+    ok, log = nvrtc_compile(lib, src.read_text(), src.name,
+                            [*kernels.NVRTC_OPTIONS, "--gpu-architecture=sm_90"])
+    assert not ok and 'identifier "INT_MAX" is undefined' in log, log
 
 
 @pytest.mark.parametrize("src", SOURCES, ids=[p.name for p in SOURCES])
