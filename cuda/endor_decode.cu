@@ -491,7 +491,6 @@ struct Rebuild {
   u32 w;                // field bits
   u32 m;                // mantissa bits
   u32 rb;               // residual bytes
-  const u8* res;        // the residuals of the tile's values (value i at res + i*rb)
   const u8* res_words;  // the staged residual window, 16-byte aligned: value 0 at bit res_head
   u32 res_head;
   const u8* codes;      // the staged codes window, 16-byte aligned: value 0's field at bit head
@@ -506,7 +505,6 @@ ENDOR_HD Rebuild rebuild_of(const Tile& tl, const u8* smem) {
   p.rb = residual_bytes(d);
   p.res_words = smem + residuals_offset(d);
   p.res_head = tl.vals.head_bits;
-  p.res = p.res_words + p.res_head / 8;
   p.codes = smem + codes_offset(d);
   p.head = tl.codes.head_bits;
   return p;
@@ -520,10 +518,9 @@ ENDOR_HD typename BitsOf<EB>::T rebuild_one(const Rebuild& p, u32 i,
   u32 x = p.codes[bit / 8];
   if (bit % 8 + p.w > 8) x |= static_cast<u32>(p.codes[bit / 8 + 1]) << 8;  // straddles a byte
   const u32 field = (x >> (bit % 8)) & ((1u << p.w) - 1);
-  u32 low = p.res[i * p.rb];
-  if (EB == 4) {
-    low |= static_cast<u32>(p.res[i * p.rb + 1]) << 8 | static_cast<u32>(p.res[i * p.rb + 2]) << 16;
-  }
+  const u8* res = p.res_words + p.res_head / 8 + i * p.rb;  // value i's residual bytes
+  u32 low = res[0];
+  if (EB == 4) low |= static_cast<u32>(res[1]) << 8 | static_cast<u32>(res[2]) << 16;
   return static_cast<typename BitsOf<EB>::T>(table[field] | low_part<EB>(low, p.m));
 }
 
