@@ -304,6 +304,38 @@ def _check_prune(path, prune: dict) -> None:
             _fraction(path, "prune.detected_sparsity_range item", v)
 
 
+# The generation_config fields that generate() computes with, by the type it needs. transformers'
+# GenerationConfig.from_dict takes {"max_length": "abc"} or {"temperature": "hot"} as they are,
+# and generate() then fails with a TypeError deep inside a logits processor: refused here instead.
+_GEN_INTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams",
+             "num_beam_groups", "num_return_sequences", "top_k", "no_repeat_ngram_size")
+_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty",
+                "length_penalty", "epsilon_cutoff", "eta_cutoff", "diversity_penalty")
+_GEN_BOOLS = ("do_sample", "use_cache", "output_scores", "return_dict_in_generate")
+_GEN_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
+MAX_TOKEN_ID = (1 << 31) - 1
+
+
+def _check_generation_config(path, gen: dict) -> None:
+    """The typed fields of the generation_config block (None means unset, as in transformers)."""
+    for key in _GEN_INTS:
+        if gen.get(key) is not None:
+            _int(path, f"generation_config.{key}", gen[key], 0, MAX_TOKEN_ID)
+    for key in _GEN_NUMBERS:
+        value = gen.get(key)
+        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
+                                  or value != value):  # NaN
+            raise _fail(path, f"generation_config.{key} must be a number, got {_show(value)}")
+    for key in _GEN_BOOLS:
+        if gen.get(key) is not None and not isinstance(gen[key], bool):
+            raise _fail(path, f"generation_config.{key} must be true or false, got {_show(gen[key])}")
+    for key in _GEN_TOKEN_IDS:  # one id, or a list of them (several end-of-sequence tokens)
+        value = gen.get(key)
+        for v in _list(path, f"generation_config.{key}", value, 64) if isinstance(value, list) \
+                else ([] if value is None else [value]):
+            _int(path, f"generation_config.{key}", v, 0, MAX_TOKEN_ID)
+
+
 def _choice(path, where: str, value, allowed) -> str:
     """``value`` if it is one of the strings ``allowed`` (checked as a string first: a list or
     dict from a hostile manifest must not reach a ``dict`` lookup, which would raise TypeError)."""
@@ -409,6 +441,8 @@ class EndorFile:
                 _dict(p, key, m[key])
         if m.get("prune") is not None:
             _check_prune(p, m["prune"])
+        if m.get("generation_config") is not None:
+            _check_generation_config(p, m["generation_config"])
         tied = _dict(p, "tied", m.get("tied", {}))
         self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
 

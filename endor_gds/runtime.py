@@ -417,10 +417,15 @@ def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
     except EndorError:
         raise
     except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a bad config
-        why = " ".join(str(exc).split())
         raise FormatError(f"{ef.path}: its config does not build a {ef.architecture} model "
-                          f"({type(exc).__name__}: {why[:200]}{'...' if len(why) > 200 else ''})"
-                          ) from exc
+                          f"({_exception_line(exc)})") from exc
+
+
+def _exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters (transformers' messages can
+    quote a whole config)."""
+    why = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {why[:limit]}{'...' if len(why) > limit else ''}"
 
 
 def _model_dtype(ef: EndorFile, recipe: Recipe) -> torch.dtype:
@@ -451,6 +456,9 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
                                         f"which this endor_gds has no recipe for")
         dev = _device(device)
         model = _build_model(ef, recipe)
+        gen = ef.manifest.get("generation_config")
+        if isinstance(gen, dict) and getattr(model, "generation_config", None) is not None:
+            model.generation_config = _generation_config(ef, gen)
     except BaseException:
         ef.close()
         raise
@@ -458,10 +466,17 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
                                prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads)
     model.endor = runtime
     weakref.finalize(model, runtime.close)
-    gen = ef.manifest.get("generation_config")
-    if isinstance(gen, dict) and getattr(model, "generation_config", None) is not None:
-        import transformers  # noqa: PLC0415
-
-        model.generation_config = transformers.GenerationConfig.from_dict(gen)
     return model
+
+
+def _generation_config(ef: EndorFile, gen: dict):
+    """The file's generation_config (its typed fields were checked at open); a value that
+    transformers itself refuses (``max_new_tokens: 0``) is a FormatError, like a bad config."""
+    import transformers  # noqa: PLC0415
+
+    try:
+        return transformers.GenerationConfig.from_dict(gen)
+    except (ValueError, TypeError) as exc:
+        raise FormatError(f"{ef.path}: its generation_config is refused by transformers "
+                          f"({_exception_line(exc)})") from exc
 

@@ -19,7 +19,9 @@
 // page on each side, the buffer placed against the trailing guard page (as close as 16-byte
 // alignment allows) and the slack filled with a canary that is verified afterwards, so an
 // overrun faults or is reported. --malloc: plain posix_memalign, for running under valgrind,
-// which checks every byte read and written.
+// which checks every byte read and written. tests/test_cuda_emulated.py builds it with the
+// undefined-behaviour sanitizer, so a misaligned access or a shift by 32 (fine on x86, a fault
+// or a different result on the GPU) stops it too.
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>

@@ -3,8 +3,9 @@
 tests/endor_decode_emulate.cu includes cuda/endor_decode.cu and runs its per-thread functions for
 every thread of every block in the kernel's phase order; the harness allocates every buffer the
 kernel touches on its own, with guard pages and canaries, and the same inputs also run under
-valgrind. Descriptors are built by endor_gds.kernels.pack_descriptors, as on a GPU. Raw values
-(format v1) and the expdict codec (format v2) are covered, alone and mixed in one launch.
+valgrind; it is built with the undefined-behaviour sanitizer (UBSAN below). Descriptors are built
+by endor_gds.kernels.pack_descriptors, as on a GPU. Raw values (format v1) and the expdict codec
+(format v2) are covered, alone and mixed in one launch.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ from endor_gds.errors import DecodeError
 from endor_gds.format import TILE_ELEMS
 
 NO_ERROR = kernels.NO_ERROR
+# The undefined-behaviour sanitizer, fatal on the first report. What x86 forgives and a GPU does
+# not: a misaligned access works on the CPU and faults on the GPU ("misaligned address"), and a
+# shift by >= 32 bits is taken mod 32 by x86 but clamped by PTX, so the emulation and the kernel
+# would disagree. The sanitizer makes both a test failure here.
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
 
 
 @pytest.fixture(scope="session")
@@ -40,8 +46,8 @@ def harness(tmp_path_factory):
     exe = tmp_path_factory.mktemp("emulate") / "endor_decode_emulate"
     src = REPO / "tests" / "endor_decode_emulate.cu"
     res = run_nvcc(nvcc, ["-DENDOR_EMULATE", "-O2", "-g", "-arch=sm_80", *STRICT, "-Xcompiler",
-                          "-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-fno-strict-aliasing",
-                          "-o", str(exe), str(src)])
+                          "-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-fno-strict-aliasing,"
+                          + ",".join(UBSAN), "-lubsan", "-o", str(exe), str(src)])
     assert res.returncode == 0, f"building the emulation harness failed:\n{res.stderr}"
     return exe
 

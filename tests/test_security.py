@@ -155,6 +155,50 @@ def test_malformed_prune_block_is_a_format_error(base, tmp_path, edit, match):
         _open_edited(base, tmp_path, edit)
 
 
+def _set_generation_config(**fields):
+    def edit(m):
+        m["generation_config"] = {**(m.get("generation_config") or {}), **fields}
+    return edit
+
+
+@pytest.mark.parametrize("fields, match", [
+    ({"max_length": "abc"}, r"generation_config.max_length must be an integer in \[0, 2147483647\], got 'abc'"),
+    ({"max_new_tokens": -1}, "generation_config.max_new_tokens must be an integer"),
+    ({"num_beams": 2.0}, "generation_config.num_beams must be an integer"),
+    ({"temperature": "hot", "do_sample": True}, "generation_config.temperature must be a number, got 'hot'"),
+    ({"top_p": float("nan")}, "generation_config.top_p must be a number, got nan"),
+    ({"top_p": True}, "generation_config.top_p must be a number, got True"),
+    ({"do_sample": "yes"}, "generation_config.do_sample must be true or false, got 'yes'"),
+    ({"eos_token_id": [1.5]}, "generation_config.eos_token_id must be an integer"),
+    ({"eos_token_id": [2, -1]}, "generation_config.eos_token_id must be an integer"),
+    ({"eos_token_id": list(range(65))}, "generation_config.eos_token_id must be a list of at most 64 items"),
+    ({"pad_token_id": {"a": 1}}, "generation_config.pad_token_id must be an integer .* got a dict of 1 items"),
+    ({"bos_token_id": 1 << 40}, "generation_config.bos_token_id must be an integer"),
+])
+def test_malformed_generation_config_is_a_format_error(base, tmp_path, fields, match):
+    """transformers' GenerationConfig.from_dict keeps {"max_length": "abc"} as it is and
+    generate() then fails with a TypeError deep inside; the file is refused at open instead."""
+    with pytest.raises(FormatError, match=match):
+        _open_edited(base, tmp_path, _set_generation_config(**fields))
+
+
+def test_generation_config_of_the_file_is_applied_or_refused_by_name(base, tmp_path):
+    good = _set_generation_config(eos_token_id=[1, 2], temperature=0.5, do_sample=True,
+                                  max_new_tokens=7, top_k=None)
+    model = endor_gds.from_pretrained(_write_edited(base, tmp_path, good), device="cpu")
+    try:
+        g = model.generation_config
+        assert (g.eos_token_id, g.temperature, g.do_sample, g.max_new_tokens) == ([1, 2], 0.5, True, 7)
+    finally:
+        model.endor.close()
+    # well typed, but transformers refuses the value: a FormatError naming the file and the block
+    path = _write_edited(base, tmp_path, _set_generation_config(max_new_tokens=0))
+    EndorFile(path).close()
+    with pytest.raises(FormatError, match=r"x.endor: its generation_config is refused by transformers "
+                                          r"\(ValueError: `max_new_tokens` must be greater than 0"):
+        endor_gds.from_pretrained(path, device="cpu")
+
+
 @pytest.mark.parametrize("edit, match", [
     (lambda c: c.update(hidden_size=2 * c["hidden_size"]),
      r"is \[\d+, \d+\] in the file but \[\d+, \d+\] in the Qwen2ForCausalLM its config builds"),
