@@ -21,6 +21,7 @@ import torch
 from .errors import FormatError
 from .format import DTYPES, dtype_of
 from .io import read_fully
+from .layout import check_generation_config
 
 __all__ = ["Checkpoint", "TensorInfo", "TOKENIZER_FILES"]
 
@@ -133,8 +134,9 @@ class Checkpoint:
         return {n: (self.folder / n).read_bytes() for n in TOKENIZER_FILES if (self.folder / n).is_file()}
 
     def generation_config(self) -> dict | None:
+        """generation_config.json, its typed fields checked as the reader will check them."""
         p = self.folder / "generation_config.json"
-        return json.loads(p.read_text()) if p.is_file() else None
+        return check_generation_config(p, json.loads(p.read_text())) if p.is_file() else None
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

@@ -307,20 +307,25 @@ def _check_prune(path, prune: dict) -> None:
 # The generation_config fields that generate() computes with, by the type it needs. transformers'
 # GenerationConfig.from_dict takes {"max_length": "abc"} or {"temperature": "hot"} as they are,
 # and generate() then fails with a TypeError deep inside a logits processor: refused here instead.
+# Types only, and int32 ranges: values that real checkpoints carry (pad_token_id -1 in some
+# converted Llama folders) must still pack and open.
 _GEN_INTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams",
              "num_beam_groups", "num_return_sequences", "top_k", "no_repeat_ngram_size")
 _GEN_NUMBERS = ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty",
                 "length_penalty", "epsilon_cutoff", "eta_cutoff", "diversity_penalty")
 _GEN_BOOLS = ("do_sample", "use_cache", "output_scores", "return_dict_in_generate")
 _GEN_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-MAX_TOKEN_ID = (1 << 31) - 1
+_INT32_MAX = (1 << 31) - 1
 
 
-def _check_generation_config(path, gen: dict) -> None:
-    """The typed fields of the generation_config block (None means unset, as in transformers)."""
+def check_generation_config(path, gen) -> dict:
+    """``gen`` if it is an object whose typed fields have their types (None means unset, as in
+    transformers); the packer checks a checkpoint's generation_config.json with it before
+    writing anything, so that no pack produces a file its reader refuses."""
+    gen = _dict(path, "generation_config", gen)
     for key in _GEN_INTS:
         if gen.get(key) is not None:
-            _int(path, f"generation_config.{key}", gen[key], 0, MAX_TOKEN_ID)
+            _int(path, f"generation_config.{key}", gen[key], 0, _INT32_MAX)
     for key in _GEN_NUMBERS:
         value = gen.get(key)
         if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
@@ -333,7 +338,8 @@ def _check_generation_config(path, gen: dict) -> None:
         value = gen.get(key)
         for v in _list(path, f"generation_config.{key}", value, 64) if isinstance(value, list) \
                 else ([] if value is None else [value]):
-            _int(path, f"generation_config.{key}", v, 0, MAX_TOKEN_ID)
+            _int(path, f"generation_config.{key}", v, -_INT32_MAX - 1, _INT32_MAX)
+    return gen
 
 
 def _choice(path, where: str, value, allowed) -> str:
@@ -436,13 +442,10 @@ class EndorFile:
         _choice(p, "checksum", m.get("checksum"), ("crc32c",))
         self.architecture = _str(p, "architecture", m.get("architecture"), 64)
         self.config = _dict(p, "config", m.get("config"))
-        for key in ("prune", "generation_config"):  # read by tools (inspect) and the runtime
-            if m.get(key) is not None:
-                _dict(p, key, m[key])
-        if m.get("prune") is not None:
-            _check_prune(p, m["prune"])
-        if m.get("generation_config") is not None:
-            _check_generation_config(p, m["generation_config"])
+        if m.get("prune") is not None:  # read by tools (inspect)
+            _check_prune(p, _dict(p, "prune", m["prune"]))
+        if m.get("generation_config") is not None:  # read by the runtime
+            check_generation_config(p, m["generation_config"])
         tied = _dict(p, "tied", m.get("tied", {}))
         self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
 

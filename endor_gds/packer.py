@@ -189,6 +189,7 @@ def pack(
     if prune != "none" and not 0.0 <= sparsity < 1.0:
         raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
     ckpt = Checkpoint(src)
+    generation_config = ckpt.generation_config()  # checked now, not after minutes of packing
     recipe = recipe_for(ckpt.config)
     plan = recipe.plan(ckpt.names(), ckpt.config)
     dst = Path(dst)
@@ -262,7 +263,7 @@ def pack(
                 "checksum": "crc32c",
                 "architecture": recipe.family,
                 "config": ckpt.config,
-                "generation_config": ckpt.generation_config(),
+                "generation_config": generation_config,
                 "tied": plan.tied,
                 "prune": _prune_entry(prune, sparsity, layer_pruner, found),
                 "created_by": f"endor_gds {__version__}",

@@ -11,7 +11,7 @@ from models import FAMILIES, build_model, state_dict_of
 
 import endor_gds
 from endor_gds.cli import main as cli_main
-from endor_gds.errors import PackError, UnsupportedModelError
+from endor_gds.errors import FormatError, PackError, UnsupportedModelError
 from endor_gds.recipes import recipe_for
 
 DTYPES = [torch.float16, torch.bfloat16, torch.float32]
@@ -190,6 +190,28 @@ def test_stray_tensor_is_named(tmp_path):
     save_file(sd, src / "model.safetensors")
     with pytest.raises(UnsupportedModelError, match="model.extra_thing.weight.*resident"):
         endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+
+
+def test_generation_config_checked_before_packing(tmp_path):
+    """A checkpoint's generation_config.json is checked as the reader will check the file's copy,
+    before anything is written: no pack may produce a file that then refuses to open. Values real
+    folders carry (pad_token_id -1) pack, open and reach the model."""
+    src = build_model(tmp_path / "m", "llama")
+    gen_path = src / "generation_config.json"
+    gen = json.loads(gen_path.read_text()) if gen_path.is_file() else {}
+    gen_path.write_text(json.dumps({**gen, "max_length": "4096"}))
+    with pytest.raises(FormatError, match=r"generation_config.json: generation_config.max_length "
+                                          r"must be an integer in \[0, 2147483647\], got '4096'"):
+        endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+    assert list(tmp_path.glob("*.endor")) == [] and list(tmp_path.glob(".*.tmp")) == []
+
+    gen_path.write_text(json.dumps({**gen, "pad_token_id": -1, "eos_token_id": [2, 3]}))
+    endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+    model = endor_gds.from_pretrained(tmp_path / "x.endor", device="cpu")
+    try:
+        assert (model.generation_config.pad_token_id, model.generation_config.eos_token_id) == (-1, [2, 3])
+    finally:
+        model.endor.close()
 
 
 def test_tokenizer_and_config_embedded(packed, model_dir):

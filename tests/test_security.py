@@ -170,10 +170,11 @@ def _set_generation_config(**fields):
     ({"top_p": True}, "generation_config.top_p must be a number, got True"),
     ({"do_sample": "yes"}, "generation_config.do_sample must be true or false, got 'yes'"),
     ({"eos_token_id": [1.5]}, "generation_config.eos_token_id must be an integer"),
-    ({"eos_token_id": [2, -1]}, "generation_config.eos_token_id must be an integer"),
+    ({"eos_token_id": [2, 1 << 31]}, r"generation_config.eos_token_id must be an integer in \[-2147483648, "),
     ({"eos_token_id": list(range(65))}, "generation_config.eos_token_id must be a list of at most 64 items"),
     ({"pad_token_id": {"a": 1}}, "generation_config.pad_token_id must be an integer .* got a dict of 1 items"),
     ({"bos_token_id": 1 << 40}, "generation_config.bos_token_id must be an integer"),
+    ({"temperature": 0.7, "max_length": None, "pad_token_id": 0, "top_k": 50.5}, "generation_config.top_k must"),
 ])
 def test_malformed_generation_config_is_a_format_error(base, tmp_path, fields, match):
     """transformers' GenerationConfig.from_dict keeps {"max_length": "abc"} as it is and
