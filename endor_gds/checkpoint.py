@@ -87,6 +87,18 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
     return out
 
 
+def _json_object(path: Path) -> dict:
+    """A checkpoint's JSON file (config, shard index, generation config) as an object; anything
+    else is a FormatError naming the file, not json's own error from deep inside a pack."""
+    try:
+        value = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
 class Checkpoint:
     """A folder with ``config.json`` and ``*.safetensors`` (single file or sharded with an index)."""
 
@@ -95,10 +107,12 @@ class Checkpoint:
         cfg = self.folder / "config.json"
         if not cfg.is_file():
             raise FormatError(f"{self.folder} has no config.json (expected a Hugging Face model folder)")
-        self.config = json.loads(cfg.read_text())
+        self.config = _json_object(cfg)
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
-            weight_map = json.loads(index.read_text()).get("weight_map", {})
+            weight_map = _json_object(index).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+                raise FormatError(f"{index}: weight_map must map tensor names to shard file names")
             shards = sorted({self.folder / f for f in weight_map.values()})
         else:
             shards = sorted(self.folder.glob("*.safetensors"))
@@ -136,7 +150,7 @@ class Checkpoint:
     def generation_config(self) -> dict | None:
         """generation_config.json, its typed fields checked as the reader will check them."""
         p = self.folder / "generation_config.json"
-        return check_generation_config(p, json.loads(p.read_text())) if p.is_file() else None
+        return check_generation_config(p, _json_object(p)) if p.is_file() else None
 
     def nbytes(self) -> int:
         return sum(t.nbytes for t in self.tensors.values())

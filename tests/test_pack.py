@@ -214,6 +214,23 @@ def test_generation_config_checked_before_packing(tmp_path):
         model.endor.close()
 
 
+@pytest.mark.parametrize("name, text, match", [
+    ("config.json", '{"model_type": "llama",', r"config.json: not valid JSON \(Expecting"),
+    ("config.json", "[1, 2]", "config.json: expected a JSON object, got list"),
+    ("generation_config.json", "\xff\xfe", "generation_config.json: not valid JSON"),
+    ("generation_config.json", '"greedy"', "generation_config.json: expected a JSON object, got str"),
+    ("model.safetensors.index.json", '{"weight_map": [1]}', "weight_map must map tensor names to shard"),
+])
+def test_checkpoint_json_errors_are_named(tmp_path, name, text, match):
+    """A checkpoint folder's JSON files that do not parse, or are not objects, are a FormatError
+    naming the file, before anything is written."""
+    src = build_model(tmp_path / "m", "llama")
+    (src / name).write_bytes(text.encode("latin-1"))
+    with pytest.raises(FormatError, match=match):
+        endor_gds.pack(src, tmp_path / "x.endor", progress=False)
+    assert list(tmp_path.glob("*.endor")) == []
+
+
 def test_tokenizer_and_config_embedded(packed, model_dir):
     path = packed("mistral", torch.float16)
     src = model_dir("mistral", torch.float16)
