@@ -23,6 +23,7 @@ shapes and dtypes, and every tile offset table, before any tensor is read. Any f
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import secrets
@@ -281,10 +282,16 @@ def _list(path, where: str, value, limit: int) -> list:
     return value
 
 
-def _fraction(path, where: str, value) -> float:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
-        raise _fail(path, f"{where} must be a number in [0, 1], got {_show(value)}")
+def _number(path, where: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
+    """A JSON number (not a bool) in [lo, hi]; NaN fails the comparison, so it is refused too."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
+        span = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
+        raise _fail(path, f"{where} must be a number{span}, got {_show(value)}")
     return float(value)
+
+
+def _fraction(path, where: str, value) -> float:
+    return _number(path, where, value, 0, 1)
 
 
 def _check_prune(path, prune: dict) -> None:
@@ -327,18 +334,17 @@ def check_generation_config(path, gen) -> dict:
         if gen.get(key) is not None:
             _int(path, f"generation_config.{key}", gen[key], 0, _INT32_MAX)
     for key in _GEN_NUMBERS:
-        value = gen.get(key)
-        if value is not None and (not isinstance(value, (int, float)) or isinstance(value, bool)
-                                  or value != value):  # NaN
-            raise _fail(path, f"generation_config.{key} must be a number, got {_show(value)}")
+        if gen.get(key) is not None:
+            _number(path, f"generation_config.{key}", gen[key])
     for key in _GEN_BOOLS:
         if gen.get(key) is not None and not isinstance(gen[key], bool):
             raise _fail(path, f"generation_config.{key} must be true or false, got {_show(gen[key])}")
     for key in _GEN_TOKEN_IDS:  # one id, or a list of them (several end-of-sequence tokens)
-        value = gen.get(key)
-        for v in _list(path, f"generation_config.{key}", value, 64) if isinstance(value, list) \
-                else ([] if value is None else [value]):
-            _int(path, f"generation_config.{key}", v, -_INT32_MAX - 1, _INT32_MAX)
+        value, where = gen.get(key), f"generation_config.{key}"
+        if value is None:
+            continue
+        for v in _list(path, where, value, 64) if isinstance(value, list) else [value]:
+            _int(path, where, v, -_INT32_MAX - 1, _INT32_MAX)
     return gen
 
 

@@ -456,8 +456,8 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
                                         f"which this endor_gds has no recipe for")
         dev = _device(device)
         model = _build_model(ef, recipe)
-        gen = ef.manifest.get("generation_config")
-        if isinstance(gen, dict) and getattr(model, "generation_config", None) is not None:
+        gen = ef.manifest.get("generation_config")  # an object or None: checked at open
+        if gen is not None and getattr(model, "generation_config", None) is not None:
             model.generation_config = _generation_config(ef, gen)
     except BaseException:
         ef.close()
@@ -479,4 +479,3 @@ def _generation_config(ef: EndorFile, gen: dict):
     except (ValueError, TypeError) as exc:
         raise FormatError(f"{ef.path}: its generation_config is refused by transformers "
                           f"({_exception_line(exc)})") from exc
-
