@@ -10,6 +10,7 @@ packer for models larger than memory must not do.
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -21,7 +22,8 @@ import torch
 from .errors import FormatError
 from .format import DTYPES, dtype_of
 from .io import read_fully
-from .layout import check_generation_config
+# The manifest's typed-field checks, reused: a safetensors header is untrusted JSON too.
+from .layout import MAX_NUMEL, MAX_RANK, _choice, _dict, _int, _list, _show, _str, check_generation_config
 
 __all__ = ["Checkpoint", "TensorInfo", "TOKENIZER_FILES"]
 
@@ -50,7 +52,7 @@ class TensorInfo:
 
     @property
     def numel(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        return math.prod(self.shape)
 
 
 def _parse_shard(path: Path) -> dict[str, TensorInfo]:
@@ -64,27 +66,55 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
             raise FormatError(f"{path}: safetensors header length {hlen} is invalid (file is {size} bytes)")
         try:
             header = json.loads(f.read(hlen))
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:  # RecursionError: nesting thousands deep
             raise FormatError(f"{path}: safetensors header is not JSON ({exc})") from None
     base = 8 + hlen
+    _dict(path, "safetensors header", header)
+    meta = header.get("__metadata__", {})
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise FormatError(f"{path}: safetensors __metadata__ must map names to strings")
     out = {}
-    for name, meta in header.items():
+    for name, entry in header.items():
         if name == "__metadata__":
             continue
-        try:
-            dtype = meta["dtype"]
-            shape = tuple(int(s) for s in meta["shape"])
-            begin, end = (int(x) for x in meta["data_offsets"])
-        except (KeyError, TypeError, ValueError):
-            raise FormatError(f"{path}: malformed safetensors entry for {name!r}") from None
-        if dtype not in DTYPES:
-            raise FormatError(f"{path}: tensor {name} has dtype {dtype}, not supported "
-                              f"(supported: {', '.join(DTYPES)})")
-        info = TensorInfo(name, str(path), dtype, shape, base + begin, end - begin)
-        if end < begin or base + end > size or info.nbytes != info.numel * DTYPES[dtype].itemsize:
-            raise FormatError(f"{path}: tensor {name} has inconsistent data_offsets {begin}..{end}")
-        out[name] = info
+        _str(path, "safetensors tensor name", name)  # it becomes a manifest name, checked alike
+        out[name] = _tensor_info(path, name, _dict(path, f"safetensors entry {name!r}", entry), base, size)
+    # As the safetensors library checks a shard (and refuses it for transformers): the tensors lie
+    # back to back from the first data byte, no gap, no overlap, and end where the file ends.
+    # Sorted by (offset, end) so that zero-size tensors sharing an offset are allowed.
+    cursor = base
+    for info in sorted(out.values(), key=lambda t: (t.offset, t.nbytes)):
+        if info.offset != cursor:
+            raise FormatError(f"{path}: tensor {info.name} data begins at byte {info.offset}, but the "
+                              f"tensors before it end at byte {cursor} (safetensors stores tensors back "
+                              f"to back, without gaps or overlaps)")
+        cursor += info.nbytes
+    if cursor != size:
+        raise FormatError(f"{path}: the tensors' data ends at byte {cursor} but the file is {size} "
+                          f"bytes (safetensors data covers the file exactly)")
     return out
+
+
+def _tensor_info(path: Path, name: str, meta: dict, base: int, size: int) -> TensorInfo:
+    """One header entry, typed as the safetensors format defines it (a list or a negative number
+    where an integer belongs is a FormatError here, not a TypeError or a reshape error later)."""
+    dtype = _choice(path, f"tensor {name} dtype", meta.get("dtype"), tuple(DTYPES))
+    shape = tuple(_int(path, f"tensor {name} shape", s, 0, MAX_NUMEL)
+                  for s in _list(path, f"tensor {name} shape", meta.get("shape"), MAX_RANK))
+    offsets = meta.get("data_offsets")
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise FormatError(f"{path}: tensor {name} data_offsets must be a list [begin, end], "
+                          f"got {_show(offsets)}")
+    begin, end = (_int(path, f"tensor {name} data_offsets", x) for x in offsets)
+    # math.prod of Python integers: a product of huge dimensions cannot wrap around to match.
+    need = math.prod(shape) * DTYPES[dtype].itemsize
+    if end - begin != need:
+        raise FormatError(f"{path}: tensor {name} data_offsets [{begin}, {end}] hold {end - begin} "
+                          f"bytes, but {dtype} of shape {list(shape)} needs {need}")
+    if base + end > size:
+        raise FormatError(f"{path}: tensor {name} ends at byte {base + end}, past the end of the "
+                          f"file ({size} bytes): a truncated shard (incomplete download?)")
+    return TensorInfo(name, str(path), dtype, shape, base + begin, end - begin)
 
 
 def _json_object(path: Path) -> dict:
@@ -92,7 +122,7 @@ def _json_object(path: Path) -> dict:
     else is a FormatError naming the file, not json's own error from deep inside a pack."""
     try:
         value = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError
         raise FormatError(f"{path}: not valid JSON ({exc})") from None
     if not isinstance(value, dict):
         raise FormatError(f"{path}: expected a JSON object, got {type(value).__name__}")
@@ -114,6 +144,10 @@ class Checkpoint:
             if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
                 raise FormatError(f"{index}: weight_map must map tensor names to shard file names")
             shards = sorted({self.folder / f for f in weight_map.values()})
+            missing = [s.name for s in shards if not s.is_file()]
+            if missing:
+                raise FormatError(f"{index}: its weight_map names {len(missing)} shard(s) the "
+                                  f"folder lacks ({', '.join(missing[:3])}; incomplete download?)")
         else:
             shards = sorted(self.folder.glob("*.safetensors"))
         if not shards:

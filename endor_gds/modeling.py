@@ -10,12 +10,16 @@ costs one uninitialised allocation that is immediately replaced by a meta tensor
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
-__all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule", "slot_of"]
+from .errors import EndorError, FormatError, UnsupportedModelError
+
+__all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule", "slot_of", "model_dtype",
+           "model_for", "check_tensors", "exception_line"]
 
 
 @contextmanager
@@ -46,6 +50,68 @@ def empty_model(config: dict, dtype: torch.dtype):
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def model_dtype(recipe, tensors: Iterable[tuple[str, torch.dtype]]) -> torch.dtype:
+    """The dtype a model is built and run in: that of its first linear weight (float32 if none)."""
+    return next((dtype for name, dtype in tensors if recipe.is_linear_weight(name)), torch.float32)
+
+
+def model_for(config: dict, dtype: torch.dtype, where, family: str) -> nn.Module:
+    """``empty_model``, with a config that transformers refuses (a string head count, an unknown
+    ``model_type``) as a FormatError naming ``where``, not a transformers exception."""
+    if not dtype.is_floating_point:
+        raise UnsupportedModelError(f"{where}: its linear weights are {_name(dtype)}; endor_gds "
+                                    f"runs models whose weights are floating point")
+    try:
+        return empty_model(config, dtype)
+    except EndorError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a bad config
+        raise FormatError(f"{where}: its config does not build a {family} model "
+                          f"({exception_line(exc)})") from exc
+
+
+def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+                  tied: Mapping[str, str], where, holder: str) -> None:
+    """Every parameter of ``model`` has a tensor, and each tensor (name → shape, dtype) and tied
+    alias fits the parameter or buffer it becomes in ``model``, which was built from the same
+    config: the same shape, and for a parameter the same dtype. A config that disagrees with its weights can otherwise run and give
+    other tokens (a doubled ``hidden_size`` changes the head size attention reshapes by), and one
+    tensor of another dtype fails inside a matmul mid-``generate``. ``holder`` names where the
+    tensors are ("the file", "the checkpoint") in the message."""
+    kind = type(model).__name__
+    names = {**{n: n for n in tensors}, **tied}
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in names]
+    if missing:
+        raise UnsupportedModelError(f"{where}: the {kind} its config builds needs tensors {holder} "
+                                    f"lacks: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    for name, source in names.items():
+        slot = slot_of(model, name)
+        if slot is None:
+            raise FormatError(f"{where}: tensor {name} has no parameter or buffer in the {kind} "
+                              f"its config builds")
+        shape, dtype = tensors[source]
+        if tuple(slot.shape) != tuple(shape):
+            raise FormatError(f"{where}: tensor {name} is {list(shape)} in {holder} but "
+                              f"{list(slot.shape)} in the {kind} its config builds (the config "
+                              f"disagrees with the weights)")
+        if isinstance(slot, nn.Parameter) and slot.dtype != dtype:
+            raise FormatError(f"{where}: tensor {name} is {_name(dtype)} in {holder}, but the model "
+                              f"runs in {_name(slot.dtype)}, the dtype of its linear weights; a "
+                              f"model runs in one dtype (convert the checkpoint: "
+                              f"model.to(torch.{_name(slot.dtype)}).save_pretrained(...))")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def exception_line(exc: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one line, cut at ``limit`` characters (transformers' messages can
+    quote a whole config)."""
+    why = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {why[:limit]}{'...' if len(why) > limit else ''}"
 
 
 def get_submodule(model: nn.Module, path: str) -> nn.Module:

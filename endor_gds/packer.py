@@ -36,6 +36,7 @@ from .errors import CalibrationError, PackError, ReadError
 from .expdict import encode_values
 from .format import CODECS, TILE_ELEMS, Storage, bits_view, choose_storage, dtype_of, encode_bitmap
 from .layout import Writer, format_version_for
+from .modeling import check_tensors, model_dtype, model_for
 from .prune import magnitude_prune
 from .recipes import recipe_for
 
@@ -127,6 +128,17 @@ def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok:
     return entry
 
 
+def _check_against_config(ckpt: Checkpoint, recipe, plan, src) -> None:
+    """The tensors fit the model their config builds, as the reader will check them (shapes; one
+    dtype), so that no pack makes a file that ``from_pretrained`` refuses. The model is built on
+    ``meta``: a second or so for a 70B config, before anything is read or written."""
+    tensors = {n: (ckpt.tensors[n].shape, dtype_of(ckpt.tensors[n].dtype).torch)
+               for n in [*plan.resident, *(n for layer in plan.layers for n in layer)]}
+    model = model_for(ckpt.config, model_dtype(recipe, ((n, d) for n, (_, d) in tensors.items())),
+                      src, recipe.family)
+    check_tensors(model, tensors, plan.tied, src, "the checkpoint")
+
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -192,6 +204,7 @@ def pack(
     generation_config = ckpt.generation_config()  # checked now, not after minutes of packing
     recipe = recipe_for(ckpt.config)
     plan = recipe.plan(ckpt.names(), ckpt.config)
+    _check_against_config(ckpt, recipe, plan, src)
     dst = Path(dst)
     if dst.is_dir():
         raise PackError(f"destination {dst} is a folder; give a file name such as {dst / 'model.endor'}")

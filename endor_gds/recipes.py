@@ -80,7 +80,9 @@ class Recipe:
         """Sort checkpoint tensor names into resident and per-layer lists, checking the recipe."""
         nlayers = self.num_layers(config)
         ties = self.active_ties(config)
-        layers: list[list[str]] = [[] for _ in range(nlayers)]
+        # By index, not a list of num_hidden_layers lists: a config asking for 10^9 layers must
+        # be refused at the first layer the checkpoint lacks, not allocate 10^9 lists first.
+        found: dict[int, list[str]] = {}
         resident: list[str] = []
         for name in sorted(names):
             where = self.layer_of(name)
@@ -91,7 +93,7 @@ class Recipe:
                         f"tensor {name} belongs to layer {i} but config.json has "
                         f"num_hidden_layers={nlayers}"
                     )
-                layers[i].append(name)
+                found.setdefault(i, []).append(name)
             elif name in ties:
                 continue  # stored once, under the name it is tied to
             elif self.is_resident(name):
@@ -102,7 +104,13 @@ class Recipe:
                     f"as resident in {self.path or self.family + '.toml'}; add it to the recipe's "
                     f"'resident' list if it should be kept in memory"
                 )
-        for i, layer in enumerate(layers):
+        layers: list[list[str]] = []
+        for i in range(nlayers):
+            layer = found.get(i)
+            if layer is None:
+                raise UnsupportedModelError(f"config.json has num_hidden_layers={nlayers} but the "
+                                            f"checkpoint has no tensors of layer {i}")
+            layers.append(layer)
             have = {self.layer_of(n)[1] for n in layer}
             missing = [f"{lin}.weight" for lin in self.linear if f"{lin}.weight" not in have]
             if missing:

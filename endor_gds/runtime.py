@@ -25,10 +25,11 @@ from . import defaults
 from .backends import CpuBackend, CudaBackend, RamImage
 from .cpu_decode import CpuDecoder
 from .defaults import parse_bytes
-from .errors import BudgetError, EndorError, FormatError, UnsupportedModelError
+from .errors import BudgetError, FormatError, UnsupportedModelError
 from .io import open_reader
 from .layout import EndorFile
-from .modeling import empty_model, get_submodule, set_tensor, slot_of
+from .modeling import (check_tensors, exception_line, get_submodule, model_dtype, model_for,
+                       set_tensor)
 from .pipeline import LayerPlan, LayerTimes, Pipeline, plan_layer
 from .recipes import Recipe, recipes
 
@@ -207,7 +208,8 @@ class StreamingRuntime:
         if len(layers_module) != len(ef.layers):
             raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
                               f"config builds {len(layers_module)} layers")
-        _check_shapes(ef, model)
+        check_tensors(model, {n: (e.shape, e.dtype.torch) for n, e in ef.tensors.items()},
+                      ef.tied, ef.path, "the file")
         plans = {ext.layer: plan_layer(ef, ext, f"{recipe.layers}.{ext.layer}.") for ext in ef.layers}
         resident_plan = plan_layer(ef, ef.resident, "") if ef.resident is not None else None
         resident_bytes = 0 if resident_plan is None else resident_plan.length + resident_plan.arena_bytes
@@ -385,54 +387,15 @@ class StreamingRuntime:
                 f"streamed={len(p.streamed_layers) if p else '?'}>")
 
 
-def _check_shapes(ef: EndorFile, model: nn.Module) -> None:
-    """Each tensor of the file, and each tied alias, has the shape of the parameter or buffer it
-    becomes. The model is built from the manifest's config, and the manifest CRC covers the config
-    and the tensor table alike, so a buggy or hostile writer can make them disagree: a model whose
-    config says twice the hidden size still runs on the file's weights (attention reshapes by the
-    config's head size) and gives wrong tokens without an error. Checked once, before any read."""
-    kind = type(model).__name__
-    for name, source in {**{n: n for n in ef.tensors}, **ef.tied}.items():
-        slot = slot_of(model, name)
-        if slot is None:
-            raise FormatError(f"{ef.path}: tensor {name} has no parameter or buffer in the {kind} "
-                              f"its config builds")
-        shape = tuple(ef.tensors[source].shape)
-        if tuple(slot.shape) != shape:
-            raise FormatError(f"{ef.path}: tensor {name} is {list(shape)} in the file but "
-                              f"{list(slot.shape)} in the {kind} its config builds (the config "
-                              f"disagrees with the weights)")
-
-
 def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
     """The empty model of the manifest's config. The layer count is checked first (a Llama config
-    asking for 10^9 layers was still building modules on meta after a minute), and a config that
-    transformers refuses is a FormatError naming the file, not a transformers exception."""
+    asking for 10^9 layers was still building modules on meta after a minute)."""
     n = recipe.num_layers(ef.config)
     if n != len(ef.layers):
         raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, its config "
                           f"asks for {n} layers")
-    try:
-        return empty_model(ef.config, _model_dtype(ef, recipe))
-    except EndorError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - whatever transformers raises for a bad config
-        raise FormatError(f"{ef.path}: its config does not build a {ef.architecture} model "
-                          f"({_exception_line(exc)})") from exc
-
-
-def _exception_line(exc: BaseException, limit: int = 200) -> str:
-    """``Type: message`` on one line, cut at ``limit`` characters (transformers' messages can
-    quote a whole config)."""
-    why = " ".join(str(exc).split())
-    return f"{type(exc).__name__}: {why[:limit]}{'...' if len(why) > limit else ''}"
-
-
-def _model_dtype(ef: EndorFile, recipe: Recipe) -> torch.dtype:
-    for e in ef.tensors.values():
-        if recipe.is_linear_weight(e.name):
-            return e.dtype.torch
-    return torch.float32
+    dtype = model_dtype(recipe, ((e.name, e.dtype.torch) for e in ef.tensors.values()))
+    return model_for(ef.config, dtype, ef.path, ef.architecture)
 
 
 def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
@@ -478,4 +441,4 @@ def _generation_config(ef: EndorFile, gen: dict):
         return transformers.GenerationConfig.from_dict(gen)
     except (ValueError, TypeError) as exc:
         raise FormatError(f"{ef.path}: its generation_config is refused by transformers "
-                          f"({_exception_line(exc)})") from exc
+                          f"({exception_line(exc)})") from exc

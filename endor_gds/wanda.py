@@ -53,7 +53,7 @@ from tqdm.auto import tqdm
 from .checkpoint import TOKENIZER_FILES
 from .errors import CalibrationError, UnsupportedModelError
 from .format import dtype_of
-from .modeling import empty_model, get_submodule, set_tensor
+from .modeling import empty_model, get_submodule, model_dtype, set_tensor
 from .prune import wanda_prune
 
 __all__ = ["CalibrationError", "Calibration", "load_calibration", "WandaPruner"]
@@ -240,14 +240,9 @@ class WandaPruner:
         self.seconds = 0.0
 
     def _compute_dtype(self) -> torch.dtype:
-        """The checkpoint's dtype for linear weights: the model runs in it, as it will at inference."""
-        if not self.plan.layers:
-            return torch.float32
-        name = f"{self.recipe.layers}.0.{self.recipe.linear[0]}.weight"
-        dtype = dtype_of(self.ckpt.tensors[name].dtype).torch
-        if not dtype.is_floating_point:
-            raise UnsupportedModelError(f"Wanda needs floating-point weights; {name} is {dtype}")
-        return dtype
+        """The dtype the model runs in at inference (the packer has checked it is the only one)."""
+        names = [n for layer in self.plan.layers for n in layer]
+        return model_dtype(self.recipe, ((n, dtype_of(self.ckpt.tensors[n].dtype).torch) for n in names))
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         try:

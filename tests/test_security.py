@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import copy
+import re
 import os
 import tracemalloc
 from pathlib import Path
@@ -216,6 +217,20 @@ def test_config_that_disagrees_with_the_tensors_is_a_format_error(base, tmp_path
     path = _write_edited(base, tmp_path, lambda m: edit(m["config"]))
     EndorFile(path).close()  # the file itself is well formed
     with pytest.raises(FormatError, match=match):
+        endor_gds.from_pretrained(path, device="cpu")
+
+
+def test_tensor_of_another_dtype_is_a_format_error(base, tmp_path):
+    """A dense weight relabelled BF16 in an F16 file (the same bytes; CRC fixed) opens, and used to
+    fail inside a matmul mid-forward (RuntimeError: expected m1 and m2 to have the same dtype):
+    now it is refused before any read, like a shape the config disagrees with."""
+    def edit(m):
+        _first(m, "dense")["dtype"] = "BF16"
+    path = _write_edited(base, tmp_path, edit)
+    EndorFile(path).close()
+    name = _first(base.manifest, "dense")["name"]
+    with pytest.raises(FormatError, match=rf"x.endor: tensor {re.escape(name)} is bfloat16 in the file, "
+                                          rf"but the model runs in float16"):
         endor_gds.from_pretrained(path, device="cpu")
 
 

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 import endor_gds
 from endor_gds.checkpoint import Checkpoint
 from endor_gds.cli import main as cli_main
-from endor_gds.errors import EndorError, UnsupportedModelError
+from endor_gds.errors import EndorError, FormatError, UnsupportedModelError
 from endor_gds.prune import kept_per_row, magnitude_prune, wanda_prune
 from endor_gds.recipes import recipe_for
 from endor_gds.wanda import CalibrationError, WandaPruner, load_calibration, make_pruner
@@ -294,25 +294,34 @@ def _edit_checkpoint(src, edit_sd=None, edit_config=None):
     return src
 
 
-@pytest.mark.parametrize("case,match", [
-    ("no_norm", r"layer 1 has no checkpoint tensor for model\.layers\.1\.input_layernorm\.weight"),
-    ("no_embed", r"LlamaForCausalLM with its layers stubbed out failed.*resident"),
-    ("int8", r"Wanda needs floating-point weights; model\.layers\.0\.self_attn\.q_proj\.weight is torch\.int8"),
-    ("no_vocab", r"config\.json has no valid vocab_size \(got None\)"),
+@pytest.mark.parametrize("case,error,match", [
+    # Checked against the model the config builds before calibration starts (as for any pack).
+    ("no_norm", UnsupportedModelError,
+     r"needs tensors the checkpoint lacks: model\.layers\.1\.input_layernorm\.weight"),
+    ("no_embed", UnsupportedModelError, r"needs tensors the checkpoint lacks: model\.embed_tokens\.weight"),
+    ("int8", FormatError, r"tensor model\.layers\.0\.self_attn\.q_proj\.weight is int8 in the "
+                          r"checkpoint, but the model runs in float16"),
+    ("all_int8", UnsupportedModelError, r"its linear weights are int8; endor_gds runs models whose "
+                                        r"weights are floating point"),
+    # transformers' default vocab_size fits the embeddings: Wanda's own check names the gap.
+    ("no_vocab", UnsupportedModelError, r"config\.json has no valid vocab_size \(got None\)"),
 ])
-def test_model_problems_are_named(tmp_path, calib, case, match):
-    src = build_model(tmp_path / "m", "llama", tokenizer=False)
+def test_model_problems_are_named(tmp_path, calib, case, error, match):
+    src = build_model(tmp_path / "m", "llama", tokenizer=False, vocab_size=32000 if case == "no_vocab" else 512)
     if case == "no_norm":
         _edit_checkpoint(src, lambda sd: sd.pop("model.layers.1.input_layernorm.weight"))
     elif case == "no_embed":
         _edit_checkpoint(src, lambda sd: sd.pop("model.embed_tokens.weight"))
-    elif case == "int8":
-        q = "model.layers.0.self_attn.q_proj.weight"
-        _edit_checkpoint(src, lambda sd: sd.__setitem__(q, sd[q].to(torch.int8)))
+    elif case in ("int8", "all_int8"):
+        def to_int8(sd):
+            for name in [n for n in sd if n.endswith("proj.weight") and (case == "all_int8" or
+                                                                         n == "model.layers.0.self_attn.q_proj.weight")]:
+                sd[name] = sd[name].to(torch.int8)
+        _edit_checkpoint(src, to_int8)
     else:
         _edit_checkpoint(src, edit_config=lambda cfg: cfg.pop("vocab_size"))
     dst = tmp_path / "x.endor"
-    with pytest.raises(UnsupportedModelError, match=match):
+    with pytest.raises(error, match=match):
         endor_gds.pack(src, dst, prune="wanda", calib=calib[0], calib_samples=SAMPLES,
                        calib_seqlen=SEQLEN, progress=False)
     assert not dst.exists()
