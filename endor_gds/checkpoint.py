@@ -23,7 +23,8 @@ from .errors import FormatError
 from .format import DTYPES, dtype_of
 from .io import read_fully
 # The manifest's typed-field checks, reused: a safetensors header is untrusted JSON too.
-from .layout import MAX_NUMEL, MAX_RANK, _choice, _dict, _int, _list, _show, _str, check_generation_config
+from .layout import (MAX_NUMEL, MAX_RANK, _choice, _dict, _int, _list, _show, _str,
+                     check_generation_config)
 
 __all__ = ["Checkpoint", "TensorInfo", "TOKENIZER_FILES"]
 
@@ -70,8 +71,8 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
             raise FormatError(f"{path}: safetensors header is not JSON ({exc})") from None
     base = 8 + hlen
     _dict(path, "safetensors header", header)
-    meta = header.get("__metadata__", {})
-    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+    meta = header.get("__metadata__")  # may be absent or null, as safetensors allows
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise FormatError(f"{path}: safetensors __metadata__ must map names to strings")
     out = {}
     for name, entry in header.items():
@@ -81,7 +82,7 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
         out[name] = _tensor_info(path, name, _dict(path, f"safetensors entry {name!r}", entry), base, size)
     # As the safetensors library checks a shard (and refuses it for transformers): the tensors lie
     # back to back from the first data byte, no gap, no overlap, and end where the file ends.
-    # Sorted by (offset, end) so that zero-size tensors sharing an offset are allowed.
+    # Sorted by (offset, size) so that zero-size tensors sharing an offset are allowed.
     cursor = base
     for info in sorted(out.values(), key=lambda t: (t.offset, t.nbytes)):
         if info.offset != cursor:

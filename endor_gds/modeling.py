@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .errors import EndorError, FormatError, UnsupportedModelError
+from .layout import _int  # the manifest's integer check: a config is untrusted JSON too
 
 __all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule", "slot_of", "model_dtype",
            "model_for", "check_tensors", "exception_line"]
@@ -57,9 +58,21 @@ def model_dtype(recipe, tensors: Iterable[tuple[str, torch.dtype]]) -> torch.dty
     return next((dtype for name, dtype in tensors if recipe.is_linear_weight(name)), torch.float32)
 
 
+# config.json fields that size tensors or reshape activations. transformers checks their types but
+# not their sign: an OPT config with num_attention_heads = -1 builds (head_dim 128 // -1 = -128
+# passes its divisibility check), loads, and fails in the first forward (found by the fuzzer).
+_SIZE_FIELDS = ("hidden_size", "intermediate_size", "ffn_dim", "word_embed_proj_dim",
+                "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size",
+                "max_position_embeddings")
+
+
 def model_for(config: dict, dtype: torch.dtype, where, family: str) -> nn.Module:
     """``empty_model``, with a config that transformers refuses (a string head count, an unknown
-    ``model_type``) as a FormatError naming ``where``, not a transformers exception."""
+    ``model_type``), or whose sizes are not positive integers, as a FormatError naming ``where``,
+    not a transformers exception or a failing forward."""
+    for key in _SIZE_FIELDS:
+        if config.get(key) is not None:
+            _int(where, f"config {key}", config[key], 1, (1 << 31) - 1)
     if not dtype.is_floating_point:
         raise UnsupportedModelError(f"{where}: its linear weights are {_name(dtype)}; endor_gds "
                                     f"runs models whose weights are floating point")
@@ -76,10 +89,13 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[tuple[int, ...],
                   tied: Mapping[str, str], where, holder: str) -> None:
     """Every parameter of ``model`` has a tensor, and each tensor (name → shape, dtype) and tied
     alias fits the parameter or buffer it becomes in ``model``, which was built from the same
-    config: the same shape, and for a parameter the same dtype. A config that disagrees with its weights can otherwise run and give
-    other tokens (a doubled ``hidden_size`` changes the head size attention reshapes by), and one
-    tensor of another dtype fails inside a matmul mid-``generate``. ``holder`` names where the
-    tensors are ("the file", "the checkpoint") in the message."""
+    config: the same shape, and for a parameter the same dtype. The packer checks a checkpoint
+    before writing and ``from_pretrained`` a file before reading (the manifest CRC covers config
+    and tensor table alike, so only a buggy or hostile writer gets a file past the first): a
+    config that disagrees with its weights can otherwise run and give other tokens (a doubled
+    ``hidden_size`` changes the head size attention reshapes by), and one tensor of another dtype
+    fails inside a matmul mid-``generate``. ``holder`` names where the tensors are ("the file",
+    "the checkpoint") in the message."""
     kind = type(model).__name__
     names = {**{n: n for n in tensors}, **tied}
     missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in names]

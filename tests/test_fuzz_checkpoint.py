@@ -55,6 +55,23 @@ def test_unmutated_bases_pack_and_match_safetensors(bases, tmp_path):
         assert ckptfuzz.run_case(base, tmp_path / "work").outcome == "packed"
 
 
+@pytest.mark.parametrize("metadata, outcome", [
+    (None, "packed"),  # null is allowed by safetensors (found by the fuzzer: we refused it)
+    ({}, "packed"),
+    ({"format": "pt", "note": ""}, "packed"),
+    ([], "refused: FormatError (safetensors refuses too)"),
+    ("", "refused: FormatError (safetensors refuses too)"),
+    ({"format": 1}, "refused: FormatError (safetensors refuses too)"),
+])
+def test_metadata_block_as_safetensors_reads_it(bases, tmp_path, metadata, outcome):
+    folder = tmp_path / "case"
+    shutil.copytree(bases[0], folder)
+    shard = ckptfuzz._shards(folder)[0]
+    header, data = ckptfuzz._read_header(shard)
+    ckptfuzz._write_header(shard, {**header, "__metadata__": metadata}, data)
+    assert ckptfuzz.run_case(folder, tmp_path / "work").outcome == outcome
+
+
 def test_oracle_flags_a_pack_that_raises_another_error(bases, tmp_path, monkeypatch):
     def broken(*a, **kw):
         raise TypeError("unhashable type: 'list'")
@@ -111,7 +128,8 @@ def test_bench_smoke(bases, tmp_path):
     r = subprocess.run([sys.executable, script, "--cases", "12", *common, "--json", str(out)],
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "12 cases in" in r.stdout and "0 escapes" in r.stdout and "# fuzz_checkpoint: endor_gds" in r.stdout
+    assert "# fuzz_checkpoint: endor_gds" in r.stdout
+    assert "12 cases in" in r.stdout and "0 escapes" in r.stdout
     summary = json.loads(out.read_text())
     assert summary["escapes"] == [] and sum(sum(v.values()) for v in summary["by_op"].values()) == 12
     r = subprocess.run([sys.executable, script, "--case", "5", *common, "--save", str(tmp_path / "c5")],

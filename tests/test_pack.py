@@ -262,29 +262,46 @@ def _set_dtype(h):
 
 @pytest.mark.parametrize("edit, config, error, match", [
     # the safetensors header, typed as the format defines it
-    (lambda h: [1, 2], None, FormatError, r"model.safetensors: safetensors header must be an object, got list"),
-    (lambda h: b"[" * 100_000 + b"]" * 100_000, None, FormatError, r"safetensors header is not JSON \(maximum recursion"),
-    (lambda h: {**h, LM_HEAD: "F16"}, None, FormatError, r"safetensors entry 'lm_head.weight' must be an object"),
-    (lambda h: {**h, "bad\x1bname": h[LM_HEAD]}, None, FormatError, r"safetensors tensor name .* contains a control character"),
-    (_entry("dtype", ["F16"]), None, FormatError, r"tensor lm_head.weight dtype must be one of 'F16', .* got a list of 1 items"),
-    (_entry("shape", lambda s: [-x for x in s]), None, FormatError, r"tensor lm_head.weight shape must be an integer in \[0, \d+\], got -512"),
-    (_entry("shape", lambda s: [x + 0.5 for x in s]), None, FormatError, r"shape must be an integer .*, got 512.5"),
+    (lambda h: [1, 2], None, FormatError,
+     r"model.safetensors: safetensors header must be an object, got list"),
+    (lambda h: b"[" * 100_000 + b"]" * 100_000, None, FormatError,
+     r"safetensors header is not JSON \(maximum recursion"),
+    (lambda h: {**h, LM_HEAD: "F16"}, None, FormatError,
+     r"safetensors entry 'lm_head.weight' must be an object"),
+    (lambda h: {**h, "bad\x1bname": h[LM_HEAD]}, None, FormatError,
+     r"safetensors tensor name .* contains a control character"),
+    (_entry("dtype", ["F16"]), None, FormatError,
+     r"tensor lm_head.weight dtype must be one of 'F16', .* got a list of 1 items"),
+    (_entry("shape", lambda s: [-x for x in s]), None, FormatError,
+     r"tensor lm_head.weight shape must be an integer in \[0, \d+\], got -512"),
+    (_entry("shape", lambda s: [x + 0.5 for x in s]), None, FormatError,
+     r"shape must be an integer .*, got 512.5"),
     # (2^16 * 65537) * (2^32 - 2^16 + 1) = 2^64 + 2^16: in int64 it wrapped to lm_head's 65536 elements
     (_entry("shape", [65536 * 65537, (1 << 32) - (1 << 16) + 1]), None, FormatError,
      r"tensor lm_head.weight data_offsets \[0, 131072\] hold 131072 bytes, but F16 of shape "
      r"\[4295032832, 4294901761\] needs 36893488147419234304"),
-    (_entry("data_offsets", lambda o: [*o, 0]), None, FormatError, r"data_offsets must be a list \[begin, end\], got a list of 3"),
-    (_entry("data_offsets", lambda o: [str(x) for x in o]), None, FormatError, r"data_offsets must be an integer .*, got '0'"),
+    (_entry("data_offsets", lambda o: [*o, 0]), None, FormatError,
+     r"data_offsets must be a list \[begin, end\], got a list of 3"),
+    (_entry("data_offsets", lambda o: [str(x) for x in o]), None, FormatError,
+     r"data_offsets must be an integer .*, got '0'"),
     # the tensors against the model their config builds, as from_pretrained checks them
     (_entry("shape", lambda s: s[::-1]), None, FormatError,
-     r"tensor lm_head.weight is \[128, 512\] in the checkpoint but \[512, 128\] in the LlamaForCausalLM its config builds"),
+     r"tensor lm_head.weight is \[128, 512\] in the checkpoint but \[512, 128\] in the "
+     r"LlamaForCausalLM its config builds"),
     (None, {"hidden_size": 256}, FormatError, r"is \[\d+, 128\] in the checkpoint but \[\d+, 256\]"),
-    (_set_dtype, None, FormatError, rf"tensor {Q0} is bfloat16 in the checkpoint, but the model runs in float16"),
+    (_set_dtype, None, FormatError,
+     rf"tensor {Q0} is bfloat16 in the checkpoint, but the model runs in float16"),
     # as the safetensors library checks a shard: back to back, covering the file exactly
     (_entry("data_offsets", lambda o: [o[0] + 2, o[1] + 2]), None, FormatError,
      r"tensor lm_head.weight data begins at byte \d+, but the tensors before it end at byte \d+"),
-    (lambda h: {**h, "__metadata__": {"format": 1}}, None, FormatError, r"__metadata__ must map names to strings"),
-    (None, {"num_attention_heads": "four"}, FormatError, r"its config does not build a llama model"),
+    (lambda h: {**h, "__metadata__": {"format": 1}}, None, FormatError,
+     r"__metadata__ must map names to strings"),
+    (None, {"hidden_act": "nosuch"}, FormatError, r"its config does not build a llama model \(KeyError"),
+    (None, {"num_attention_heads": "four"}, FormatError,
+     r"config num_attention_heads must be an integer in \[1, 2147483647\], got 'four'"),
+    # transformers types sizes but does not bound them (an OPT config with -1 heads built and loaded)
+    (None, {"num_attention_heads": -1}, FormatError,
+     r"m: config num_attention_heads must be an integer in \[1, 2147483647\], got -1"),
     # 10^9 layers allocated a list per layer before any check (MemoryError after 27 s at 10^8)
     (None, {"num_hidden_layers": 10**9}, UnsupportedModelError,
      r"num_hidden_layers=1000000000 but the checkpoint has no tensors of layer 3"),
@@ -292,8 +309,8 @@ def _set_dtype(h):
 def test_source_checkpoint_errors_are_named(tmp_path, edit, config, error, match):
     """A damaged or inconsistent source checkpoint is refused with a named error before anything is
     written, and no pack makes a file that from_pretrained then refuses (each case used to raise
-    AttributeError, TypeError or RuntimeError from the packer, or to pack a file that failed at load
-    or inside a matmul)."""
+    AttributeError, TypeError or RuntimeError from the packer, to pack a shard the safetensors
+    library refuses, or to pack a file that failed at load or inside a matmul)."""
     src = build_model(tmp_path / "m", "llama", tokenizer=False)
     if edit is not None:
         _edit_safetensors(src, edit)
@@ -320,6 +337,17 @@ def test_checkpoint_lacking_a_parameter(tmp_path):
                                                     r"tensors the checkpoint lacks: model.norm.weight"):
         endor_gds.pack(src, tmp_path / "x.endor", progress=False)
     assert list(tmp_path.glob("*.endor")) == []
+
+
+def test_truncated_shard(tmp_path):
+    """An incomplete download: the shard ends inside its last tensor."""
+    src = build_model(tmp_path / "m", "llama", tokenizer=False)
+    p = src / "model.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(FormatError, match=r"model.safetensors: tensor \S+ ends at byte \d+, past the end "
+                                          r"of the file \(\d+ bytes\): a truncated shard \(incomplete "
+                                          r"download\?\)"):
+        endor_gds.pack(src, tmp_path / "x.endor", progress=False)
 
 
 def test_index_naming_a_missing_shard(tmp_path):

@@ -207,8 +207,10 @@ def test_generation_config_of_the_file_is_applied_or_refused_by_name(base, tmp_p
     (lambda c: c.update(intermediate_size=c["intermediate_size"] + 8), "down_proj.weight is .* in the file but"),
     (lambda c: c.update(vocab_size=c["vocab_size"] + 1), "in the file but"),
     (lambda c: c.update(num_hidden_layers=10**9), "its config asks for 1000000000 layers"),  # was a hang
-    (lambda c: c.update(num_attention_heads="eight"), "its config does not build a qwen2 model"),
+    (lambda c: c.update(num_attention_heads="eight"), r"config num_attention_heads must be an integer in "
+                                                      r"\[1, 2147483647\], got 'eight'"),
     (lambda c: c.update(model_type="nosuch"), r"its config does not build a qwen2 model \(ValueError"),
+    (lambda c: c.update(num_key_value_heads=0), r"config num_key_value_heads must be an integer in \[1, "),
 ])
 def test_config_that_disagrees_with_the_tensors_is_a_format_error(base, tmp_path, edit, match):
     """The manifest CRC covers the config and the tensor table alike: a writer that gets the config
