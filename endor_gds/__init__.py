@@ -35,6 +35,7 @@ from .errors import (  # noqa: E402
     FormatError,
     MissingDependencyError,
     PackError,
+    PlacementError,
     ReadError,
     UnsupportedModelError,
 )
@@ -66,4 +67,5 @@ __all__ = [
     "BudgetError",
     "CalibrationError",
     "MissingDependencyError",
+    "PlacementError",
 ]

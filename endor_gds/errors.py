@@ -18,6 +18,7 @@ __all__ = [
     "BudgetError",
     "MissingDependencyError",
     "CalibrationError",
+    "PlacementError",
 ]
 
 
@@ -67,3 +68,8 @@ class MissingDependencyError(EndorError, ImportError):
 
 class CalibrationError(EndorError, ValueError):
     """Wanda's calibration input (file, token ids, sample count or length) cannot be used."""
+
+
+class PlacementError(EndorError, RuntimeError):
+    """A streaming model was asked to move to another device or dtype (``model.to``, ``.cuda()``,
+    ``.half()``, ...): its weights stay where ``from_pretrained`` placed them."""

@@ -25,7 +25,7 @@ from . import defaults
 from .backends import CpuBackend, CudaBackend, RamImage
 from .cpu_decode import CpuDecoder
 from .defaults import parse_bytes
-from .errors import BudgetError, FormatError, UnsupportedModelError
+from .errors import BudgetError, FormatError, PlacementError, UnsupportedModelError
 from .io import open_reader
 from .layout import EndorFile
 from .modeling import (check_tensors, exception_line, get_submodule, model_dtype, model_for,
@@ -428,8 +428,36 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     runtime = StreamingRuntime(model, ef, recipe, dev, max_memory=max_memory, tier=tier,
                                prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads)
     model.endor = runtime
+    _guard_placement(model, runtime)
     weakref.finalize(model, runtime.close)
     return model
+
+
+def _guard_placement(model: nn.Module, runtime: StreamingRuntime) -> None:
+    """Make ``model.to(...)``, ``.cuda()``, ``.half()`` and the like (all of them go through
+    ``Module._apply``) either a no-op or a PlacementError. Left to torch, a move fails halfway
+    ("Cannot copy out of meta tensor") and a dtype change converts the resident tensors but not
+    the streamed ones, so the next forward fails in a matmul: either way the model is broken. The
+    habitual ``model.to(device)`` to where it already is returns the model unchanged. The
+    conversion is tried on an empty tensor first, so a refused move changes nothing."""
+    here = torch.empty(0, dtype=model.dtype, device=runtime.device)
+    owner = weakref.ref(model)  # no reference cycle: the model is still freed when dropped
+
+    def _apply(fn, recurse=True):
+        try:
+            there = fn(here)
+        except Exception as exc:  # noqa: BLE001 - e.g. .cuda() where torch has no CUDA
+            there = exc
+        if isinstance(there, torch.Tensor) and (there.device, there.dtype) == (here.device, here.dtype):
+            return owner()
+        target = f"to {there.device} in {there.dtype}" if isinstance(there, torch.Tensor) else \
+            f"({type(there).__name__}: {there})"
+        raise PlacementError(
+            f"{runtime.file.path}: a streaming model stays where from_pretrained placed it, on "
+            f"{here.device} in {here.dtype} (the file's dtype); it cannot be moved {target}. For "
+            f"another device, load the file again: endor_gds.from_pretrained(path, device=...)")
+
+    model._apply = _apply
 
 
 def _generation_config(ef: EndorFile, gen: dict):

@@ -1,6 +1,7 @@
 """Streaming runtime: bit-identical to the same pruned model held in memory, overlap, memory, faults."""
 
 import errno
+import gc
 import inspect
 import time
 
@@ -10,7 +11,7 @@ import transformers
 from models import FAMILIES
 
 import endor_gds
-from endor_gds.errors import BudgetError, ReadError
+from endor_gds.errors import BudgetError, PlacementError, ReadError
 
 PROMPT = torch.tensor([[1, 5, 9, 22, 7, 101, 3]])
 BATCH = torch.tensor([[0, 0, 4, 8, 15, 16], [1, 23, 42, 7, 9, 11]])
@@ -86,6 +87,48 @@ def test_format_versions_stream_bit_identically(packed, refs, dtype, codec):
         _assert_same(model, refs(path))
     finally:
         model.endor.close()
+
+
+def test_moves_are_no_ops_or_refused(packed, refs):
+    """``model.to(device)`` where the model already is returns it; any other move or dtype change
+    is a PlacementError that changes nothing. Left to torch, ``model.to("cpu")`` failed on the meta
+    placeholders ("Cannot copy out of meta tensor") and ``model.float()`` converted the resident
+    tensors only, so the next forward failed in a matmul (float against half)."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        for same in (lambda m: m.to("cpu"), lambda m: m.to(torch.float16), lambda m: m.cpu(),
+                     lambda m: m.half(), lambda m: m.to("cpu", torch.float16), lambda m: m.to()):
+            assert same(model) is model
+        for move, target in ((lambda m: m.float(), "to cpu in torch.float32"),
+                             (lambda m: m.to(dtype=torch.bfloat16), "to cpu in torch.bfloat16"),
+                             (lambda m: m.to("meta"), "to meta in torch.float16")):
+            with pytest.raises(PlacementError, match=rf"\.endor: a streaming model stays where "
+                                                      rf"from_pretrained placed it, on cpu in "
+                                                      rf"torch.float16 \(the file's dtype\); it "
+                                                      rf"cannot be moved {target}\. For another"):
+                move(model)
+        if not torch.cuda.is_available():
+            with pytest.raises(PlacementError, match=r"cannot be moved \(AssertionError: Torch not "
+                                                     r"compiled with CUDA"):
+                model.cuda()
+        _assert_same(model, refs(path))  # the refused moves changed nothing
+    finally:
+        model.endor.close()
+
+
+def test_dropping_the_model_closes_its_runtime(packed):
+    """No reference cycle holds a streaming model (the placement guard refers to it weakly): the
+    last reference dropped closes the file and stops the pipeline's threads at once, without
+    waiting for the cycle collector."""
+    model = endor_gds.from_pretrained(packed("llama", torch.float16), device="cpu")
+    runtime = model.endor
+    gc.disable()
+    try:
+        del model
+        assert runtime._closed
+    finally:
+        gc.enable()
 
 
 @pytest.mark.parametrize("depth", [1, 2, 3])

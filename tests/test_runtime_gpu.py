@@ -10,7 +10,7 @@ from models import FAMILIES
 from test_runtime import PROMPT, _assert_same, _generate, reference_model
 
 import endor_gds
-from endor_gds.errors import DecodeError
+from endor_gds.errors import DecodeError, PlacementError
 
 pytestmark = pytest.mark.gpu
 
@@ -36,6 +36,21 @@ def test_cuda_bit_identical_to_in_memory_model(packed, gpu_refs, family):
     try:
         assert model.endor.device.type == "cuda"
         assert model.endor.mode in ("gds", "posix-direct"), model.endor.mode  # AUTO: no compat mode
+        _assert_same(model, gpu_refs(path), DEV)
+    finally:
+        model.endor.close()
+
+
+def test_cuda_moves_are_no_ops_or_refused(packed, gpu_refs):
+    """The habitual ``model.to("cuda")`` / ``.cuda()`` after loading returns the model; ``.cpu()``
+    is a PlacementError that changes nothing (see test_runtime.test_moves_are_no_ops_or_refused)."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device=DEV)
+    try:
+        assert model.to(DEV) is model and model.cuda() is model and model.to("cuda:0") is model
+        with pytest.raises(PlacementError, match=r"on cuda:0 in torch.float16 \(the file's dtype\); "
+                                                 r"it cannot be moved to cpu in torch.float16"):
+            model.cpu()
         _assert_same(model, gpu_refs(path), DEV)
     finally:
         model.endor.close()
