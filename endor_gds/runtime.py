@@ -243,13 +243,8 @@ class StreamingRuntime:
             if buf.device != self.device:
                 set_tensor(model, name, buf.to(self.device))
 
-        # streamed layers: meta placeholders now, weights swapped in by hooks
-        streamed_names = {f"{recipe.layers}.{i}." for i in self.placement.streamed_layers}
-        missing = [n for n, p in model.named_parameters(remove_duplicate=False)
-                   if p.device.type == "meta" and not any(n.startswith(s) for s in streamed_names)]
-        if missing:
-            raise UnsupportedModelError(f"{ef.path}: the model needs tensors the file lacks: "
-                                        f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+        # streamed layers: meta placeholders now, weights swapped in by hooks (check_tensors above
+        # has made sure every parameter has a tensor in the file)
         if streamed:
             self.pipeline = Pipeline(streamed, self.backend, self.depth,
                                      verify_reads=self.verify_reads, on_layer_done=self._layer_done)

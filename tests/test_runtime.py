@@ -89,6 +89,47 @@ def test_format_versions_stream_bit_identically(packed, refs, dtype, codec):
         model.endor.close()
 
 
+GENERATE_VARIANTS = {
+    "beam_search": dict(num_beams=3),
+    "beam_sample": dict(num_beams=2, do_sample=True),
+    "no_cache": dict(use_cache=False),
+    "static_cache": dict(cache_implementation="static"),
+    "return_sequences": dict(do_sample=True, num_return_sequences=3),
+    "repetition_penalty": dict(repetition_penalty=1.3),
+    "prompt_lookup": dict(prompt_lookup_num_tokens=2),
+}
+
+
+@pytest.mark.parametrize("variant", sorted(GENERATE_VARIANTS))
+def test_generate_variants_bit_identical(packed, refs, variant):
+    """generate()'s other decoding strategies and cache kinds reorder, copy or drop the KV cache
+    between the streamed layers' calls: still bit for bit the in-memory model's tokens."""
+    path = packed("qwen2", torch.float16, prune="magnitude")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        kw = GENERATE_VARIANTS[variant]
+        assert torch.equal(_generate(model, PROMPT, **kw), _generate(refs(path), PROMPT, **kw))
+    finally:
+        model.endor.close()
+
+
+def test_forward_variants_bit_identical(packed, refs):
+    """Loss with labels, inputs_embeds and every hidden state, as the in-memory model gives them."""
+    path = packed("qwen2", torch.float16, prune="magnitude")
+    model, ref = endor_gds.from_pretrained(path, device="cpu"), refs(path)
+    try:
+        with torch.no_grad():
+            got, want = model(PROMPT, labels=PROMPT), ref(PROMPT, labels=PROMPT)
+            assert torch.equal(got.loss, want.loss) and torch.equal(got.logits, want.logits)
+            emb = ref.get_input_embeddings()(PROMPT)
+            assert torch.equal(model(inputs_embeds=emb).logits, ref(inputs_embeds=emb).logits)
+            got = model(PROMPT, output_hidden_states=True).hidden_states
+            want = ref(PROMPT, output_hidden_states=True).hidden_states
+            assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        model.endor.close()
+
+
 def test_moves_are_no_ops_or_refused(packed, refs):
     """``model.to(device)`` where the model already is returns it; any other move or dtype change
     is a PlacementError that changes nothing. Left to torch, ``model.to("cpu")`` failed on the meta

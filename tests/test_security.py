@@ -17,7 +17,7 @@ import torch
 
 import endor_gds
 from endor_gds import layout
-from endor_gds.errors import ChecksumError, FormatError
+from endor_gds.errors import ChecksumError, FormatError, UnsupportedModelError
 from endor_gds.layout import EndorFile
 
 PACKAGE = Path(endor_gds.__file__).resolve().parent
@@ -233,6 +233,18 @@ def test_tensor_of_another_dtype_is_a_format_error(base, tmp_path):
     name = _first(base.manifest, "dense")["name"]
     with pytest.raises(FormatError, match=rf"x.endor: tensor {re.escape(name)} is bfloat16 in the file, "
                                           rf"but the model runs in float16"):
+        endor_gds.from_pretrained(path, device="cpu")
+
+
+def test_file_lacking_a_parameter_is_refused_before_any_read(base, tmp_path):
+    """A manifest without the final norm (a writer that dropped it) opens, and is refused by
+    from_pretrained before anything is read, naming the tensor."""
+    def edit(m):
+        m["tensors"] = [t for t in m["tensors"] if t["name"] != "model.norm.weight"]
+    path = _write_edited(base, tmp_path, edit)
+    EndorFile(path).close()
+    with pytest.raises(UnsupportedModelError, match=r"x.endor: the Qwen2ForCausalLM its config builds "
+                                                    r"needs tensors the file lacks: model.norm.weight"):
         endor_gds.from_pretrained(path, device="cpu")
 
 
