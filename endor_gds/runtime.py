@@ -13,6 +13,7 @@ using another layer's weights). ``generate()`` works as usual.
 
 from __future__ import annotations
 
+import threading
 import time
 import weakref
 from dataclasses import asdict, dataclass
@@ -191,6 +192,11 @@ class StreamingRuntime:
         self._current = StepStats(step=0)  # reused: a step allocates no new record
         self._step: StepStats | None = None
         self._t_step = 0.0
+        # One forward step at a time: the streamed layers' weights live in shared buffer sets, so
+        # two threads' steps interleaved used to swap each other's layers (wrong tokens, or a
+        # "Tensor on device meta" error). Held from the model's pre-hook to its always-called hook.
+        self._step_lock = threading.Lock()
+        self._step_owner: int | None = None
         self._hooks = []
         self.pipeline = None
         self._closed = False
@@ -252,6 +258,7 @@ class StreamingRuntime:
                 self._attach(layers_module[i], i)
         self._hooks.append(model.register_forward_pre_hook(self._step_begin))
         self._hooks.append(model.register_forward_hook(self._step_end))
+        self._hooks.append(model.register_forward_hook(self._step_unlock, always_call=True))
 
     def _make_decoder(self):
         if self.device.type == "cuda":
@@ -293,6 +300,12 @@ class StreamingRuntime:
     # -- statistics -----------------------------------------------------------------------------
 
     def _step_begin(self, module, args):
+        me = threading.get_ident()
+        # torch calls always-call hooks after an Exception, not after a KeyboardInterrupt: a step
+        # of this thread cut short by Ctrl-C still holds the lock, and this step takes it over.
+        if self._step_owner != me:
+            self._step_lock.acquire()
+            self._step_owner = me
         cur = self._current
         cur.step, cur.wall_s, cur.layers, cur.bytes_read = self._nsteps, 0.0, 0, 0
         cur.read_s = cur.decode_s = cur.compute_s = cur.stall_s = 0.0
@@ -308,6 +321,11 @@ class StreamingRuntime:
             self._step.wall_s = time.perf_counter() - self._t_step
             self.steps.append(self._step)
             self._step = None
+
+    def _step_unlock(self, module, args, output):
+        if self._step_owner == threading.get_ident():
+            self._step_owner = None
+            self._step_lock.release()
 
     def _layer_done(self, t: LayerTimes) -> None:
         s = self._step

@@ -3,6 +3,7 @@
 import errno
 import gc
 import inspect
+import threading
 import time
 
 import pytest
@@ -126,6 +127,79 @@ def test_forward_variants_bit_identical(packed, refs):
             got = model(PROMPT, output_hidden_states=True).hidden_states
             want = ref(PROMPT, output_hidden_states=True).hidden_states
             assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want))
+    finally:
+        model.endor.close()
+
+
+def _in_thread(fn, timeout=120):
+    """``fn()`` in another thread; its result, or its exception re-raised; a hang fails."""
+    box = {}
+
+    def run():
+        try:
+            box["out"] = fn()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            box["exc"] = exc
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(timeout)
+    assert not t.is_alive(), "the thread did not finish: a step lock left held?"
+    if "exc" in box:
+        raise box["exc"]
+    return box["out"]
+
+
+def test_generate_from_several_threads_is_bit_identical(packed, refs):
+    """Four threads generating at once on one streaming model: each gets the in-memory model's
+    tokens. The steps are serialised; before, interleaved steps swapped each other's streamed
+    layers (some threads failed with "Tensor on device meta ...", others got other tokens)."""
+    path = packed("qwen2", torch.float16, prune="magnitude")
+    model, ref = endor_gds.from_pretrained(path, device="cpu"), refs(path)
+    prompts = [PROMPT, PROMPT[:, :4], PROMPT[:, 2:], torch.tensor([[40, 41]])]
+    try:
+        want = [_generate(ref, p) for p in prompts]
+        for _ in range(2):
+            outs, errors = {}, []
+
+            def work(i):
+                try:
+                    with torch.no_grad():
+                        outs[i] = model.generate(prompts[i], max_new_tokens=6, pad_token_id=0)
+                except Exception as exc:  # noqa: BLE001 - collected and reported below
+                    errors.append(f"thread {i}: {type(exc).__name__}: {exc}")
+            threads = [threading.Thread(target=work, args=(i,)) for i in range(len(prompts))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(120)
+            assert not any(t.is_alive() for t in threads) and errors == []
+            assert all(torch.equal(outs[i], want[i]) for i in range(len(prompts)))
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("error", [RuntimeError, KeyboardInterrupt])
+def test_a_step_cut_short_does_not_block_the_next(packed, refs, error):
+    """A forward that raises inside a streamed layer leaves the model usable from any thread. An
+    Exception releases the step lock in an always-called hook; after a KeyboardInterrupt (torch
+    calls no hook then) the same thread's next step takes the lock over."""
+    path = packed("qwen2", torch.float16, prune="magnitude")
+    model, ref = endor_gds.from_pretrained(path, device="cpu"), refs(path)
+    mlp = model.model.layers[1].mlp
+    real = mlp.forward
+
+    def fail_once(*args, **kwargs):
+        mlp.forward = real
+        raise error("cut short")
+    mlp.forward = fail_once
+    try:
+        with torch.no_grad():
+            want = ref(PROMPT).logits
+            with pytest.raises(error, match="cut short"):
+                model(PROMPT)
+            if error is KeyboardInterrupt:
+                assert torch.equal(model(PROMPT).logits, want)
+            assert torch.equal(_in_thread(lambda: model(PROMPT).logits), want)
     finally:
         model.endor.close()
 
