@@ -46,4 +46,4 @@ gpu-check: $(STAMP)
 	bash bench/gpu_check.sh
 
 clean:
-	rm -rf $(VENV) build *.egg-info endor_gds/*.so
+	rm -rf $(VENV) build *.egg-info endor_gds/*.so endor_gds/*/*.so

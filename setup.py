@@ -12,6 +12,6 @@ extra = ["-O3", "-std=c11", "-Wall", "-Wextra", "-Werror"]
 
 setup(
     ext_modules=[
-        Extension("endor_gds._endor_cpu", sources=["csrc/endor_cpu.c"], extra_compile_args=extra)
+        Extension("endor_gds.decode._endor_cpu", sources=["csrc/endor_cpu.c"], extra_compile_args=extra)
     ]
 )

@@ -13,9 +13,9 @@ Inputs: weights as transformers initialises them (N(0, 0.02)) in ``--dtype``, th
 ``--codecs``: ``raw`` (format v1: the values as they are) and ``expdict`` (format v2: residuals,
 exponent-dictionary codes, escapes; index width chosen as the packer does).
 
-CPU: dense output bytes per second of ``endor_gds.cpu_decode.CpuDecoder`` (inputs warm in RAM),
+CPU: dense output bytes per second of ``endor_gds.decode.cpu.CpuDecoder`` (inputs warm in RAM),
 and the ratio to the sequential O_DIRECT read bandwidth of a temporary file of ``--storage-bytes``
-measured in the same run (``endor_gds.io`` posix-direct reader, page cache evicted before every
+measured in the same run (``endor_gds.read`` posix-direct reader, page cache evicted before every
 read). Target (docs/design): ``cpu_ratio_to_storage >= 3``, so decoding never outpaces the disk.
 A smaller file is read faster in dense terms, so each codec also gets its *headroom*: decode rate
 over the dense rate at which storage delivers that codec's file (storage GB/s x dense bytes /
@@ -52,12 +52,14 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
 
-from endor_gds import kernels  # noqa: E402
-from endor_gds.cpu_decode import CpuDecoder  # noqa: E402
+from endor_gds.decode import gpu as kernels  # noqa: E402
+from endor_gds.codec.bitmap import encode_bitmap  # noqa: E402
+from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram  # noqa: E402
+from endor_gds.decode.cpu import CpuDecoder  # noqa: E402
 from endor_gds.defaults import parse_bytes  # noqa: E402
-from endor_gds.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram  # noqa: E402
-from endor_gds.format import encode_bitmap  # noqa: E402
-from endor_gds.io import aligned_empty, evict_page_cache, open_reader  # noqa: E402
+from endor_gds.read.buffers import aligned_empty  # noqa: E402
+from endor_gds.read.pagecache import evict_page_cache  # noqa: E402
+from endor_gds.read.readers import open_reader  # noqa: E402
 
 # Weight shapes (out_features x in_features) of one decoder layer's linear modules.
 SHAPES = {

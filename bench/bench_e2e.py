@@ -19,7 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from endor_gds.e2e import add_arguments, run_from_args
+from endor_gds.benchmarks.e2e import add_arguments, run_from_args
 
 
 def main(argv=None) -> int:

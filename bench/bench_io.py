@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import sys
 
-from endor_gds.profile_io import main
+from endor_gds.benchmarks.profile_io import main
 
 if __name__ == "__main__":
     sys.exit(main())

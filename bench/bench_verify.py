@@ -31,10 +31,10 @@ import crc32c
 import numpy as np
 
 import endor_gds
+from endor_gds.codec.bitmap import PAGE, encode_bitmap
+from endor_gds.container import FORMAT_VERSION, EndorFile, Writer
 from endor_gds.defaults import parse_bytes
-from endor_gds.format import PAGE, encode_bitmap
-from endor_gds.io import evict_page_cache
-from endor_gds.layout import FORMAT_VERSION, EndorFile, Writer
+from endor_gds.read.pagecache import evict_page_cache
 
 CHUNK = 4 << 20
 

@@ -120,8 +120,8 @@ def main(argv=None) -> int:
 
     import torch  # noqa: PLC0415 - after argument parsing, so --help is instant
 
-    from endor_gds.checkpoint import Checkpoint  # noqa: PLC0415
-    from endor_gds.layout import EndorFile  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
+    from endor_gds.packing.checkpoint import Checkpoint  # noqa: PLC0415
 
     src = _build(args.dir, args.layers, args.hidden, args.intermediate, args.heads, args.vocab,
                  max(256, args.seqlen))
@@ -146,7 +146,7 @@ def main(argv=None) -> int:
           f"transformers {transformers.__version__}, torch threads {torch.get_num_threads()}")
     print(f"# model {src} ({ckpt.nbytes() / 1e9:.2f} GB fp16, {args.layers} layers); calibration "
           f"{args.samples} x {args.seqlen} tokens; device cpu")
-    pack = [sys.executable, "-m", "endor_gds.cli", "pack"]
+    pack = [sys.executable, "-m", "endor_gds", "pack"]
     # name -> (command, the baseline run it is compared with)
     runs = {
         "baseline (magnitude, tiny model)": (pack + [str(tiny), str(args.dir / "tiny-magnitude.endor"),

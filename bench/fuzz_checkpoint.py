@@ -52,11 +52,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import ckptfuzz  # noqa: PLC0415 - heavy imports after argument parsing
+    import transformers  # noqa: PLC0415
     from models import build_model  # noqa: PLC0415
 
     import endor_gds  # noqa: PLC0415
-
-    import transformers  # noqa: PLC0415
 
     # Mutated configs make transformers log a warning per case (token ids outside a tiny vocab).
     warnings.filterwarnings("ignore")

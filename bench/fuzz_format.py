@@ -33,7 +33,7 @@ def _worker(conn, corpus_paths, seed, case_timeout, workdir):
     import fuzzcheck  # noqa: PLC0415 - heavy imports only in the worker
     import fuzzlib  # noqa: PLC0415
 
-    from endor_gds.cpu_decode import CpuDecoder  # noqa: PLC0415
+    from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
 
     bases = [fuzzlib.load_base(p) for p in corpus_paths]
     decoder = CpuDecoder(1)
@@ -105,7 +105,7 @@ def replay(args, corpus) -> int:
     import fuzzcheck  # noqa: PLC0415
     import fuzzlib  # noqa: PLC0415
 
-    from endor_gds.cpu_decode import CpuDecoder  # noqa: PLC0415
+    from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
 
     bases = [fuzzlib.load_base(p) for p in corpus]
     base, mutant = fuzzlib.make_case(bases, args.seed, args.case)

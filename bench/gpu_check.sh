@@ -51,9 +51,9 @@ if has setup; then
     # setup.py first; a plain compiler call where that host's setuptools is too old for pyproject.toml
     run build 60 bash -c "$PY setup.py -q build_ext --inplace || gcc -O3 -std=c11 -Wall -shared -fPIC \
         -I\$($PY -c 'import sysconfig; print(sysconfig.get_paths()[\"include\"])') csrc/endor_cpu.c \
-        -o endor_gds/_endor_cpu\$($PY -c 'import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))')"
+        -o endor_gds/decode/_endor_cpu\$($PY -c 'import sysconfig; print(sysconfig.get_config_var(\"EXT_SUFFIX\"))')"
     run versions 60 bash -c "nvidia-smi -L; nvidia-smi --query-gpu=name,memory.total,driver_version,pcie.link.gen.current,pcie.link.width.current --format=csv; nproc; df -h $SCRATCH; \
-        $PY -c 'import torch, cupy, kvikio, transformers, accelerate; print(\"torch\", torch.__version__, torch.cuda.get_device_name(0)); print(\"cupy\", cupy.__version__, \"kvikio\", kvikio.__version__, \"transformers\", transformers.__version__, \"accelerate\", accelerate.__version__); import endor_gds.io as io; r = io.open_reader(\"setup.py\", device=\"cuda\"); print(\"reader mode for cuda:\", r.mode); r.close()'"
+        $PY -c 'import torch, cupy, kvikio, transformers, accelerate; print(\"torch\", torch.__version__, torch.cuda.get_device_name(0)); print(\"cupy\", cupy.__version__, \"kvikio\", kvikio.__version__, \"transformers\", transformers.__version__, \"accelerate\", accelerate.__version__); import endor_gds.read.readers as io; r = io.open_reader(\"setup.py\", device=\"cuda\"); print(\"reader mode for cuda:\", r.mode); r.close()'"
 fi
 
 prep_pid=""
@@ -88,7 +88,7 @@ fi
 
 if has io; then
     mkdir -p "$SCRATCH/profile"
-    run io 60 "$PY" -m endor_gds.cli profile-io "$SCRATCH/profile" --size 2GiB --modes kvikio,posix-direct \
+    run io 60 "$PY" -m endor_gds profile-io "$SCRATCH/profile" --size 2GiB --modes kvikio,posix-direct \
         --threads 4,8,16 --chunk 4MiB,16MiB --repeats 2 --json "$OUT/io-profile.json" --plot "$OUT/io-profile.png"
 fi
 

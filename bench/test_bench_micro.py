@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from bench_decode import codec_values, make_encoded
 
-from endor_gds import kernels
-from endor_gds.cpu_decode import CpuDecoder
+from endor_gds.decode import gpu as kernels
+from endor_gds.decode.cpu import CpuDecoder
 
 ROWS, COLS = 4096, 4096
 
@@ -50,7 +50,6 @@ def test_gpu_kernel(benchmark, case):
     if not ok:
         pytest.skip(why)
     import cupy as cp  # noqa: PLC0415
-
     from bench_decode import gpu_item, stored_bytes  # noqa: PLC0415
 
     bitmap, values, offsets, out, nnz = case

@@ -99,7 +99,7 @@
  * (the input loads use the read-only data path).
  */
 
-// The tile size of the file format (docs/format.md: 4096 elements, endor_gds.format.TILE_ELEMS).
+// The tile size of the file format (docs/format.md: 4096 elements, endor_gds.codec.bitmap.TILE_ELEMS).
 // kernels.NVRTC_OPTIONS always passes it, so a change on the Python side reaches the kernel; the
 // default lets the file compile on its own (nvcc -arch=sm_90 -cubin cuda/endor_decode.cu).
 #ifndef ENDOR_TILE_ELEMS

@@ -12,10 +12,10 @@ already in flight.
 ``import endor_gds`` needs no GPU and no CUDA driver; GPU libraries load at first use.
 """
 
-__version__ = "0.1.0"
-
 import os as _os  # noqa: E402
 import sys as _sys  # noqa: E402
+
+from endor_gds._version import __version__
 
 if "torch" not in _sys.modules:
     # On the CPU the streaming runtime decodes the next layer on its own threads while torch
@@ -25,8 +25,9 @@ if "torch" not in _sys.modules:
     # loads it, so it is set here, before that; a value the user chose is kept.
     _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from . import defaults  # noqa: E402
-from .errors import (  # noqa: E402
+from endor_gds import defaults  # noqa: E402
+from endor_gds.container import EndorFile  # noqa: E402
+from endor_gds.errors import (
     BudgetError,
     CalibrationError,
     ChecksumError,
@@ -39,13 +40,12 @@ from .errors import (  # noqa: E402
     ReadError,
     UnsupportedModelError,
 )
-from .layout import EndorFile  # noqa: E402
-from .packer import pack  # noqa: E402
-from .runtime import from_pretrained, runtime_of  # noqa: E402
+from endor_gds.packing.packer import pack  # noqa: E402
+from endor_gds.stream.runtime import from_pretrained, runtime_of  # noqa: E402
 
 
 def open(path, **kwargs) -> EndorFile:  # noqa: A001 - the natural name, as in safetensors/kvikio
-    """Open and validate an ``.endor`` file (see :class:`endor_gds.layout.EndorFile`)."""
+    """Open and validate an ``.endor`` file (see :class:`endor_gds.container.EndorFile`)."""
     return EndorFile(path, **kwargs)
 
 

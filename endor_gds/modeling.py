@@ -16,8 +16,8 @@ from contextlib import contextmanager
 import torch
 from torch import nn
 
-from .errors import EndorError, FormatError, UnsupportedModelError
-from .layout import _int  # the manifest's integer check: a config is untrusted JSON too
+from endor_gds._checks import check_int  # the manifest's integer check: a config is untrusted JSON too
+from endor_gds.errors import EndorError, FormatError, UnsupportedModelError
 
 __all__ = ["empty_model", "params_on_meta", "set_tensor", "get_submodule", "slot_of", "model_dtype",
            "model_for", "check_tensors", "exception_line"]
@@ -72,7 +72,7 @@ def model_for(config: dict, dtype: torch.dtype, where, family: str) -> nn.Module
     not a transformers exception or a failing forward."""
     for key in _SIZE_FIELDS:
         if config.get(key) is not None:
-            _int(where, f"config {key}", config[key], 1, (1 << 31) - 1)
+            check_int(where, f"config {key}", config[key], 1, (1 << 31) - 1)
     if not dtype.is_floating_point:
         raise UnsupportedModelError(f"{where}: its linear weights are {_name(dtype)}; endor_gds "
                                     f"runs models whose weights are floating point")

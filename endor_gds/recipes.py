@@ -14,22 +14,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
-from .errors import UnsupportedModelError
+from endor_gds._resources import data_dir
+from endor_gds.errors import UnsupportedModelError
 
-__all__ = ["Recipe", "Plan", "recipes", "recipe_for", "data_dir"]
-
-
-def data_dir(name: str) -> Path:
-    """Folder of shipped data (``cuda`` or ``layouts``): inside the installed package, or the repo's."""
-    here = Path(__file__).resolve().parent
-    for candidate in (here / f"_{name}", here.parent / name):
-        if candidate.is_dir():
-            return candidate
-    raise FileNotFoundError(f"endor_gds data folder {name!r} is missing from the installation ({here})")
+__all__ = ["Recipe", "TensorGroups", "recipes", "recipe_for"]
 
 
 @dataclass(frozen=True)
-class Plan:
+class TensorGroups:
     """Where each checkpoint tensor goes, for one model."""
 
     resident: list[str]  # names, in file order
@@ -76,7 +68,7 @@ class Recipe:
             raise UnsupportedModelError(f"config.json has no valid num_hidden_layers (got {n!r})")
         return n
 
-    def plan(self, names: list[str], config: dict) -> Plan:
+    def plan(self, names: list[str], config: dict) -> TensorGroups:
         """Sort checkpoint tensor names into resident and per-layer lists, checking the recipe."""
         nlayers = self.num_layers(config)
         ties = self.active_ties(config)
@@ -120,7 +112,7 @@ class Recipe:
         for alias, target in ties.items():
             if target not in resident:
                 raise UnsupportedModelError(f"{alias} is tied to {target}, which is not in the checkpoint")
-        return Plan(resident=resident, layers=layers, tied=ties, num_layers=nlayers)
+        return TensorGroups(resident=resident, layers=layers, tied=ties, num_layers=nlayers)
 
 
 def _load(path: Path) -> Recipe:

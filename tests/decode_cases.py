@@ -9,7 +9,8 @@ from dataclasses import dataclass
 import numpy as np
 from bitgen import random_bits, weight_bits
 
-from endor_gds.expdict import (
+from endor_gds.codec.bitmap import TILE_ELEMS, decode_bitmap_reference, encode_bitmap, pad_to_page
+from endor_gds.codec.expdict import (
     LAYOUTS,
     ExpDict,
     Streams,
@@ -19,7 +20,6 @@ from endor_gds.expdict import (
     encode_values,
     exponent_histogram,
 )
-from endor_gds.format import TILE_ELEMS, decode_bitmap_reference, encode_bitmap, pad_to_page
 
 BAD_OFFSETS, BITS_PAST_END, COUNT_MISMATCH, BAD_ESCAPES = 1, 2, 3, 4  # endor::Reason (cuda/)
 
@@ -56,7 +56,7 @@ class Tensor:
         if self.expdict is None:
             vals = np.frombuffer(self.values, dtype=dt, count=self.nnz)
         else:
-            from endor_gds.format import check_tile_offsets  # noqa: PLC0415
+            from endor_gds.codec.bitmap import check_tile_offsets  # noqa: PLC0415
 
             check_tile_offsets(self.offsets, self.n, self.nnz)
             vals = decode_values_reference(self.streams(), self.offsets, self.nnz)

@@ -33,8 +33,8 @@ import shutil
 import signal
 import struct
 import time
-import tracemalloc
 import traceback
+import tracemalloc
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,11 +43,11 @@ import torch
 from fence import fenced_copy, fenced_empty
 from fuzzlib import HEADER, Base, Mutant
 
-from endor_gds.cli import main as cli_main
+from endor_gds.cli.main import main as cli_main
+from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
+from endor_gds.codec.expdict import Streams
+from endor_gds.container import EndorFile, crc32c
 from endor_gds.errors import ChecksumError, DecodeError, EndorError
-from endor_gds.expdict import Streams
-from endor_gds.format import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
-from endor_gds.layout import EndorFile, crc32c
 
 MiB = 1 << 20
 MAX_MESSAGE = 2000

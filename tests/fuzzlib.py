@@ -31,10 +31,10 @@ from pathlib import Path
 import torch
 
 import endor_gds
-from endor_gds.expdict import LAYOUTS
-from endor_gds.format import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
-from endor_gds.layout import crc32c
-from endor_gds.prune import magnitude_prune
+from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
+from endor_gds.codec.expdict import LAYOUTS
+from endor_gds.container import crc32c
+from endor_gds.packing.prune import magnitude_prune
 
 HEADER = struct.Struct("<8sIIQQQI")  # magic, version, flags, moff, mlen, flen, manifest CRC
 HEADER_FIELDS = ("magic", "version", "flags", "moff", "mlen", "flen", "mcrc")

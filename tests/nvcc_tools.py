@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from endor_gds.kernels import NVRTC_OPTIONS, nvcc_options
+from endor_gds.decode.gpu import NVRTC_OPTIONS, nvcc_options
 
 REPO = Path(__file__).resolve().parent.parent
 CUDA_DIR = REPO / "cuda"

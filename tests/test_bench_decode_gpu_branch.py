@@ -23,10 +23,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from endor_gds import kernels
-from endor_gds.cpu_decode import CpuDecoder
-from endor_gds.expdict import Streams
-from endor_gds.format import WORD_BITS, num_tiles
+from endor_gds.decode import gpu as kernels
+from endor_gds.codec.bitmap import WORD_BITS, num_tiles
+from endor_gds.codec.expdict import Streams
+from endor_gds.decode.cpu import CpuDecoder
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -7,8 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from endor_gds.cpu_decode import CpuDecoder
-from endor_gds.kernels import gpu_available
+from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.decode.gpu import gpu_available
 
 REPO = Path(__file__).resolve().parent.parent
 BENCH = REPO / "bench" / "bench_decode.py"

@@ -7,7 +7,7 @@ from models import build_model
 from test_runtime import reference_model
 
 import endor_gds
-from endor_gds.cli import main as cli_main
+from endor_gds.cli.main import main as cli_main
 
 
 def test_run_with_embedded_tokenizer_matches_in_memory_model(packed, model_dir, capsys):

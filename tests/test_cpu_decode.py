@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 from bitgen import SIZES, random_bits
 
-from endor_gds.cpu_decode import CpuDecoder, cpu_features
+from endor_gds.codec.bitmap import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
+from endor_gds.decode.cpu import CpuDecoder, cpu_features
 from endor_gds.errors import DecodeError
-from endor_gds.format import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
 
 # Every code path this CPU can run: all features (the default), none (portable C), and the subsets
 # that swap one SIMD routine for its fallback (without pdep: the scalar field spread; without avx2:
@@ -33,7 +33,7 @@ def test_simd_feature_selection(monkeypatch):
         assert d.features == () and d.simd_name == "scalar"
     with pytest.raises(ValueError, match="unknown SIMD feature 'sse9'"):
         CpuDecoder(1, simd=("ssse3", "sse9"))
-    monkeypatch.setattr("endor_gds.cpu_decode.cpu_features", lambda: ("ssse3",))
+    monkeypatch.setattr("endor_gds.decode.cpu.cpu_features", lambda: ("ssse3",))
     with CpuDecoder(1, simd="ssse3") as d:  # one name alone, not its letters
         assert d.simd_name == "ssse3"
     with pytest.raises(ValueError, match="this CPU lacks SIMD feature 'avx2'"):
@@ -151,7 +151,7 @@ def _expdict_item(rng, n, dtype, density, kind, index_bits=None):
 @pytest.mark.parametrize("n", (0,) + SIZES + (300_001,))
 @pytest.mark.parametrize("kind", ["weights", "outliers", "uniform"])
 def test_expdict_bit_exact_against_reference(decoder, rng, dtype, n, kind):
-    from endor_gds.expdict import decode_values_reference  # noqa: PLC0415
+    from endor_gds.codec.expdict import decode_values_reference  # noqa: PLC0415
 
     for density in (0.5, 1.0, 0.1):
         for b in (None, 1, 4):
@@ -211,7 +211,7 @@ def _expdict_corrupt_cases(rng):
 
 
 def test_expdict_inconsistent_input_is_decode_error(decoder, rng):
-    from endor_gds.expdict import decode_values_reference  # noqa: PLC0415
+    from endor_gds.codec.expdict import decode_values_reference  # noqa: PLC0415
 
     n, cases = _expdict_corrupt_cases(rng)
     for label, (bitmap, streams, offs) in cases.items():
@@ -225,7 +225,7 @@ def test_expdict_inconsistent_input_is_decode_error(decoder, rng):
 def test_expdict_argument_checks(decoder, rng):
     from dataclasses import replace  # noqa: PLC0415
 
-    from endor_gds.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
+    from endor_gds.codec.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
 
     (bitmap, s, offs, out), _ = _expdict_item(rng, 5000, "F16", 0.5, "outliers", 2)
     cases = [

@@ -22,13 +22,13 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 UBSAN = ["-fsanitize=undefined", "-fno-sanitize-recover=all"]
 
-# The child: the sanitized library stands in for endor_gds._endor_cpu (cpu_decode.library() loads
+# The child: the sanitized library stands in for endor_gds.decode._endor_cpu (decode.cpu.library() loads
 # the module's __file__), checked to be the one loaded, then the decoder tests run on it.
 _CHILD = """
 import sys, types
 lib, tests = sys.argv[1], sys.argv[2:]
-sys.modules["endor_gds._endor_cpu"] = types.SimpleNamespace(__file__=lib)
-from endor_gds import cpu_decode
+sys.modules["endor_gds.decode._endor_cpu"] = types.SimpleNamespace(__file__=lib)
+from endor_gds.decode import cpu as cpu_decode
 assert cpu_decode.library()._name == lib
 import pytest
 sys.exit(pytest.main(["-q", "-s", "-p", "no:cacheprovider", *tests]))  # -s: the report reaches stderr

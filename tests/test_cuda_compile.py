@@ -1,6 +1,6 @@
 """Every cuda/*.cu builds with nvcc for sm_80 and sm_90 with the run-time options, warning-free.
 
-The options are endor_gds.kernels.NVRTC_OPTIONS translated to nvcc (kernels.nvcc_options), so a
+The options are endor_gds.decode.gpu.NVRTC_OPTIONS translated to nvcc (kernels.nvcc_options), so a
 kernel that would not compile, or would compile differently, on a GPU host never lands. nvcc and
 ptxas warnings are errors, register spills and local memory included. Needs nvcc only, no GPU.
 """
@@ -15,8 +15,8 @@ import zipfile
 import pytest
 from nvcc_tools import CUDA_DIR, REPO, STRICT, nvrtc_compile, require_nvcc, require_nvrtc, run_nvcc
 
-from endor_gds import kernels
-from endor_gds.recipes import data_dir
+from endor_gds.decode import gpu as kernels
+from endor_gds._resources import data_dir
 
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")  # A100, H100/H200

@@ -4,7 +4,7 @@ tests/endor_decode_emulate.cu includes cuda/endor_decode.cu and runs its per-thr
 every thread of every block in the kernel's phase order; the harness allocates every buffer the
 kernel touches on its own, with guard pages and canaries, and the same inputs also run under
 valgrind; it is built with the undefined-behaviour sanitizer (UBSAN below). Descriptors are built
-by endor_gds.kernels.pack_descriptors, as on a GPU. Raw values (format v1) and the expdict codec
+by endor_gds.decode.gpu.pack_descriptors, as on a GPU. Raw values (format v1) and the expdict codec
 (format v2) are covered, alone and mixed in one launch.
 """
 
@@ -28,9 +28,9 @@ from decode_cases import (
 )
 from nvcc_tools import REPO, STRICT, require_nvcc, run_nvcc
 
-from endor_gds import kernels
+from endor_gds.decode import gpu as kernels
+from endor_gds.codec.bitmap import TILE_ELEMS
 from endor_gds.errors import DecodeError
-from endor_gds.format import TILE_ELEMS
 
 NO_ERROR = kernels.NO_ERROR
 # The undefined-behaviour sanitizer, fatal on the first report. What x86 forgives and a GPU does
@@ -115,7 +115,7 @@ def test_descriptor_layout_matches_kernels_py(harness):
     assert int(got["stage_bytes_2"]) == kernels.stage_bytes(2)
     assert int(got["stage_bytes_4"]) == kernels.stage_bytes(4)
     assert int(got["threads"]) == kernels.THREADS
-    from endor_gds.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
+    from endor_gds.codec.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
 
     for eb in (2, 4):  # raw
         item = kernels.GpuItem(16, 16, 0, 16, 16, 1, 0, eb)
@@ -341,9 +341,9 @@ def test_cuda_backend_items_of_a_packed_file(harness, packed, tmp_path):
     in emulation exactly as the reference reads the file."""
     import torch  # noqa: PLC0415
 
-    from endor_gds.backends import _gpu_item  # noqa: PLC0415
-    from endor_gds.layout import EndorFile  # noqa: PLC0415
-    from endor_gds.pipeline import plan_layer  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
+    from endor_gds.stream.backends import _gpu_item  # noqa: PLC0415
+    from endor_gds.stream.plan import plan_layer  # noqa: PLC0415
 
     path = packed("llama", torch.bfloat16, prune="magnitude", codec="auto")
     base, out = 1 << 40, 1 << 41  # fake device addresses: only differences are used

@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 import endor_gds
-from endor_gds import e2e
-from endor_gds.layout import EndorFile
+from endor_gds.benchmarks import e2e
+from endor_gds.container import EndorFile
 
 BENCH = Path(__file__).resolve().parent.parent / "bench" / "bench_e2e.py"
 

@@ -13,8 +13,15 @@ from decode_cases import encode_expdict, expdict_bits
 from models import build_model
 
 import endor_gds
-from endor_gds.errors import DecodeError, FormatError
-from endor_gds.expdict import (
+from endor_gds.codec.bitmap import (
+    DTYPES,
+    TILE_ELEMS,
+    decode_bitmap_reference,
+    encode_bitmap,
+    pad_to_page,
+    stored_nbytes,
+)
+from endor_gds.codec.expdict import (
     LAYOUTS,
     ExpDict,
     _dictionary,
@@ -24,15 +31,8 @@ from endor_gds.expdict import (
     encode_values,
     exponent_histogram,
 )
-from endor_gds.format import (
-    DTYPES,
-    TILE_ELEMS,
-    choose_storage,
-    decode_bitmap_reference,
-    encode_bitmap,
-    pad_to_page,
-    stored_nbytes,
-)
+from endor_gds.errors import DecodeError, FormatError
+from endor_gds.packing.policy import choose_storage
 
 DTYPE_NAMES = tuple(LAYOUTS)  # BF16, F16, F32
 
@@ -199,7 +199,7 @@ def test_pack_versions_and_codecs(bf16_model, tmp_path):
 
 
 def test_inspect_shows_codec_and_bits(bf16_model, tmp_path, capsys):
-    from endor_gds.cli import main  # noqa: PLC0415
+    from endor_gds.cli.main import main  # noqa: PLC0415
 
     dst = tmp_path / "m.endor"
     assert main(["pack", str(bf16_model), str(dst), "--prune", "magnitude", "--codec", "expdict",

@@ -3,8 +3,7 @@ import pytest
 import torch
 from bitgen import SIZES, SPECIALS, random_bits
 
-from endor_gds.errors import DecodeError
-from endor_gds.format import (
+from endor_gds.codec.bitmap import (
     DTYPES,
     PAGE,
     TILE_ELEMS,
@@ -17,6 +16,7 @@ from endor_gds.format import (
     num_tiles,
     stored_nbytes,
 )
+from endor_gds.errors import DecodeError
 
 
 @pytest.mark.parametrize("itemsize", [2, 4])

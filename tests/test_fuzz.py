@@ -10,8 +10,8 @@ they should, and the C decoder also gets raw garbage that never went through the
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import subprocess
 import sys
 import time
@@ -25,9 +25,9 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from models import build_model
 
-from endor_gds.cpu_decode import CpuDecoder
+from endor_gds.container import EndorFile
+from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.errors import ChecksumError, FormatError
-from endor_gds.layout import EndorFile
 
 REPO = Path(__file__).resolve().parent.parent
 EXAMPLES = int(os.environ.get("ENDOR_FUZZ_EXAMPLES", "200"))
@@ -125,8 +125,8 @@ def test_c_decoder_on_raw_garbage(decoder, n, itemsize, data):
     input, both produce the same bits."""
     from fence import fenced_copy, fenced_empty  # noqa: PLC0415
 
+    from endor_gds.codec.bitmap import decode_bitmap_reference, num_tiles  # noqa: PLC0415
     from endor_gds.errors import DecodeError  # noqa: PLC0415
-    from endor_gds.format import decode_bitmap_reference, num_tiles  # noqa: PLC0415
 
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
     words = -(-n // 32)

@@ -109,7 +109,7 @@ def test_oracle_flags_a_tensor_other_than_safetensors_reads(bases, tmp_path, mon
 def test_oracle_flags_a_pack_that_does_not_load(bases, tmp_path, monkeypatch):
     """The packer's check against the config switched off: a config that disagrees with its
     tensors then packs, and the load (which checks the same) is what fails."""
-    from endor_gds import packer  # noqa: PLC0415
+    from endor_gds.packing import packer  # noqa: PLC0415
 
     monkeypatch.setattr(packer, "_check_against_config", lambda *a: None)
     folder = tmp_path / "case"

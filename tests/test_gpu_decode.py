@@ -15,9 +15,9 @@ import torch
 from bitgen import SIZES
 from decode_cases import corrupt_cases, expdict_corrupt_cases, make_expdict_tensor, make_tensor
 
-from endor_gds.cpu_decode import CpuDecoder
+from endor_gds.codec.bitmap import TILE_ELEMS, encode_bitmap
+from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.errors import DecodeError
-from endor_gds.format import TILE_ELEMS, encode_bitmap
 
 pytestmark = pytest.mark.gpu
 
@@ -31,7 +31,7 @@ def cp():
 
 @pytest.fixture(scope="module")
 def decoder(cp):
-    from endor_gds.kernels import GpuDecoder  # noqa: PLC0415
+    from endor_gds.decode.gpu import GpuDecoder  # noqa: PLC0415
 
     return GpuDecoder(0)
 
@@ -55,7 +55,7 @@ class Dev:
                             (t.escape_offsets, t.escape_positions, t.escape_values)]
 
     def item(self):
-        from endor_gds.kernels import GpuExpDict, GpuItem  # noqa: PLC0415
+        from endor_gds.decode.gpu import GpuExpDict, GpuItem  # noqa: PLC0415
 
         expdict = None
         if self.t.expdict is not None:
@@ -130,7 +130,7 @@ def test_llama_shapes_match_the_cpu_decoder(cp, decoder, rng, shape):
     cpu_out = np.empty(n, np.uint16)
     with CpuDecoder() as cpu:
         cpu.decode([(enc.bitmap, enc.values, enc.tile_offsets, cpu_out)])
-    from endor_gds.kernels import GpuItem  # noqa: PLC0415
+    from endor_gds.decode.gpu import GpuItem  # noqa: PLC0415
 
     b, v, o = cp.asarray(enc.bitmap), cp.asarray(enc.values), cp.asarray(enc.tile_offsets)
     out = cp.full(n, 0xA5A5, dtype=cp.uint16)
@@ -142,7 +142,7 @@ def test_llama_shapes_match_the_cpu_decoder(cp, decoder, rng, shape):
 def test_torch_outputs_consumed_on_torch_streams(cp, decoder, rng, dtype):
     """Outputs are torch tensors; launching on torch's current stream orders the decode before
     torch's own work with no synchronisation; a side stream works with wait_stream."""
-    from endor_gds.kernels import GpuItem  # noqa: PLC0415
+    from endor_gds.decode.gpu import GpuItem  # noqa: PLC0415
 
     eb = torch.empty(0, dtype=dtype).element_size()
     t = make_tensor(rng, 3 * TILE_ELEMS + 77, eb, 0.5, "exact")
@@ -188,7 +188,7 @@ def test_cupy_stream_and_no_allocation_per_launch(cp, decoder, rng):
 
 @pytest.mark.parametrize("eb", [2, 4])
 def test_corrupt_tables_raise_decode_error_naming_tensor_and_tile(cp, decoder, rng, eb):
-    from endor_gds.kernels import decode_error_key  # noqa: PLC0415
+    from endor_gds.decode.gpu import decode_error_key  # noqa: PLC0415
 
     for name, (bad, want) in corrupt_cases(rng, eb).items():
         bad.label = f"layers.0.{name}"
@@ -233,7 +233,7 @@ def test_check_before_launch_is_an_error(cp, decoder, rng):
 
 
 def test_from_arrays_checks_sizes(cp, rng):
-    from endor_gds.kernels import GpuItem  # noqa: PLC0415
+    from endor_gds.decode.gpu import GpuItem  # noqa: PLC0415
 
     enc = encode_bitmap(rng.integers(0, 3, 1000, dtype=np.uint16))
     b, v, o = cp.asarray(enc.bitmap), cp.asarray(enc.values), cp.asarray(enc.tile_offsets)
@@ -278,7 +278,7 @@ def test_expdict_and_raw_in_one_launch(cp, decoder, rng):
 
 @pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
 def test_expdict_corrupt_tables_raise_decode_error(cp, decoder, rng, dtype):
-    from endor_gds.kernels import decode_error_key  # noqa: PLC0415
+    from endor_gds.decode.gpu import decode_error_key  # noqa: PLC0415
 
     for name, (bad, want) in expdict_corrupt_cases(rng, dtype).items():
         bad.label = f"layers.0.{name}"
@@ -297,8 +297,9 @@ def test_expdict_corrupt_tables_raise_decode_error(cp, decoder, rng, dtype):
 def test_v1_and_v2_files_stream_on_cuda(packed, codec):
     """The CUDA runtime path (backends.CudaBackend, kernel descriptors of both codecs) streams a
     file bit-identically to the same model decoded by the reference and held on the GPU."""
-    import endor_gds  # noqa: PLC0415
     from test_runtime import PROMPT, reference_model  # noqa: PLC0415
+
+    import endor_gds  # noqa: PLC0415
 
     path = packed("llama", torch.bfloat16, prune="magnitude", codec=codec)
     ref = reference_model(path).to("cuda")

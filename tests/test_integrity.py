@@ -14,8 +14,8 @@ import torch
 
 import endor_gds
 from endor_gds import defaults
+from endor_gds.container import EndorFile
 from endor_gds.errors import ChecksumError, DecodeError
-from endor_gds.layout import EndorFile
 
 REPO = Path(__file__).resolve().parent.parent
 

@@ -21,10 +21,10 @@ import torch
 from bitgen import random_file
 
 from endor_gds import defaults
-from endor_gds import io as eio
+from endor_gds.read import buffers, pagecache, readers
 from endor_gds.errors import MissingDependencyError, ReadError
 
-A = eio.ALIGN
+A = buffers.ALIGN
 FILE_BYTES = 4 * 1024 * 1024 + 3 * A  # not a power of two; every size rule gets exercised
 _real_preadv = os.preadv
 _real_open = os.open
@@ -43,7 +43,7 @@ def mode(request):
 def _open(path, mode, **kw):
     kw.setdefault("threads", 4)
     kw.setdefault("chunk_bytes", 64 * 1024)
-    return eio.open_reader(path, mode=mode, **kw)
+    return readers.open_reader(path, mode=mode, **kw)
 
 
 def _is_direct(fd) -> bool:
@@ -68,7 +68,7 @@ def test_aligned_extents_exact(data_file, mode, pages):
     path, data = data_file
     length = pages * A
     offset = (FILE_BYTES - length) // A * A  # the last whole page of the file included
-    buf = eio.aligned_empty(length)
+    buf = buffers.aligned_empty(length)
     with _open(path, mode, chunk_bytes=3 * A) as r:  # chunk that splits every extent oddly
         assert r.read((offset, length), buf) == length
     assert np.array_equal(buf, data[offset:offset + length])
@@ -80,7 +80,7 @@ def test_random_extents_exact(data_file, mode, rng):
         for _ in range(40):
             pages = int(rng.integers(1, FILE_BYTES // A))
             offset = int(rng.integers(0, FILE_BYTES // A - pages + 1)) * A
-            buf = eio.aligned_empty(pages * A)
+            buf = buffers.aligned_empty(pages * A)
             r.read((offset, pages * A), buf)
             assert np.array_equal(buf, data[offset:offset + pages * A]), (offset, pages)
 
@@ -98,7 +98,7 @@ def test_buffered_odd_sizes_exact(data_file, offset, length):
 def test_extent_object_and_zero_length(data_file, mode):
     path, data = data_file
     extent = types.SimpleNamespace(offset=2 * A, length=5 * A)
-    buf = eio.aligned_empty(8 * A)  # larger than the request: only the first bytes are written
+    buf = buffers.aligned_empty(8 * A)  # larger than the request: only the first bytes are written
     buf[:] = 0xEE
     with _open(path, mode) as r:
         fut = r.pread(extent, buf)
@@ -120,7 +120,7 @@ def test_many_concurrent_reads_exact(data_file, mode):
             for _ in range(25):
                 pages = int(g.integers(1, 64))
                 offset = int(g.integers(0, FILE_BYTES // A - pages + 1)) * A
-                buf = eio.aligned_empty(pages * A)
+                buf = buffers.aligned_empty(pages * A)
                 r.read((offset, pages * A), buf)
                 if not np.array_equal(buf, data[offset:offset + pages * A]):
                     errors.append((seed, offset, pages))
@@ -138,7 +138,7 @@ def test_many_concurrent_reads_exact(data_file, mode):
 
 def test_many_futures_in_flight_exact(data_file, mode):
     path, data = data_file
-    bufs = [eio.aligned_empty(16 * A) for _ in range(32)]
+    bufs = [buffers.aligned_empty(16 * A) for _ in range(32)]
     with _open(path, mode, threads=2, chunk_bytes=A) as r:
         futs = [r.pread((i * 16 * A, 16 * A), b) for i, b in enumerate(bufs)]
         assert sum(f.get() for f in futs) == 32 * 16 * A
@@ -150,7 +150,7 @@ def test_torch_cpu_destination(data_file, mode):
     path, data = data_file
     t = torch.empty(8 * A // 2, dtype=torch.bfloat16)
     if mode == "posix-direct" and t.data_ptr() % A:
-        t = torch.from_numpy(eio.aligned_empty(8 * A)).view(torch.bfloat16)
+        t = torch.from_numpy(buffers.aligned_empty(8 * A)).view(torch.bfloat16)
     with _open(path, mode) as r:
         r.read((A, 8 * A), t)
     assert np.array_equal(t.view(torch.uint8).numpy(), data[A:9 * A])
@@ -206,7 +206,7 @@ def test_short_reads_are_continued(data_file, mode, monkeypatch):
             return got
 
         calls = _faulty(monkeypatch, short)
-        buf = eio.aligned_empty(64 * A)
+        buf = buffers.aligned_empty(64 * A)
         r.read((4 * A, 64 * A), buf)
     assert np.array_equal(buf, data[4 * A:68 * A])
     # direct: each call advances exactly one page; buffered: 1000 bytes. Unbroken reads: 8 calls.
@@ -222,7 +222,7 @@ def test_eintr_is_retried(data_file, mode, monkeypatch):
             return _real_preadv(fd, bufs, offset)
 
         calls = _faulty(monkeypatch, eintr)
-        buf = eio.aligned_empty(32 * A)
+        buf = buffers.aligned_empty(32 * A)
         r.read((0, 32 * A), buf)
     assert np.array_equal(buf, data[:32 * A])
     assert calls["n"] >= 2 * (32 * A // r.chunk_bytes)
@@ -240,7 +240,7 @@ def test_eio_retry_budget(data_file, mode, monkeypatch, failures, retries, ok):
             return _real_preadv(fd, bufs, offset)
 
         _faulty(monkeypatch, eio_then_ok)
-        buf = eio.aligned_empty(16 * A)
+        buf = buffers.aligned_empty(16 * A)
         if ok:
             r.read((16 * A, 16 * A), buf)
             assert np.array_equal(buf, data[16 * A:32 * A])
@@ -259,7 +259,7 @@ def test_eio_forever_names_file_offset_length(data_file, mode, monkeypatch):
 
         _faulty(monkeypatch, always)
         with pytest.raises(ReadError, match=r"reading .*data\.bin failed .*length=") as info:
-            r.read((8 * A, 12 * A), eio.aligned_empty(12 * A))
+            r.read((8 * A, 12 * A), buffers.aligned_empty(12 * A))
     err = info.value
     assert err.path == str(path) and err.errno == errno.EIO
     assert err.offset in (8 * A, 12 * A, 16 * A) and err.length == 4 * A  # the failing chunk
@@ -281,7 +281,7 @@ def test_unexpected_eof_is_an_error(data_file, mode, monkeypatch):
         _faulty(monkeypatch, lambda *a: 0)
         with pytest.raises(ReadError, match=r"ends before offset 0: request offset=0, length=4096 "
                                             r"\(file truncated\?\)"):
-            r.read((0, A), eio.aligned_empty(A))
+            r.read((0, A), buffers.aligned_empty(A))
 
 
 def test_direct_read_without_progress_gives_up(data_file, monkeypatch):
@@ -289,7 +289,7 @@ def test_direct_read_without_progress_gives_up(data_file, monkeypatch):
     with _open(path, "posix-direct", retries=3) as r:
         calls = _faulty(monkeypatch, lambda *a: 100)  # never a whole page
         with pytest.raises(ReadError, match="less than one page, repeatedly"):
-            r.read((0, 2 * A), eio.aligned_empty(2 * A))
+            r.read((0, 2 * A), buffers.aligned_empty(2 * A))
     assert calls["n"] == 4  # the first try and 3 retries
 
 
@@ -326,17 +326,17 @@ def test_truncated_file_detected_at_open(data_file, mode):
     path, _ = data_file
     with pytest.raises(ReadError, match=rf"data\.bin is {FILE_BYTES} bytes but its header says "
                                         rf"{FILE_BYTES + A} \(truncated\? 4096 bytes missing\)"):
-        eio.open_reader(path, mode=mode, expected_size=FILE_BYTES + A)
-    eio.open_reader(path, mode=mode, expected_size=FILE_BYTES).close()
+        readers.open_reader(path, mode=mode, expected_size=FILE_BYTES + A)
+    readers.open_reader(path, mode=mode, expected_size=FILE_BYTES).close()
 
 
 def test_read_past_end_is_an_error(data_file, mode):
     path, _ = data_file
     with _open(path, mode) as r:
         with pytest.raises(ReadError, match=rf"runs past the end of .*\({FILE_BYTES} bytes\)"):
-            r.read((FILE_BYTES - A, 2 * A), eio.aligned_empty(2 * A))
+            r.read((FILE_BYTES - A, 2 * A), buffers.aligned_empty(2 * A))
         with pytest.raises(ValueError, match="negative read request"):
-            r.read((-A, A), eio.aligned_empty(A))
+            r.read((-A, A), buffers.aligned_empty(A))
 
 
 @pytest.mark.parametrize("offset,length,shift,bad", [
@@ -344,7 +344,7 @@ def test_read_past_end_is_an_error(data_file, mode):
 ])
 def test_unaligned_direct_request_says_why(data_file, offset, length, shift, bad):
     path, _ = data_file
-    buf = eio.aligned_empty(3 * A)[shift:]
+    buf = buffers.aligned_empty(3 * A)[shift:]
     with _open(path, "posix-direct") as r:
         with pytest.raises(ValueError, match=rf"posix-direct reads need offset, length and buffer "
                                              rf"address aligned to 4096 bytes \(O_DIRECT\); got {bad}"):
@@ -357,23 +357,23 @@ def test_destination_checks(data_file, mode):
     path, _ = data_file
     with _open(path, mode) as r:
         with pytest.raises(ValueError, match="destination holds 4096 bytes, request is 8192"):
-            r.read((0, 2 * A), eio.aligned_empty(A))
+            r.read((0, 2 * A), buffers.aligned_empty(A))
         with pytest.raises(ValueError, match="read-only"):
             r.read((0, A), bytes(A))
         with pytest.raises(ValueError, match="C-contiguous"):
             r.read((0, A), np.zeros((4, 2 * A), np.uint8)[:, ::2])
     with pytest.raises(ValueError, match="is closed"):
-        r.read((0, A), eio.aligned_empty(A))
+        r.read((0, A), buffers.aligned_empty(A))
 
 
 def test_bad_reader_settings(data_file):
     path, _ = data_file
     with pytest.raises(ValueError, match="chunk_bytes=1000 must be a positive multiple of 4096"):
-        eio.open_reader(path, mode="posix-direct", chunk_bytes=1000)
+        readers.open_reader(path, mode="posix-direct", chunk_bytes=1000)
     with pytest.raises(ValueError, match="at least 1 thread"):
-        eio.open_reader(path, mode="posix-direct", threads=0)
+        readers.open_reader(path, mode="posix-direct", threads=0)
     with pytest.raises(ValueError, match="unknown reader mode 'nvme'; choose one of auto, kvikio"):
-        eio.open_reader(path, mode="nvme")
+        readers.open_reader(path, mode="nvme")
 
 
 def test_o_direct_refused_at_open_falls_back_with_warning(data_file, monkeypatch):
@@ -387,11 +387,11 @@ def test_o_direct_refused_at_open_falls_back_with_warning(data_file, monkeypatch
     monkeypatch.setattr(os, "open", no_direct)
     with pytest.warns(RuntimeWarning, match=r"refuses O_DIRECT \(open: Invalid argument\); reading "
                                             r"through the page cache \(mode posix-buffered\)"):
-        r = eio.open_reader(path, mode="posix-direct")
+        r = readers.open_reader(path, mode="posix-direct")
     with r:
         assert r.mode == "posix-buffered" and not r.direct
         assert "O_DIRECT refused" in r.mode_reason
-        buf = eio.aligned_empty(4 * A)
+        buf = buffers.aligned_empty(4 * A)
         r.read((A, 4 * A), buf)
     assert np.array_equal(buf, data[A:5 * A])
 
@@ -407,31 +407,31 @@ def test_o_direct_refused_at_first_read_falls_back(data_file, monkeypatch):
 
     monkeypatch.setattr(os, "preadv", refuse_direct)
     with pytest.warns(RuntimeWarning, match=r"first read: Invalid argument"):
-        with eio.open_reader(path, mode="posix-direct") as r:
+        with readers.open_reader(path, mode="posix-direct") as r:
             assert r.mode == "posix-buffered"
 
 
 def test_mode_from_defaults_and_argument(data_file):
     path, _ = data_file
     with defaults.set(io="posix-buffered"):
-        with eio.open_reader(path) as r:
+        with readers.open_reader(path) as r:
             assert r.mode == "posix-buffered"
-        with eio.open_reader(path, mode="posix-direct") as r:  # the argument wins
+        with readers.open_reader(path, mode="posix-direct") as r:  # the argument wins
             assert r.mode == "posix-direct"
-    with eio.open_reader(path) as r:  # auto on a CPU destination
+    with readers.open_reader(path) as r:  # auto on a CPU destination
         assert r.mode == "posix-direct"
 
 
 def test_tunables_from_defaults(data_file):
     path, _ = data_file
     with defaults.set(io_threads=3, chunk_bytes="12KiB", io_retries=7):
-        with eio.open_reader(path, mode="posix-buffered") as r:
+        with readers.open_reader(path, mode="posix-buffered") as r:
             assert (r.threads, r.chunk_bytes, r.retries) == (3, 12 * 1024, 7)
 
 
 def test_mode_from_environment(data_file):
     path, _ = data_file
-    code = ("import endor_gds.io as io; r = io.open_reader(__import__('sys').argv[1]); "
+    code = ("import endor_gds.read.readers as io; r = io.open_reader(__import__('sys').argv[1]); "
             "print(r.mode, r.threads); r.close()")
     env = dict(os.environ, ENDOR_IO="posix-buffered", ENDOR_IO_THREADS="5")
     out = subprocess.run([sys.executable, "-c", code, str(path)], env=env, capture_output=True,
@@ -443,8 +443,8 @@ def test_kvikio_missing_is_a_clear_error(data_file, monkeypatch):
     path, _ = data_file
     monkeypatch.setitem(sys.modules, "kvikio", None)  # import kvikio -> ImportError
     with pytest.raises(MissingDependencyError, match=r"pip install 'endor_gds\[gpu\]' \(kvikio-cu13\)"):
-        eio.open_reader(path, mode="kvikio")
-    with eio.open_reader(path, mode="auto", device="cuda") as r:  # auto: POSIX, and says why
+        readers.open_reader(path, mode="kvikio")
+    with readers.open_reader(path, mode="auto", device="cuda") as r:  # auto: POSIX, and says why
         assert r.mode == "posix-direct"
         assert r.mode_reason.startswith("auto: kvikio unavailable")
 
@@ -514,10 +514,10 @@ def test_auto_on_a_gpu_takes_kvikio_only_for_gds(data_file, monkeypatch, cufile_
                                                  expect):
     path, data = data_file
     fake = _FakeKvikio(cufile_loads=cufile_loads, nvidia_fs=nvidia_fs)
-    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
-    with eio.open_reader(path, mode="auto", device="cuda") as r:
+    monkeypatch.setattr(readers, "import_kvikio", lambda: fake)
+    with readers.open_reader(path, mode="auto", device="cuda") as r:
         assert r.mode == expect[0] and expect[1] in r.mode_reason, (r.mode, r.mode_reason)
-        buf = eio.aligned_empty(2 * A)
+        buf = buffers.aligned_empty(2 * A)
         assert r.read((A, 2 * A), buf) == 2 * A
     assert np.array_equal(buf, data[A:3 * A])
 
@@ -534,7 +534,7 @@ def test_kvikio_mode_decision(data_file, monkeypatch, cufile_loads, nvidia_fs, c
                               expect):
     path, data = data_file
     fake = _FakeKvikio(cufile_loads=cufile_loads, nvidia_fs=nvidia_fs)
-    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
+    monkeypatch.setattr(readers, "import_kvikio", lambda: fake)
     if not o_direct:
         def no_direct(p, flags, *a, **kw):
             if flags & os.O_DIRECT:
@@ -542,13 +542,13 @@ def test_kvikio_mode_decision(data_file, monkeypatch, cufile_loads, nvidia_fs, c
             return _real_open(p, flags, *a, **kw)
 
         monkeypatch.setattr(os, "open", no_direct)
-    with eio.open_reader(path, mode="kvikio", compat_mode=compat, threads=6, chunk_bytes=2 * A) as r:
+    with readers.open_reader(path, mode="kvikio", compat_mode=compat, threads=6, chunk_bytes=2 * A) as r:
         assert r.mode == expect[0] and expect[1] in r.mode_reason, (r.mode, r.mode_reason)
-        buf = eio.aligned_empty(4 * A)
+        buf = buffers.aligned_empty(4 * A)
         fut = r.pread((A, 4 * A), buf)
         assert fut.done() and fut.get() == 4 * A
         with pytest.raises(ValueError, match="destination holds 4096 bytes, request is 8192"):
-            r.pread((0, 2 * A), eio.aligned_empty(A))
+            r.pread((0, 2 * A), buffers.aligned_empty(A))
     assert np.array_equal(buf, data[A:5 * A])
     assert fake.opened == [compat.upper()]          # the file was opened under the asked mode
     assert fake.state["compat_mode"] == "AUTO"      # and KvikIO's global setting was restored
@@ -558,10 +558,10 @@ def test_kvikio_mode_decision(data_file, monkeypatch, cufile_loads, nvidia_fs, c
 def test_kvikio_mode_names_map_to_compat_setting(data_file, monkeypatch):
     path, _ = data_file
     fake = _FakeKvikio(cufile_loads=True, nvidia_fs=True)
-    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
-    with eio.open_reader(path, mode="kvikio-compat") as r:
+    monkeypatch.setattr(readers, "import_kvikio", lambda: fake)
+    with readers.open_reader(path, mode="kvikio-compat") as r:
         assert r.mode == "kvikio-compat"
-    with eio.open_reader(path, mode="gds") as r:
+    with readers.open_reader(path, mode="gds") as r:
         assert r.mode == "gds"
     assert fake.opened == ["ON", "OFF"]
 
@@ -570,8 +570,8 @@ def test_kvikio_mode_names_map_to_compat_setting(data_file, monkeypatch):
 def test_kvikio_io_errors_are_retried_then_named(data_file, monkeypatch, failures, ok):
     path, data = data_file
     fake = _FakeKvikio(cufile_loads=True, nvidia_fs=True)
-    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
-    with eio.open_reader(path, mode="kvikio", retries=2) as r:
+    monkeypatch.setattr(readers, "import_kvikio", lambda: fake)
+    with readers.open_reader(path, mode="kvikio", retries=2) as r:
         real, calls = r._file.pread, []
 
         def flaky(buf, size, off, task):
@@ -582,7 +582,7 @@ def test_kvikio_io_errors_are_retried_then_named(data_file, monkeypatch, failure
             return real(buf, size, off, task)
 
         r._file.pread = flaky
-        buf = eio.aligned_empty(A)
+        buf = buffers.aligned_empty(A)
         if ok:
             assert r.read((3 * A, A), buf) == A
             assert np.array_equal(buf, data[3 * A:4 * A])
@@ -596,12 +596,12 @@ def test_kvikio_io_errors_are_retried_then_named(data_file, monkeypatch, failure
 def test_kvikio_short_read_is_an_error(data_file, monkeypatch):
     path, _ = data_file
     fake = _FakeKvikio(cufile_loads=True, nvidia_fs=True)
-    monkeypatch.setattr(eio, "_import_kvikio", lambda: fake)
-    with eio.open_reader(path, mode="kvikio") as r:
+    monkeypatch.setattr(readers, "import_kvikio", lambda: fake)
+    with readers.open_reader(path, mode="kvikio") as r:
         r._file.pread = lambda buf, size, off, task: types.SimpleNamespace(
             get=lambda: size - 1, done=lambda: True)
         with pytest.raises(ReadError, match=r"returned 4095 of 4096 bytes at offset 8192"):
-            r.read((2 * A, A), eio.aligned_empty(A))
+            r.read((2 * A, A), buffers.aligned_empty(A))
 
 
 # -- host memory and the page cache -----------------------------------------------------------
@@ -609,30 +609,30 @@ def test_kvikio_short_read_is_an_error(data_file, monkeypatch):
 
 @pytest.mark.parametrize("nbytes,align", [(0, A), (1, A), (A + 1, A), (5, 2 << 20), (100, 64)])
 def test_aligned_empty(nbytes, align):
-    buf = eio.aligned_empty(nbytes, align)
+    buf = buffers.aligned_empty(nbytes, align)
     assert buf.dtype == np.uint8 and buf.nbytes == nbytes and buf.flags.writeable
     if nbytes:
         assert buf.ctypes.data % align == 0
     with pytest.raises(ValueError, match="power-of-two align"):
-        eio.aligned_empty(10, 3000)
+        buffers.aligned_empty(10, 3000)
 
 
 def test_large_buffers_are_huge_page_aligned():
     """2 MiB alignment is what lets the kernel back a staging buffer with huge pages."""
     for nbytes in (2 << 20, 5 * (1 << 20) + 3):
-        assert eio.aligned_empty(nbytes).ctypes.data % (2 << 20) == 0
+        assert buffers.aligned_empty(nbytes).ctypes.data % (2 << 20) == 0
 
 
-@pytest.mark.skipif(eio.cuda_available(), reason="checks the behaviour without a GPU")
+@pytest.mark.skipif(buffers.cuda_available(), reason="checks the behaviour without a GPU")
 def test_host_buffer_without_gpu():
-    buf = eio.host_buffer(3 * A + 5)
+    buf = buffers.host_buffer(3 * A + 5)
     assert buf.ctypes.data % A == 0 and buf.nbytes == 3 * A + 5
     with pytest.raises(MissingDependencyError, match=r"pinned=True\) needs a CUDA GPU"):
-        eio.host_buffer(A, pinned=True)
+        buffers.host_buffer(A, pinned=True)
 
 
 def _fs_type(path: Path) -> str:
-    from endor_gds.profile_io import fs_info  # noqa: PLC0415
+    from endor_gds.benchmarks.profile_io import fs_info  # noqa: PLC0415
 
     return fs_info(path).get("fstype", "")
 
@@ -643,9 +643,9 @@ def test_evict_page_cache_really_evicts(tmp_path):
     if _fs_type(path) in ("tmpfs", "ramfs", "overlay", ""):
         pytest.skip(f"{_fs_type(path) or 'unknown'} file system: pages cannot be evicted")
     path.read_bytes()
-    before = eio.page_cache_fraction(path)
-    eio.evict_page_cache(path)
-    after = eio.page_cache_fraction(path)
+    before = pagecache.page_cache_fraction(path)
+    pagecache.evict_page_cache(path)
+    after = pagecache.page_cache_fraction(path)
     assert before is not None and after is not None
     assert before > 0.9 and after < 0.1, (before, after)
 
@@ -664,10 +664,10 @@ def test_evict_page_cache_pages_out_own_mappings(tmp_path):
         m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
     try:
         assert m[:] == data  # faults every page in through the mapping
-        eio.evict_page_cache(path)
-        assert eio.page_cache_fraction(path) > 0.9  # mapped pages survive DONTNEED
-        eio.evict_page_cache(path, mapped=True)
-        assert eio.page_cache_fraction(path) < 0.1
+        pagecache.evict_page_cache(path)
+        assert pagecache.page_cache_fraction(path) > 0.9  # mapped pages survive DONTNEED
+        pagecache.evict_page_cache(path, mapped=True)
+        assert pagecache.page_cache_fraction(path) < 0.1
         assert m[:] == data  # paged out, not lost
     finally:
         m.close()

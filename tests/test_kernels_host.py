@@ -1,4 +1,4 @@
-"""endor_gds.kernels on a machine without a GPU: import, dtype table, argument checks, errors.
+"""endor_gds.decode.gpu on a machine without a GPU: import, dtype table, argument checks, errors.
 
 Everything here runs without CuPy; the kernel itself is tested by test_cuda_emulated.py (CPU) and
 test_gpu_decode.py (GPU).
@@ -12,13 +12,13 @@ import sys
 import pytest
 import torch
 
-from endor_gds import kernels
+from endor_gds.decode import gpu as kernels
+from endor_gds.decode.gpu import GpuItem, check_items, pack_descriptors
 from endor_gds.errors import MissingDependencyError
-from endor_gds.kernels import GpuItem, check_items, pack_descriptors
 
 
 def test_import_needs_no_cupy():
-    code = ("import sys, endor_gds, endor_gds.kernels as k; k.NVRTC_OPTIONS; "
+    code = ("import sys, endor_gds, endor_gds.decode.gpu as k; k.NVRTC_OPTIONS; "
             "assert 'cupy' not in sys.modules, 'cupy imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -76,7 +76,7 @@ def test_descriptors_pack_in_table_order_with_first_tiles():
 
 
 def _expdict_item(dtype="BF16", escapes=3, **kw) -> GpuItem:
-    from endor_gds.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
+    from endor_gds.codec.expdict import LAYOUTS, ExpDict  # noqa: PLC0415
 
     layout = LAYOUTS[dtype]
     exponents = (15, 14, 16, 13) if dtype == "F16" else (120, 121, 119, 122)

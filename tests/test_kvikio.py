@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 from bitgen import random_file
 
-from endor_gds import io as eio
+from endor_gds.read import buffers, readers
 from endor_gds.errors import ReadError
 
 pytestmark = pytest.mark.gpu
 
-A = eio.ALIGN
+A = buffers.ALIGN
 FILE_BYTES = 16 * 1024 * 1024 + 5 * A
 
 
@@ -38,7 +38,7 @@ def _device_buffer(kind: str, nbytes: int):
 @pytest.mark.parametrize("compat", ["auto", "on"])
 def test_kvikio_reads_into_device_memory_exact(data_file, kind, compat, rng):
     path, data = data_file
-    with eio.open_reader(path, mode="kvikio", compat_mode=compat, threads=4,
+    with readers.open_reader(path, mode="kvikio", compat_mode=compat, threads=4,
                          chunk_bytes=1 << 20) as r:
         assert r.mode in ("gds", "kvikio-compat") and r.mode_reason
         if compat == "on":
@@ -60,7 +60,7 @@ def test_kvikio_many_futures_in_flight(data_file):
     path, data = data_file
     n, size = 16, 256 * A
     bufs = [torch.empty(size, dtype=torch.uint8, device="cuda") for _ in range(n)]
-    with eio.open_reader(path, mode="kvikio") as r:
+    with readers.open_reader(path, mode="kvikio") as r:
         futs = [r.pread((i * size, size), b) for i, b in enumerate(bufs)]
         assert sum(f.get() for f in futs) == n * size
     for i, b in enumerate(bufs):
@@ -69,7 +69,7 @@ def test_kvikio_many_futures_in_flight(data_file):
 
 def test_auto_on_a_gpu_destination_takes_gds_or_posix_direct(data_file):
     path, _ = data_file
-    with eio.open_reader(path, device="cuda") as r:
+    with readers.open_reader(path, device="cuda") as r:
         assert r.mode == "gds" or (r.mode == "posix-direct" and "compat mode" in r.mode_reason), \
             (r.mode, r.mode_reason)
 
@@ -78,7 +78,7 @@ def test_kvikio_errors_name_the_request(data_file):
     import torch  # noqa: PLC0415
 
     path, _ = data_file
-    with eio.open_reader(path, mode="kvikio") as r:
+    with readers.open_reader(path, mode="kvikio") as r:
         with pytest.raises(ValueError, match="destination holds 4096 bytes, request is 8192"):
             r.pread((0, 2 * A), torch.empty(A, dtype=torch.uint8, device="cuda"))
         with pytest.raises(ReadError, match="runs past the end"):
@@ -90,11 +90,11 @@ def test_pinned_host_buffer_async_copy(data_file):
 
     path, data = data_file
     for pinned in (None, True):
-        buf = eio.host_buffer(64 * A + 7, pinned=pinned)
+        buf = buffers.host_buffer(64 * A + 7, pinned=pinned)
         assert buf.ctypes.data % A == 0 and buf.nbytes == 64 * A + 7
         assert torch.from_numpy(buf).is_pinned()
-    buf = eio.host_buffer(64 * A)
-    with eio.open_reader(path, mode="posix-direct") as r:
+    buf = buffers.host_buffer(64 * A)
+    with readers.open_reader(path, mode="posix-direct") as r:
         r.read((A, 64 * A), buf)
     dev = torch.empty(64 * A, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.Stream()

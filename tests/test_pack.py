@@ -1,16 +1,14 @@
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from models import FAMILIES, build_model, state_dict_of
 
 import endor_gds
-from endor_gds.cli import main as cli_main
+from endor_gds.cli.main import main as cli_main
 from endor_gds.errors import FormatError, PackError, UnsupportedModelError
 from endor_gds.recipes import recipe_for
 
@@ -133,7 +131,7 @@ def test_interrupted_pack_leaves_nothing(model_dir, tmp_path, monkeypatch):
     src = model_dir("llama", torch.float16)
     before = {p.name: p.stat().st_mtime_ns for p in src.iterdir()}
     dst = tmp_path / "out.endor"
-    import endor_gds.packer as pack_mod
+    import endor_gds.packing.packer as pack_mod
 
     calls = {"n": 0}
     real = pack_mod._write_tensor
@@ -159,7 +157,7 @@ def test_interrupted_pack_keeps_previous_destination(packed, model_dir, tmp_path
     dst = tmp_path / "keep.endor"
     dst.write_bytes(packed("llama", torch.float16).read_bytes())
     before = dst.read_bytes()
-    import endor_gds.packer as pack_mod
+    import endor_gds.packing.packer as pack_mod
 
     def enospc(*a, **k):
         raise OSError(28, "No space left on device")
@@ -372,7 +370,7 @@ def test_cli_pack_inspect_verify(model_dir, tmp_path, capsys):
     src = model_dir("llama", torch.float16)
     dst = tmp_path / "cli.endor"
     # the real entry point once, in a fresh interpreter
-    r = subprocess.run([sys.executable, "-m", "endor_gds.cli", "pack", str(src), str(dst),
+    r = subprocess.run([sys.executable, "-m", "endor_gds", "pack", str(src), str(dst),
                         "--prune", "magnitude", "--sparsity", "0.5", "-q"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout

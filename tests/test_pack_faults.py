@@ -258,7 +258,7 @@ def test_transient_source_read_errors_are_retried(src, tmp_path, monkeypatch, pa
 
 _CHILD = textwrap.dedent("""
     import os, resource, signal, sys, time
-    import endor_gds, endor_gds.layout as layout
+    import endor_gds, endor_gds.container as layout
     src, dst, mode, arg = sys.argv[1:5]
     if mode == "fsize":  # the kernel refuses writes past this size: EFBIG, a real write error
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)

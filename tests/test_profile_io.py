@@ -11,8 +11,9 @@ import types
 
 import pytest
 
-from endor_gds import cli, profile_io, telemetry
-from endor_gds import io as eio
+from endor_gds import cli
+from endor_gds.benchmarks import profile_io, telemetry
+from endor_gds.read import buffers
 
 KiB, MiB = 1 << 10, 1 << 20
 HAS_FIO = shutil.which("fio") is not None
@@ -154,7 +155,7 @@ def test_profile_io_argument_errors(tmp_path, capsys):
     assert "thread counts must be >= 1" in capsys.readouterr().err
     assert cli.main(["profile-io", str(tmp_path / "missing"), "--quiet"]) == 2
     assert "neither a folder" in capsys.readouterr().err
-    if not eio.cuda_available():
+    if not buffers.cuda_available():
         assert cli.main(_args(tmp_path, "--modes", "kvikio")) == 2
         assert "this machine has no CUDA GPU" in capsys.readouterr().err
 

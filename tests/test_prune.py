@@ -1,10 +1,10 @@
-"""endor_gds.prune: row blocks change nothing, inputs are never modified unless asked."""
+"""endor_gds.packing.prune: row blocks change nothing, inputs are never modified unless asked."""
 
 import pytest
 import torch
 
-import endor_gds.prune as prune
-from endor_gds.prune import kept_per_row, magnitude_prune, prune_rows, wanda_prune
+import endor_gds.packing.prune as prune
+from endor_gds.packing.prune import kept_per_row, magnitude_prune, prune_rows, wanda_prune
 
 
 def _check_valid(out, weight, score, sparsity):

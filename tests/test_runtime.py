@@ -2,7 +2,6 @@
 
 import errno
 import gc
-import inspect
 import threading
 import time
 
@@ -389,7 +388,7 @@ def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):
     model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=2)
     rt = model.endor
     try:
-        import endor_gds.io as io_mod
+        import endor_gds.read.readers as io_mod
 
         real = io_mod.os.preadv
         state = {"fail": True, "calls": 0}

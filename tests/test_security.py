@@ -6,8 +6,8 @@ from __future__ import annotations
 
 import ast
 import copy
-import re
 import os
+import re
 import tracemalloc
 from pathlib import Path
 
@@ -16,9 +16,9 @@ import pytest
 import torch
 
 import endor_gds
-from endor_gds import layout
+from endor_gds import container as layout
+from endor_gds.container import EndorFile
 from endor_gds.errors import ChecksumError, FormatError, UnsupportedModelError
-from endor_gds.layout import EndorFile
 
 PACKAGE = Path(endor_gds.__file__).resolve().parent
 
@@ -72,7 +72,7 @@ def test_the_scanner_catches_each_pattern():
 
 def test_no_pickle_or_eval_in_the_package():
     files = sorted(PACKAGE.rglob("*.py"))
-    assert {"layout.py", "format.py", "packer.py", "cpu_decode.py"} <= {f.name for f in files}
+    assert {"container.py", "bitmap.py", "packer.py", "cpu.py"} <= {f.name for f in files}
     found = [hit for f in files for hit in unsafe_uses(f.read_text(), str(f.relative_to(PACKAGE)))]
     assert found == []
 
@@ -250,7 +250,7 @@ def test_file_lacking_a_parameter_is_refused_before_any_read(base, tmp_path):
 
 def test_inspect_without_a_per_tensor_range(base, tmp_path, capsys):
     """An already-pruned checkpoint whose manifest has no per-tensor range still inspects."""
-    from endor_gds.cli import main  # noqa: PLC0415
+    from endor_gds.cli.main import main  # noqa: PLC0415
 
     def edit(m):
         m["prune"] = {"method": "none", "sparsity": None, "detected_sparsity": 0.5}

@@ -11,12 +11,12 @@ from models import FAMILIES, build_model, state_dict_of
 from safetensors.torch import load_file, save_file
 
 import endor_gds
-from endor_gds.checkpoint import Checkpoint
-from endor_gds.cli import main as cli_main
+from endor_gds.cli.main import main as cli_main
 from endor_gds.errors import EndorError, FormatError, UnsupportedModelError
-from endor_gds.prune import kept_per_row, magnitude_prune, wanda_prune
+from endor_gds.packing.checkpoint import Checkpoint
+from endor_gds.packing.prune import kept_per_row, magnitude_prune, wanda_prune
+from endor_gds.packing.wanda import CalibrationError, WandaPruner, load_calibration, make_pruner
 from endor_gds.recipes import recipe_for
-from endor_gds.wanda import CalibrationError, WandaPruner, load_calibration, make_pruner
 
 SAMPLES, SEQLEN, VOCAB = 8, 32, 512  # tests/models.py builds vocab_size=512, max positions 256
 
@@ -98,7 +98,7 @@ def _reference_wanda(src, ids: torch.Tensor, sparsity: float) -> dict[str, torch
     For layer i: hooks on layer i's linears, the *full* model run on every calibration sequence
     (so layer i sees what the already pruned layers 0..i-1 produce, through the model's own mask
     and position handling), then each weight pruned in place by a stable sort of |W| * ||X_j||.
-    Nothing here is shared with endor_gds.wanda.
+    Nothing here is shared with endor_gds.packing.wanda.
     """
     model = transformers.AutoModelForCausalLM.from_pretrained(src, dtype=torch.float16).eval()
     recipe = recipe_for(json.loads((src / "config.json").read_text()))
@@ -143,7 +143,7 @@ def test_matches_independent_in_memory_wanda(model_dir, wanda_packed, calib, fam
 def test_one_layer_in_memory_at_a_time(model_dir, calib, monkeypatch, tmp_path):
     """During capture only resident tensors used before layer 0 are real and no layer has been
     read yet; while layer i runs, only layer i's parameters are."""
-    import endor_gds.wanda as wanda_mod
+    import endor_gds.packing.wanda as wanda_mod
 
     real_run, real_record = wanda_mod.WandaPruner._run, wanda_mod.WandaPruner._record
     real_read = Checkpoint.read

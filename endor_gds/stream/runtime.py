@@ -22,17 +22,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import defaults
-from .backends import CpuBackend, CudaBackend, RamImage
-from .cpu_decode import CpuDecoder
-from .defaults import parse_bytes
-from .errors import BudgetError, FormatError, PlacementError, UnsupportedModelError
-from .io import open_reader
-from .layout import EndorFile
-from .modeling import (check_tensors, exception_line, get_submodule, model_dtype, model_for,
-                       set_tensor)
-from .pipeline import LayerPlan, LayerTimes, Pipeline, plan_layer
-from .recipes import Recipe, recipes
+from endor_gds import defaults
+from endor_gds.container import EndorFile
+from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.defaults import parse_bytes
+from endor_gds.errors import BudgetError, FormatError, PlacementError, UnsupportedModelError
+from endor_gds.modeling import (
+    check_tensors,
+    exception_line,
+    get_submodule,
+    model_dtype,
+    model_for,
+    set_tensor,
+)
+from endor_gds.read.readers import open_reader
+from endor_gds.recipes import Recipe, recipes
+from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
+from endor_gds.stream.pipeline import Pipeline
+from endor_gds.stream.plan import LayerPlan, LayerTimes, plan_layer
 
 __all__ = ["from_pretrained", "StreamingRuntime", "StepStats", "runtime_of"]
 
@@ -262,7 +269,7 @@ class StreamingRuntime:
 
     def _make_decoder(self):
         if self.device.type == "cuda":
-            from .kernels import GpuDecoder  # noqa: PLC0415 - needs cupy; loaded on GPU hosts only
+            from endor_gds.decode.gpu import GpuDecoder  # noqa: PLC0415 - needs cupy; loaded on GPU hosts only
 
             return GpuDecoder(self.device.index or 0)
         return CpuDecoder()
@@ -422,7 +429,7 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     ``tier``: ``"ssd"`` reads every streamed layer from the file each token; ``"ram"`` reads the
     compressed extents once into (pinned) host memory and streams from there.
     ``prefetch_depth``: buffer sets (2 = double buffering). ``io``: reader mode (see
-    :func:`endor_gds.io.open_reader`). ``verify_reads``: check segment CRCs on every read.
+    :func:`endor_gds.read.readers.open_reader`). ``verify_reads``: check segment CRCs on every read.
     """
     ef = EndorFile(path)
     try:

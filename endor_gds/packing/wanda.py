@@ -2,7 +2,7 @@
 
 Wanda scores every weight of a linear layer by ``|W_ij| * ||X_j||_2``, where ``||X_j||_2`` is the
 L2 norm of input channel ``j`` over all calibration tokens, and zeroes the lowest-scoring fraction
-of each output row (:func:`endor_gds.prune.wanda_prune`). The norms must come from the activations
+of each output row (:func:`endor_gds.packing.prune.wanda_prune`). The norms must come from the activations
 that really reach the layer, i.e. produced by the *already pruned* earlier layers.
 
 This module gets them without ever holding the model:
@@ -32,7 +32,7 @@ the intermediates are on the GPU instead, the layer as read stays on the host)::
     + one sequence's intermediates inside a layer (attention, MLP, a float64 block of <= 32 MB)
     + the packer's own per-tensor encode buffers
 
-The pruning scratch is bounded by :mod:`endor_gds.prune`'s row blocks (about 40 MB). With the
+The pruning scratch is bounded by :mod:`endor_gds.packing.prune`'s row blocks (about 40 MB). With the
 paper's 128 x 2048 tokens, a Llama-2-70B (hidden 8192, fp16) needs 4 GiB of activations and
 1.6 GiB per layer; the measured figures for a 1 GB model are in ``docs/performance.md``.
 """
@@ -50,11 +50,11 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import TOKENIZER_FILES
-from .errors import CalibrationError, UnsupportedModelError
-from .format import dtype_of
-from .modeling import empty_model, get_submodule, model_dtype, set_tensor
-from .prune import wanda_prune
+from endor_gds.codec.bitmap import dtype_of
+from endor_gds.errors import CalibrationError, UnsupportedModelError
+from endor_gds.modeling import empty_model, get_submodule, model_dtype, set_tensor
+from endor_gds.packing.checkpoint import TOKENIZER_FILES
+from endor_gds.packing.prune import wanda_prune
 
 __all__ = ["CalibrationError", "Calibration", "load_calibration", "WandaPruner"]
 

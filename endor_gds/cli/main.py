@@ -11,9 +11,11 @@ import argparse
 import json
 import sys
 
-from . import __version__, e2e, profile_io, runtime_cli
-from .errors import EndorError
-from .format import CODECS
+from endor_gds._version import __version__
+from endor_gds.benchmarks import e2e, profile_io
+from endor_gds.cli import run as runtime_cli
+from endor_gds.errors import EndorError
+from endor_gds.packing.policy import CODECS
 
 __all__ = ["main", "build_parser"]
 
@@ -30,7 +32,7 @@ def _human(n: float) -> str:
 
 
 def cmd_pack(args) -> int:
-    from .packer import pack  # noqa: PLC0415 - keep `endor-gds --help` fast
+    from endor_gds.packing.packer import pack  # noqa: PLC0415 - keep `endor-gds --help` fast
 
     # Wanda's arguments are passed only with --prune wanda; pack() rejects --calib without it.
     wanda = dict(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
@@ -44,7 +46,7 @@ def cmd_pack(args) -> int:
 
 
 def cmd_inspect(args) -> int:
-    from .layout import EndorFile  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
 
     with EndorFile(args.file) as f:
         s = f.summary()
@@ -89,7 +91,7 @@ def cmd_inspect(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .layout import EndorFile  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
 
     with EndorFile(args.file) as f:
         bad = list(f.verify())

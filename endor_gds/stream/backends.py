@@ -1,18 +1,9 @@
 """Where a streamed layer's bytes live and how they become dense weights: CPU and CUDA backends.
 
-Both implement the small interface :class:`~endor_gds.pipeline.Pipeline` calls from its threads:
-
-* ``read(plan, s)``        reader thread: fill set ``s``'s staging buffer with the layer's extent
-* ``decode(plan, s)``      decoder thread: rebuild the layer's bitmap tensors into set ``s``'s arena
-* ``wait_ready(plan, s)``  forward thread: make compute wait for the decode (a GPU event)
-* ``mark_free(plan, s)``   forward thread: the layer's forward is done with set ``s``
-* ``tensors(plan, s)``     the layer's tensors as torch views (built once per layer and set)
-* ``staging_view(plan, s)`` host bytes of the staged extent (verify_reads)
-* ``check_decodes()``      forward thread, end of a step: raise any decode error of that step
-
-and ``load(plan)``, which reads and decodes an extent once into buffers of its own, for resident
-tensors and resident layers. All buffers are allocated when the backend is built; nothing is
-allocated per token.
+Both implement :class:`Backend`, the contract :class:`~endor_gds.stream.pipeline.Pipeline` calls
+from its threads, and ``load(plan)``, which reads and decodes an extent once into buffers of its
+own, for resident tensors and resident layers. All buffers are allocated when the backend is
+built; nothing is allocated per token.
 
 ``tier="ram"``: the streamed extents are read once into one host buffer (pinned on a GPU host),
 and a layer's "read" is then a view of it (CPU) or a host-to-device copy of it (GPU).
@@ -21,17 +12,55 @@ and a layer's "read" is then a view of it (CPU) or a host-to-device copy of it (
 from __future__ import annotations
 
 import threading
+from abc import ABC, abstractmethod
 
 import numpy as np
 import torch
 
-from .cpu_decode import CpuDecoder
-from .errors import DecodeError
-from .expdict import Streams
-from .io import Reader, aligned_empty
-from .pipeline import LayerPlan, staging_views
+from endor_gds.codec.expdict import Streams
+from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.errors import DecodeError
+from endor_gds.read.buffers import aligned_empty, host_buffer
+from endor_gds.read.readers import Reader
+from endor_gds.stream.plan import LayerPlan, staging_views
 
-__all__ = ["CpuBackend", "CudaBackend", "RamImage"]
+__all__ = ["Backend", "CpuBackend", "CudaBackend", "RamImage"]
+
+
+class Backend(ABC):
+    """Where a streamed layer's bytes live: the calls the pipeline makes, and on which thread.
+
+    ``s`` is a buffer set (``0 <= s < depth``); a set belongs to one layer from its ``read`` to its
+    ``mark_free``.
+    """
+
+    @abstractmethod
+    def read(self, plan: LayerPlan, s: int) -> None:
+        """Reader thread: fill set ``s``'s staging buffer with the layer's extent."""
+
+    @abstractmethod
+    def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
+        """Reader thread: host bytes of the staged extent (for verify_reads)."""
+
+    @abstractmethod
+    def decode(self, plan: LayerPlan, s: int) -> None:
+        """Decoder thread: rebuild the layer's bitmap tensors into set ``s``'s arena."""
+
+    @abstractmethod
+    def wait_ready(self, plan: LayerPlan, s: int) -> None:
+        """Forward thread: make compute wait for the decode (a GPU event; nothing on the CPU)."""
+
+    @abstractmethod
+    def tensors(self, plan: LayerPlan, s: int) -> dict[str, torch.Tensor]:
+        """Forward thread: the layer's tensors as torch views (built once per layer and set)."""
+
+    @abstractmethod
+    def mark_free(self, plan: LayerPlan, s: int) -> None:
+        """Forward thread: the layer's forward is done with set ``s``."""
+
+    @abstractmethod
+    def check_decodes(self) -> None:
+        """Forward thread, end of a step: raise any decode error of that step."""
 
 
 class RamImage:
@@ -45,8 +74,6 @@ class RamImage:
             total += p.length
         self.nbytes = total
         if pinned:
-            from .io import host_buffer  # noqa: PLC0415
-
             self.buffer = host_buffer(total, pinned=True)
         else:
             self.buffer = aligned_empty(total)
@@ -65,7 +92,7 @@ def _segment_bytes(staging, slot) -> dict:
     return {k: staging[off:off + slot.entry.segments[k].nbytes] for k, off in slot.segments.items()}
 
 
-class CpuBackend:
+class CpuBackend(Backend):
     """Host memory: posix-direct reads into page-aligned staging, the C decoder into the arena."""
 
     device = torch.device("cpu")
@@ -148,7 +175,7 @@ def _gpu_item(slot, base: int, out: int, label: str):
     """The kernel's view of a bitmap slot whose extent is staged at device address ``base``:
     segment pointers and padded lengths (the readable capacity) and, for codec expdict, its
     streams and dictionary."""
-    from .kernels import GpuExpDict, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
+    from endor_gds.decode.gpu import GpuExpDict, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
 
     e = slot.entry
     ptr = {k: base + off for k, off in slot.segments.items()}
@@ -163,15 +190,13 @@ def _gpu_item(slot, base: int, out: int, label: str):
                    expdict=expdict)
 
 
-class CudaBackend:
+class CudaBackend(Backend):
     """GPU memory: KvikIO reads straight into device staging, or host reads + async copies; the
     decode kernel runs on its own stream and the compute stream waits on an event, never the host.
     """
 
     def __init__(self, plans: list[LayerPlan], depth: int, device: torch.device,
                  reader: Reader | None, decoder, ram: RamImage | None = None):
-        from .io import host_buffer  # noqa: PLC0415
-
         self.device, self.reader, self.decoder, self.ram = device, reader, decoder, ram
         self.direct_to_device = reader is not None and reader.mode in ("gds", "kvikio-compat") \
             and ram is None

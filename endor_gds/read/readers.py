@@ -19,26 +19,23 @@ Faults: a short read is continued, ``EINTR`` is retried, ``EIO`` is retried ``io
 and then raised as :class:`~endor_gds.errors.ReadError` naming file, offset and length; reading
 past the end of the file is a ``ReadError`` too, never a silent short buffer.
 
-Host buffers: :func:`aligned_empty` (page-aligned, any machine) and :func:`host_buffer`
-(page-locked when a CUDA GPU is present, so host-to-device copies from it are asynchronous).
+Host buffers to read into are in :mod:`endor_gds.read.buffers`.
 """
 
 from __future__ import annotations
 
-import ctypes
 import errno as _errno
-import mmap
 import os
 import threading
 import time
 import warnings
-import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from . import defaults
-from .errors import MissingDependencyError, ReadError
+from endor_gds import defaults
+from endor_gds.errors import MissingDependencyError, ReadError
+from endor_gds.read.buffers import ALIGN, aligned_empty
 
 __all__ = [
     "IOFuture",
@@ -46,216 +43,12 @@ __all__ = [
     "PosixReader",
     "KvikioReader",
     "open_reader",
-    "aligned_empty",
-    "host_buffer",
     "read_fully",
-    "evict_page_cache",
-    "page_cache_fraction",
-    "cuda_available",
-    "ALIGN",
     "MODES",
 ]
 
-ALIGN = 4096  # O_DIRECT / GDS alignment of file offsets, lengths and host buffer addresses
 MODES = ("gds", "kvikio-compat", "posix-direct", "posix-buffered")
 _RETRYABLE = {_errno.EIO, _errno.EAGAIN, _errno.EBUSY}
-
-
-# -- host memory ------------------------------------------------------------------------------
-
-
-_HUGE = 2 << 20  # x86-64 transparent huge page
-
-
-def _aligned_mmap(nbytes: int, align: int) -> tuple[mmap.mmap, np.ndarray]:
-    if nbytes < 0 or align < 1 or align & (align - 1):
-        raise ValueError(f"aligned_empty needs nbytes >= 0 and a power-of-two align, "
-                         f"got nbytes={nbytes}, align={align}")
-    # A device request carries at most max_segments physically contiguous pieces (254 on
-    # virtio-blk, 128-ish on NVMe): over scattered 4 KiB pages a 4 MiB O_DIRECT read becomes ~1 MiB
-    # requests. Huge pages make each chunk one request; on the dev VM that was 1.2 GB/s instead
-    # of 0.42 (docs/performance.md). Needs 2 MiB alignment; madvise because THP is often "madvise".
-    huge = nbytes >= _HUGE and hasattr(mmap, "MADV_HUGEPAGE")
-    if huge:
-        align = max(align, _HUGE)
-    extra = align if align > mmap.PAGESIZE else 0
-    capacity = max(mmap.PAGESIZE, -(-(nbytes + extra) // mmap.PAGESIZE) * mmap.PAGESIZE)
-    mm = mmap.mmap(-1, capacity)
-    if huge:
-        try:
-            mm.madvise(mmap.MADV_HUGEPAGE)
-        except OSError:  # kernel without THP: 4 KiB pages still work, only requests are smaller
-            pass
-    arr = np.frombuffer(mm, dtype=np.uint8, count=capacity)
-    start = (-arr.ctypes.data) % align
-    return mm, arr[start:start + nbytes]
-
-
-def aligned_empty(nbytes: int, align: int = ALIGN) -> np.ndarray:
-    """Uninitialised uint8 host array of ``nbytes`` whose address is a multiple of ``align``.
-
-    Anonymous ``mmap`` gives page-aligned memory that the kernel zero-fills lazily, so a large
-    staging buffer costs nothing until it is read into. An ``align`` above the page size (e.g.
-    2 MiB) is honoured by over-allocating and slicing. Buffers of 2 MiB or more are 2 MiB-aligned
-    and ask for transparent huge pages, so large reads reach the device as large requests.
-    """
-    return _aligned_mmap(nbytes, align)[1]
-
-
-_cuda_state: list[bool] = []
-
-
-def cuda_available() -> bool:
-    """True when torch sees a CUDA GPU. Cached; never raises on a machine without a driver."""
-    if not _cuda_state:
-        try:
-            import torch  # noqa: PLC0415 - heavy, and only needed here on first use
-
-            _cuda_state.append(bool(torch.cuda.is_available()))
-        except (ImportError, RuntimeError, OSError):  # no torch, or a broken driver install
-            _cuda_state.append(False)
-    return _cuda_state[0]
-
-
-class _PinnedRegion:
-    """Owns a mapping page-locked with ``cudaHostRegister``; numpy arrays view it through
-    ``__array_interface__``, so the last view's death runs the finalizer (unregister) before the
-    mapping itself is released (munmap); the other order would unmap locked pages."""
-
-    def __init__(self, mm: mmap.mmap, ptr: int, nbytes: int, unregister):
-        self._mm = mm
-        self.__array_interface__ = {"data": (ptr, False), "shape": (nbytes,), "typestr": "|u1",
-                                    "version": 3}
-        weakref.finalize(self, unregister, ptr)
-
-
-def _cuda_host_register(mm: mmap.mmap, arr: np.ndarray) -> np.ndarray | None:
-    """``arr`` (a view of ``mm``) page-locked with ``cudaHostRegister``, or None if that failed."""
-    import torch  # noqa: PLC0415
-
-    try:
-        cudart = torch.cuda.cudart()
-        ptr = arr.ctypes.data
-        if int(cudart.cudaHostRegister(ptr, arr.nbytes, 0)) != 0:  # 0 == cudaSuccess
-            return None
-    except (AttributeError, RuntimeError):  # a torch build without the cudart binding
-        return None
-    return np.asarray(_PinnedRegion(mm, ptr, arr.nbytes, cudart.cudaHostUnregister))
-
-
-def host_buffer(nbytes: int, pinned: bool | None = None, align: int = ALIGN) -> np.ndarray:
-    """Page-aligned uint8 host array for reads, page-locked ("pinned") when a GPU is present.
-
-    ``pinned=None`` pins when :func:`cuda_available`; ``pinned=False`` is :func:`aligned_empty`;
-    ``pinned=True`` without a GPU raises :class:`MissingDependencyError`. Pinned memory is what
-    makes ``gpu.copy_(torch.from_numpy(buf), non_blocking=True)`` a real asynchronous DMA.
-
-    Pinning registers exactly ``nbytes`` (rounded up to a page) with ``cudaHostRegister``; torch's
-    ``pin_memory`` allocator rounds every block up to a power of two, which would cost up to 2x
-    for a multi-GB RAM tier. It is the fallback when the cudart binding is missing.
-    """
-    if pinned is None:
-        pinned = cuda_available()
-    mm, arr = _aligned_mmap(nbytes, align)
-    if not pinned:
-        return arr
-    if not cuda_available():
-        raise MissingDependencyError(
-            "host_buffer(pinned=True) needs a CUDA GPU and driver (torch.cuda.is_available() is "
-            "False); use pinned=None to pin only when a GPU is present")
-    if nbytes == 0:
-        return arr
-    pinned_arr = _cuda_host_register(mm, arr)
-    if pinned_arr is not None:
-        return pinned_arr
-    import torch  # noqa: PLC0415
-
-    raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=True).numpy()  # base: tensor
-    start = (-raw.ctypes.data) % align
-    return raw[start:start + nbytes]
-
-
-# -- page cache -------------------------------------------------------------------------------
-
-
-MADV_PAGEOUT = 21  # Linux >= 5.4: reclaim these pages now (written back first where needed)
-
-
-def evict_page_cache(path, *, sync: bool = True, mapped: bool = False) -> None:
-    """Drop a file's pages from the page cache (cold-cache measurements).
-
-    ``POSIX_FADV_DONTNEED`` only drops clean pages, so dirty ones (a file just written) are
-    flushed first with ``fdatasync``. Needs no privileges and touches no other file, unlike
-    ``drop_caches``. :func:`page_cache_fraction` shows whether it worked.
-
-    Pages a process has mapped are not dropped either: ``mapped=True`` first pages out this
-    process's own mappings of the file (``MADV_PAGEOUT``; safetensors and Accelerate's disk
-    offload read weights through ``mmap``). Paging out loses nothing: a page touched again is
-    read back from the file, a dirty private page goes to swap.
-    """
-    if mapped:
-        _page_out_mappings(os.path.realpath(path))
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        if sync:
-            os.fdatasync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def _page_out_mappings(path: str) -> None:
-    try:
-        with open("/proc/self/maps") as f:
-            lines = [ln.split(None, 5) for ln in f]
-        libc = _libc()
-    except OSError:
-        return  # not Linux: nothing to page out this way
-    for fields in lines:
-        if len(fields) == 6 and fields[5].rstrip("\n") == path:
-            start, end = (int(x, 16) for x in fields[0].split("-"))
-            libc.madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), MADV_PAGEOUT)
-
-
-def _libc():
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_long)
-    libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
-    return libc
-
-
-def page_cache_fraction(path) -> float | None:
-    """Fraction of ``path``'s pages resident in the page cache (``mincore``, as ``fincore`` does).
-
-    Mapping the file and asking ``mincore`` reads nothing, so the probe cannot warm the cache it
-    measures. ``None`` where the platform does not offer it (or the file is empty).
-    """
-    size = os.stat(path).st_size
-    if size == 0:
-        return None
-    try:
-        libc = _libc()
-    except (OSError, AttributeError):
-        return None
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
-        if addr in (None, ctypes.c_void_p(-1).value):
-            return None
-        try:
-            pages = -(-size // mmap.PAGESIZE)
-            vec = (ctypes.c_ubyte * pages)()
-            if libc.mincore(addr, size, vec) != 0:
-                return None
-            return float(np.count_nonzero(np.frombuffer(vec, dtype=np.uint8) & 1)) / pages
-        finally:
-            libc.munmap(addr, size)
-    finally:
-        os.close(fd)
 
 
 # -- the read loop ----------------------------------------------------------------------------
@@ -542,7 +335,7 @@ class PosixReader(Reader):
 # -- KvikIO -----------------------------------------------------------------------------------
 
 
-def _import_kvikio():
+def import_kvikio():
     try:
         import kvikio  # noqa: PLC0415 - GPU library, loaded on first use only
         import kvikio.defaults  # noqa: F401, PLC0415
@@ -607,7 +400,7 @@ class KvikioReader(Reader):
                  chunk_bytes: int | None = None, retries: int | None = None,
                  expected_size: int | None = None):
         super().__init__(path, expected_size=expected_size)
-        kvikio = _import_kvikio()
+        kvikio = import_kvikio()
         self.retries = defaults.get("io_retries") if retries is None else int(retries)
         setting = (compat_mode or defaults.get("compat_mode")).lower()
         if setting not in defaults.COMPAT_MODES:

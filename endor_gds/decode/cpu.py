@@ -2,8 +2,8 @@
 
 ctypes releases the GIL for each foreign call, so ``decode_threads`` threads decode disjoint tile
 ranges truly in parallel. Results are bit-identical to the numpy reference
-(:func:`endor_gds.format.decode_bitmap_reference`, after
-:func:`endor_gds.expdict.decode_values_reference` for codec expdict; tested on random inputs); a
+(:func:`endor_gds.codec.bitmap.decode_bitmap_reference`, after
+:func:`endor_gds.codec.expdict.decode_values_reference` for codec expdict; tested on random inputs); a
 bitmap, tile offset or escape table that disagrees with the rest is a
 :class:`~endor_gds.errors.DecodeError`, never an out-of-bounds access.
 """
@@ -18,10 +18,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from . import defaults
-from .errors import DecodeError, MissingDependencyError
-from .expdict import Streams
-from .format import TILE_ELEMS, WORD_BITS, num_tiles
+from endor_gds import defaults
+from endor_gds.codec.bitmap import TILE_ELEMS, WORD_BITS, num_tiles
+from endor_gds.codec.expdict import Streams
+from endor_gds.errors import DecodeError, MissingDependencyError
 
 __all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
 
@@ -53,10 +53,10 @@ def library() -> ctypes.CDLL:
     global _lib
     if _lib is None:
         try:
-            mod = importlib.import_module("endor_gds._endor_cpu")
+            mod = importlib.import_module("endor_gds.decode._endor_cpu")
         except ImportError as exc:
             raise MissingDependencyError(
-                "the CPU decoder library endor_gds._endor_cpu is not built; reinstall with "
+                "the CPU decoder library endor_gds.decode._endor_cpu is not built; reinstall with "
                 "`pip install -e .` (needs a C compiler) or run `make test`"
             ) from exc
         lib = ctypes.CDLL(mod.__file__)
@@ -156,7 +156,7 @@ class CpuDecoder:
 
     ``decode(items)`` takes ``(bitmap, values, tile_offsets, out)`` tuples (numpy arrays: uint32,
     unsigned element bit patterns, uint32, and the flat output of ``n`` elements; for codec
-    expdict ``values`` is the tensor's :class:`~endor_gds.expdict.Streams`) and decodes all of
+    expdict ``values`` is the tensor's :class:`~endor_gds.codec.expdict.Streams`) and decodes all of
     them, splitting the tiles of every tensor across the pool.
 
     ``simd``: True uses every feature of :func:`cpu_features`, False none (portable C); a

@@ -30,9 +30,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import DecodeError, MissingDependencyError
-from .expdict import MAX_INDEX_BITS, ExpDict
-from .format import DTYPES, MAX_SPARSE_ELEMS, TILE_ELEMS, WORD_BITS, num_tiles
+from endor_gds._resources import data_dir
+from endor_gds.codec.bitmap import DTYPES, MAX_SPARSE_ELEMS, TILE_ELEMS, WORD_BITS, num_tiles
+from endor_gds.codec.expdict import MAX_INDEX_BITS, ExpDict
+from endor_gds.errors import DecodeError, MissingDependencyError
 
 __all__ = [
     "KERNEL_FILE",
@@ -139,14 +140,12 @@ def nvcc_options(options: Sequence[str] = NVRTC_OPTIONS) -> list[str]:
             out.append(_NVCC_SPELLING[opt])
         else:
             raise ValueError(f"no nvcc spelling known for NVRTC option {opt!r}; add it to "
-                             f"endor_gds.kernels._NVCC_SPELLING")
+                             f"endor_gds.decode.gpu._NVCC_SPELLING")
     return out
 
 
 def kernel_source() -> str:
     """The text of ``cuda/endor_decode.cu`` as shipped (repository or installed wheel)."""
-    from .recipes import data_dir  # noqa: PLC0415 - keeps the import graph of this module small
-
     return (data_dir("cuda") / KERNEL_FILE).read_text(encoding="utf-8")
 
 

@@ -15,10 +15,10 @@ A tensor of ``n`` elements (row-major, flattened) is stored either
     ``nnz``). A tile is ``TILE_ELEMS`` consecutive elements; with its offset any tile decodes on
     its own, which is what lets a GPU block or a CPU thread take one tile without a global scan.
 
-Format v2 adds a second value codec for bitmap tensors, ``expdict`` (:mod:`endor_gds.expdict`):
+Format v2 adds a second value codec for bitmap tensors, ``expdict`` (:mod:`endor_gds.codec.expdict`):
 the values stream is replaced by residuals, exponent-dictionary codes and a per-tile escape list;
-bitmap and tile offsets are unchanged. :func:`choose_storage` picks, per tensor, the smallest of
-dense, bitmap + ``raw`` and bitmap + ``expdict``.
+bitmap and tile offsets are unchanged. :func:`endor_gds.packing.policy.choose_storage` picks, per tensor, the
+smallest of dense, bitmap + ``raw`` and bitmap + ``expdict``.
 
 "Zero" is the all-zero *bit pattern*. The encoder and decoders only move bit patterns (as
 unsigned integers of the element's width), so -0.0, NaN payloads, subnormals and infinities come
@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .errors import DecodeError
+from endor_gds.errors import DecodeError
 
 __all__ = [
     "PAGE",
@@ -55,9 +55,6 @@ __all__ = [
     "stored_nbytes",
     "choose_encoding",
     "break_even_density",
-    "CODECS",
-    "Storage",
-    "choose_storage",
 ]
 
 PAGE = 4096  # every segment starts at a multiple of this and is padded to it (O_DIRECT and GDS)
@@ -216,7 +213,7 @@ def decode_bitmap_reference(
 def segment_nbytes(encoding: str, n: int, nnz: int, itemsize: int, expdict=None) -> dict[str, int]:
     """Unpadded byte length of each segment of a tensor with this encoding, in file order.
 
-    ``expdict``: the :class:`~endor_gds.expdict.ExpDict` parameters of a bitmap tensor with codec
+    ``expdict``: the :class:`~endor_gds.codec.expdict.ExpDict` parameters of a bitmap tensor with codec
     ``expdict`` (its streams replace ``values``), None for codec ``raw``.
     """
     if encoding == "dense":
@@ -259,42 +256,3 @@ def break_even_density(itemsize: int) -> float:
     fp16/bf16: 0.9370, fp32: 0.9685.
     """
     return 1.0 - 1.0 / (8 * itemsize) - 4.0 / (TILE_ELEMS * itemsize)
-
-
-CODECS = ("auto", "raw", "expdict")  # what the packer may be asked for (``pack(codec=...)``)
-
-
-@dataclass(frozen=True)
-class Storage:
-    """How one tensor is stored: ``dense``, or ``bitmap`` with codec ``raw`` or ``expdict``."""
-
-    encoding: str
-    codec: str = "raw"
-    expdict: object = None  # endor_gds.expdict.ExpDict when codec == "expdict"
-
-
-def choose_storage(dtype: DType, shape: tuple[int, ...], bits: np.ndarray, codec: str = "auto") -> Storage:
-    """The storage of a linear weight whose flat bit patterns are ``bits``.
-
-    ``codec="raw"``: format v1's rule (:func:`choose_encoding`). ``"expdict"``: bitmap + expdict
-    for every tensor that may be bitmap-encoded, whatever the size (forcing it, for tests and
-    comparisons). ``"auto"``: the smallest on disk, page padding included, of dense, bitmap + raw
-    and bitmap + expdict (on a tie the simpler one: dense, then raw).
-    """
-    from .expdict import LAYOUTS, best_expdict, exponent_histogram  # noqa: PLC0415 - imports format
-
-    if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    nnz = int(np.count_nonzero(bits))
-    raw = Storage(choose_encoding(dtype, shape, nnz))
-    n = int(bits.size)
-    if codec == "raw" or dtype.name not in LAYOUTS or len(shape) < 2 or n == 0 or n > MAX_SPARSE_ELEMS:
-        return raw
-    hist = exponent_histogram(bits, LAYOUTS[dtype.name])
-    hist[0] -= n - nnz  # the zeros (exponent field 0) are not values
-    params, _ = best_expdict(hist, n, LAYOUTS[dtype.name])
-    packed = Storage("bitmap", "expdict", params)
-    if codec == "expdict":
-        return packed
-    size = {s: stored_nbytes(s.encoding, n, nnz, dtype.itemsize, s.expdict) for s in (raw, packed)}
-    return packed if size[packed] < size[raw] else raw

@@ -23,9 +23,7 @@ shapes and dtypes, and every tile offset table, before any tensor is read. Any f
 from __future__ import annotations
 
 import json
-import math
 import os
-import re
 import secrets
 import struct
 from dataclasses import dataclass, field
@@ -35,11 +33,20 @@ import crc32c as _crc32c
 import numpy as np
 import torch
 
-from . import defaults
-from .errors import ChecksumError, FormatError
-from .expdict import LAYOUTS, MAX_INDEX_BITS, STREAM_KINDS, ExpDict, Streams, check_escapes, \
-    decode_values_reference
-from .format import (
+from endor_gds import defaults
+from endor_gds._checks import (
+    check_choice,
+    check_dict,
+    check_fraction,
+    check_generation_config,
+    check_int,
+    check_list,
+    check_str,
+    fail,
+    plain_name,
+    show,
+)
+from endor_gds.codec.bitmap import (
     DTYPES,
     MAX_SPARSE_ELEMS,
     PAGE,
@@ -50,7 +57,17 @@ from .format import (
     pad_to_page,
     segment_nbytes,
 )
-from .io import read_fully
+from endor_gds.codec.expdict import (
+    LAYOUTS,
+    MAX_INDEX_BITS,
+    STREAM_KINDS,
+    ExpDict,
+    Streams,
+    check_escapes,
+    decode_values_reference,
+)
+from endor_gds.errors import ChecksumError, FormatError
+from endor_gds.read.readers import read_fully
 
 __all__ = [
     "MAGIC",
@@ -82,10 +99,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_TENSORS = 1 << 20
 MAX_RANK = 8
 MAX_NUMEL = 1 << 40
-MAX_NAME = 1024
 MAX_FILES = 64
-_NAME_OK = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
-_CONTROL = re.compile("[\x00-\x1f\x7f]")
 
 
 def crc32c(data, value: int = 0) -> int:
@@ -230,130 +244,21 @@ class Writer:
 # Reading and validation
 
 
-def _fail(path, msg: str) -> FormatError:
-    return FormatError(f"{path}: {msg}")
-
-
-def _show(value, limit: int = 80) -> str:
-    """A short description of a manifest value for an error message.
-
-    Never ``repr`` of a container: a hostile manifest can nest lists a thousand deep (``repr``
-    would overflow the stack) or hold megabytes (the message would too).
-    """
-    if isinstance(value, (list, dict)):
-        return f"a {type(value).__name__} of {len(value)} items"
-    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 64:
-        return f"an integer of {value.bit_length()} bits"
-    text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(value)} characters)"
-
-
-def _plain_name(name) -> bool:
-    """A file name that stays inside any folder it is joined to: no '/', '..', NUL or hidden."""
-    return isinstance(name, str) and 0 < len(name) <= 128 and set(name) <= _NAME_OK \
-        and not name.startswith(".")
-
-
-def _int(path, where: str, value, lo: int = 0, hi: int = (1 << 63) - 1) -> int:
-    if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-        raise _fail(path, f"{where} must be an integer in [{lo}, {hi}], got {_show(value)}")
-    return value
-
-
-def _str(path, where: str, value, limit: int = MAX_NAME) -> str:
-    if not isinstance(value, str) or not value or len(value) > limit:
-        raise _fail(path, f"{where} must be a non-empty string of at most {limit} characters, "
-                          f"got {_show(value)}")
-    # Names end up in error messages and `endor-gds inspect` output: no terminal escapes there.
-    if _CONTROL.search(value):
-        raise _fail(path, f"{where} {_show(value)} contains a control character")
-    return value
-
-
-def _dict(path, where: str, value) -> dict:
-    if not isinstance(value, dict):
-        raise _fail(path, f"{where} must be an object, got {type(value).__name__}")
-    return value
-
-
-def _list(path, where: str, value, limit: int) -> list:
-    if not isinstance(value, list) or len(value) > limit:
-        raise _fail(path, f"{where} must be a list of at most {limit} items, got {_show(value)}")
-    return value
-
-
-def _number(path, where: str, value, lo: float = -math.inf, hi: float = math.inf) -> float:
-    """A JSON number (not a bool) in [lo, hi]; NaN fails the comparison, so it is refused too."""
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or not lo <= value <= hi:
-        span = "" if (lo, hi) == (-math.inf, math.inf) else f" in [{lo:g}, {hi:g}]"
-        raise _fail(path, f"{where} must be a number{span}, got {_show(value)}")
-    return float(value)
-
-
-def _fraction(path, where: str, value) -> float:
-    return _number(path, where, value, 0, 1)
-
-
 def _check_prune(path, prune: dict) -> None:
     """The fields of the (informational) prune block that `inspect` prints or formats, as the
     packer writes them: a fuzzed manifest with a list where a number belongs must be a
     FormatError at open, not a TypeError in a tool, and a method name no terminal escape."""
     if prune.get("method") is not None:
-        _str(path, "prune.method", prune["method"])
+        check_str(path, "prune.method", prune["method"])
     for key in ("sparsity", "detected_sparsity"):
         if prune.get(key) is not None:
-            _fraction(path, f"prune.{key}", prune[key])
+            check_fraction(path, f"prune.{key}", prune[key])
     if prune.get("detected_sparsity_range") is not None:
-        span = _list(path, "prune.detected_sparsity_range", prune["detected_sparsity_range"], 2)
+        span = check_list(path, "prune.detected_sparsity_range", prune["detected_sparsity_range"], 2)
         if len(span) != 2:
-            raise _fail(path, f"prune.detected_sparsity_range must be [low, high], got {_show(span)}")
+            raise fail(path, f"prune.detected_sparsity_range must be [low, high], got {show(span)}")
         for v in span:
-            _fraction(path, "prune.detected_sparsity_range item", v)
-
-
-# The generation_config fields that generate() computes with, by the type it needs. transformers'
-# GenerationConfig.from_dict takes {"max_length": "abc"} or {"temperature": "hot"} as they are,
-# and generate() then fails with a TypeError deep inside a logits processor: refused here instead.
-# Types only, and int32 ranges: values that real checkpoints carry (pad_token_id -1 in some
-# converted Llama folders) must still pack and open.
-_GEN_INTS = ("max_length", "max_new_tokens", "min_length", "min_new_tokens", "num_beams",
-             "num_beam_groups", "num_return_sequences", "top_k", "no_repeat_ngram_size")
-_GEN_NUMBERS = ("temperature", "top_p", "typical_p", "min_p", "repetition_penalty",
-                "length_penalty", "epsilon_cutoff", "eta_cutoff", "diversity_penalty")
-_GEN_BOOLS = ("do_sample", "use_cache", "output_scores", "return_dict_in_generate")
-_GEN_TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "decoder_start_token_id")
-_INT32_MAX = (1 << 31) - 1
-
-
-def check_generation_config(path, gen) -> dict:
-    """``gen`` if it is an object whose typed fields have their types (None means unset, as in
-    transformers); the packer checks a checkpoint's generation_config.json with it before
-    writing anything, so that no pack produces a file its reader refuses."""
-    gen = _dict(path, "generation_config", gen)
-    for key in _GEN_INTS:
-        if gen.get(key) is not None:
-            _int(path, f"generation_config.{key}", gen[key], 0, _INT32_MAX)
-    for key in _GEN_NUMBERS:
-        if gen.get(key) is not None:
-            _number(path, f"generation_config.{key}", gen[key])
-    for key in _GEN_BOOLS:
-        if gen.get(key) is not None and not isinstance(gen[key], bool):
-            raise _fail(path, f"generation_config.{key} must be true or false, got {_show(gen[key])}")
-    for key in _GEN_TOKEN_IDS:  # one id, or a list of them (several end-of-sequence tokens)
-        value, where = gen.get(key), f"generation_config.{key}"
-        if value is None:
-            continue
-        for v in _list(path, where, value, 64) if isinstance(value, list) else [value]:
-            _int(path, where, v, -_INT32_MAX - 1, _INT32_MAX)
-    return gen
-
-
-def _choice(path, where: str, value, allowed) -> str:
-    """``value`` if it is one of the strings ``allowed`` (checked as a string first: a list or
-    dict from a hostile manifest must not reach a ``dict`` lookup, which would raise TypeError)."""
-    if not isinstance(value, str) or value not in allowed:
-        raise _fail(path, f"{where} must be one of {', '.join(map(repr, allowed))}, got {_show(value)}")
-    return value
+            check_fraction(path, "prune.detected_sparsity_range item", v)
 
 
 _SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS
@@ -398,31 +303,31 @@ class EndorFile:
         p = self.path
         self.file_size = os.fstat(self._fd).st_size
         if self.file_size < PAGE:
-            raise _fail(p, f"file is {self.file_size} bytes, smaller than the {PAGE}-byte header page "
+            raise fail(p, f"file is {self.file_size} bytes, smaller than the {PAGE}-byte header page "
                            f"(not an .endor file, or truncated)")
         page = self._pread(0, PAGE).tobytes()
         head = page[: _HEADER.size + _HEADER_CRC.size]
         magic, version, flags, moff, mlen, flen, mcrc = _HEADER.unpack_from(head)
         if magic != MAGIC:
-            raise _fail(p, f"bad magic {magic!r}, expected {MAGIC!r} (not an .endor file)")
+            raise fail(p, f"bad magic {magic!r}, expected {MAGIC!r} (not an .endor file)")
         (hcrc,) = _HEADER_CRC.unpack_from(head, _HEADER.size)
         if crc32c(head[: _HEADER.size]) != hcrc:
             raise ChecksumError(f"{p}: header page checksum mismatch (corrupted header)", segment="header")
         if version not in SUPPORTED_VERSIONS:
-            raise _fail(p, f"format version {version} is not supported by this endor_gds "
+            raise fail(p, f"format version {version} is not supported by this endor_gds "
                            f"(supports {', '.join(map(str, SUPPORTED_VERSIONS))}); upgrade endor_gds")
         self.format_version = version
         if flags != 0:
-            raise _fail(p, f"header flags {flags:#x} are not supported by format version {version} "
+            raise fail(p, f"header flags {flags:#x} are not supported by format version {version} "
                            f"(must be 0)")
         # Bytes that no CRC covers must be zero, so that any change to the file is noticed.
         if any(page[len(head):]):
-            raise _fail(p, "header page is not zero after its fields (corrupted header)")
+            raise fail(p, "header page is not zero after its fields (corrupted header)")
         if flen != self.file_size:
-            raise _fail(p, f"file is {self.file_size} bytes but its header says {flen} "
+            raise fail(p, f"file is {self.file_size} bytes but its header says {flen} "
                            f"({'truncated' if self.file_size < flen else 'extended'} file?)")
         if moff % PAGE or moff < PAGE or mlen > MAX_MANIFEST_BYTES or moff + pad_to_page(mlen) != flen:
-            raise _fail(p, f"manifest range offset={moff} length={mlen} is invalid for a "
+            raise fail(p, f"manifest range offset={moff} length={mlen} is invalid for a "
                            f"{flen}-byte file (page-aligned, at most {MAX_MANIFEST_BYTES} bytes, "
                            f"ending the file)")
         tail = self._pread(moff, flen - moff).tobytes()
@@ -430,100 +335,100 @@ class EndorFile:
         if crc32c(blob) != mcrc:
             raise ChecksumError(f"{p}: manifest checksum mismatch (corrupted manifest)", segment="manifest")
         if any(tail[mlen:]):
-            raise _fail(p, "manifest padding is not zero (corrupted file)")
+            raise fail(p, "manifest padding is not zero (corrupted file)")
         try:
             manifest = json.loads(blob)
         except (ValueError, RecursionError) as exc:
-            raise _fail(p, f"manifest is not valid JSON ({type(exc).__name__})") from None
-        self.manifest = _dict(p, "manifest", manifest)
+            raise fail(p, f"manifest is not valid JSON ({type(exc).__name__})") from None
+        self.manifest = check_dict(p, "manifest", manifest)
         self._manifest_offset = moff
         self._validate(check_tiles)
 
     def _validate(self, check_tiles: bool) -> None:
         p, m = self.path, self.manifest
         if m.get("format") != "endor":
-            raise _fail(p, f"manifest format is {_show(m.get('format'))}, expected 'endor'")
-        _int(p, "format_version", m.get("format_version"), self.format_version, self.format_version)
-        _int(p, "tile_elems", m.get("tile_elems"), TILE_ELEMS, TILE_ELEMS)
-        _choice(p, "checksum", m.get("checksum"), ("crc32c",))
-        self.architecture = _str(p, "architecture", m.get("architecture"), 64)
-        self.config = _dict(p, "config", m.get("config"))
+            raise fail(p, f"manifest format is {show(m.get('format'))}, expected 'endor'")
+        check_int(p, "format_version", m.get("format_version"), self.format_version, self.format_version)
+        check_int(p, "tile_elems", m.get("tile_elems"), TILE_ELEMS, TILE_ELEMS)
+        check_choice(p, "checksum", m.get("checksum"), ("crc32c",))
+        self.architecture = check_str(p, "architecture", m.get("architecture"), 64)
+        self.config = check_dict(p, "config", m.get("config"))
         if m.get("prune") is not None:  # read by tools (inspect)
-            _check_prune(p, _dict(p, "prune", m["prune"]))
+            _check_prune(p, check_dict(p, "prune", m["prune"]))
         if m.get("generation_config") is not None:  # read by the runtime
             check_generation_config(p, m["generation_config"])
-        tied = _dict(p, "tied", m.get("tied", {}))
-        self.tied = {_str(p, "tied name", k): _str(p, "tied target", v) for k, v in tied.items()}
+        tied = check_dict(p, "tied", m.get("tied", {}))
+        self.tied = {check_str(p, "tied name", k): check_str(p, "tied target", v) for k, v in tied.items()}
 
         # Extents: page-aligned, inside the data area, not overlapping, names unique and telling
         # their kind ("resident", "files", "layer.<i>"), as the packer writes them.
         self.extents: dict[str, Extent] = {}
-        for i, e in enumerate(_list(p, "extents", m.get("extents"), MAX_TENSORS)):
-            e = _dict(p, f"extents[{i}]", e)
-            name = _str(p, f"extents[{i}].name", e.get("name"))
-            kind = _choice(p, f"extent {name} kind", e.get("kind"), ("resident", "layer", "files"))
-            off = _int(p, f"extent {name} offset", e.get("offset"), PAGE, self._manifest_offset)
-            length = _int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
+        for i, e in enumerate(check_list(p, "extents", m.get("extents"), MAX_TENSORS)):
+            e = check_dict(p, f"extents[{i}]", e)
+            name = check_str(p, f"extents[{i}].name", e.get("name"))
+            kind = check_choice(p, f"extent {name} kind", e.get("kind"), ("resident", "layer", "files"))
+            off = check_int(p, f"extent {name} offset", e.get("offset"), PAGE, self._manifest_offset)
+            length = check_int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
             if off % PAGE or length % PAGE:
-                raise _fail(p, f"extent {name} offset={off} length={length} is not {PAGE}-aligned")
+                raise fail(p, f"extent {name} offset={off} length={length} is not {PAGE}-aligned")
             layer = None
             if kind == "layer":
-                layer = _int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
+                layer = check_int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
             if name != (f"layer.{layer}" if kind == "layer" else kind):
-                raise _fail(p, f"extent {name} of kind {kind} must be named "
+                raise fail(p, f"extent {name} of kind {kind} must be named "
                                f"{f'layer.{layer}' if kind == 'layer' else kind!r}")
             if name in self.extents:
-                raise _fail(p, f"extent {name} appears twice")
+                raise fail(p, f"extent {name} appears twice")
             self.extents[name] = Extent(name, kind, off, length, layer)
         spans = sorted((e.offset, e.offset + e.length, e.name) for e in self.extents.values())
         for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
-                raise _fail(p, f"extents {an} and {bn} overlap")
+                raise fail(p, f"extents {an} and {bn} overlap")
         layer_ext = sorted((e for e in self.extents.values() if e.kind == "layer"), key=lambda e: e.layer)
         if [e.layer for e in layer_ext] != list(range(len(layer_ext))):
-            raise _fail(p, "decoder layer extents must be numbered 0..L-1 exactly once each")
+            raise fail(p, "decoder layer extents must be numbered 0..L-1 exactly once each")
         self.layers = layer_ext
         self.resident = self.extents.get("resident")
 
         # Tensors: names, shapes, dtypes, encodings, segment sizes and places.
         self.tensors: dict[str, TensorEntry] = {}
         seg_spans = []
-        for i, t in enumerate(_list(p, "tensors", m.get("tensors"), MAX_TENSORS)):
-            entry = self._tensor_entry(_dict(p, f"tensors[{i}]", t), i)
+        for i, t in enumerate(check_list(p, "tensors", m.get("tensors"), MAX_TENSORS)):
+            entry = self._tensor_entry(check_dict(p, f"tensors[{i}]", t), i)
             if entry.name in self.tensors:
-                raise _fail(p, f"tensor {entry.name} appears twice")
+                raise fail(p, f"tensor {entry.name} appears twice")
             ext = self.extents.get(entry.extent)
             if ext is None or ext.kind == "files":
-                raise _fail(p, f"tensor {entry.name} names unknown extent {_show(entry.extent)}")
+                raise fail(p, f"tensor {entry.name} names unknown extent {show(entry.extent)}")
             for seg in entry.segments.values():
                 if seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
-                    raise _fail(p, f"tensor {entry.name} segment {seg.kind} at {seg.offset}+{seg.length} "
+                    raise fail(p, f"tensor {entry.name} segment {seg.kind} at {seg.offset}+{seg.length} "
                                    f"lies outside its extent {ext.name}")
                 seg_spans.append((seg.offset, seg.offset + seg.length, f"{entry.name}:{seg.kind}"))
             ext.tensors.append(entry.name)
             self.tensors[entry.name] = entry
         self.files: dict[str, Segment] = {}
-        for i, f in enumerate(_list(p, "files", m.get("files", []), MAX_FILES)):
-            f = _dict(p, f"files[{i}]", f)
-            name = _str(p, f"files[{i}].name", f.get("name"), 128)
-            if not _plain_name(name):
-                raise _fail(p, f"embedded file name {_show(name)} is not a plain file name "
+        for i, f in enumerate(check_list(p, "files", m.get("files", []), MAX_FILES)):
+            f = check_dict(p, f"files[{i}]", f)
+            name = check_str(p, f"files[{i}].name", f.get("name"), 128)
+            if not plain_name(name):
+                raise fail(p, f"embedded file name {show(name)} is not a plain file name "
                                f"([A-Za-z0-9._-], no leading dot)")
             if name in self.files:
-                raise _fail(p, f"embedded file {name} appears twice")
+                raise fail(p, f"embedded file {name} appears twice")
             seg = self._segment(f, f"file {name}", ("file",))
             ext = self.extents.get("files")
             if ext is None or seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
-                raise _fail(p, f"embedded file {name} lies outside the files extent")
+                raise fail(p, f"embedded file {name} lies outside the files extent")
             self.files[name] = seg
             seg_spans.append((seg.offset, seg.offset + seg.length, f"file:{name}"))
         seg_spans.sort()
         for (a0, a1, an), (b0, _b1, bn) in zip(seg_spans, seg_spans[1:]):
             if b0 < a1:
-                raise _fail(p, f"segments {an} and {bn} overlap")
+                raise fail(p, f"segments {an} and {bn} overlap")
         for alias, target in self.tied.items():
             if target not in self.tensors or alias in self.tensors:
-                raise _fail(p, f"tied tensor {alias} -> {target} does not resolve to one stored tensor")
+                raise fail(p, f"tied tensor {alias} -> {target} does not resolve to one stored tensor")
         self._tile_offsets: dict[str, np.ndarray] = {}
         if check_tiles:
             for entry in self.tensors.values():
@@ -534,74 +439,74 @@ class EndorFile:
 
     def _segment(self, s, where: str, kinds=_SEGMENT_KINDS) -> Segment:
         p = self.path
-        s = _dict(p, where, s)
-        kind = _choice(p, f"{where} kind", s.get("kind"), kinds)
-        off = _int(p, f"{where} offset", s.get("offset"), PAGE, self._manifest_offset)
-        length = _int(p, f"{where} length", s.get("length"), 0, self._manifest_offset - off)
-        nbytes = _int(p, f"{where} nbytes", s.get("nbytes"), 0, length)
-        crc = _int(p, f"{where} crc32c", s.get("crc32c"), 0, 0xFFFFFFFF)
+        s = check_dict(p, where, s)
+        kind = check_choice(p, f"{where} kind", s.get("kind"), kinds)
+        off = check_int(p, f"{where} offset", s.get("offset"), PAGE, self._manifest_offset)
+        length = check_int(p, f"{where} length", s.get("length"), 0, self._manifest_offset - off)
+        nbytes = check_int(p, f"{where} nbytes", s.get("nbytes"), 0, length)
+        crc = check_int(p, f"{where} crc32c", s.get("crc32c"), 0, 0xFFFFFFFF)
         if off % PAGE or length != pad_to_page(nbytes):
-            raise _fail(p, f"{where}: offset={off} length={length} nbytes={nbytes} break the "
+            raise fail(p, f"{where}: offset={off} length={length} nbytes={nbytes} break the "
                            f"{PAGE}-byte page rule")
         return Segment(kind, off, length, nbytes, crc)
 
     def _tensor_entry(self, t: dict, i: int) -> TensorEntry:
         p = self.path
-        name = _str(p, f"tensors[{i}].name", t.get("name"))
-        shape_raw = _list(p, f"tensor {name} shape", t.get("shape"), MAX_RANK)
-        shape = tuple(_int(p, f"tensor {name} shape", s, 0, MAX_NUMEL) for s in shape_raw)
+        name = check_str(p, f"tensors[{i}].name", t.get("name"))
+        shape_raw = check_list(p, f"tensor {name} shape", t.get("shape"), MAX_RANK)
+        shape = tuple(check_int(p, f"tensor {name} shape", s, 0, MAX_NUMEL) for s in shape_raw)
         numel = 1
         for s in shape:  # Python integers: the product cannot overflow before it is compared
             numel *= s
         if numel > MAX_NUMEL:
-            raise _fail(p, f"tensor {name} shape {list(shape)} has {numel} elements, above {MAX_NUMEL}")
-        dtype = DTYPES[_choice(p, f"tensor {name} dtype", t.get("dtype"), tuple(DTYPES))]
-        encoding = _choice(p, f"tensor {name} encoding", t.get("encoding"), ("dense", "bitmap"))
-        codec = _choice(p, f"tensor {name} codec", t.get("codec", "raw"),
+            raise fail(p, f"tensor {name} shape {list(shape)} has {numel} elements, above {MAX_NUMEL}")
+        dtype = DTYPES[check_choice(p, f"tensor {name} dtype", t.get("dtype"), tuple(DTYPES))]
+        encoding = check_choice(p, f"tensor {name} encoding", t.get("encoding"), ("dense", "bitmap"))
+        codec = check_choice(p, f"tensor {name} codec", t.get("codec", "raw"),
                         VERSION_CODECS[self.format_version])
         if codec != "raw" and encoding != "bitmap":
-            raise _fail(p, f"tensor {name}: codec {codec} needs encoding 'bitmap', got {encoding!r}")
+            raise fail(p, f"tensor {name}: codec {codec} needs encoding 'bitmap', got {encoding!r}")
         if encoding == "bitmap" and not dtype.sparse:
-            raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
+            raise fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
         if encoding == "bitmap" and numel > MAX_SPARSE_ELEMS:
-            raise _fail(p, f"tensor {name}: a bitmap-encoded tensor holds at most {MAX_SPARSE_ELEMS} "
+            raise fail(p, f"tensor {name}: a bitmap-encoded tensor holds at most {MAX_SPARSE_ELEMS} "
                            f"elements (uint32 tile offsets), shape {list(shape)} has {numel}")
-        nnz = _int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
+        nnz = check_int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
         expdict = None
         if codec == "expdict":
             expdict = self._expdict(name, t.get("expdict"), dtype, nnz)
         elif "expdict" in t:
-            raise _fail(p, f"tensor {name}: expdict parameters given for codec {codec!r}")
-        extent = _str(p, f"tensor {name} extent", t.get("extent"))
+            raise fail(p, f"tensor {name}: expdict parameters given for codec {codec!r}")
+        extent = check_str(p, f"tensor {name} extent", t.get("extent"))
         segs: dict[str, Segment] = {}
-        for j, s in enumerate(_list(p, f"tensor {name} segments", t.get("segments"), 8)):
+        for j, s in enumerate(check_list(p, f"tensor {name} segments", t.get("segments"), 8)):
             seg = self._segment(s, f"tensor {name} segment {j}")
             if seg.kind in segs:
-                raise _fail(p, f"tensor {name} has two {seg.kind} segments")
+                raise fail(p, f"tensor {name} has two {seg.kind} segments")
             segs[seg.kind] = seg
         expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize, expdict)
         got = {k: s.nbytes for k, s in segs.items()}
         if got != expected:
-            raise _fail(p, f"tensor {name} ({encoding}/{codec}, shape {list(shape)}, {dtype.name}, "
+            raise fail(p, f"tensor {name} ({encoding}/{codec}, shape {list(shape)}, {dtype.name}, "
                            f"nnz={nnz}) needs segments {expected}, manifest has {got}")
         return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs, expdict)
 
     def _expdict(self, name: str, raw, dtype: DType, nnz: int) -> ExpDict:
         """The checked ``expdict`` object of a tensor (see docs/format.md, codec expdict)."""
         p = self.path
-        raw = _dict(p, f"tensor {name} expdict", raw)
+        raw = check_dict(p, f"tensor {name} expdict", raw)
         layout = LAYOUTS.get(dtype.name)
         if layout is None:
-            raise _fail(p, f"tensor {name}: dtype {dtype.name} cannot use codec expdict "
+            raise fail(p, f"tensor {name}: dtype {dtype.name} cannot use codec expdict "
                            f"(supported: {', '.join(LAYOUTS)})")
-        b = _int(p, f"tensor {name} expdict index_bits", raw.get("index_bits"), 1, MAX_INDEX_BITS)
-        exps = _list(p, f"tensor {name} expdict exponents", raw.get("exponents"), 1 << b)
+        b = check_int(p, f"tensor {name} expdict index_bits", raw.get("index_bits"), 1, MAX_INDEX_BITS)
+        exps = check_list(p, f"tensor {name} expdict exponents", raw.get("exponents"), 1 << b)
         top = (1 << layout.exp_bits) - 1
-        exps = tuple(_int(p, f"tensor {name} expdict exponent", e, 0, top) for e in exps)
+        exps = tuple(check_int(p, f"tensor {name} expdict exponent", e, 0, top) for e in exps)
         if len(exps) != 1 << b or len(set(exps)) != len(exps):
-            raise _fail(p, f"tensor {name} expdict exponents must be {1 << b} distinct integers "
+            raise fail(p, f"tensor {name} expdict exponents must be {1 << b} distinct integers "
                            f"(index_bits={b}), got {len(exps)} with {len(set(exps))} distinct")
-        escapes = _int(p, f"tensor {name} expdict escapes", raw.get("escapes"), 0, nnz)
+        escapes = check_int(p, f"tensor {name} expdict escapes", raw.get("escapes"), 0, nnz)
         return ExpDict(layout, b, exps, escapes)
 
     # -- reading ------------------------------------------------------------------------------
@@ -697,8 +602,8 @@ class EndorFile:
         planted there, say) is replaced, never followed.
         """
         for name in self.files:
-            if not _plain_name(name):
-                raise _fail(self.path, f"embedded file name {_show(name)} is not a plain file name")
+            if not plain_name(name):
+                raise fail(self.path, f"embedded file name {show(name)} is not a plain file name")
         blobs = {name: self.read_file(name) for name in self.files}
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)

@@ -35,9 +35,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__, io, telemetry
-from .defaults import parse_bytes
-from .errors import EndorError
+from endor_gds._version import __version__
+from endor_gds.benchmarks import telemetry
+from endor_gds.defaults import parse_bytes
+from endor_gds.errors import EndorError
+from endor_gds.read.buffers import ALIGN, cuda_available, host_buffer
+from endor_gds.read.pagecache import evict_page_cache, page_cache_fraction
+from endor_gds.read.readers import Reader, import_kvikio, open_reader
 
 __all__ = ["register", "main", "profile", "run_fio", "system_info", "format_report", "plot"]
 
@@ -78,10 +82,10 @@ def _bytes_list(text: str) -> tuple[int, ...]:
         values = tuple(parse_bytes(t) for t in text.split(",") if t.strip())
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
-    bad = [v for v in values if v < io.ALIGN or v % io.ALIGN]
+    bad = [v for v in values if v < ALIGN or v % ALIGN]
     if not values or bad:
         raise argparse.ArgumentTypeError(
-            f"chunk sizes must be positive multiples of {io.ALIGN} (O_DIRECT), got {text!r}")
+            f"chunk sizes must be positive multiples of {ALIGN} (O_DIRECT), got {text!r}")
     return values
 
 
@@ -261,9 +265,9 @@ def prepare_file(path, size: int | None, log) -> tuple[str, int, bool]:
     path = os.fspath(path)
     if os.path.isdir(path):
         size = 1 << 30 if size is None else size
-        size -= size % io.ALIGN
-        if size < io.ALIGN:
-            raise ProfileError(f"--size must be at least {io.ALIGN} bytes")
+        size -= size % ALIGN
+        if size < ALIGN:
+            raise ProfileError(f"--size must be at least {ALIGN} bytes")
         target = os.path.join(path, TEST_FILE)
         if os.path.exists(target) and os.stat(target).st_size == size:
             log(f"reusing test file {target} ({_human(size)})")
@@ -274,9 +278,9 @@ def prepare_file(path, size: int | None, log) -> tuple[str, int, bool]:
         raise ProfileError(f"{path} is neither a folder (for a test file) nor a file")
     have = os.stat(path).st_size
     nbytes = min(have, size) if size else have
-    nbytes -= nbytes % io.ALIGN
-    if nbytes < io.ALIGN:
-        raise ProfileError(f"{path} holds {have} bytes; profile-io needs at least {io.ALIGN}")
+    nbytes -= nbytes % ALIGN
+    if nbytes < ALIGN:
+        raise ProfileError(f"{path} holds {have} bytes; profile-io needs at least {ALIGN}")
     return path, nbytes, False
 
 
@@ -336,7 +340,7 @@ class _Buffers:
     def for_mode(self, mode: str):
         if mode in HOST_MODES:
             if self._host is None:
-                self._host = [io.host_buffer(self.extent) for _ in range(self.depth)]
+                self._host = [host_buffer(self.extent) for _ in range(self.depth)]
                 for b in self._host:
                     b.fill(0)  # fault the pages in now, not inside the first timed read
             return self._host
@@ -348,14 +352,14 @@ class _Buffers:
         return self._device
 
 
-def open_for(path: str, mode: str, threads: int, chunk: int) -> io.Reader:
+def open_for(path: str, mode: str, threads: int, chunk: int) -> Reader:
     """Open a reader for ``mode``; a refused O_DIRECT shows up as ``actual_mode``, not a warning."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        return io.open_reader(path, mode=mode, threads=threads, chunk_bytes=chunk)
+        return open_reader(path, mode=mode, threads=threads, chunk_bytes=chunk)
 
 
-def read_file(reader: io.Reader, nbytes: int, buffers: list, depth: int) -> float:
+def read_file(reader: Reader, nbytes: int, buffers: list, depth: int) -> float:
     """Read ``nbytes`` from offset 0 as consecutive extents, ``depth`` in flight; seconds taken."""
     extent = len(buffers[0])
     pending: deque = deque()
@@ -373,8 +377,8 @@ def measure(path: str, nbytes: int, mode: str, threads: int, chunk: int, buffers
             result: Result, *, warm: bool, nvml: bool, dev: str = "") -> float:
     """One cold (or warm) read of the file, recorded into ``result``; returns GB/s."""
     if not warm:
-        io.evict_page_cache(path)
-    resident = io.page_cache_fraction(path)
+        evict_page_cache(path)
+    resident = page_cache_fraction(path)
     with open_for(path, mode, threads, chunk) as reader:
         dest = buffers.for_mode(mode)
         requests = _RequestSize(dev)
@@ -417,7 +421,7 @@ def run_fio(fio: str, path: str, nbytes: int, chunk: int, threads: int,
            "--rw=read", f"--bs={chunk}", "--direct=1", f"--ioengine={engine}", "--invalidate=1",
            "--thread", "--output-format=json"]
     if engine == "psync":
-        per_job = nbytes // threads // chunk * chunk or nbytes // threads // io.ALIGN * io.ALIGN
+        per_job = nbytes // threads // chunk * chunk or nbytes // threads // ALIGN * ALIGN
         if per_job == 0:
             raise ProfileError(f"fio psync: {nbytes} bytes cannot be split over {threads} jobs")
         expect = per_job * threads
@@ -440,9 +444,9 @@ def run_fio(fio: str, path: str, nbytes: int, chunk: int, threads: int,
 
 
 def _default_modes() -> tuple[str, ...]:
-    if io.cuda_available():
+    if cuda_available():
         try:
-            io._import_kvikio()
+            import_kvikio()
             return HOST_MODES + ("kvikio",)
         except EndorError:
             pass
@@ -463,9 +467,9 @@ def profile(path, *, size: int | None = None, threads=(1, 2, 4, 8),
     modes = tuple(modes or _default_modes())
     if repeats < 1 or depth < 1:
         raise ProfileError(f"--repeats and --depth must be >= 1, got {repeats} and {depth}")
-    if extent < io.ALIGN or extent % io.ALIGN:
-        raise ProfileError(f"--extent must be a positive multiple of {io.ALIGN}, got {extent}")
-    if any(m in DEVICE_MODES for m in modes) and not io.cuda_available():
+    if extent < ALIGN or extent % ALIGN:
+        raise ProfileError(f"--extent must be a positive multiple of {ALIGN}, got {extent}")
+    if any(m in DEVICE_MODES for m in modes) and not cuda_available():
         raise ProfileError(f"modes {', '.join(m for m in modes if m in DEVICE_MODES)} read into GPU "
                            f"memory and this machine has no CUDA GPU; use --modes "
                            f"{','.join(HOST_MODES)}")
@@ -527,7 +531,7 @@ def _fio_once(fio, file, nbytes, threads, chunk, engine, warm, result: Result, t
               dev="") -> str:
     """One fio run into ``result``; returns an error text (fio is then dropped) or ''."""
     if not warm:
-        io.evict_page_cache(file)
+        evict_page_cache(file)
     requests = _RequestSize(dev)
     try:
         gbps = run_fio(fio, file, nbytes, chunk, threads, engine)
@@ -759,7 +763,7 @@ def register(subparsers) -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    """Standalone entry point (``python -m endor_gds.profile_io``, ``bench/bench_io.py``)."""
+    """Standalone entry point (``python -m endor_gds.benchmarks.profile_io``, ``bench/bench_io.py``)."""
     p = argparse.ArgumentParser(prog="profile-io", description=_DESCRIPTION)
     add_arguments(p)
     args = p.parse_args(argv)

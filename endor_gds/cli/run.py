@@ -61,7 +61,7 @@ def _print_stats(s: dict, out) -> None:
 def cmd_run(args) -> int:
     import torch  # noqa: PLC0415
 
-    from .runtime import from_pretrained  # noqa: PLC0415
+    from endor_gds.stream.runtime import from_pretrained  # noqa: PLC0415
 
     max_memory = args.max_memory
     model = from_pretrained(args.file, device=args.device, max_memory=max_memory, tier=args.tier,

@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from . import defaults
-from .io import evict_page_cache, page_cache_fraction
+from endor_gds import defaults
+from endor_gds.read.pagecache import evict_page_cache, page_cache_fraction
 
 __all__ = ["CONFIGS", "build_checkpoint", "packed_variants", "run_e2e", "format_report", "plot_report"]
 
@@ -81,7 +81,7 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
     from safetensors.torch import save_file  # noqa: PLC0415
     from tqdm.auto import tqdm  # noqa: PLC0415
 
-    from .modeling import empty_model  # noqa: PLC0415
+    from endor_gds.modeling import empty_model  # noqa: PLC0415
 
     name, config = resolve_config(name)
     config["torch_dtype"] = dtype
@@ -145,8 +145,8 @@ def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
                     kinds: tuple[str, ...] = ("dense", "pruned")) -> dict[str, Path]:
     """Pack ``ckpt`` as each variant of ``kinds`` (:data:`VARIANTS`), cached beside it; returns
     ``{kind: path}``."""
-    from .layout import EndorFile  # noqa: PLC0415
-    from .packer import pack  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
+    from endor_gds.packing.packer import pack  # noqa: PLC0415
 
     out = {}
     for kind in kinds:
@@ -276,8 +276,8 @@ def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: in
 
     import transformers  # noqa: PLC0415
 
-    from .modeling import empty_model  # noqa: PLC0415
-    from .recipes import recipe_for  # noqa: PLC0415
+    from endor_gds.modeling import empty_model  # noqa: PLC0415
+    from endor_gds.recipes import recipe_for  # noqa: PLC0415
 
     config = json.loads((ckpt / "config.json").read_text())
     recipe = recipe_for(config)
@@ -307,7 +307,7 @@ def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: in
 
 
 def _layer_bytes(ckpt: Path, recipe) -> int:
-    from .checkpoint import Checkpoint  # noqa: PLC0415
+    from endor_gds.packing.checkpoint import Checkpoint  # noqa: PLC0415
 
     c = Checkpoint(ckpt)
     return sum(t.nbytes for n, t in c.tensors.items() if recipe.layer_of(n) is not None)
@@ -315,7 +315,7 @@ def _layer_bytes(ckpt: Path, recipe) -> int:
 
 def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, tokens: int,
                   tier: str = "ssd", cold: bool = True, **kwargs) -> VariantResult:
-    from .runtime import from_pretrained  # noqa: PLC0415
+    from endor_gds.stream.runtime import from_pretrained  # noqa: PLC0415
 
     model = from_pretrained(path, device=device, tier=tier, **kwargs)
     rt = model.endor
@@ -338,7 +338,7 @@ def _fio_gbps(folder: Path, size: int, log) -> tuple[float | None, str]:
     """fio's best O_DIRECT read of a scratch file of ``size`` bytes in ``folder`` (kept for the
     next run). Not one of the variants' files: a virtual disk's host-side cache, which the guest
     cannot evict, would then favour the file fio had just read."""
-    from . import profile_io  # noqa: PLC0415
+    from endor_gds.benchmarks import profile_io  # noqa: PLC0415
 
     fio = shutil.which("fio")
     if fio is None:
@@ -371,8 +371,9 @@ def system_header(device: str) -> dict:
 def raw_read_gbps(path: Path, repeats: int = 2) -> float:
     """Best cold-cache bandwidth of reading every layer extent of ``path`` with the runtime's reader
     (default settings, two buffers as the pipeline uses) and nothing else: the read floor."""
-    from .io import aligned_empty, open_reader  # noqa: PLC0415
-    from .layout import EndorFile  # noqa: PLC0415
+    from endor_gds.container import EndorFile  # noqa: PLC0415
+    from endor_gds.read.buffers import aligned_empty  # noqa: PLC0415
+    from endor_gds.read.readers import open_reader  # noqa: PLC0415
 
     with EndorFile(path) as f:
         extents = [(e.offset, e.length) for e in f.layers]

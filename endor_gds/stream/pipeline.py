@@ -14,7 +14,7 @@ idles while decode and compute are shorter than a read. ::
 Dense-encoded tensors (norms, biases, and every tensor of an unpruned file) are not copied: the
 model's parameters are views of the staging buffer. Bitmap tensors are views of the arena.
 
-On the CPU the decoder is :class:`~endor_gds.cpu_decode.CpuDecoder`. On a GPU the decode kernel
+On the CPU the decoder is :class:`~endor_gds.decode.cpu.CpuDecoder`. On a GPU the decode kernel
 runs on its own stream and signals a CUDA event the compute stream waits on; a "free" event
 recorded after the layer's forward tells the next user of the set when the GPU is done with it.
 Layers are expected in a cyclic order (0..L-1, 0..L-1, ... as ``generate`` runs them); any other
@@ -29,71 +29,13 @@ from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
-from .errors import ChecksumError, EndorError
-from .layout import EndorFile, Extent, TensorEntry, crc32c
+from endor_gds.container import crc32c
+from endor_gds.errors import ChecksumError, EndorError
+from endor_gds.stream.plan import LayerPlan, LayerTimes
 
-__all__ = ["Slot", "LayerPlan", "plan_layer", "Pipeline", "LayerTimes", "ARENA_ALIGN"]
-
-ARENA_ALIGN = 256  # start of every decoded tensor in the arena: CUDA vector stores, AVX loads
-
-
-@dataclass(frozen=True)
-class Slot:
-    """One tensor of a streamed layer: where its segments sit inside the extent, where it decodes."""
-
-    rel: str  # name relative to the layer module, e.g. "self_attn.q_proj.weight"
-    entry: TensorEntry
-    segments: dict[str, int]  # kind -> byte offset relative to the extent's start
-    arena_offset: int | None  # bitmap tensors: byte offset of the dense output in the arena
-
-
-@dataclass(frozen=True)
-class LayerPlan:
-    index: int
-    offset: int  # extent
-    length: int
-    slots: tuple[Slot, ...]
-    arena_bytes: int
-
-    @property
-    def needs_decode(self) -> bool:
-        return any(s.arena_offset is not None for s in self.slots)
-
-    def segment_crcs(self) -> list[tuple[str, int, int, int]]:
-        """``(label, offset in extent, length, crc32c)`` of every segment (for verify_reads)."""
-        return [(f"{s.entry.name}:{k}", rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
-                for s in self.slots for k, rel in s.segments.items()]
-
-
-def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:
-    """Lay out one layer: segment offsets inside its extent, arena offsets of its bitmap tensors."""
-    slots, arena = [], 0
-    for name in extent.tensors:
-        entry = ef.tensors[name]
-        if not name.startswith(prefix):
-            raise EndorError(f"tensor {name} in extent {extent.name} is not under {prefix}")
-        segs = {k: s.offset - extent.offset for k, s in entry.segments.items()}
-        arena_offset = None
-        if entry.encoding == "bitmap":
-            arena_offset = arena
-            arena += -(-entry.dense_nbytes // ARENA_ALIGN) * ARENA_ALIGN
-        slots.append(Slot(name[len(prefix):], entry, segs, arena_offset))
-    return LayerPlan(extent.layer, extent.offset, extent.length, tuple(slots), arena)
-
-
-@dataclass
-class LayerTimes:
-    """What one streamed layer cost: seconds in each stage, and how long the forward waited."""
-
-    layer: int
-    nbytes: int = 0
-    read_s: float = 0.0
-    decode_s: float = 0.0
-    stall_s: float = 0.0
-    compute_s: float = 0.0
+__all__ = ["Pipeline"]
 
 
 @dataclass
@@ -109,7 +51,7 @@ class _Job:
 class Pipeline:
     """Owns the buffer sets and the two worker threads; the runtime's hooks call ``acquire``/``release``.
 
-    ``backend`` does the device-specific work (see :class:`endor_gds.backends.CpuBackend` and
+    ``backend`` does the device-specific work (see :class:`endor_gds.stream.backends.CpuBackend` and
     ``CudaBackend``): ``read(plan, s)``, ``decode(plan, s)``, ``tensors(plan, s)``,
     ``wait_ready(plan, s)``, ``mark_free(plan, s)``, ``staging_view(plan, s)``.
     """
@@ -233,17 +175,3 @@ class Pipeline:
             self._closed = True
         self._reader.shutdown(wait=True)
         self._decoder.shutdown(wait=True)
-
-
-def staging_views(staging: np.ndarray | torch.Tensor, plan: LayerPlan, arena) -> dict:
-    """Typed, shaped views of a layer's tensors over its staging buffer and arena (no copies)."""
-    out = {}
-    for s in plan.slots:
-        e = s.entry
-        if s.arena_offset is None:
-            off, nbytes, base = s.segments["data"], e.dense_nbytes, staging
-        else:
-            off, nbytes, base = s.arena_offset, e.dense_nbytes, arena
-        out[s.rel] = base[off:off + nbytes].view(e.dtype.torch).view(e.shape)
-    return out
-

@@ -33,8 +33,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import DecodeError
-from .format import num_tiles, pad_to_page
+from endor_gds.codec.bitmap import num_tiles, pad_to_page
+from endor_gds.errors import DecodeError
 
 __all__ = [
     "LAYOUTS",

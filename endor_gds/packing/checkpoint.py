@@ -19,12 +19,21 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import FormatError
-from .format import DTYPES, dtype_of
-from .io import read_fully
+from endor_gds._checks import (
+    check_choice,
+    check_dict,
+    check_generation_config,
+    check_int,
+    check_list,
+    check_str,
+    show,
+)
+from endor_gds.codec.bitmap import DTYPES, dtype_of
+
 # The manifest's typed-field checks, reused: a safetensors header is untrusted JSON too.
-from .layout import (MAX_NUMEL, MAX_RANK, _choice, _dict, _int, _list, _show, _str,
-                     check_generation_config)
+from endor_gds.container import MAX_NUMEL, MAX_RANK
+from endor_gds.errors import FormatError
+from endor_gds.read.readers import read_fully
 
 __all__ = ["Checkpoint", "TensorInfo", "TOKENIZER_FILES"]
 
@@ -70,7 +79,7 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
         except (ValueError, RecursionError) as exc:  # RecursionError: nesting thousands deep
             raise FormatError(f"{path}: safetensors header is not JSON ({exc})") from None
     base = 8 + hlen
-    _dict(path, "safetensors header", header)
+    check_dict(path, "safetensors header", header)
     meta = header.get("__metadata__")  # may be absent or null, as safetensors allows
     if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
         raise FormatError(f"{path}: safetensors __metadata__ must map names to strings")
@@ -78,8 +87,8 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
     for name, entry in header.items():
         if name == "__metadata__":
             continue
-        _str(path, "safetensors tensor name", name)  # it becomes a manifest name, checked alike
-        out[name] = _tensor_info(path, name, _dict(path, f"safetensors entry {name!r}", entry), base, size)
+        check_str(path, "safetensors tensor name", name)  # it becomes a manifest name, checked alike
+        out[name] = _tensor_info(path, name, check_dict(path, f"safetensors entry {name!r}", entry), base, size)
     # As the safetensors library checks a shard (and refuses it for transformers): the tensors lie
     # back to back from the first data byte, no gap, no overlap, and end where the file ends.
     # Sorted by (offset, size) so that zero-size tensors sharing an offset are allowed.
@@ -99,14 +108,14 @@ def _parse_shard(path: Path) -> dict[str, TensorInfo]:
 def _tensor_info(path: Path, name: str, meta: dict, base: int, size: int) -> TensorInfo:
     """One header entry, typed as the safetensors format defines it (a list or a negative number
     where an integer belongs is a FormatError here, not a TypeError or a reshape error later)."""
-    dtype = _choice(path, f"tensor {name} dtype", meta.get("dtype"), tuple(DTYPES))
-    shape = tuple(_int(path, f"tensor {name} shape", s, 0, MAX_NUMEL)
-                  for s in _list(path, f"tensor {name} shape", meta.get("shape"), MAX_RANK))
+    dtype = check_choice(path, f"tensor {name} dtype", meta.get("dtype"), tuple(DTYPES))
+    shape = tuple(check_int(path, f"tensor {name} shape", s, 0, MAX_NUMEL)
+                  for s in check_list(path, f"tensor {name} shape", meta.get("shape"), MAX_RANK))
     offsets = meta.get("data_offsets")
     if not isinstance(offsets, list) or len(offsets) != 2:
         raise FormatError(f"{path}: tensor {name} data_offsets must be a list [begin, end], "
-                          f"got {_show(offsets)}")
-    begin, end = (_int(path, f"tensor {name} data_offsets", x) for x in offsets)
+                          f"got {show(offsets)}")
+    begin, end = (check_int(path, f"tensor {name} data_offsets", x) for x in offsets)
     # math.prod of Python integers: a product of huge dimensions cannot wrap around to match.
     need = math.prod(shape) * DTYPES[dtype].itemsize
     if end - begin != need:

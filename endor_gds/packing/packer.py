@@ -12,7 +12,7 @@ folder is ``fsync``-ed. On any error or interrupt the temporary file is removed:
 is either the old file, untouched, or the new whole file, never a mix; the source is only read.
 
 Wanda is the one exception to "one tensor at a time": its scores need the activations entering a
-layer, so a *layer pruner* (:class:`LayerPruner`, :mod:`endor_gds.wanda`) receives all of layer
+layer, so a *layer pruner* (:class:`LayerPruner`, :mod:`endor_gds.packing.wanda`) receives all of layer
 ``i``'s tensors at once, layers in order, and peak memory is one layer plus the calibration
 activations. ``none`` and ``magnitude`` still stream tensor by tensor.
 """
@@ -30,15 +30,16 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from . import __version__
-from .checkpoint import Checkpoint
-from .errors import CalibrationError, PackError, ReadError
-from .expdict import encode_values
-from .format import CODECS, TILE_ELEMS, Storage, bits_view, choose_storage, dtype_of, encode_bitmap
-from .layout import Writer, format_version_for
-from .modeling import check_tensors, model_dtype, model_for
-from .prune import magnitude_prune
-from .recipes import recipe_for
+from endor_gds._version import __version__
+from endor_gds.codec.bitmap import TILE_ELEMS, bits_view, dtype_of, encode_bitmap
+from endor_gds.codec.expdict import encode_values
+from endor_gds.container import Writer, format_version_for
+from endor_gds.errors import CalibrationError, PackError, ReadError
+from endor_gds.modeling import check_tensors, model_dtype, model_for
+from endor_gds.packing.checkpoint import Checkpoint
+from endor_gds.packing.policy import CODECS, Storage, choose_storage
+from endor_gds.packing.prune import magnitude_prune
+from endor_gds.recipes import recipe_for
 
 __all__ = ["pack", "PackReport", "PRUNE_METHODS", "LayerPruner"]
 
@@ -178,7 +179,7 @@ def pack(
     fraction of lowest-|w| entries of every output row of each linear weight named by the model's
     recipe, ``wanda`` the lowest ``|w| * ||X_j||`` ones, with activations from ``calib_samples``
     sequences of ``calib_seqlen`` tokens of the file ``calib`` (text, or token ids in a ``.ids``
-    file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.wanda`).
+    file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.packing.wanda`).
     Embeddings, norms, biases and lm_head are never pruned.
 
     ``codec``: how the non-zero values of bitmap tensors are stored. ``auto`` takes per linear
@@ -219,7 +220,7 @@ def pack(
 
     layer_pruner: LayerPruner | None = None
     if prune == "wanda":  # reads and checks the calibration file before anything is written
-        from .wanda import make_pruner  # noqa: PLC0415
+        from endor_gds.packing.wanda import make_pruner  # noqa: PLC0415
 
         layer_pruner = make_pruner(ckpt, recipe, plan, calib=calib, samples=calib_samples,
                                    seqlen=calib_seqlen, sparsity=sparsity, device=calib_device,
