@@ -22,7 +22,7 @@ endif
 comma := ,
 STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: test demo venv gpu-check cuda-check bench clean
+.PHONY: test lint demo venv gpu-check cuda-check bench clean
 
 venv: $(STAMP)
 
@@ -32,7 +32,12 @@ $(STAMP): pyproject.toml setup.py csrc/endor_cpu.c
 	$(PIP) install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-test: $(STAMP)
+# The stage layering (import-linter, contract in pyproject.toml) and ruff fail the build like a test.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check endor_gds tests bench
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(PY) -m pytest -q tests
 
 demo: $(STAMP)
@@ -40,7 +45,7 @@ demo: $(STAMP)
 
 # Compile every CUDA kernel for sm_80 and sm_90 with the options used at run time (no GPU needed).
 cuda-check: $(STAMP)
-	$(PY) -m pytest -q tests/test_cuda_compile.py
+	$(PY) -m pytest -q tests/decode/test_cuda_compile.py
 
 gpu-check: $(STAMP)
 	bash bench/gpu_check.sh

@@ -50,16 +50,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout
-
-from endor_gds.decode import gpu as kernels  # noqa: E402
-from endor_gds.codec.bitmap import encode_bitmap  # noqa: E402
-from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram  # noqa: E402
-from endor_gds.decode.cpu import CpuDecoder  # noqa: E402
-from endor_gds.defaults import parse_bytes  # noqa: E402
-from endor_gds.read.buffers import aligned_empty  # noqa: E402
-from endor_gds.read.pagecache import evict_page_cache  # noqa: E402
-from endor_gds.read.readers import open_reader  # noqa: E402
+from endor_gds.codec.bitmap import encode_bitmap
+from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram
+from endor_gds.decode import gpu as kernels
+from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.defaults import parse_bytes
+from endor_gds.read.buffers import aligned_empty
+from endor_gds.read.pagecache import evict_page_cache
+from endor_gds.read.readers import open_reader
 
 # Weight shapes (out_features x in_features) of one decoder layer's linear modules.
 SHAPES = {

@@ -37,7 +37,6 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
 
 MiB = 1 << 20
 
@@ -92,7 +91,7 @@ def _build(root: Path, layers, hidden, intermediate, heads, vocab, positions) ->
     if not (src / "config.json").exists():
         print(f"building {src} ...", flush=True)
         subprocess.run([sys.executable, "-c", (
-            "import sys, torch; sys.path.insert(0, 'tests'); from models import build_model; "
+            "import sys, torch; from endor_gds.benchmarks.models import build_model; "
             f"build_model({str(src)!r}, 'llama', torch.float16, tokenizer=False, "
             f"hidden_size={hidden}, intermediate_size={intermediate}, num_hidden_layers={layers}, "
             f"num_attention_heads={heads}, num_key_value_heads={heads}, vocab_size={vocab}, "

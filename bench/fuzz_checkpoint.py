@@ -4,7 +4,7 @@
     python bench/fuzz_checkpoint.py --cases 20000 --seed 1
     python bench/fuzz_checkpoint.py --seed 1 --case 4711 --save /tmp/case   # replay one case
 
-The engine and oracle are tests/ckptfuzz.py (safetensors headers, data and config.json mutated;
+The engine and oracle are endor_gds/fuzz/ckptfuzz.py (safetensors headers, data and config.json mutated;
 judged against the safetensors library and a load + forward of every successful pack). Cases
 run one after another in this process (the packer is Python and numpy: nothing in it to crash
 the interpreter); a case running past ``--case-timeout`` counts as an escape (``hang``). Prints
@@ -25,9 +25,6 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
-
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the shared engine: tests/ckptfuzz.py
 
 
 class _Hang(Exception):
@@ -51,11 +48,11 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     args = ap.parse_args(argv)
 
-    import ckptfuzz  # noqa: PLC0415 - heavy imports after argument parsing
     import transformers  # noqa: PLC0415
-    from models import build_model  # noqa: PLC0415
 
     import endor_gds  # noqa: PLC0415
+    from endor_gds.benchmarks.models import build_model  # noqa: PLC0415
+    from endor_gds.fuzz import ckptfuzz  # noqa: PLC0415 - heavy imports after argument parsing
 
     # Mutated configs make transformers log a warning per case (token ids outside a tiny vocab).
     warnings.filterwarnings("ignore")

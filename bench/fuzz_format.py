@@ -4,7 +4,7 @@
     python bench/fuzz_format.py --cases 10000 --seed 1
     python bench/fuzz_format.py --seed 1 --case 4711 --save /tmp/case   # replay one case
 
-Case ``i`` of seed ``S`` is a pure function of ``(S, i)`` and the corpus (tests/fuzzlib.py), so
+Case ``i`` of seed ``S`` is a pure function of ``(S, i)`` and the corpus (endor_gds/fuzz/fuzzlib.py), so
 any escape is replayed with ``--case i``. Cases run in worker processes; a worker that dies
 (segfault in the C decoder, say) or outlives ``--case-timeout`` is replaced and its case is
 counted as an escape (``crash`` / ``hang``). Prints a system header, the outcome histogram (by
@@ -25,15 +25,10 @@ import time
 from multiprocessing.connection import wait
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(REPO / "tests"))  # the shared engine: tests/fuzzlib.py, tests/fuzzcheck.py
-
 
 def _worker(conn, corpus_paths, seed, case_timeout, workdir):
-    import fuzzcheck  # noqa: PLC0415 - heavy imports only in the worker
-    import fuzzlib  # noqa: PLC0415
-
     from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
+    from endor_gds.fuzz import fuzzcheck, fuzzlib  # noqa: PLC0415 - heavy imports only in the worker
 
     bases = [fuzzlib.load_base(p) for p in corpus_paths]
     decoder = CpuDecoder(1)
@@ -102,10 +97,8 @@ def system_header(args) -> str:
 
 
 def replay(args, corpus) -> int:
-    import fuzzcheck  # noqa: PLC0415
-    import fuzzlib  # noqa: PLC0415
-
     from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
+    from endor_gds.fuzz import fuzzcheck, fuzzlib  # noqa: PLC0415 - heavy imports after argument parsing
 
     bases = [fuzzlib.load_base(p) for p in corpus]
     base, mutant = fuzzlib.make_case(bases, args.seed, args.case)
@@ -139,10 +132,10 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
     args = ap.parse_args(argv)
 
-    import fuzzlib  # noqa: PLC0415
+    from endor_gds.fuzz import fuzzlib  # noqa: PLC0415
 
-    def build_model(*a, **kw):  # tests/models.py imports transformers: only when a file is missing
-        from models import build_model as build  # noqa: PLC0415
+    def build_model(*a, **kw):  # endor_gds/benchmarks/models.py imports transformers: only when a file is missing
+        from endor_gds.benchmarks.models import build_model as build  # noqa: PLC0415
 
         return build(*a, **kw)
 

@@ -66,7 +66,7 @@ fi
 
 if has tests; then
     run tests 150 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rs --durations=8
-    run bench-smoke 45 "$PY" -m pytest -q -p no:cacheprovider tests/test_bench_decode_smoke.py
+    run bench-smoke 45 "$PY" -m pytest -q -p no:cacheprovider tests/benchmarks/test_bench_decode.py
 fi
 
 if [ -n "$prep_pid" ]; then

@@ -1,106 +1,26 @@
 /*
  * endor_decode.cu: rebuild dense fp16 / bf16 / fp32 weights on the GPU from bitmap + tile offsets
- * + values, the values stored raw (format v1) or in the expdict codec (format v2: residuals,
- * exponent-dictionary codes and a per-tile escape list); spec: docs/format.md, section 1.
+ * + values (format v1: raw values; format v2: codec expdict). Format: docs/format.md, section 1;
+ * how this kernel decodes a layer, step by step, and why: docs/format.md, "How the GPU kernel
+ * decodes a layer".
  *
- * Who uses this file
- *   - endor_gds/kernels.py compiles it at run time with NVRTC (CuPy RawModule, options
- *     kernels.NVRTC_OPTIONS) and launches `endor_decode_bitmap`, once per layer.
- *   - tests/test_cuda_compile.py compiles it with nvcc for sm_80 and sm_90, warnings as errors.
- *   - tests/endor_decode_emulate.cu includes it with -DENDOR_EMULATE and runs the very same
- *     per-thread functions below for every thread of every block on the CPU, so the decode logic,
- *     the index math and the guards are tested bit-exactly on machines without a GPU.
- *   It includes no header at all: NVRTC has no system headers.
+ * endor_gds/decode/gpu.py compiles it with NVRTC (options: NVRTC_OPTIONS) and launches
+ * `endor_decode_bitmap` once per layer over a descriptor table (Desc, one per bitmap tensor); one
+ * block decodes one 4096-element tile with 128 threads. tests/decode/test_cuda_compile.py compiles
+ * it for sm_80 and sm_90; tests/support/endor_decode_emulate.cu runs its per-thread functions on
+ * the CPU (-DENDOR_EMULATE). No header is included: NVRTC has no system headers.
  *
- * One launch, all tensors of a layer
- *   The caller passes a small table of descriptors (Desc, below) in device memory, one per
- *   bitmap tensor of the layer. Tensor k owns global tiles [first_tile_k, first_tile_k + ntiles_k)
- *   and the grid has one block per tile of the whole layer, so a 7-tensor Llama layer is one
- *   launch instead of seven, and small tensors (k/v projections) share the GPU with large ones
- *   instead of running as tail-heavy launches of their own. A block finds its tensor by a binary
- *   search over the first_tile fields (a handful of broadcast loads that hit L1). Raw and expdict
- *   tensors mix freely in one table: the codec is a descriptor field, uniform within a block.
- *
- * One block = one tile of 4096 elements = 128 bitmap words, 128 threads
- *   1. Tile offsets t and t+1 say where the tile's values are: values[lo, hi). This is what lets
- *      every tile decode on its own, with no scan over the tensor. Every thread reads the same two
- *      words (broadcast); they are checked before anything is read through them.
- *   2. Thread i loads bitmap word i of the tile (coalesced 4-byte loads).
- *   3. The tile's values are staged into shared memory with 16-byte loads by consecutive threads
- *      (coalesced: a warp moves 512 contiguous bytes per instruction), from the 16-byte aligned
- *      window around [lo, hi). Staging does not depend on the bitmap, so the word load and the
- *      staging loads are in flight together. Then each thread counts its word's bits; a
- *      block exclusive scan (warp shuffles, then the 4 warp totals through shared memory) turns
- *      the counts into each word's first value index. The tile total must equal hi - lo.
- *   4. Output: the tile's dense bytes are written as 16-byte chunks, chunk c by thread c mod 128,
- *      so each warp store instruction writes 512 contiguous bytes (fully coalesced). A chunk is 8
- *      fp16/bf16 or 4 fp32 elements, i.e. one byte or one nibble of one bitmap word: its first
- *      value index is that word's scan result plus the popcount of the word's lower bits, and its
- *      values come from shared memory. (One thread writing its own word's 32 outputs would store
- *      64 or 128 bytes per thread, strided across the warp; the dense output is the largest
- *      stream of the decode, so it gets the coalesced pattern.)
- *   Bitmap and values are read exactly once, hence the L1::no_allocate loads: they should not
- *   evict the descriptors and tile offsets that all threads share.
- *
- * Codec expdict
- *   Value k has its residual (sign and mantissa, whole bytes) at byte residual_bytes * k of the
- *   `values` stream and its field (exponent index | high residual bits << index_bits) at bit
- *   field_bits * k of `codes`: fixed widths, so a tile's residuals and codes are two byte windows,
- *   staged in step 3 with the same coalesced 16-byte loads as raw values (the tile's escape
- *   offsets are read and checked in step 1 beside its tile offsets). After the verdict barrier:
- *   3b. thread j rebuilds values 4j .. 4j + 3, then 4(j + 128) .., of the tile into a shared array:
- *       one 32-bit read gives the four fields, one or three (plus one when they straddle a word)
- *       the residuals, and a value is field_part[field] | low_part(residual) (field_part tabulated
- *       per block in step 3 for every field value: exponent, and fp16's high residual bits); the
- *       tile's last count % 4 values one a thread; barrier;
- *   3c. only in a tile with escapes (uniform in the block): thread j takes escapes esc_lo + j,
- *       + 128, ... and overwrites the value at its position with the escape's full bit pattern
- *       (escapes are rare, so these scattered loads cost little); a second verdict barrier (an
- *       escape position may be bad);
- *   and step 4 writes the rebuilt array exactly as it writes raw values. Shared memory per block
- *   grows (rebuilt values + both windows + field table: 14.4 KB bf16, 16.2 KB fp16, 30.8 KB
- *   fp32, against 9.2 and 17.4 KB raw), so fewer blocks are resident per SM (14 instead of 16 for
- *   bf16 on sm_90, 12 for fp16); the tile reads 1.4x fewer bytes from DRAM than raw at 50 % bf16.
- *
- * Decoding moves bit patterns: fp16 and bf16 share the 2-byte path, fp32 uses the 4-byte path;
- * the element size is a per-descriptor field (dtype table: endor_gds/kernels.py). expdict also
- * needs man_bits (7 bf16, 10 fp16, 23 fp32) to place sign, exponent and mantissa.
- *
- * Safety: the file is untrusted. Whatever the bitmap, tile offsets and escape tables say, the
- * kernel reads only [bitmap, bitmap + 4*ceil(n/32)), [values, values + values_capacity),
- * tile_offsets[0..ntiles], and for expdict [codes, codes + codes_capacity),
- * escape_offsets[0..ntiles], escape_positions and escape_values [0, escapes), and writes only
- * out[0..n). The host (kernels.GpuDecoder.make_table) guarantees the descriptor itself:
- * 1 <= n < 2^32, nnz * elem_bytes <= values_capacity (raw) or nnz * residual_bytes <=
- * values_capacity and ceil(nnz * field_bits / 8) <= codes_capacity (expdict), elem_bytes in
- * {2, 4}, man_bits matching it, index_bits in 1..4, escape arrays of `escapes` entries, the
- * alignments below, and consecutive first_tile values. The kernel checks everything that comes
- * from the file:
- *   - lo <= hi <= nnz and hi - lo <= 4096 (else the staging loads could leave the segment or
- *     overflow shared memory), tile_offsets[0] == 0 and tile_offsets[ntiles] == nnz: reason
- *     kBadOffsets, checked before any value is read;
- *   - expdict: the tile's escape offsets satisfy esc_lo <= esc_hi <= escapes and
- *     esc_hi - esc_lo <= hi - lo, start at 0 in tile 0 and end at escapes in the last tile:
- *     kBadEscapes, before any escape is read;
- *   - bits at positions >= n in the tensor's last word must be clear: kBitsPastEnd;
- *   - the tile's popcount must equal hi - lo: kCountMismatch. Together with the first check this
- *     bounds every value index by hi (the emulation asserts it at each read);
- *   - expdict: every escape position is below hi - lo and above the tile's previous one:
- *     kBadEscapes. Only such a position is written, so no write leaves the rebuilt array and no
- *     two threads write the same value.
- *   A bad tile writes nothing and records (descriptor, tile, reason) in *error with atomicMin, so
- *   the first bad tile in table order is reported, deterministically. Other tiles of the launch
- *   may have been written: the caller treats the whole launch's outputs as invalid.
- *
- * Alignment required of the pointers (checked by make_table): bitmap, tile_offsets and
- * escape_offsets 4 bytes, values and codes 16 bytes (the 16-byte staging loads start at a multiple
- * of 16 past them, never before), escape_positions 2, escape_values elem_bytes, out 16 bytes (tile
- * t starts at out + 4096 * t * elem_bytes, a multiple of 16). Outputs must not overlap inputs
- * (the input loads use the read-only data path).
+ * The file is untrusted: whatever the bitmap, tile offsets and escape tables say, the kernel reads
+ * only inside each segment's capacity and writes only out[0..n). The host (gpu.GpuDecoder.make_table)
+ * guarantees the descriptors and the alignments (bitmap, tile_offsets, escape_offsets 4 bytes;
+ * values, codes, out 16 bytes; escape_positions 2; escape_values elem_bytes); the kernel checks
+ * everything that comes from the file (kBadOffsets, kBadEscapes, kBitsPastEnd, kCountMismatch).
+ * A bad tile writes nothing and records (descriptor, tile, reason) in *error with atomicMin; the
+ * caller treats the whole launch's outputs as invalid.
  */
 
 // The tile size of the file format (docs/format.md: 4096 elements, endor_gds.codec.bitmap.TILE_ELEMS).
-// kernels.NVRTC_OPTIONS always passes it, so a change on the Python side reaches the kernel; the
+// gpu.NVRTC_OPTIONS always passes it, so a change on the Python side reaches the kernel; the
 // default lets the file compile on its own (nvcc -arch=sm_90 -cubin cuda/endor_decode.cu).
 #ifndef ENDOR_TILE_ELEMS
 #define ENDOR_TILE_ELEMS 4096
@@ -131,7 +51,7 @@ constexpr u32 kStageSlack = kChunk;            // staging window = values + alig
 constexpr u32 kMaxIndexBits = 4;               // expdict.MAX_INDEX_BITS: 16 dictionary entries
 // Resident blocks per SM the kernel is built for: 16 x 128 = 2048 threads, full occupancy on
 // sm_80/sm_90, to hide DRAM latency in this memory-bound kernel. It caps registers at 32 per
-// thread, which the kernel fits without spilling (tests/test_cuda_compile.py fails on any spill).
+// thread, which the kernel fits without spilling (tests/decode/test_cuda_compile.py fails on any spill).
 // Shared memory per block is 9.2 KB for fp16/bf16 tables (+1 KB the driver reserves): 16 blocks
 // fit an sm_90 SM (228 KB), about 15 an sm_80 SM (164 KB); a table holding fp32 (17.4 KB a block)
 // runs about 12 and 8, and expdict tables (see above) 14 / 10 (bf16) and 7 / 5 (fp32).
@@ -141,8 +61,8 @@ static_assert(kThreads % 32 == 0 && kWarps <= 32, "the scan keeps one total per 
 
 enum Codec : u32 { kRaw = 0, kExpDict = 1 };
 
-// One bitmap tensor of the layer (built and uploaded once by kernels.GpuDecoder.make_table; the
-// byte layout is kernels.DESC_DTYPE, and the emulation test checks the two agree).
+// One bitmap tensor of the layer (built and uploaded once by gpu.GpuDecoder.make_table; the
+// byte layout is gpu.DESC_DTYPE, and the emulation test checks the two agree).
 struct Desc {
   const u32* bitmap;        // ceil(n/32) little-endian words; bit j of word w = element 32w+j
   const u8* values;         // raw: the nnz packed values; expdict: the residuals; 16-byte aligned

@@ -301,7 +301,8 @@ class EndorFile:
 
     def _load(self, check_tiles: bool) -> None:
         p = self.path
-        self.file_size = os.fstat(self._fd).st_size
+        self.opened_stat = os.fstat(self._fd)  # a later change on disk is named by what changed
+        self.file_size = self.opened_stat.st_size
         if self.file_size < PAGE:
             raise fail(p, f"file is {self.file_size} bytes, smaller than the {PAGE}-byte header page "
                            f"(not an .endor file, or truncated)")

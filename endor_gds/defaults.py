@@ -120,8 +120,9 @@ _OPTIONS: dict[str, Option] = {
                "threads of the CPU decoder; 0 means one per CPU core"),
         Option("prefetch_depth", "ENDOR_PREFETCH_DEPTH", 2, _positive_int,
                "buffer sets of the streaming pipeline: 1 = no overlap, 2 = double buffering"),
-        Option("verify_reads", "ENDOR_VERIFY_READS", False, _bool,
-               "check every segment's CRC-32C each time it is read while streaming"),
+        Option("verify_reads", "ENDOR_VERIFY_READS", True, _bool,
+               "check every segment's CRC-32C as it is read: streamed extents before their decode, "
+               "the RAM tier and resident tensors once at load (0 turns it off)"),
         Option("cache_dir", "ENDOR_CACHE_DIR", "~/.cache/endor_gds", str,
                "where the demo and benchmarks keep the random-init checkpoints they build"),
     ]

@@ -43,7 +43,7 @@ def params_on_meta():
 def empty_model(config: dict, dtype: torch.dtype):
     """An ``AutoModelForCausalLM`` for ``config`` (a config.json dict): params on meta, buffers real."""
     import transformers  # noqa: PLC0415 - heavy import, only when a model is built
-    from transformers.initialization import no_init_weights  # noqa: PLC0415
+    from transformers.initialization import no_init_weights  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
 
     cfg = transformers.AutoConfig.for_model(**config)
     with no_init_weights(), params_on_meta():

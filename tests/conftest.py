@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/models.py
-
-from models import build_model  # noqa: E402
+from endor_gds.benchmarks.models import build_model
 
 
 def _has_gpu() -> bool:

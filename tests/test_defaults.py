@@ -47,9 +47,9 @@ def test_unknown_option_is_key_error():
 
 def test_environment_variables_are_read_and_checked():
     code = "import endor_gds; print(endor_gds.defaults.get('io_threads'), endor_gds.defaults.get('verify_reads'))"
-    env = {"ENDOR_IO_THREADS": "7", "ENDOR_VERIFY_READS": "yes", "PATH": "/usr/bin:/bin"}
+    env = {"ENDOR_IO_THREADS": "7", "ENDOR_VERIFY_READS": "no", "PATH": "/usr/bin:/bin"}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.split() == ["7", "True"]
+    assert out.stdout.split() == ["7", "False"]
     bad = subprocess.run([sys.executable, "-c", "import endor_gds"], env=dict(env, ENDOR_IO="fast"),
                          capture_output=True, text=True)
     assert bad.returncode != 0 and "ENDOR_IO" in bad.stderr

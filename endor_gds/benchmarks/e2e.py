@@ -23,9 +23,10 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import shutil
 import statistics
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,7 +34,18 @@ from pathlib import Path
 import torch
 
 from endor_gds import defaults
+from endor_gds.benchmarks import profile_io
+from endor_gds.benchmarks.fio import run_fio
+from endor_gds.benchmarks.system import system_header
+from endor_gds.container import EndorFile
+from endor_gds.modeling import empty_model
+from endor_gds.packing.checkpoint import Checkpoint
+from endor_gds.packing.packer import pack
+from endor_gds.read.buffers import aligned_empty
 from endor_gds.read.pagecache import evict_page_cache, page_cache_fraction
+from endor_gds.read.readers import open_reader
+from endor_gds.recipes import recipe_for
+from endor_gds.stream.runtime import from_pretrained
 
 __all__ = ["CONFIGS", "build_checkpoint", "packed_variants", "run_e2e", "format_report", "plot_report"]
 
@@ -78,10 +90,9 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
     Weights are N(0, 0.02) as transformers initialises them, norms 1, biases 0. The folder appears
     only when complete (built under a temporary name, then renamed).
     """
-    from safetensors.torch import save_file  # noqa: PLC0415
-    from tqdm.auto import tqdm  # noqa: PLC0415
+    from safetensors.torch import save_file  # noqa: PLC0415 - heavy, and only needed here on first use
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only when a checkpoint is built
 
-    from endor_gds.modeling import empty_model  # noqa: PLC0415
 
     name, config = resolve_config(name)
     config["torch_dtype"] = dtype
@@ -145,8 +156,6 @@ def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
                     kinds: tuple[str, ...] = ("dense", "pruned")) -> dict[str, Path]:
     """Pack ``ckpt`` as each variant of ``kinds`` (:data:`VARIANTS`), cached beside it; returns
     ``{kind: path}``."""
-    from endor_gds.container import EndorFile  # noqa: PLC0415
-    from endor_gds.packing.packer import pack  # noqa: PLC0415
 
     out = {}
     for kind in kinds:
@@ -272,12 +281,9 @@ def _offload_map(model: torch.nn.Module, layers_path: str, compute, layer_place)
 def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: int,
                        place: str = "disk", cold: bool = True) -> VariantResult:
     """Accelerate offloading of the checkpoint, set up as a user would with ``device_map``."""
-    import tempfile  # noqa: PLC0415
 
-    import transformers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
 
-    from endor_gds.modeling import empty_model  # noqa: PLC0415
-    from endor_gds.recipes import recipe_for  # noqa: PLC0415
 
     config = json.loads((ckpt / "config.json").read_text())
     recipe = recipe_for(config)
@@ -307,7 +313,6 @@ def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: in
 
 
 def _layer_bytes(ckpt: Path, recipe) -> int:
-    from endor_gds.packing.checkpoint import Checkpoint  # noqa: PLC0415
 
     c = Checkpoint(ckpt)
     return sum(t.nbytes for n, t in c.tensors.items() if recipe.layer_of(n) is not None)
@@ -315,7 +320,6 @@ def _layer_bytes(ckpt: Path, recipe) -> int:
 
 def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, tokens: int,
                   tier: str = "ssd", cold: bool = True, **kwargs) -> VariantResult:
-    from endor_gds.stream.runtime import from_pretrained  # noqa: PLC0415
 
     model = from_pretrained(path, device=device, tier=tier, **kwargs)
     rt = model.endor
@@ -338,8 +342,6 @@ def _fio_gbps(folder: Path, size: int, log) -> tuple[float | None, str]:
     """fio's best O_DIRECT read of a scratch file of ``size`` bytes in ``folder`` (kept for the
     next run). Not one of the variants' files: a virtual disk's host-side cache, which the guest
     cannot evict, would then favour the file fio had just read."""
-    from endor_gds.benchmarks import profile_io  # noqa: PLC0415
-
     fio = shutil.which("fio")
     if fio is None:
         return None, "fio not installed"
@@ -350,7 +352,7 @@ def _fio_gbps(folder: Path, size: int, log) -> tuple[float | None, str]:
     for engine, threads in (("libaio", 16), ("psync", defaults.get("io_threads"))):
         try:
             evict_page_cache(path)
-            g = profile_io.run_fio(fio, str(path), size, 4 << 20, threads, engine)
+            g = run_fio(fio, str(path), size, 4 << 20, threads, engine)
         except Exception as exc:  # noqa: BLE001 - report and try the other engine
             log(f"fio {engine} failed: {exc}")
             continue
@@ -359,21 +361,9 @@ def _fio_gbps(folder: Path, size: int, log) -> tuple[float | None, str]:
     return best, how
 
 
-def system_header(device: str) -> dict:
-    gpu = None
-    if device.startswith("cuda") and torch.cuda.is_available():
-        gpu = torch.cuda.get_device_name(torch.device(device))
-    return {"machine": platform.node(), "cpu": platform.processor() or platform.machine(),
-            "cpus": os.cpu_count(), "gpu": gpu, "torch": torch.__version__,
-            "python": platform.python_version()}
-
-
 def raw_read_gbps(path: Path, repeats: int = 2) -> float:
     """Best cold-cache bandwidth of reading every layer extent of ``path`` with the runtime's reader
     (default settings, two buffers as the pipeline uses) and nothing else: the read floor."""
-    from endor_gds.container import EndorFile  # noqa: PLC0415
-    from endor_gds.read.buffers import aligned_empty  # noqa: PLC0415
-    from endor_gds.read.readers import open_reader  # noqa: PLC0415
 
     with EndorFile(path) as f:
         extents = [(e.offset, e.length) for e in f.layers]
@@ -392,10 +382,11 @@ def raw_read_gbps(path: Path, repeats: int = 2) -> float:
 def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity: float = 0.5,
             tokens: int = 8, prompt_len: int = 16, device: str = "cpu", tiers=("ssd",),
             accelerate: bool = True, cold: bool = True, rounds: int = 1, root: Path | None = None,
-            progress: bool = True, log=print, v2: bool = True) -> dict:
+            progress: bool = True, log=print, v2: bool = True, unchecked: bool = False) -> dict:
     """Build, pack, measure every variant ``rounds`` times (interleaved, so a disk whose speed
     drifts affects all variants alike) and return the report (see ``bench_e2e.py --json``).
-    ``v2``: also the pruned model in format v2 (codec expdict)."""
+    ``v2``: also the pruned model in format v2 (codec expdict). ``unchecked``: also every endor
+    variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks)."""
     ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
     endor_kinds = ["dense", "pruned"] + (["pruned-v2"] if v2 else [])
     files = packed_variants(ckpt, sparsity, progress=progress, kinds=tuple(endor_kinds))
@@ -430,10 +421,12 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                     log(f"[round {r + 1}/{rounds}] {name} ...")
                     # This disk's speed drifts (host caching, burst credits): the floor of each
                     # variant is its own file read alone, cold, right before it runs.
-                    read_now = raw_read_gbps(files[kind], repeats=1)
-                    v = measure_endor(files[kind], name, device, prompt, tokens, tier=tier, cold=cold)
-                    v.read_gbps.append(read_now)
-                    add(v)
+                    for verify in (True, False) if unchecked else (True,):
+                        read_now = raw_read_gbps(files[kind], repeats=1)
+                        v = measure_endor(files[kind], name + ("" if verify else "-unchecked"), device,
+                                          prompt, tokens, tier=tier, cold=cold, verify_reads=verify)
+                        v.read_gbps.append(read_now)
+                        add(v)
     ordered = sorted(merged.values(), key=lambda v: (v.name.endswith("-ram") or v.name == "accelerate-cpu",
                                                     v.kind != "accelerate", v.name))
     rep = make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how, files,
@@ -474,7 +467,13 @@ def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how
     v2 = by.get("endor-pruned-v2")  # format v2 against v1, the same pruned weights
     rep["speedup_v2_vs_v1"] = ratio(pruned, v2)
     rep["byte_ratio_v2"] = pruned.bytes_per_token / v2.bytes_per_token if pruned and v2 else None
+    # checked reads (the default) against the same variant unchecked, same run: time per token
+    rep["checked_cost"] = {v.name: ratio(v, by[v.name + "-unchecked"]) for v in variants
+                           if v.name + "-unchecked" in by}
+    cost_limit = 1.03 if device.startswith("cuda") else 1.05  # the 2-core CPU class shares its cores
     rep["targets"] = {
+        f"checked_cost <= {cost_limit} for every variant": _ok(
+            max(rep["checked_cost"].values(), default=None), lambda x: x <= cost_limit),
         "speedup_vs_accelerate >= 2.5": _ok(rep["speedup_vs_accelerate"], lambda x: x >= 2.5),
         "speedup_vs_dense >= 0.95 * byte_ratio": _ok(
             rep["speedup_vs_dense"], lambda x: rep["byte_ratio"] is not None and x >= 0.95 * rep["byte_ratio"]),
@@ -500,16 +499,19 @@ def format_report(rep: dict) -> str:
         f"torch {s['torch']}",
         (f"storage: fio {rep['fio_gbps']:.2f} GB/s ({rep['fio']})" if rep["fio_gbps"] else "storage: fio unavailable")
         + (f"; endor reader alone {rep['read_gbps_before']:.2f} GB/s" if rep.get("read_gbps_before") else ""),
+        "checked reads: " + next((v["stats"]["checked_reads"] for v in rep["variants"]
+                                  if (v.get("stats") or {}).get("checked_reads")), "-"),
         "",
-        f"{'variant':<22} {'s/token':>9} {'(min-max)':>17} {'MB/token':>9} {'GB/s':>6} {'read alone':>10} "
+        f"{'variant':<26} {'s/token':>9} {'(min-max)':>17} {'MB/token':>9} {'GB/s':>6} {'read alone':>10} "
         f"{'/floor':>6} {'overlap':>8} {'mode':>14}",
     ]
     for v in rep["variants"]:
         st = v.get("stats") or {}
         ov = st.get("per_token", {}).get("overlap")
+        spread = f"({v['s_per_token_min'] or 0:.3f}-{v['s_per_token_max'] or 0:.3f})"
         lines.append(
-            f"{v['name']:<22} {v['s_per_token_median']:>9.3f} "
-            f"{'(' + format(v['s_per_token_min'] or 0, '.3f') + '-' + format(v['s_per_token_max'] or 0, '.3f') + ')':>17} "
+            f"{v['name']:<26} {v['s_per_token_median']:>9.3f} "
+            f"{spread:>17} "
             f"{v['bytes_per_token'] / 1e6:>9.1f} {v['gbps'] or 0:>6.2f} "
             f"{(format(statistics.median(v['read_gbps']), '.2f') + ' GB/s') if v['read_gbps'] else '-':>10} "
             f"{format(v['time_over_read_floor'], '.2f') if v['time_over_read_floor'] else '-':>6} "
@@ -524,6 +526,9 @@ def format_report(rep: dict) -> str:
     if rep.get("speedup_v2_vs_v1") is not None:
         lines.append(f"format v2 (expdict) vs v1, same pruned weights: {fmt(rep['speedup_v2_vs_v1'])}x "
                      f"(byte ratio {fmt(rep['byte_ratio_v2'])})")
+    if rep.get("checked_cost"):
+        lines.append("checked reads vs unchecked, time per token: " + ", ".join(
+            f"{name} {fmt(x)}x" for name, x in rep["checked_cost"].items()))
     if rep.get("speedup_vs_accelerate_ram") is not None:
         lines.append(f"RAM tier: pruned vs accelerate cpu offload: {fmt(rep['speedup_vs_accelerate_ram'])}x")
     for v in rep["variants"]:
@@ -536,10 +541,10 @@ def format_report(rep: dict) -> str:
 
 
 def plot_report(rep: dict, out_png: str) -> None:
-    import matplotlib  # noqa: PLC0415
+    import matplotlib  # noqa: PLC0415 - optional (the bench extra), only for --plot
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional (the bench extra), only for --plot
 
     names = [v["name"] for v in rep["variants"]]
     med = [v["s_per_token_median"] for v in rep["variants"]]
@@ -576,6 +581,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-v2", action="store_true",
                    help="skip the format v2 variant (the pruned model with codec expdict)")
     p.add_argument("--warm", action="store_true", help="do not evict the page cache before steps")
+    p.add_argument("--unchecked", action="store_true",
+                   help="also run every endor variant with verify_reads=False, interleaved: the cost of "
+                        "checked reads, same run")
     p.add_argument("--cache-dir", default=None, help="where checkpoints and packed files are kept "
                    "(default: ENDOR_CACHE_DIR, ~/.cache/endor_gds)")
     p.add_argument("--json", nargs="?", const="-", default=None, metavar="OUT",
@@ -585,7 +593,6 @@ def add_arguments(p) -> None:
 
 
 def run_from_args(args) -> int:
-    import sys  # noqa: PLC0415
 
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -597,7 +604,7 @@ def run_from_args(args) -> int:
                   prompt_len=args.prompt_len, device=args.device, tiers=tiers,
                   accelerate=not args.no_accelerate, cold=not args.warm, rounds=args.rounds,
                   root=Path(args.cache_dir) if args.cache_dir else None,
-                  progress=not args.quiet, log=log, v2=not args.no_v2)
+                  progress=not args.quiet, log=log, v2=not args.no_v2, unchecked=args.unchecked)
     print(format_report(rep), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
         text = json.dumps(rep, indent=1)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -35,15 +34,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from endor_gds._version import __version__
 from endor_gds.benchmarks import telemetry
+from endor_gds.benchmarks.fio import FIO_ENGINES, FIO_SHAPE, FioError, run_fio
+from endor_gds.benchmarks.system import read_text, system_info
 from endor_gds.defaults import parse_bytes
 from endor_gds.errors import EndorError
 from endor_gds.read.buffers import ALIGN, cuda_available, host_buffer
 from endor_gds.read.pagecache import evict_page_cache, page_cache_fraction
 from endor_gds.read.readers import Reader, import_kvikio, open_reader
 
-__all__ = ["register", "main", "profile", "run_fio", "system_info", "format_report", "plot"]
+__all__ = ["register", "main", "profile", "format_report", "plot", "prepare_file"]
 
 TEST_FILE = "endor-profile-io.bin"
 HOST_MODES = ("posix-direct", "posix-buffered")
@@ -114,75 +114,12 @@ def _engines(text: str) -> tuple[str, ...]:
     return values
 
 
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            return f.read().strip()
-    except OSError:
-        return ""
-
-
 # -- the machine ------------------------------------------------------------------------------
-
-
-def _cpu_model() -> str:
-    for line in _read_text("/proc/cpuinfo").splitlines():
-        if line.startswith("model name"):
-            return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def _mem_bytes() -> int:
-    for line in _read_text("/proc/meminfo").splitlines():
-        if line.startswith("MemTotal:"):
-            return int(line.split()[1]) * 1024
-    return 0
-
-
-def _virtualization() -> str:
-    flags = next((line for line in _read_text("/proc/cpuinfo").splitlines()
-                  if line.startswith("flags")), "")
-    vendor = _read_text("/sys/class/dmi/id/sys_vendor")
-    if " hypervisor" in flags:
-        return f"virtual machine ({vendor})" if vendor else "virtual machine"
-    return "bare metal"
-
-
-def fs_info(path) -> dict:
-    """File system type, source device and mount point holding ``path`` (/proc/self/mountinfo)."""
-    real = os.path.realpath(path)
-    best: dict = {}
-    for line in _read_text("/proc/self/mountinfo").splitlines():
-        left, _, right = line.partition(" - ")
-        parts, rparts = left.split(), right.split()
-        if len(parts) < 5 or len(rparts) < 2:
-            continue
-        mount = parts[4].replace("\\040", " ")
-        inside = real == mount or real.startswith(mount.rstrip("/") + "/")
-        if inside and len(mount) >= len(best.get("mount", "")):
-            best = {"mount": mount, "fstype": rparts[0], "source": rparts[1]}
-    dev = os.path.basename(best.get("source", ""))
-    block = f"/sys/class/block/{dev}"
-    if dev and os.path.exists(block):
-        disk = os.path.basename(os.path.realpath(os.path.join(block, "..")))
-        queue = f"/sys/block/{dev}/queue" if os.path.exists(f"/sys/block/{dev}") else \
-            f"/sys/block/{disk}/queue"
-        driver = os.path.realpath(os.path.join(os.path.dirname(queue), "device", "driver"))
-        model = _read_text(os.path.join(os.path.dirname(queue), "device", "model"))
-        best.update(
-            driver=os.path.basename(driver) if os.path.exists(driver) else "",
-            model=model,
-            rotational=_read_text(f"{queue}/rotational"),
-            scheduler=next((w.strip("[]") for w in _read_text(f"{queue}/scheduler").split()
-                            if w.startswith("[")), ""),
-            max_sectors_kb=_read_text(f"{queue}/max_sectors_kb"),
-        )
-    return best
 
 
 def _disk_reads(dev: str) -> tuple[int, int] | None:
     """(read requests completed, sectors read) of block device ``dev`` from /proc/diskstats."""
-    for line in _read_text("/proc/diskstats").splitlines():
+    for line in read_text("/proc/diskstats").splitlines():
         f = line.split()
         if len(f) > 6 and f[2] == dev:
             return int(f[3]), int(f[5])
@@ -205,34 +142,6 @@ class _RequestSize:
         if not after or after[0] == self.before[0]:
             return None
         return (after[1] - self.before[1]) * 512 / 1024 / (after[0] - self.before[0])
-
-
-def _fio_version(fio: str | None) -> str:
-    if not fio:
-        return ""
-    try:
-        return subprocess.run([fio, "--version"], capture_output=True, text=True, timeout=30,
-                              check=False).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return ""
-
-
-def system_info(path, fio: str | None = None) -> dict:
-    """Machine, CPU, memory, GPU (NVML), file system and fio version, for the report header."""
-    gpu = telemetry.probe()
-    return {
-        "host": platform.node(),
-        "machine": f"{platform.machine()}, Linux {platform.release()}, {_virtualization()}",
-        "cpu": f"{_cpu_model()}, {os.cpu_count()} logical CPUs",
-        "memory_bytes": _mem_bytes(),
-        "gpu": ", ".join(f"{n} (PCIe {link})" for n, link in zip(gpu.devices, gpu.pcie))
-        if gpu.available else f"none ({gpu.reason})",
-        "gpu_driver": gpu.driver,
-        "file_system": fs_info(path),
-        "python": platform.python_version(),
-        "endor_gds": __version__,
-        "fio": _fio_version(fio),
-    }
 
 
 # -- the test file ----------------------------------------------------------------------------
@@ -400,49 +309,6 @@ def measure(path: str, nbytes: int, mode: str, threads: int, chunk: int, buffers
     return result.gbps[-1]
 
 
-def _fio_filename(path: str) -> str:
-    return path.replace("\\", "\\\\").replace(":", "\\:")  # fio splits --filename on ':'
-
-
-FIO_ENGINES = ("libaio", "psync")
-_FIO_SHAPE = {"libaio": "one stream, iodepth = threads", "io_uring": "one stream, iodepth = threads",
-              "psync": "numjobs = threads, one slice each"}
-
-
-def run_fio(fio: str, path: str, nbytes: int, chunk: int, threads: int,
-            engine: str = "libaio") -> float:
-    """fio's sequential O_DIRECT read bandwidth (GB/s) over the first ``nbytes`` of ``path``.
-
-    ``libaio`` / ``io_uring``: one job, ``iodepth=threads``. ``psync``: ``threads`` jobs (threads,
-    not processes, as ours), each reading ``nbytes / threads`` (whole blocks) from its own offset,
-    bandwidth summed over the group.
-    """
-    cmd = [fio, "--name=endor-profile-io", f"--filename={_fio_filename(path)}", "--readonly",
-           "--rw=read", f"--bs={chunk}", "--direct=1", f"--ioengine={engine}", "--invalidate=1",
-           "--thread", "--output-format=json"]
-    if engine == "psync":
-        per_job = nbytes // threads // chunk * chunk or nbytes // threads // ALIGN * ALIGN
-        if per_job == 0:
-            raise ProfileError(f"fio psync: {nbytes} bytes cannot be split over {threads} jobs")
-        expect = per_job * threads
-        cmd += [f"--numjobs={threads}", f"--size={per_job}", f"--offset_increment={per_job}",
-                "--group_reporting"]
-    else:
-        expect = nbytes
-        cmd += [f"--iodepth={threads}", "--numjobs=1", f"--size={nbytes}"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
-    text = proc.stdout[proc.stdout.find("{"):] if "{" in proc.stdout else ""
-    if proc.returncode != 0 or not text:
-        raise ProfileError(f"fio failed (exit {proc.returncode}): {proc.stderr.strip()[-400:]}; "
-                           f"command: {' '.join(cmd)}")
-    job = json.loads(text)["jobs"][0]
-    read = job["read"]
-    if job.get("error") or read["io_bytes"] != expect:
-        raise ProfileError(f"fio read {read['io_bytes']} of {expect} bytes "
-                           f"(error {job.get('error')}); command: {' '.join(cmd)}")
-    return read["bw_bytes"] / 1e9
-
-
 def _default_modes() -> tuple[str, ...]:
     if cuda_available():
         try:
@@ -503,7 +369,7 @@ def _profile_file(file, nbytes, threads, chunks, modes, warm, repeats, extent, d
     on_header(header)
 
     results = {(m, t, c): Result(m, t, c) for c in chunks for t in threads for m in modes}
-    fio_results = {(e, t, c): Result(f"fio-{e}", t, c, actual_mode=_FIO_SHAPE.get(e, e))
+    fio_results = {(e, t, c): Result(f"fio-{e}", t, c, actual_mode=FIO_SHAPE.get(e, e))
                    for c in chunks for t in threads for e in fio_engines} if fio else {}
     fio_error = "" if fio or not use_fio else "fio not installed"
     for rep in range(repeats):
@@ -535,7 +401,7 @@ def _fio_once(fio, file, nbytes, threads, chunk, engine, warm, result: Result, t
     requests = _RequestSize(dev)
     try:
         gbps = run_fio(fio, file, nbytes, chunk, threads, engine)
-    except (ProfileError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
+    except (FioError, ProfileError, OSError, subprocess.SubprocessError, ValueError, KeyError) as exc:
         log(f"fio: {exc}; continuing without it")
         return str(exc)
     result.gbps.append(gbps)
@@ -566,7 +432,7 @@ def _report(header, results, fio_results, fio, fio_engines, fio_error, repeats) 
         "best": {mode: {k: b[k] for k in ("threads", "chunk_bytes", "gbps_median", "actual_mode")}
                  for mode, b in best.items()},
         "fio": {"available": bool(fio), "version": header["system"]["fio"],
-                "engines": {e: _FIO_SHAPE.get(e, e) for e in fio_engines}, "direct": True,
+                "engines": {e: FIO_SHAPE.get(e, e) for e in fio_engines}, "direct": True,
                 "error": fio_error or None, "runs": fio_runs,
                 "best": {k: fio_best[k] for k in ("mode", "threads", "chunk_bytes", "gbps_median")}
                 if fio_best else None},
@@ -663,7 +529,7 @@ def plot(rep: dict, out_png: str) -> None:
     import matplotlib  # noqa: PLC0415 - optional (the "bench" extra)
 
     matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
+    import matplotlib.pyplot as plt  # noqa: PLC0415 - optional (the bench extra), only for --plot
 
     panels = {}
     for m in rep["measurements"]:

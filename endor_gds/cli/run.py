@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import tempfile
 import time
+
+import torch
+
+from endor_gds.stream.runtime import from_pretrained
 
 __all__ = ["register", "cmd_run", "load_tokenizer"]
 
 
 def load_tokenizer(ef, tokenizer_dir: str | None):
     """The tokenizer: ``tokenizer_dir`` if given, else the one embedded in the file, else ``None``."""
-    import transformers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
 
     if tokenizer_dir:
         return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
@@ -28,8 +33,6 @@ class PromptError(ValueError):
 
 
 def _prompt_ids(prompt: str, tokenizer):
-    import torch  # noqa: PLC0415
-
     if tokenizer is not None:
         enc = tokenizer(prompt, return_tensors="pt")
         if enc["input_ids"].shape[1] == 0:
@@ -51,6 +54,7 @@ def _print_stats(s: dict, out) -> None:
           f"{s['prefetch_depth']}, resident layers {len(s['resident_layers'])}, streamed layers "
           f"{s['streamed_layers']}, decoder {s['decoder']}", file=out)
     print(f"reader chosen: {s['reader_reason']}", file=out)
+    print(f"checked reads: {s['checked_reads']}", file=out)
     print(f"per token: {t['s'] * 1e3:.1f} ms ({t['tokens_per_s']:.2f} tokens/s), "
           f"{t['bytes_read'] / 1e6:.1f} MB read at {t['gbps']:.2f} GB/s effective", file=out)
     print(f"  read {t['read_s'] * 1e3:.1f} ms, decode {t['decode_s'] * 1e3:.1f} ms, compute "
@@ -59,14 +63,10 @@ def _print_stats(s: dict, out) -> None:
 
 
 def cmd_run(args) -> int:
-    import torch  # noqa: PLC0415
-
-    from endor_gds.stream.runtime import from_pretrained  # noqa: PLC0415
-
     max_memory = args.max_memory
     model = from_pretrained(args.file, device=args.device, max_memory=max_memory, tier=args.tier,
                             prefetch_depth=args.prefetch_depth, io=args.io,
-                            verify_reads=args.verify_reads or None)
+                            verify_reads=args.verify_reads)
     rt = model.endor
     try:
         tokenizer = load_tokenizer(rt.file, args.tokenizer)
@@ -116,6 +116,7 @@ def register(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.8)
     p.add_argument("--top-p", type=float, default=0.95)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--verify-reads", action="store_true", help="check segment CRCs on every read")
+    p.add_argument("--verify-reads", action=argparse.BooleanOptionalAction, default=None,
+                   help="check every segment's CRC-32C as it is read (default: on, ENDOR_VERIFY_READS)")
     p.add_argument("--json", action="store_true", help="text, tokens and statistics as JSON")
     p.set_defaults(func=cmd_run)

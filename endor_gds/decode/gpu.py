@@ -65,7 +65,7 @@ __all__ = [
 KERNEL_FILE = "endor_decode.cu"
 KERNEL_NAME = "endor_decode_bitmap"
 
-# NVRTC options of the run-time compile. tests/test_cuda_compile.py compiles the same source with
+# NVRTC options of the run-time compile. tests/decode/test_cuda_compile.py compiles the same source with
 # nvcc using nvcc_options(NVRTC_OPTIONS), so CI builds exactly what a GPU host will run.
 # (CuPy adds -arch for the device it compiles for.)
 NVRTC_OPTIONS: tuple[str, ...] = (
@@ -572,7 +572,7 @@ class GpuDecoder:
         """
         table = self.make_table(items)
         if stream is None:
-            import torch  # noqa: PLC0415
+            import torch  # noqa: PLC0415 - heavy, and only needed here on first use
 
             if torch.cuda.is_available():
                 stream = torch.cuda.current_stream(self.device)

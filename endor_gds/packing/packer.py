@@ -220,7 +220,7 @@ def pack(
 
     layer_pruner: LayerPruner | None = None
     if prune == "wanda":  # reads and checks the calibration file before anything is written
-        from endor_gds.packing.wanda import make_pruner  # noqa: PLC0415
+        from endor_gds.packing.wanda import make_pruner  # noqa: PLC0415 - Wanda pulls in calibration and tokenizer code; only --prune wanda needs it
 
         layer_pruner = make_pruner(ckpt, recipe, plan, calib=calib, samples=calib_samples,
                                    seqlen=calib_seqlen, sparsity=sparsity, device=calib_device,

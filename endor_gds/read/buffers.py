@@ -85,7 +85,7 @@ class _PinnedRegion:
 
 def _cuda_host_register(mm: mmap.mmap, arr: np.ndarray) -> np.ndarray | None:
     """``arr`` (a view of ``mm``) page-locked with ``cudaHostRegister``, or None if that failed."""
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - heavy, and only needed here on first use
 
     try:
         cudart = torch.cuda.cudart()
@@ -122,7 +122,7 @@ def host_buffer(nbytes: int, pinned: bool | None = None, align: int = ALIGN) -> 
     pinned_arr = _cuda_host_register(mm, arr)
     if pinned_arr is not None:
         return pinned_arr
-    import torch  # noqa: PLC0415
+    import torch  # noqa: PLC0415 - heavy, and only needed here on first use
 
     raw = torch.empty(nbytes + align, dtype=torch.uint8, pin_memory=True).numpy()  # base: tensor
     start = (-raw.ctypes.data) % align

@@ -22,6 +22,7 @@ from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.errors import DecodeError
 from endor_gds.read.buffers import aligned_empty, host_buffer
 from endor_gds.read.readers import Reader
+from endor_gds.stream.integrity import ExtentCheck
 from endor_gds.stream.plan import LayerPlan, staging_views
 
 __all__ = ["Backend", "CpuBackend", "CudaBackend", "RamImage"]
@@ -40,7 +41,17 @@ class Backend(ABC):
 
     @abstractmethod
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
-        """Reader thread: host bytes of the staged extent (for verify_reads)."""
+        """Decoder thread: host bytes of the staged extent (its checksums are checked there)."""
+
+    ram: RamImage | None = None  # the RAM tier, when the streamed extents are held in host memory
+
+    def reread(self, plan: LayerPlan, s: int) -> None:
+        """Decoder thread: read the extent again from storage, where ``staging_view`` sees it
+        (its checksum failed: a transient fault on the way in heals this way)."""
+        if self.ram is not None:
+            self.ram.reload(plan)
+        else:
+            self.read(plan, s)
 
     @abstractmethod
     def decode(self, plan: LayerPlan, s: int) -> None:
@@ -66,7 +77,9 @@ class Backend(ABC):
 class RamImage:
     """The compressed extents of the streamed layers, read once into one host buffer."""
 
-    def __init__(self, plans: list[LayerPlan], reader: Reader, *, pinned: bool = False):
+    def __init__(self, plans: list[LayerPlan], reader: Reader, *, pinned: bool = False,
+                 check: ExtentCheck | None = None):
+        self.reader = reader
         self.offsets: dict[int, int] = {}
         total = 0
         for p in plans:
@@ -81,6 +94,13 @@ class RamImage:
                    for p in plans]
         for f in futures:
             f.get()
+        if check is not None:  # once, here: the RAM tier is never read from storage again
+            for p in plans:
+                check.check(p, lambda p=p: self.view(p), lambda p=p: self.reload(p))
+
+    def reload(self, plan: LayerPlan) -> None:
+        """Read one extent again from storage into its place in the image."""
+        self.reader.read((plan.offset, plan.length), self.view(plan))
 
     def view(self, plan: LayerPlan) -> np.ndarray:
         start = self.offsets[plan.index]
@@ -98,8 +118,8 @@ class CpuBackend(Backend):
     device = torch.device("cpu")
 
     def __init__(self, plans: list[LayerPlan], depth: int, reader: Reader | None,
-                 decoder: CpuDecoder, ram: RamImage | None = None):
-        self.reader, self.decoder, self.ram = reader, decoder, ram
+                 decoder: CpuDecoder, ram: RamImage | None = None, check: ExtentCheck | None = None):
+        self.reader, self.decoder, self.ram, self.check = reader, decoder, ram, check
         staging = max((p.length for p in plans), default=0)
         arena = max((p.arena_bytes for p in plans), default=0)
         self._staging = [] if ram is not None else [aligned_empty(staging) for _ in range(depth)]
@@ -163,6 +183,8 @@ class CpuBackend(Backend):
         """Read and decode one extent into new buffers; returns its tensors and the bytes held."""
         staging = aligned_empty(plan.length)
         reader.read((plan.offset, plan.length), staging)
+        if self.check is not None:
+            self.check.check(plan, lambda: staging, lambda: reader.read((plan.offset, plan.length), staging))
         arena = aligned_empty(plan.arena_bytes) if plan.arena_bytes else None
         if plan.needs_decode:
             self.decoder.decode(*self._decode_items(staging, arena, plan))
@@ -196,8 +218,8 @@ class CudaBackend(Backend):
     """
 
     def __init__(self, plans: list[LayerPlan], depth: int, device: torch.device,
-                 reader: Reader | None, decoder, ram: RamImage | None = None):
-        self.device, self.reader, self.decoder, self.ram = device, reader, decoder, ram
+                 reader: Reader | None, decoder, ram: RamImage | None = None, check: ExtentCheck | None = None):
+        self.device, self.reader, self.decoder, self.ram, self.check = device, reader, decoder, ram, check
         self.direct_to_device = reader is not None and reader.mode in ("gds", "kvikio-compat") \
             and ram is None
         staging = max((p.length for p in plans), default=0)
@@ -311,10 +333,18 @@ class CudaBackend(Backend):
     def load(self, plan: LayerPlan, reader: Reader) -> tuple[dict[str, torch.Tensor], int]:
         staging = torch.empty(plan.length, dtype=torch.uint8, device=self.device)
         if reader.mode in ("gds", "kvikio-compat"):
-            reader.read((plan.offset, plan.length), staging)
+            def read():
+                reader.read((plan.offset, plan.length), staging)
+            host = None
         else:
             host = aligned_empty(plan.length)
-            reader.read((plan.offset, plan.length), host)
+
+            def read():
+                reader.read((plan.offset, plan.length), host)
+        read()
+        if self.check is not None:  # once, at load (a GPU-side check of device staging: not yet)
+            self.check.check(plan, lambda: host if host is not None else staging.cpu().numpy(), read)
+        if host is not None:
             staging.copy_(torch.from_numpy(host))
         arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device) \
             if plan.arena_bytes else None

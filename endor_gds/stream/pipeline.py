@@ -31,8 +31,9 @@ from dataclasses import dataclass
 
 import torch
 
-from endor_gds.container import crc32c
-from endor_gds.errors import ChecksumError, EndorError
+from endor_gds.errors import EndorError
+from endor_gds.stream.backends import Backend
+from endor_gds.stream.integrity import ExtentCheck
 from endor_gds.stream.plan import LayerPlan, LayerTimes
 
 __all__ = ["Pipeline"]
@@ -56,15 +57,15 @@ class Pipeline:
     ``wait_ready(plan, s)``, ``mark_free(plan, s)``, ``staging_view(plan, s)``.
     """
 
-    def __init__(self, plans: list[LayerPlan], backend, depth: int, *, verify_reads: bool = False,
-                 on_layer_done=None):
+    def __init__(self, plans: list[LayerPlan], backend: Backend, depth: int, *,
+                 check: ExtentCheck | None = None, on_layer_done=None):
         if depth < 1:
             raise ValueError(f"prefetch_depth must be >= 1, got {depth}")
         self.plans = {p.index: p for p in plans}
         self.order = sorted(self.plans)
         self.backend = backend
         self.depth = depth
-        self.verify_reads = verify_reads
+        self.check = check  # None: reads are not checked (verify_reads=False, or the RAM tier)
         self.on_layer_done = on_layer_done
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="endor-read")
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="endor-decode")
@@ -80,21 +81,15 @@ class Pipeline:
     def _read(self, job: _Job) -> None:
         t0 = time.perf_counter()
         self.backend.read(job.plan, job.set)
-        if self.verify_reads:
-            self._verify(job)
         job.times.read_s = time.perf_counter() - t0
         job.times.nbytes = job.plan.length
-
-    def _verify(self, job: _Job) -> None:
-        staging = self.backend.staging_view(job.plan, job.set)
-        for label, off, length, crc in job.plan.segment_crcs():
-            if crc32c(staging[off:off + length]) != crc:
-                raise ChecksumError(f"layer {job.plan.index}: segment {label} read from disk fails its "
-                                    f"CRC-32C (verify_reads)", segment=label)
 
     def _decode(self, job: _Job) -> None:
         job.read.result()  # re-raises a read error in this job
         t0 = time.perf_counter()
+        if self.check is not None:  # here, not on the reader thread: the next read is under way
+            self.check.check(job.plan, lambda: self.backend.staging_view(job.plan, job.set),
+                             lambda: self.backend.reread(job.plan, job.set))
         self.backend.decode(job.plan, job.set)  # on a GPU this also moves a host-read extent over
         job.times.decode_s = time.perf_counter() - t0
 

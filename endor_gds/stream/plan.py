@@ -37,14 +37,15 @@ class LayerPlan:
     length: int
     slots: tuple[Slot, ...]
     arena_bytes: int
+    extent: str = ""  # its name in the manifest ("layer.3", "resident"), for error messages
 
     @property
     def needs_decode(self) -> bool:
         return any(s.arena_offset is not None for s in self.slots)
 
-    def segment_crcs(self) -> list[tuple[str, int, int, int]]:
-        """``(label, offset in extent, length, crc32c)`` of every segment (for verify_reads)."""
-        return [(f"{s.entry.name}:{k}", rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
+    def segment_crcs(self) -> list[tuple[str, str, int, int, int]]:
+        """``(tensor, kind, offset in extent, length, crc32c)`` of every segment."""
+        return [(s.entry.name, k, rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
                 for s in self.slots for k, rel in s.segments.items()]
 
 
@@ -61,7 +62,7 @@ def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:
             arena_offset = arena
             arena += -(-entry.dense_nbytes // ARENA_ALIGN) * ARENA_ALIGN
         slots.append(Slot(name[len(prefix):], entry, segs, arena_offset))
-    return LayerPlan(extent.layer, extent.offset, extent.length, tuple(slots), arena)
+    return LayerPlan(extent.layer, extent.offset, extent.length, tuple(slots), arena, extent.name)
 
 
 @dataclass

@@ -38,6 +38,7 @@ from endor_gds.modeling import (
 from endor_gds.read.readers import open_reader
 from endor_gds.recipes import Recipe, recipes
 from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
+from endor_gds.stream.integrity import ExtentCheck
 from endor_gds.stream.pipeline import Pipeline
 from endor_gds.stream.plan import LayerPlan, LayerTimes, plan_layer
 
@@ -232,12 +233,13 @@ class StreamingRuntime:
         streamed = [plans[i] for i in self.placement.streamed_layers]
         depth = self.depth if streamed else 0
         ram = None
+        self.check = ExtentCheck(ef.path, ef.opened_stat) if self.verify_reads else None
         if self.tier == "ram" and streamed:
-            ram = RamImage(streamed, self.reader, pinned=self.device.type == "cuda")
+            ram = RamImage(streamed, self.reader, pinned=self.device.type == "cuda", check=self.check)
         if self.device.type == "cuda":
-            self.backend = CudaBackend(streamed, depth, self.device, self.reader, self.decoder, ram)
+            self.backend = CudaBackend(streamed, depth, self.device, self.reader, self.decoder, ram, self.check)
         else:
-            self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram)
+            self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram, self.check)
         self.ram_bytes = 0 if ram is None else ram.nbytes
 
         # resident tensors, then tied aliases, then resident layers
@@ -259,8 +261,9 @@ class StreamingRuntime:
         # streamed layers: meta placeholders now, weights swapped in by hooks (check_tensors above
         # has made sure every parameter has a tensor in the file)
         if streamed:
+            # the RAM tier was checked as it was loaded; streamed reads are checked as they arrive
             self.pipeline = Pipeline(streamed, self.backend, self.depth,
-                                     verify_reads=self.verify_reads, on_layer_done=self._layer_done)
+                                     check=self.check if ram is None else None, on_layer_done=self._layer_done)
             for i in self.placement.streamed_layers:
                 self._attach(layers_module[i], i)
         self._hooks.append(model.register_forward_pre_hook(self._step_begin))
@@ -349,6 +352,14 @@ class StreamingRuntime:
         self.steps.clear()
         self._nsteps = 0
 
+    def checked_reads(self) -> str:
+        """How the bytes the model computes with are checked (printed by ``run`` and ``bench``)."""
+        if self.check is None:
+            return "off (verify_reads=False): reads are not checked"
+        return (f"CRC-32C of every segment: {self.tier} tier extents "
+                + ("once at load" if self.tier == "ram" else "as each is read, before decode")
+                + f", resident tensors once at load ({self.check.rereads} extent(s) read again after a failed check)")
+
     def summary(self) -> dict:
         """Configuration and aggregated statistics (what ``endor-gds run --json`` prints)."""
         steps = list(self.steps)
@@ -373,6 +384,7 @@ class StreamingRuntime:
             "ram_tier_bytes": self.ram_bytes,
             "budget_bytes": self.placement.budget,
             "decoder": repr(self.decoder),
+            "checked_reads": self.checked_reads(),
             "steps": self._nsteps,
             "per_token": {
                 "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
@@ -429,7 +441,8 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     ``tier``: ``"ssd"`` reads every streamed layer from the file each token; ``"ram"`` reads the
     compressed extents once into (pinned) host memory and streams from there.
     ``prefetch_depth``: buffer sets (2 = double buffering). ``io``: reader mode (see
-    :func:`endor_gds.read.readers.open_reader`). ``verify_reads``: check segment CRCs on every read.
+    :func:`endor_gds.read.readers.open_reader`). ``verify_reads`` (default on, ``ENDOR_VERIFY_READS``):
+    check every segment's CRC-32C as it arrives (see :mod:`endor_gds.stream.integrity`).
     """
     ef = EndorFile(path)
     try:
@@ -483,7 +496,7 @@ def _guard_placement(model: nn.Module, runtime: StreamingRuntime) -> None:
 def _generation_config(ef: EndorFile, gen: dict):
     """The file's generation_config (its typed fields were checked at open); a value that
     transformers itself refuses (``max_new_tokens: 0``) is a FormatError, like a bad config."""
-    import transformers  # noqa: PLC0415
+    import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
 
     try:
         return transformers.GenerationConfig.from_dict(gen)

@@ -1,0 +1,969 @@
+"""The mutation engine for fuzzing .endor files (issue 7), shared by tests/fuzz/test_fuzz_format.py
+(hypothesis, a few hundred cases in CI) and bench/fuzz_format.py (long runs). The oracle that
+judges each mutated file is endor_gds/fuzz/fuzzcheck.py.
+
+A *corpus* is a handful of real files packed from tiny random checkpoints (bitmap tensors from
+magnitude pruning in fp16, bf16 and fp32 with partial tiles and partial bitmap words, a
+dense-only file, embedded tokenizer files, tied embeddings; format v1 files (codec raw) and
+format v2 files whose linear weights use the expdict codec, with escapes in their tiles). A *mutator* turns one
+corpus file into a :class:`Mutant`: the new bytes, a line saying what changed, and ``hostile``:
+
+* ``hostile=False`` — plain damage (bit flips, overwrites, truncation, extension) with no
+  checksum recomputed. Every byte of a packed file is covered by a CRC or must be zero, so
+  open + ``verify()`` must notice any such change.
+* ``hostile=True`` — the mutator recomputed the CRCs over its change (header CRC, manifest CRC,
+  a segment's CRC), as a crafted file would. Such a file may be valid and simply hold other
+  data; it must then satisfy every structural invariant, which the oracle checks.
+
+Everything is a pure function of ``(corpus file, op name, random.Random)``, so a case is
+reproduced from its seed alone.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+import endor_gds
+from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
+from endor_gds.codec.expdict import LAYOUTS
+from endor_gds.container import crc32c
+from endor_gds.packing.prune import magnitude_prune
+
+HEADER = struct.Struct("<8sIIQQQI")  # magic, version, flags, moff, mlen, flen, manifest CRC
+HEADER_FIELDS = ("magic", "version", "flags", "moff", "mlen", "flen", "mcrc")
+U32, U64 = (1 << 32) - 1, (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Corpus
+
+
+@dataclass(frozen=True)
+class CorpusSpec:
+    name: str
+    family: str
+    dtype: torch.dtype
+    prune: str
+    sparsity: float
+    tokenizer: bool
+    overrides: tuple  # config overrides, as sorted (key, value) pairs
+    codec: str = "raw"  # pack(codec=...): "raw" keeps a version-1 file
+    outliers: bool = False  # rare far exponents and special values in the linear weights: escapes
+
+
+_SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+
+# Tiny on purpose (150-400 KB files): a case opens the file and reads every tensor several
+# ways, and the bench runs tens of thousands of cases on two cores. Shapes are chosen so that
+# bitmap tensors have partial tiles (176 x 64 = 2.75 tiles) and partial bitmap words
+# (72 x 90 = 6480 elements, 6480 % 32 = 16).
+CORPUS = (
+    CorpusSpec("llama-f16-magnitude", "llama", torch.float16, "magnitude", 0.5, False,
+               tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176).items()))),
+    CorpusSpec("qwen2-f32-magnitude-files", "qwen2", torch.float32, "magnitude", 0.6, True,
+               tuple(sorted(dict(_SMALL, hidden_size=72, intermediate_size=90).items()))),
+    CorpusSpec("opt-bf16-magnitude-tied", "opt", torch.bfloat16, "magnitude", 0.7, True,
+               tuple(sorted(dict(_SMALL, hidden_size=64, ffn_dim=176,
+                                 word_embed_proj_dim=64).items()))),
+    CorpusSpec("llama-f16-dense-files-tied", "llama", torch.float16, "none", 0.0, True,
+               tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176,
+                                 tie_word_embeddings=True).items()))),
+    # format v2: every linear weight with codec expdict; outliers give escapes in most tiles
+    CorpusSpec("llama-bf16-expdict-outliers", "llama", torch.bfloat16, "magnitude", 0.5, False,
+               tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176).items())),
+               codec="expdict", outliers=True),
+    CorpusSpec("qwen2-f16-expdict-files", "qwen2", torch.float16, "magnitude", 0.4, True,
+               tuple(sorted(dict(_SMALL, hidden_size=72, intermediate_size=90).items())),
+               codec="expdict", outliers=True),
+)
+
+
+def _outliers(sparsity: float):
+    """A per-tensor pruner for pack(): magnitude pruning, then every 29th survivor of a linear
+    weight scaled by one of 2^+-3 .. 2^+-14 (24 rare exponents: more than a 16-entry dictionary
+    holds) and a few special bit patterns (-0.0, a subnormal, a NaN payload), so the exponent
+    dictionary leaves escapes in the tiles."""
+    powers = torch.tensor([p for k in range(3, 15) for p in (k, -k)], dtype=torch.float32)
+
+    def prune(name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dim() < 2 or not t.is_floating_point():
+            return t
+        t = magnitude_prune(t, sparsity).clone()
+        flat = t.view(-1)
+        live = torch.nonzero(flat).reshape(-1)
+        pick = live[::29]
+        scale = torch.pow(2.0, powers[torch.arange(pick.numel()) % powers.numel()])
+        flat[pick] = (flat[pick].float() * scale).to(t.dtype)
+        ints = flat.view(torch.int16 if t.element_size() == 2 else torch.int32)
+        sign = -(1 << (8 * t.element_size() - 1))
+        specials = [sign, 1, (0x7F81 if t.dtype == torch.bfloat16 else 0x7C01)
+                    if t.element_size() == 2 else 0x7F800001]
+        for pos, bits in zip(live[5::301], specials):
+            ints[pos] = bits
+        return t
+
+    return prune
+
+
+@dataclass(frozen=True)
+class SegRef:
+    """One segment of a corpus file, and where its dict sits in the manifest."""
+
+    label: str  # "tensor <name>:<kind>" or "file <name>"
+    kind: str
+    offset: int
+    length: int
+    nbytes: int
+    where: tuple  # ("tensors", i, "segments", j) or ("files", i)
+
+
+@dataclass
+class Base:
+    """An unmutated corpus file and what reading it gives (the oracle's reference)."""
+
+    name: str
+    path: Path
+    data: bytes
+    moff: int
+    mlen: int
+    mcrc: int
+    manifest: dict
+    tensors: dict  # every readable name, tied aliases included -> bit-pattern bytes
+    files: dict  # embedded file name -> bytes
+    segments: list  # [SegRef]
+
+    @property
+    def manifest_text(self) -> bytes:
+        return self.data[self.moff:self.moff + self.mlen]
+
+
+def build_corpus(folder, build_model) -> list[Path]:
+    """Pack every :data:`CORPUS` entry into ``folder``; ``build_model`` is endor_gds/benchmarks/models.py's."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for spec in CORPUS:
+        dst = folder / f"{spec.name}.endor"
+        if not dst.exists():
+            src = build_model(folder / spec.name, spec.family, spec.dtype, tokenizer=spec.tokenizer,
+                              **dict(spec.overrides))
+            endor_gds.pack(src, dst, prune=spec.prune, sparsity=spec.sparsity or 0.5,
+                           progress=False, codec=spec.codec,
+                           pruner=_outliers(spec.sparsity) if spec.outliers else None)
+        paths.append(dst)
+    return paths
+
+
+def load_base(path) -> Base:
+    path = Path(path)
+    data = path.read_bytes()
+    _magic, _v, _fl, moff, mlen, _flen, mcrc = HEADER.unpack_from(data)
+    manifest = json.loads(data[moff:moff + mlen])
+    segments = []
+    for i, t in enumerate(manifest["tensors"]):
+        for j, s in enumerate(t["segments"]):
+            segments.append(SegRef(f"tensor {t['name']}:{s['kind']}", s["kind"], s["offset"],
+                                   s["length"], s["nbytes"], ("tensors", i, "segments", j)))
+    for i, s in enumerate(manifest.get("files", [])):
+        segments.append(SegRef(f"file {s['name']}", "file", s["offset"], s["length"], s["nbytes"],
+                               ("files", i)))
+    with endor_gds.open(path) as f:
+        names = list(f.tensors) + list(f.tied)
+        tensors = {n: f.read_tensor_bits(n, verify=True).tobytes() for n in names}
+        files = {n: f.read_file(n) for n in f.files}
+        kinds = {e.encoding for e in f.tensors.values()}
+    base = Base(path.stem, path, data, moff, mlen, mcrc, manifest, tensors, files, segments)
+    expect_bitmap = "dense" not in path.stem
+    if ("bitmap" in kinds) != expect_bitmap:
+        raise AssertionError(f"corpus file {path.name} should {'' if expect_bitmap else 'not '}"
+                             f"hold bitmap tensors (encodings: {sorted(kinds)})")
+    return base
+
+
+# ---------------------------------------------------------------------------------------------
+# Rebuilding a file after a change
+
+
+@dataclass
+class Mutant:
+    op: str
+    detail: str
+    data: bytes
+    hostile: bool  # the mutator recomputed checksums over its change
+
+
+def header_of(data: bytes) -> dict:
+    return dict(zip(HEADER_FIELDS, HEADER.unpack_from(data)))
+
+
+def with_header(data: bytes, *, fix_crc: bool = True, **fields) -> bytes:
+    """``data`` with header fields replaced (and its CRC recomputed unless ``fix_crc=False``)."""
+    h = header_of(data)
+    h.update(fields)
+    head = HEADER.pack(*(h[k] for k in HEADER_FIELDS))
+    crc = crc32c(head) if fix_crc else struct.unpack_from("<I", data, HEADER.size)[0]
+    return head + struct.pack("<I", crc) + data[HEADER.size + 4:]
+
+
+# JSON the standard library cannot write (it recurses) or writes slowly, spliced in as text:
+# a string "\x00DEEP:<n>" becomes n nested arrays, "\x00DIGITS:<n>" an n-digit integer.
+def _splice(text: str) -> str:
+    while "\\u0000DEEP:" in text or "\\u0000DIGITS:" in text:
+        for tag, make in (("DEEP", lambda n: "[" * n + "]" * n), ("DIGITS", lambda n: "9" * n)):
+            key = f'"\\u0000{tag}:'
+            at = text.find(key)
+            if at >= 0:
+                end = text.index('"', at + 1)
+                n = int(text[at + len(key):end])
+                text = text[:at] + make(n) + text[end + 1:]
+    return text
+
+
+def dump(manifest) -> bytes:
+    """Serialise like the packer does (compact separators), with the splices above."""
+    return _splice(json.dumps(manifest, separators=(",", ":"))).encode()
+
+
+def with_manifest(base: Base, text: bytes, *, fix_crc: bool = True) -> bytes:
+    """``base`` with its manifest replaced by ``text``; header lengths and CRCs follow."""
+    body = base.data[:base.moff] + text + bytes(pad_to_page(len(text)) - len(text))
+    return with_header(body, mlen=len(text), flen=len(body),
+                       mcrc=crc32c(text) if fix_crc else base.mcrc)
+
+
+def get_at(obj, where):
+    for k in where:
+        obj = obj[k]
+    return obj
+
+
+def with_segment_crc(base: Base, data: bytes, seg: SegRef) -> bytes:
+    """``data`` (same layout as ``base``) with ``seg``'s manifest CRC recomputed from ``data``."""
+    m = copy.deepcopy(base.manifest)
+    get_at(m, seg.where)["crc32c"] = crc32c(data[seg.offset:seg.offset + seg.length])
+    text = dump(m)
+    body = data[:base.moff] + text + bytes(pad_to_page(len(text)) - len(text))
+    return with_header(body, mlen=len(text), flen=len(body), mcrc=crc32c(text))
+
+
+# ---------------------------------------------------------------------------------------------
+# Interesting values
+
+
+def _ints(old: int) -> list[int]:
+    return [old - 1, old + 1, old + PAGE, old - PAGE, old * 2, -old, old + (1 << 32),
+            old ^ (1 << random.Random(old).randrange(40))]
+
+
+INTS = [-1, 0, 1, 2, 31, 32, 33, 4095, 4096, 4097, 8192, (1 << 31) - 1, U32, 1 << 32, 1 << 40,
+        (1 << 40) + 1, (1 << 53) + 1, (1 << 63) - 1, 1 << 63, 1 << 64, -(1 << 63), 10 ** 30]
+OTHERS = [0.5, 1.0, 4096.0, -0.0, 1e308, float("nan"), float("inf"), "", "x", "0", "4096", "F16",
+          "bitmap", "dense", "../../etc/passwd", "\x00", "é", None, True, False, [], [1], {},
+          {"a": 1}, "\x00DEEP:3"]
+
+
+def interesting(rng: random.Random, old):
+    """A value to put where ``old`` was: near-misses of ``old`` half the time, else anything."""
+    if rng.random() < 0.5:
+        if isinstance(old, bool):
+            return not old
+        if isinstance(old, int):
+            return rng.choice(_ints(old))
+        if isinstance(old, str):
+            return rng.choice([old + "x", old[:-1], old.upper(), old * 2, "", old + "\x00"])
+        if isinstance(old, list):
+            return rng.choice([old[:-1], old + old[-1:], old[::-1], [], [old], old * 3])
+        if isinstance(old, dict) and old:
+            k = rng.choice(sorted(old))
+            return {kk: v for kk, v in old.items() if kk != k}
+    return copy.deepcopy(rng.choice(INTS + OTHERS))
+
+
+# ---------------------------------------------------------------------------------------------
+# Mutators: (base, rng) -> (data, detail, hostile)
+
+
+def _flip_bits(buf: bytearray, lo: int, hi: int, rng: random.Random, count: int) -> list[int]:
+    at = [rng.randrange(lo, hi) for _ in range(count)]
+    for pos in at:
+        buf[pos] ^= 1 << rng.randrange(8)
+    return at
+
+
+def m_header_bitflip(base, rng):
+    buf = bytearray(base.data)
+    at = _flip_bits(buf, 0, HEADER.size + 4, rng, rng.choice([1, 1, 2, 3]))
+    return bytes(buf), f"flipped bits at header bytes {at}", False
+
+
+def m_header_field(base, rng):
+    h = header_of(base.data)
+    field = rng.choice(HEADER_FIELDS)
+    old = h[field]
+    if field == "magic":
+        new = rng.choice([b"ENDORGDT", b"endorgds", b"\0" * 8, b"ENDORGD\0", b"SAFETENS"])
+    else:
+        hi = U64 if field in ("moff", "mlen", "flen") else U32
+        cands = [0, 1, 2, hi, hi - 1, old + 1, old - 1, old + PAGE, old - PAGE, old * 2,
+                 rng.randrange(hi + 1), 64 << 20, (64 << 20) + 1, PAGE, len(base.data)]
+        new = min(max(rng.choice(cands), 0), hi)
+    return with_header(base.data, **{field: new}), f"header {field}: {old!r} -> {new!r}", True
+
+
+def m_header_padding(base, rng):
+    buf = bytearray(base.data)
+    pos = rng.randrange(HEADER.size + 4, PAGE)
+    buf[pos] = rng.randrange(1, 256)
+    return bytes(buf), f"non-zero byte {buf[pos]:#04x} in the header page at {pos}", False
+
+
+def m_manifest_bytes(base, rng):
+    text = bytearray(base.manifest_text)
+    what = rng.choice(["flip", "overwrite", "insert", "delete", "truncate", "punct"])
+    pos = rng.randrange(len(text))
+    if what == "flip":
+        _flip_bits(text, 0, len(text), rng, rng.choice([1, 2, 4]))
+    elif what == "overwrite":
+        text[pos:pos + 1] = bytes([rng.randrange(256)])
+    elif what == "insert":
+        text[pos:pos] = rng.choice([b"0", b"9999999999999999999999", b"-", b"[", b"{", b"\"",
+                                    b",", b"\xff", b"\\u0000", b" "])
+    elif what == "delete":
+        del text[pos:pos + rng.randrange(1, 16)]
+    elif what == "truncate":
+        del text[pos:]
+    else:  # swap one JSON punctuation mark for another: keeps most of the text parseable
+        marks = [i for i, c in enumerate(text) if c in b"[]{},:\""]
+        i = rng.choice(marks)
+        text[i] = rng.choice(b"[]{},:\"0")
+    fix = rng.random() < 0.85
+    if fix:
+        return with_manifest(base, bytes(text)), f"manifest text {what} at {pos}, CRC recomputed", True
+    if len(text) == base.mlen:
+        data = base.data[:base.moff] + bytes(text) + base.data[base.moff + base.mlen:]
+        return data, f"manifest text {what} at {pos}, CRC left stale", False
+    return with_manifest(base, bytes(text), fix_crc=False), \
+        f"manifest text {what} at {pos}, length fixed in the header, CRC left stale", True
+
+
+def m_manifest_padding(base, rng):
+    lo, hi = base.moff + base.mlen, len(base.data)
+    if lo == hi:
+        return m_header_padding(base, rng)
+    buf = bytearray(base.data)
+    pos = rng.randrange(lo, hi)
+    buf[pos] = rng.randrange(1, 256)
+    return bytes(buf), f"non-zero byte in the manifest's page padding at {pos}", False
+
+
+# -- structured manifest mutations (always rewritten with fresh CRCs: hostile) ----------------
+
+
+def _tensor(m, rng, encoding=None):
+    ts = [t for t in m["tensors"] if encoding is None or t["encoding"] == encoding]
+    return rng.choice(ts or m["tensors"])
+
+
+def _all_segments(m) -> list[dict]:
+    return [s for t in m["tensors"] for s in t["segments"]] + list(m.get("files", []))
+
+
+def _dicts(m, rng) -> tuple[str, dict]:
+    region = rng.choices(["tensor", "segment", "extent", "file", "top", "tied", "prune"],
+                         weights=[4, 5, 3, 2, 2, 1, 1])[0]
+    if region == "tensor":
+        return "tensor", _tensor(m, rng)
+    if region == "segment":
+        return "segment", rng.choice(_all_segments(m))
+    if region == "extent":
+        return "extent", rng.choice(m["extents"])
+    if region == "file" and m.get("files"):
+        return "file", rng.choice(m["files"])
+    if region == "tied" and m.get("tied"):
+        return "tied", m["tied"]
+    if region == "prune":
+        return "prune", m["prune"]
+    return "top", m
+
+
+def consistent_sizes(t: dict) -> None:
+    """Make a tensor's segment sizes agree with its (possibly mutated) shape/dtype/nnz/encoding,
+    so that a mutation gets past the size check and reaches the placement checks."""
+    try:
+        n = 1
+        for s in t["shape"]:
+            n *= s
+        item = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2}.get(t["dtype"], 1)
+        if t["encoding"] == "bitmap" and t.get("codec") == "expdict":
+            layout, ed = LAYOUTS[t["dtype"]], t["expdict"]
+            w = ed["index_bits"] + layout.high_bits
+            sizes = {"bitmap": 4 * -(-n // WORD_BITS), "tile_offsets": 4 * (num_tiles(n) + 1),
+                     "residuals": t["nnz"] * layout.residual_bytes, "codes": -(-t["nnz"] * w // 8),
+                     "escape_offsets": 4 * (num_tiles(n) + 1),
+                     "escape_positions": 2 * ed["escapes"], "escape_values": item * ed["escapes"]}
+        elif t["encoding"] == "bitmap":
+            sizes = {"bitmap": 4 * -(-n // WORD_BITS), "values": t["nnz"] * item,
+                     "tile_offsets": 4 * (num_tiles(n) + 1)}
+        else:
+            sizes = {"data": n * item}
+        for s in t["segments"]:
+            if s.get("kind") in sizes:
+                s["nbytes"] = sizes[s["kind"]]
+                s["length"] = pad_to_page(s["nbytes"])
+    except (TypeError, KeyError, ValueError, OverflowError):
+        pass  # the mutation broke the fields this needs: leave the sizes as they are
+
+
+def j_value(m, base, rng):
+    region, d = _dicts(m, rng)
+    if not d:
+        return "empty dict left alone"
+    key = rng.choice(sorted(d))
+    old = d[key]
+    d[key] = interesting(rng, old)
+    return f"{region}[{key!r}]: {_short(old)} -> {_short(d[key])}"
+
+
+def j_delete(m, base, rng):
+    region, d = _dicts(m, rng)
+    if not d:
+        return "empty dict left alone"
+    key = rng.choice(sorted(d))
+    del d[key]
+    return f"deleted {region}[{key!r}]"
+
+
+def j_swap_fields(m, base, rng):
+    region, d = _dicts(m, rng)
+    if len(d) < 2:
+        return "nothing to swap"
+    a, b = rng.sample(sorted(d), 2)
+    d[a], d[b] = d[b], d[a]
+    return f"swapped {region} fields {a!r} and {b!r}"
+
+
+def j_swap_entries(m, base, rng):
+    kind = rng.choice(["segments", "extents", "tensors", "files"])
+    pool = {"segments": _all_segments(m), "extents": m["extents"], "tensors": m["tensors"],
+            "files": m.get("files", [])}[kind]
+    if len(pool) < 2:
+        return "nothing to swap"
+    a, b = rng.sample(pool, 2)
+    keys = sorted(set(a) & set(b))
+    key = rng.choice(keys + ["*"])
+    if key == "*":  # the whole entries trade places (their dicts, in place)
+        a_copy = dict(a)
+        a.clear()
+        a.update(b)
+        b.clear()
+        b.update(a_copy)
+    else:
+        a[key], b[key] = b[key], a[key]
+    return f"swapped {key!r} between two {kind}"
+
+
+def j_duplicate(m, base, rng):
+    kind = rng.choice(["tensors", "extents", "files", "segments"])
+    if kind == "segments":
+        t = _tensor(m, rng)
+        seq = t["segments"]
+    else:
+        seq = m.get(kind) or m["tensors"]
+    item = copy.deepcopy(rng.choice(seq))
+    seq.insert(rng.randrange(len(seq) + 1), item)
+    return f"duplicated an entry of {kind}"
+
+
+def j_segment_place(m, base, rng):
+    segs = _all_segments(m)
+    s = rng.choice(segs)
+    other = rng.choice(segs)
+    ext = rng.choice(m["extents"])
+    flen = len(base.data)
+    choice = rng.choice(["overlap", "next_page", "manifest", "file_end", "beyond", "unaligned",
+                         "zero", "extent_end", "before_extent", "grow", "shrink"])
+    if choice == "overlap":
+        s["offset"] = other["offset"]
+    elif choice == "next_page":
+        s["offset"] += PAGE
+    elif choice == "manifest":
+        s["offset"] = base.moff
+    elif choice == "file_end":
+        s["offset"] = flen
+    elif choice == "beyond":
+        s["offset"] = rng.choice([flen + PAGE, 1 << 40, 1 << 63, U64])
+    elif choice == "unaligned":
+        s["offset"] += rng.choice([1, 512, 4095])
+    elif choice == "zero":
+        s["offset"] = 0  # the header page itself
+    elif choice == "extent_end":
+        s["offset"] = ext["offset"] + ext["length"] - PAGE
+    elif choice == "before_extent":
+        s["offset"] = ext["offset"] - PAGE
+    elif choice == "grow":
+        s["length"] += PAGE * rng.choice([1, 2, 1000])
+        if rng.random() < 0.5:
+            s["nbytes"] = s["length"]
+    else:
+        s["nbytes"] = max(0, s["nbytes"] - rng.choice([1, 4, PAGE]))
+        if rng.random() < 0.5:
+            s["length"] = pad_to_page(s["nbytes"])
+    return f"segment placement: {choice}"
+
+
+def j_extent_place(m, base, rng):
+    e = rng.choice(m["extents"])
+    other = rng.choice(m["extents"])
+    choice = rng.choice(["overlap", "shrink", "grow", "move", "layer", "layer_dup", "kind", "name",
+                         "beyond", "unaligned", "zero_length"])
+    if choice == "overlap":
+        e["offset"] = other["offset"]
+    elif choice == "shrink":
+        e["length"] = max(0, e["length"] - PAGE)
+    elif choice == "grow":
+        e["length"] += PAGE
+    elif choice == "move":
+        e["offset"] += PAGE
+    elif choice == "layer":
+        e["layer"] = rng.choice([-1, 0, 1, 2, 3, 1 << 40, "0", None])
+    elif choice == "layer_dup":
+        e["layer"] = other.get("layer", 0)
+    elif choice == "kind":
+        e["kind"] = rng.choice(["resident", "layer", "files", "weights", None, 1])
+    elif choice == "name":
+        e["name"] = rng.choice([other["name"], "layer.9", "files", "resident", "", "x" * 2000])
+    elif choice == "beyond":
+        e["length"] = len(base.data) + PAGE
+    elif choice == "unaligned":
+        e["offset"] += 1
+    else:
+        e["length"] = 0
+    return f"extent placement: {choice}"
+
+
+def j_shape(m, base, rng):
+    t = _tensor(m, rng)
+    old = list(t["shape"])
+    n = 1
+    for s in old:
+        n *= s
+    choice = rng.choice([[], [n], old[::-1], old + [1], [1] * 9, [n + 1], [2] * 40, [1 << 40],
+                         [1 << 20, 1 << 21], [1 << 32, 1 << 32], [1 << 63], [1 << 64], [-1, -n],
+                         [0], [0, 1 << 62], [float(n)], [str(n)], [None], [[n]], "x", n, None,
+                         [65536, 65537], [U32]])
+    t["shape"] = copy.deepcopy(choice)
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} shape {old} -> {_short(choice)}{', sizes made consistent' if fixed else ''}"
+
+
+def j_dtype(m, base, rng):
+    t = _tensor(m, rng)
+    old = t["dtype"]
+    t["dtype"] = rng.choice(["F16", "BF16", "F32", "F64", "I64", "I32", "I16", "I8", "U8", "BOOL",
+                             "f16", "F8_E4M3", "", None, 2, ["F16"], {"F16": 1}])
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} dtype {old!r} -> {_short(t['dtype'])}"
+
+
+def j_encoding(m, base, rng):
+    t = _tensor(m, rng)
+    field = rng.choice(["encoding", "codec"])
+    old = t.get(field)
+    t[field] = rng.choice(["dense", "bitmap", "csr", "raw", "expdict", "zstd", "", None, 1, ["bitmap"]])
+    if rng.random() < 0.3:
+        consistent_sizes(t)
+    return f"tensor {t['name']} {field} {old!r} -> {_short(t[field])}"
+
+
+def j_nnz(m, base, rng):
+    t = _tensor(m, rng, "bitmap" if rng.random() < 0.8 else None)
+    old = t["nnz"]
+    n = 1
+    for s in t["shape"]:
+        n *= s
+    t["nnz"] = rng.choice([old - 1, old + 1, 0, n, n + 1, 1 << 32, -1, old * 2, 0.0 + old, str(old)])
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} nnz {old} -> {_short(t['nnz'])}{', sizes made consistent' if fixed else ''}"
+
+
+def j_expdict(m, base, rng):
+    """Change an expdict tensor's parameters: index width, dictionary, escape count."""
+    ts = [t for t in m["tensors"] if t.get("codec") == "expdict"]
+    if not ts:
+        return j_encoding(m, base, rng)
+    t = rng.choice(ts)
+    ed = t["expdict"]
+    choice = rng.choice(["index_bits", "exponent", "dup_exponent", "drop_exponent", "escapes",
+                         "swap_exponents", "type"])
+    if choice == "index_bits":
+        ed["index_bits"] = rng.choice([0, 1, 2, 3, 4, 5, 8, -1, 33, "2", None, 2.0])
+    elif choice == "exponent":
+        i = rng.randrange(len(ed["exponents"]))
+        ed["exponents"][i] = rng.choice([0, 31, 32, 255, 256, -1, ed["exponents"][i] + 1, "x", None])
+    elif choice == "dup_exponent":
+        ed["exponents"][-1] = ed["exponents"][0]
+    elif choice == "drop_exponent":
+        ed["exponents"].pop(rng.randrange(len(ed["exponents"])))
+    elif choice == "escapes":
+        ed["escapes"] = rng.choice([0, ed["escapes"] - 1, ed["escapes"] + 1, t["nnz"], t["nnz"] + 1,
+                                    -1, 1 << 40])
+    elif choice == "swap_exponents":  # a valid dictionary that decodes to other values
+        e = ed["exponents"]
+        e[0], e[-1] = e[-1], e[0]
+    else:
+        t["expdict"] = rng.choice([None, [], "expdict", {"index_bits": ed["index_bits"]}])
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} expdict {choice}{', sizes made consistent' if fixed else ''}"
+
+
+HOSTILE_NAMES = ["../evil", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "nul\x00x", ".",
+                 "..", "", ".hidden", "x" * 5000, "tökenizer.json", "CON", " ", "a\nb",
+                 "tokenizer.json/", "~", "$HOME"]
+
+
+def j_names(m, base, rng):
+    kind = rng.choice(["tensor", "file", "file", "extent", "tensor_dup", "file_dup"])
+    if kind in ("file", "file_dup") and not m.get("files"):
+        kind = "tensor"
+    if kind == "tensor":
+        t = _tensor(m, rng)
+        t["name"] = rng.choice(HOSTILE_NAMES + [None, 7])
+    elif kind == "file":
+        rng.choice(m["files"])["name"] = rng.choice(HOSTILE_NAMES + [None, 7])
+    elif kind == "extent":
+        rng.choice(m["extents"])["name"] = rng.choice(HOSTILE_NAMES)
+    elif kind == "tensor_dup":
+        a, b = rng.sample(m["tensors"], 2)
+        a["name"] = b["name"]
+    else:
+        fs = m["files"]
+        if len(fs) >= 2:
+            a, b = rng.sample(fs, 2)
+            a["name"] = b["name"]
+        else:
+            fs.append(copy.deepcopy(fs[0]))
+    return f"hostile {kind} name"
+
+
+def j_tied(m, base, rng):
+    stored = [t["name"] for t in m["tensors"]]
+    choice = rng.choice(["missing_target", "alias_stored", "list", "target_int", "chain", "add"])
+    tied = m.setdefault("tied", {})
+    if choice == "missing_target":
+        tied["lm_head.weight"] = "no.such.tensor"
+    elif choice == "alias_stored":
+        tied[rng.choice(stored)] = rng.choice(stored)
+    elif choice == "list":
+        m["tied"] = [["lm_head.weight", stored[0]]]
+    elif choice == "target_int":
+        tied["lm_head.weight"] = 0
+    elif choice == "chain":
+        tied["a"] = "b"
+        tied["b"] = stored[0]
+    else:
+        tied["extra.alias"] = rng.choice(stored)  # valid: a second name for a stored tensor
+    return f"tied: {choice}"
+
+
+def j_top(m, base, rng):
+    choice = rng.choice(["format", "format_version", "tile_elems", "checksum", "architecture",
+                         "config", "prune", "generation_config", "extents", "tensors", "files",
+                         "created_by", "source"])
+    how = rng.choice(["delete", "value"])
+    if how == "delete":
+        m.pop(choice, None)
+    else:
+        m[choice] = interesting(rng, m.get(choice))
+    return f"top-level {choice}: {how}"
+
+
+def j_deep(m, base, rng):
+    depth = rng.choice([10, 200, 900, 990, 1000, 1100, 5000, 50000])
+    region, d = _dicts(m, rng)
+    if not d:
+        return "empty dict left alone"
+    key = rng.choice(sorted(d))
+    d[key] = f"\x00DEEP:{depth}"
+    return f"{region}[{key!r}] replaced by {depth} nested arrays"
+
+
+def j_huge(m, base, rng):
+    choice = rng.choice(["string", "digits", "shape_list", "many_tensors", "many_files",
+                         "many_extents", "long_name"])
+    if choice == "string":
+        size = rng.choice([1 << 16, 1 << 20, 8 << 20])
+        m[rng.choice(["created_by", "architecture", "source"])] = "x" * size
+        return f"a {size}-character string"
+    if choice == "digits":
+        d = rng.choice([100, 4300, 4301, 100000])
+        region, dd = _dicts(m, rng)
+        if dd:
+            dd[rng.choice(sorted(dd))] = f"\x00DIGITS:{d}"
+        return f"a {d}-digit integer"
+    if choice == "shape_list":
+        t = _tensor(m, rng)
+        t["shape"] = [1] * rng.choice([9, 1000, 100000])
+        return "a very long shape"
+    if choice == "many_tensors":
+        k = rng.choice([100, 3000])
+        t = rng.choice(m["tensors"])
+        m["tensors"] += [dict(copy.deepcopy(t), name=f"{t['name']}.{i}") for i in range(k)]
+        return f"{k} extra tensors sharing one tensor's segments"
+    if choice == "many_files":
+        f0 = (m.get("files") or [{"name": "a", "kind": "file", "offset": PAGE, "length": 0,
+                                  "nbytes": 0, "crc32c": 0}])[0]
+        m["files"] = [dict(f0, name=f"f{i}.json") for i in range(rng.choice([65, 1000]))]
+        return "too many embedded files"
+    if choice == "many_extents":
+        m["extents"] += [{"name": f"layer.{i + 100}", "kind": "layer", "offset": PAGE, "length": 0,
+                          "layer": i + 100} for i in range(rng.choice([10, 2000]))]
+        return "many empty extents"
+    t = _tensor(m, rng)
+    t["name"] = "n" * rng.choice([1024, 1025, 1 << 20])
+    return "a very long tensor name"
+
+
+def j_unknown_keys(m, base, rng):
+    region, d = _dicts(m, rng)
+    d[rng.choice(["x_future", "comment", "_", "checksum_v2"])] = rng.choice([1, "v", [1, 2], {"a": {}}])
+    return f"unknown key added to {region} (must be ignored)"
+
+
+def j_semantic_valid(m, base, rng):
+    """Edits that keep the file valid (a reader must accept them and read the same data)."""
+    choice = rng.choice(["reorder_tensors", "reorder_extents", "reorder_keys", "provenance"])
+    if choice == "reorder_tensors":
+        rng.shuffle(m["tensors"])
+    elif choice == "reorder_extents":
+        rng.shuffle(m["extents"])
+    elif choice == "reorder_keys":
+        t = _tensor(m, rng)
+        items = list(t.items())
+        rng.shuffle(items)
+        t.clear()
+        t.update(items)
+    else:
+        m["created_by"] = "someone else"
+        m["source"] = {"folder": "elsewhere", "shards": []}
+    return f"valid edit: {choice}"
+
+
+def _structured(fn):
+    def mutate(base, rng):
+        m = copy.deepcopy(base.manifest)
+        detail = fn(m, base, rng)
+        return with_manifest(base, dump(m)), detail, True
+
+    mutate.__name__ = fn.__name__
+    return mutate
+
+
+# -- segment data ------------------------------------------------------------------------------
+
+
+def _pick_segment(base, rng, kinds=None) -> SegRef:
+    segs = [s for s in base.segments if kinds is None or s.kind in kinds]
+    return rng.choice(segs or base.segments)
+
+
+def _maybe_fix(base, data, seg, rng, p: float):
+    if rng.random() < p:
+        return with_segment_crc(base, data, seg), True
+    return data, False
+
+
+def m_segment_bytes(base, rng):
+    seg = _pick_segment(base, rng)
+    if seg.length == 0:
+        seg = _pick_segment(base, rng, {"data", "bitmap", "values", "tile_offsets", "file",
+                                        "residuals", "codes", "escape_offsets"})
+    buf = bytearray(base.data)
+    in_padding = seg.length > seg.nbytes and rng.random() < 0.2
+    lo, hi = (seg.offset + seg.nbytes, seg.offset + seg.length) if in_padding else \
+        (seg.offset, seg.offset + max(seg.nbytes, 1))
+    what = rng.choice(["flip", "overwrite", "zero_run", "ff_run"])
+    pos = rng.randrange(lo, hi)
+    if what == "flip":
+        _flip_bits(buf, lo, hi, rng, rng.choice([1, 1, 3]))
+    elif what == "overwrite":
+        buf[pos] = rng.randrange(256)
+    else:
+        run = min(hi - pos, rng.choice([4, 64, 4096]))
+        buf[pos:pos + run] = (b"\0" if what == "zero_run" else b"\xff") * run
+    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.5)
+    where = "padding" if in_padding else "payload"
+    return data, f"{what} in {seg.label} {where}{', CRC recomputed' if fixed else ''}", fixed
+
+
+def _set_entry(base, rng, seg: SegRef, fmt: str, choices) -> tuple[bytearray, int, int, int]:
+    """``base``'s bytes with a random entry ``i`` of the little-endian table in ``seg`` (entries
+    of struct format ``fmt``) set to one of ``choices(old, prev, last)`` (wrapped to the entry's
+    width); returns the bytes, ``i``, the old and the new entry."""
+    size = struct.calcsize(fmt)
+    buf = bytearray(base.data)
+    count = seg.nbytes // size
+    i = rng.randrange(count)
+    at = seg.offset + size * i
+    old = struct.unpack_from(fmt, buf, at)[0]
+    prev = struct.unpack_from(fmt, buf, at - size)[0] if i else 0
+    last = struct.unpack_from(fmt, buf, seg.offset + size * (count - 1))[0]
+    new = rng.choice(choices(old, prev, last)) & ((1 << 8 * size) - 1)
+    struct.pack_into(fmt, buf, at, new)
+    return buf, i, old, new
+
+
+def _entry_mutant(base, rng, seg: SegRef, buf: bytearray, i: int, old: int, new: int):
+    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
+    return data, f"{seg.label}[{i}]: {old} -> {new}{', CRC recomputed' if fixed else ''}", fixed
+
+
+def m_tile_offsets(base, rng):
+    """An entry of a tile offset table or of an escape offset table (same shape, same rules)."""
+    seg = _pick_segment(base, rng, {"tile_offsets", "escape_offsets"})
+    if seg.kind not in ("tile_offsets", "escape_offsets"):
+        return m_segment_bytes(base, rng)
+    buf, i, old, new = _set_entry(base, rng, seg, "<I", lambda old, prev, last: [
+        0, old + 1, old - 1, prev, prev + TILE_ELEMS + 1, last, last + 1, U32, old + TILE_ELEMS,
+        rng.randrange(U32 + 1)])
+    count, at = seg.nbytes // 4, seg.offset + 4 * i
+    if rng.random() < 0.3 and count > 2:  # swap two entries
+        j = rng.randrange(count)
+        a, b = struct.unpack_from("<II", bytes(buf[at:at + 4] + buf[seg.offset + 4 * j:][:4]))
+        struct.pack_into("<I", buf, at, b)
+        struct.pack_into("<I", buf, seg.offset + 4 * j, a)
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
+
+
+def m_bitmap(base, rng):
+    seg = _pick_segment(base, rng, {"bitmap"})
+    if seg.kind != "bitmap":
+        return m_segment_bytes(base, rng)
+    buf = bytearray(base.data)
+    words = seg.nbytes // 4
+    choice = rng.choice(["word_zero", "word_ones", "bit", "last_word_high", "move_bit"])
+    w = words - 1 if choice == "last_word_high" else rng.randrange(words)
+    at = seg.offset + 4 * w
+    old = struct.unpack_from("<I", buf, at)[0]
+    if choice == "word_zero":
+        new = 0
+    elif choice == "word_ones" or choice == "last_word_high":
+        new = U32 if choice == "word_ones" else old | 0x80000000
+    elif choice == "bit":
+        new = old ^ (1 << rng.randrange(32))
+    else:  # same popcount, different position: only the tile-offset count cannot notice
+        set_bits = [b for b in range(32) if old >> b & 1]
+        clear = [b for b in range(32) if not old >> b & 1]
+        new = old ^ (1 << rng.choice(set_bits)) ^ (1 << rng.choice(clear)) if set_bits and clear else old
+    struct.pack_into("<I", buf, at, new)
+    data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.7)
+    note = ", CRC recomputed" if fixed else ""
+    return data, f"{seg.label} word {w}: {old:#010x} -> {new:#010x} ({choice}){note}", fixed
+
+
+def m_escape_positions(base, rng):
+    """An escape position: repeated, decreasing, past its tile, or anywhere in uint16."""
+    seg = _pick_segment(base, rng, {"escape_positions"})
+    if seg.kind != "escape_positions" or seg.nbytes < 2:
+        return m_tile_offsets(base, rng)
+    buf, i, old, new = _set_entry(base, rng, seg, "<H", lambda old, prev, last: [
+        prev, prev - 1, old + 1, old - 1, 0, 4095, 4096, 0xFFFF, rng.randrange(1 << 16)])
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
+
+
+# -- file length -------------------------------------------------------------------------------
+
+
+def m_truncate(base, rng):
+    n = len(base.data)
+    cut = rng.choice([0, 1, 47, PAGE - 1, PAGE, PAGE + 1, n - 1, n - PAGE, base.moff,
+                      base.moff + base.mlen // 2, rng.randrange(n)])
+    cut = max(0, min(cut, n - 1))
+    data = base.data[:cut]
+    if cut >= PAGE and rng.random() < 0.5:
+        return with_header(data, flen=cut), f"truncated to {cut} bytes, header length fixed", True
+    return data, f"truncated to {cut} of {n} bytes", False
+
+
+def m_extend(base, rng):
+    extra = rng.choice([1, 7, PAGE - 1, PAGE, 3 * PAGE, 100_000])
+    tail = rng.choice([bytes(extra), rng.randbytes(extra)])
+    data = base.data + tail
+    if rng.random() < 0.5:
+        return with_header(data, flen=len(data)), f"extended by {extra} bytes, header length fixed", True
+    return data, f"extended by {extra} bytes", False
+
+
+def _short(v, limit: int = 60) -> str:
+    if isinstance(v, str) and len(v) > limit:
+        return f"<str of {len(v)} chars>"
+    if isinstance(v, (list, dict)) and len(v) > 8:
+        return f"<{type(v).__name__} of {len(v)} items>"
+    text = repr(v)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+MUTATORS = {
+    "header.bitflip": m_header_bitflip,
+    "header.field": m_header_field,
+    "header.padding": m_header_padding,
+    "manifest.bytes": m_manifest_bytes,
+    "manifest.padding": m_manifest_padding,
+    "json.value": _structured(j_value),
+    "json.delete": _structured(j_delete),
+    "json.swap_fields": _structured(j_swap_fields),
+    "json.swap_entries": _structured(j_swap_entries),
+    "json.duplicate": _structured(j_duplicate),
+    "json.segment_place": _structured(j_segment_place),
+    "json.extent_place": _structured(j_extent_place),
+    "json.shape": _structured(j_shape),
+    "json.dtype": _structured(j_dtype),
+    "json.encoding": _structured(j_encoding),
+    "json.nnz": _structured(j_nnz),
+    "json.expdict": _structured(j_expdict),
+    "json.names": _structured(j_names),
+    "json.tied": _structured(j_tied),
+    "json.top": _structured(j_top),
+    "json.deep": _structured(j_deep),
+    "json.huge": _structured(j_huge),
+    "json.unknown_keys": _structured(j_unknown_keys),
+    "json.valid_edit": _structured(j_semantic_valid),
+    "segment.bytes": m_segment_bytes,
+    "segment.tile_offsets": m_tile_offsets,
+    "segment.bitmap": m_bitmap,
+    "segment.escape_positions": m_escape_positions,
+    "file.truncate": m_truncate,
+    "file.extend": m_extend,
+}
+OPS = tuple(MUTATORS)
+
+
+def mutate(base: Base, op: str, rng: random.Random) -> Mutant:
+    data, detail, hostile = MUTATORS[op](base, rng)
+    return Mutant(op, detail, data, hostile)
+
+
+def case_rng(seed: int, index: int) -> random.Random:
+    """The random stream of case ``index`` of a run with ``seed`` (string seeds hash stably)."""
+    return random.Random(f"endor-fuzz/{seed}/{index}")
+
+
+def make_case(bases: list[Base], seed: int, index: int) -> tuple[Base, Mutant]:
+    rng = case_rng(seed, index)
+    base = rng.choice(bases)
+    op = rng.choice(OPS)
+    return base, mutate(base, op, rng)

@@ -1,0 +1,188 @@
+"""bench_decode.py's GPU branch, run on the CPU: a host-memory stand-in for CuPy and a decoder that
+decodes what the real kernel would be given (the packed descriptors' pointers) with the CPU decoder.
+
+GPU sessions are short and rare, and a benchmark that fails on its GPU branch costs one of them
+its measurement (it happened once: an argument the real ``GpuItem.from_arrays`` refused). So the
+benchmark's own code runs here for real: its GPU items through ``GpuItem.from_arrays`` and
+``pack_descriptors`` (every check the GPU path makes before a launch), its verification of each
+kernel's output, the interleaved timing of the kernel, the compared kernel and the copy, and its
+JSON. Only the device is pretended: arrays are host memory, events count calls, the kernel is the
+CPU decoder reading through the descriptors' pointers. Kernel speed itself is measured on a GPU
+host (bench/gpu_check.sh).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import json
+import sys
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from endor_gds.codec.bitmap import WORD_BITS, num_tiles
+from endor_gds.codec.expdict import Streams
+from endor_gds.decode import gpu as kernels
+from endor_gds.decode.cpu import CpuDecoder
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class HostArray(np.ndarray):
+    """A numpy array that presents itself as device memory, as CuPy arrays do."""
+
+    @property
+    def __cuda_array_interface__(self):
+        i = self.__array_interface__
+        return {"shape": i["shape"], "typestr": i["typestr"], "data": i["data"],
+                "strides": i["strides"], "version": 3}
+
+    @property
+    def data(self):  # cupy: arr.data.ptr
+        return types.SimpleNamespace(ptr=self.__array_interface__["data"][0])
+
+
+def _host(ptr: int, nbytes: int) -> np.ndarray:
+    """``nbytes`` of host memory at ``ptr`` as uint8 (a null pointer only with 0 bytes)."""
+    if nbytes == 0:
+        return np.zeros(0, np.uint8)
+    return np.ctypeslib.as_array((ctypes.c_uint8 * nbytes).from_address(ptr))
+
+
+def fake_cupy() -> types.ModuleType:
+    class Event:
+        clock = 0.0
+
+        def __init__(self, *args, **kwargs):
+            self.at = 0.0
+
+        def record(self, stream=None):
+            Event.clock += 1e-3  # every timed span is 1 ms: the ratios are then exactly known
+            self.at = Event.clock
+
+        def synchronize(self):
+            pass
+
+    class Stream:
+        ptr = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def memcpy_async(dst, src, nbytes, kind, stream):
+        ctypes.memmove(dst, src, nbytes)
+
+    runtime = types.SimpleNamespace(
+        getDeviceCount=lambda: 1, memcpyAsync=memcpy_async, memcpyDeviceToDevice=3,
+        getDeviceProperties=lambda device: {"name": b"host stand-in", "l2CacheSize": 1 << 16})
+    cp = types.ModuleType("cupy")
+    cp.uint8 = np.uint8
+    cp.asarray = lambda a: np.array(a, copy=True).view(HostArray)
+    cp.empty = lambda n, dtype: np.empty(n, dtype).view(HostArray)
+    cp.asnumpy = lambda a: np.array(a).view(np.ndarray)
+    cp.cuda = types.SimpleNamespace(Event=Event, Stream=Stream, runtime=runtime,
+                                    get_elapsed_time=lambda a, b: (b.at - a.at) * 1e3)
+    return cp
+
+
+class HostDecoder:
+    """Stands in for GpuDecoder: tables through the real descriptor checks, launches decoded by
+    the CPU decoder from the memory the descriptors point at. ``corrupt`` flips a bit of the
+    output, as a wrong kernel would."""
+
+    made: list[HostDecoder] = []
+
+    def __init__(self, device: int = 0, source: str | None = None):
+        self.source, self.launches, self.corrupt = source, 0, False
+        HostDecoder.made.append(self)
+
+    def make_table(self, items):
+        kernels.pack_descriptors(items)  # every argument check of the real make_table
+        return list(items)
+
+    def launch(self, table, stream):
+        self.launches += 1
+        cpu = CpuDecoder(1)
+        for it in table:
+            words, tiles = -(-it.n // WORD_BITS), num_tiles(it.n)
+            bits = "<u2" if it.elem_bytes == 2 else "<u4"
+            bitmap = _host(it.bitmap_ptr, 4 * words).view("<u4")
+            offsets = _host(it.tile_offsets_ptr, 4 * (tiles + 1)).view("<u4")
+            out = _host(it.out_ptr, it.n * it.elem_bytes).view(bits)
+            if it.expdict is None:
+                values = _host(it.values_ptr, it.values_capacity).view(bits)[: it.nnz]
+            else:
+                e, layout = it.expdict, it.expdict.params.layout
+                values = Streams.from_bytes(e.params, {
+                    "residuals": _host(it.values_ptr, it.nnz * layout.residual_bytes),
+                    "codes": _host(e.codes_ptr, e.codes_capacity),
+                    "escape_offsets": _host(e.escape_offsets_ptr, 4 * (tiles + 1)),
+                    "escape_positions": _host(e.escape_positions_ptr, 2 * e.params.escapes),
+                    "escape_values": _host(e.escape_values_ptr, it.elem_bytes * e.params.escapes)})
+            cpu.decode([(bitmap, values, offsets, out)])
+            if self.corrupt:
+                out[0] ^= 1
+        cpu.close()
+
+    def check(self, table):
+        pass
+
+
+@pytest.fixture
+def bench(monkeypatch):
+    monkeypatch.setitem(sys.modules, "cupy", fake_cupy())
+    monkeypatch.setattr(kernels, "GpuDecoder", HostDecoder)
+    HostDecoder.made = []
+    spec = importlib.util.spec_from_file_location("bench_decode_gpu_branch",
+                                                  REPO / "bench" / "bench_decode.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+ARGS = ["--shapes", "64x64,33x4097", "--sparsity", "0.5", "--repeats", "3", "--warmup", "1",
+        "--storage-bytes", "4MiB", "--json", "--compare-source", str(REPO / "cuda" / kernels.KERNEL_FILE)]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F32"])
+def test_gpu_branch_times_both_kernels_and_the_copy(bench, tmp_path, capsys, dtype):
+    assert bench.main([*ARGS, "--dtype", dtype, "--storage-dir", str(tmp_path)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["gpu"] == "host stand-in" and out["cache"]["gpu_l2"] == "flushed"
+    kernel, compare = HostDecoder.made
+    assert kernel.source is None and compare.source == (REPO / "cuda" / kernels.KERNEL_FILE).read_text()
+    # per case: one checked launch, then warm-up + timed runs, for each kernel
+    assert kernel.launches == compare.launches == 4 * (1 + 1 + 3)
+    assert [c["codec"] for c in out["cases"]] == ["raw", "expdict"] * 2
+    for c in out["cases"]:
+        g = c["gpu"]
+        assert g["traffic_bytes"] == c["stored_bytes"] + c["dense_bytes"]
+        # every span is 1 ms, so kernel, compared kernel and copy all take 1 ms a run
+        assert g["kernel"]["median_s"] == g["compare"]["median_s"] == g["d2d"]["median_s"] == \
+            pytest.approx(1e-3)
+        assert g["speedup_vs_compare"] == pytest.approx(1.0)
+        assert g["ratio"] == pytest.approx(g["traffic_bytes"] / (g["traffic_bytes"] // 2 * 2))
+    for r in out["codecs"].values():
+        assert r["gpu_speedup_vs_compare"] == pytest.approx(1.0) and r["gpu_ratio_to_d2d"] == 1.0
+    assert out["gpu_ratio_to_d2d"] == out["codecs"]["raw"]["gpu_ratio_to_d2d"]
+
+
+def test_gpu_branch_refuses_to_time_a_wrong_kernel(bench, tmp_path, monkeypatch):
+    real_init = HostDecoder.__init__
+
+    def init(self, device=0, source=None):
+        real_init(self, device, source)
+        self.corrupt = source is not None  # the compared kernel decodes wrongly
+
+    monkeypatch.setattr(HostDecoder, "__init__", init)
+    with pytest.raises(SystemExit, match=r"GPU decode \(compare\) differs from the CPU decoder"):
+        bench.main([*ARGS, "--dtype", "F16", "--storage-dir", str(tmp_path)])

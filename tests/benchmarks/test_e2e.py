@@ -1,0 +1,81 @@
+"""bench_e2e on the ``tiny`` config: every variant runs (Accelerate, format v1 dense and pruned,
+format v2 pruned), cold means cold, the report adds up.
+
+The figures themselves are not judged here (timings are for bench/, on a quiet machine).
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import endor_gds
+from endor_gds.benchmarks import e2e
+from endor_gds.container import EndorFile
+
+BENCH = Path(__file__).resolve().parents[2] / "bench" / "bench_e2e.py"
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    out, png = root / "rep.json", root / "rep.png"
+    r = subprocess.run([sys.executable, str(BENCH), "--config", "tiny", "--tokens", "3", "--rounds", "2",
+                        "--cache-dir", str(root), "--json", str(out), "--plot", str(png), "--quiet"],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(out.read_text()), r.stdout, png
+
+
+def test_every_variant_ran_cold(report):
+    rep, text, _ = report
+    by = {v["name"]: v for v in rep["variants"]}
+    assert set(by) == {"accelerate-disk", "endor-dense", "endor-pruned", "endor-pruned-v2"}
+    for v in by.values():
+        # 2 rounds x 2 timed steps (3 new tokens: the prefill makes the first, and is not timed)
+        assert len(v["token_s"]) == 2 * 2 and all(t > 0 for t in v["token_s"])
+        # eviction checked with mincore after every step: Accelerate's mmapped checkpoint too
+        assert v["cached_after_evict"] <= 0.05, (v["name"], v["cached_after_evict"])
+    assert "WARNING" not in text
+    for name in ("endor-dense", "endor-pruned", "endor-pruned-v2"):
+        assert by[name]["stats"]["reader_mode"] in ("posix-direct", "posix-buffered")
+        assert len(by[name]["read_gbps"]) == 2 and by[name]["time_over_read_floor"] > 0
+
+
+def test_report_adds_up(report):
+    rep, text, png = report
+    by = {v["name"]: v for v in rep["variants"]}
+    for kind in ("dense", "pruned"):
+        with EndorFile(rep["files"][kind]["path"]) as f:
+            streamed = sum(x.length for x in f.layers)
+        assert by[f"endor-{kind}"]["bytes_per_token"] == streamed
+    assert rep["byte_ratio"] == pytest.approx(by["endor-dense"]["bytes_per_token"]
+                                              / by["endor-pruned"]["bytes_per_token"])
+    assert 1.5 < rep["byte_ratio"] < 1.78  # 50 % at fp16: 9 bits of 16, less page padding
+    assert rep["speedup_vs_accelerate"] == pytest.approx(
+        by["accelerate-disk"]["s_per_token_median"] / by["endor-pruned"]["s_per_token_median"])
+    assert set(rep["targets"]) >= {"speedup_vs_accelerate >= 2.5", "time_over_best_floor <= 1.10"}
+    assert "pruned vs accelerate" in text and e2e.format_report(rep).splitlines()[0] in text
+    assert png.stat().st_size > 1000
+
+
+def test_e2e_tiny_with_v2_variant(tmp_path):
+    rep = e2e.run_e2e("tiny", "bfloat16", tokens=2, prompt_len=4, accelerate=False, cold=False,
+                      root=tmp_path, progress=False, log=lambda m: None)
+    names = [v["name"] for v in rep["variants"]]
+    assert names == ["endor-dense", "endor-pruned", "endor-pruned-v2"]
+    files = {k: v["path"] for k, v in rep["files"].items()}
+    versions = {}
+    for kind, path in files.items():
+        with endor_gds.open(path) as f:
+            versions[kind] = (f.format_version, sorted({e.codec for e in f.tensors.values()
+                                                        if e.encoding == "bitmap"}))
+    assert versions == {"dense": (1, []), "pruned": (1, ["raw"]), "pruned-v2": (2, ["expdict"])}
+    by = {v["name"]: v for v in rep["variants"]}
+    assert rep["byte_ratio_v2"] == by["endor-pruned"]["bytes_per_token"] / by["endor-pruned-v2"]["bytes_per_token"]
+    assert rep["byte_ratio_v2"] > 1.25  # bf16 at 50 %: 9 against about 6 bits per sparse weight
+    assert rep["speedup_v2_vs_v1"] > 0
+    assert "speedup_v2_vs_v1 >= 0.95 * byte_ratio_v2" in rep["targets"]
+    assert "format v2 (expdict) vs v1" in e2e.format_report(rep)

@@ -1,0 +1,139 @@
+"""Integrity (issue 7): CRC-32C checks on every read when asked, the option's precedence, and
+the tile offset tables checked at open."""
+
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import endor_gds
+from endor_gds import defaults
+from endor_gds.container import EndorFile
+from endor_gds.errors import ChecksumError, DecodeError
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def damaged(packed, tmp_path_factory):
+    """A packed file with one byte of one bitmap tensor's values changed (CRCs left as they were),
+    plus the tensor's name, its true value, and the file's tile-offset segments."""
+    src = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(src) as f:
+        name = next(n for n, e in f.tensors.items() if e.encoding == "bitmap")
+        seg = f.tensors[name].segments["values"]
+        good = f.read_tensor(name)
+    data = bytearray(src.read_bytes())
+    data[seg.offset + 10] ^= 0x40
+    path = tmp_path_factory.mktemp("damaged") / "damaged.endor"
+    path.write_bytes(data)
+    return path, name, good
+
+
+def _same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.int16), b.view(torch.int16))
+
+
+def test_reads_verify_by_default_and_opting_out_does_not(damaged):
+    path, name, good = damaged
+    assert defaults.get("verify_reads") is True
+    with EndorFile(path) as f:
+        with pytest.raises(ChecksumError, match=f"{name}:values"):
+            f.read_tensor(name)
+    with EndorFile(path, verify_reads=False) as f:
+        assert not _same(f.read_tensor(name), good)  # silently different: the check was turned off
+
+
+def test_verify_reads_on_the_file(damaged):
+    path, name, good = damaged
+    with EndorFile(path, verify_reads=True) as f:
+        with pytest.raises(ChecksumError, match=rf"segment {name}:values \(offset \d+, \d+ bytes\) "
+                                                rf"fails its CRC-32C: stored 0x[0-9a-f]{{8}}") as info:
+            f.read_tensor(name)
+        assert info.value.segment == f"{name}:values"
+        assert not _same(f.read_tensor(name, verify=False), good)  # the call's argument wins
+        other = next(n for n in f.tensors if n != name)
+        f.read_tensor(other)  # an intact tensor still reads
+
+
+def test_global_option_is_followed_at_each_read(damaged):
+    path, name, _ = damaged
+    with defaults.set(verify_reads=False), EndorFile(path) as f:
+        f.read_tensor(name)
+        with defaults.set(verify_reads=True):
+            with pytest.raises(ChecksumError, match=f"{name}:values"):
+                f.read_tensor(name)
+            with pytest.raises(ChecksumError, match=f"{name}:values"):
+                f.read_tensor_bits(name)
+        f.read_tensor(name)  # back to False on leaving the inner block
+    with defaults.set(verify_reads=True), EndorFile(path, verify_reads=False) as f:
+        f.read_tensor(name)  # the file's own setting beats the global one
+
+
+def test_environment_variable_turns_it_off_and_on(damaged):
+    path, name, _ = damaged
+    code = (f"import endor_gds; f = endor_gds.open({str(path)!r}); "
+            f"f.read_tensor({name!r})")
+    env = dict(os.environ, ENDOR_VERIFY_READS="1")
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert r.returncode == 1 and "ChecksumError" in r.stderr and f"{name}:values" in r.stderr
+    off = subprocess.run([sys.executable, "-c", code], env=dict(env, ENDOR_VERIFY_READS="0"),
+                         capture_output=True, text=True)
+    assert off.returncode == 0, off.stderr
+
+
+def test_verify_reads_checks_tile_offsets_at_open(packed, tmp_path):
+    """With verification on, the tile offset tables validated at open are CRC-checked too: a
+    table still self-consistent after damage (here: its padding) is not trusted."""
+    src = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(src) as f:
+        name = next(n for n, e in f.tensors.items() if e.encoding == "bitmap")
+        seg = f.tensors[name].segments["tile_offsets"]
+    data = bytearray(src.read_bytes())
+    data[seg.offset + seg.nbytes] = 1  # padding after the table
+    path = tmp_path / "pad.endor"
+    path.write_bytes(data)
+    EndorFile(path, verify_reads=False).close()
+    with pytest.raises(ChecksumError, match=f"{name}:tile_offsets"):
+        EndorFile(path)
+
+
+@pytest.mark.parametrize("entry, value, match", [
+    (0, 1, "tile offsets must run from 0 to nnz"),
+    (-1, 0, "tile offsets must run from 0 to nnz"),
+    (1, 0xFFFFFFFF, "tile 0 claims 4294967295 values"),
+    (1, 4097, "tile 0 claims 4097 values"),
+])
+def test_every_tile_offset_rule_is_checked_at_open(packed, tmp_path, entry, value, match):
+    """Each rule of the table (first 0, last nnz, non-decreasing, at most 4096 per tile) refuses
+    the file at open, with the CRC made to match so that only the rule itself can catch it."""
+    from endor_gds.fuzz import fuzzlib  # noqa: PLC0415 - imports the whole fuzz corpus
+
+    base = fuzzlib.load_base(packed("llama", torch.float16, prune="magnitude"))
+    seg = next(s for s in base.segments if s.kind == "tile_offsets" and s.nbytes >= 12)
+    buf = bytearray(base.data)
+    at = seg.offset + 4 * (entry if entry >= 0 else seg.nbytes // 4 + entry)
+    struct.pack_into("<I", buf, at, value)
+    path = tmp_path / "t.endor"
+    path.write_bytes(fuzzlib.with_segment_crc(base, bytes(buf), seg))
+    with pytest.raises(DecodeError, match=match):
+        EndorFile(path)
+    with EndorFile(path, check_tiles=False) as f:  # deferred: then the first read refuses it
+        name = seg.label.split(" ", 1)[1].rsplit(":", 1)[0]
+        with pytest.raises(DecodeError, match=match):
+            f.read_tensor(name)
+
+
+def test_bench_verify_smoke(tmp_path):
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "bench_verify.py"), "--nbytes", "8MiB",
+                        "--repeats", "2", "--dir", str(tmp_path)], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "crc32c" in r.stdout and "verify_reads cost" in r.stdout
+    assert list(tmp_path.iterdir()) == []  # its scratch files are removed

@@ -1,0 +1,370 @@
+"""Fuzzing the .endor reader with mutated real files (issue 7).
+
+The engine (endor_gds/fuzz/fuzzlib.py) and the oracle (endor_gds/fuzz/fuzzcheck.py) are the ones
+bench/fuzz_format.py runs for long runs; here hypothesis drives a few hundred cases with a
+fixed derandomised profile so CI is deterministic, every mutation op runs at least once, each
+escape found so far has a named regression test, the oracle's own checks are shown to fail when
+they should, and the C decoder also gets raw garbage that never went through the checks at open.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from endor_gds.benchmarks.models import build_model
+from endor_gds.container import EndorFile
+from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.errors import ChecksumError, FormatError
+from endor_gds.fuzz import fuzzcheck, fuzzlib
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLES = int(os.environ.get("ENDOR_FUZZ_EXAMPLES", "200"))
+
+
+@pytest.fixture(scope="session")
+def corpus_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("fuzz-corpus")
+    fuzzlib.build_corpus(folder, build_model)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def bases(corpus_dir):
+    return [fuzzlib.load_base(p) for p in sorted(corpus_dir.glob("*.endor"))]
+
+
+@pytest.fixture(scope="session")
+def decoder():
+    with CpuDecoder(1) as d:
+        yield d
+
+
+@pytest.fixture(scope="session")
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp("fuzz-work")
+
+
+def _run(base, mutant, workdir, decoder, **kw):
+    return fuzzcheck.run_case(base, mutant, workdir, decoder, **kw)
+
+
+def _assert_kept_promises(base, mutant, r):
+    assert r.escape is None, f"{base.name} {mutant.op}: {mutant.detail}\n{r.outcome}: {r.escape}"
+
+
+def test_corpus_covers_what_the_fuzzer_needs(bases):
+    encodings = {(b.name, t["encoding"], t["dtype"]) for b in bases for t in b.manifest["tensors"]}
+    assert {d for _, e, d in encodings if e == "bitmap"} == {"F16", "BF16", "F32"}
+    dense_only = [b for b in bases if all(t["encoding"] == "dense" for t in b.manifest["tensors"])]
+    assert dense_only, "a dense-only file"
+    assert any(b.files for b in bases) and any(not b.files for b in bases)
+    assert any(b.manifest.get("tied") for b in bases)
+    # partial bitmap words and partial tiles exercise the decoders' edges
+    numels = [np.prod(t["shape"]) for b in bases for t in b.manifest["tensors"] if t["encoding"] == "bitmap"]
+    assert any(n % 32 for n in numels) and any(n % 4096 for n in numels)
+    # format v2: expdict tensors of 2-byte types with and without high residual bits, escapes
+    assert {b.manifest["format_version"] for b in bases} == {1, 2}
+    expdict = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "expdict"]
+    assert {t["dtype"] for t in expdict} == {"BF16", "F16"}
+    assert sum(t["expdict"]["escapes"] > 0 for t in expdict) >= 4
+    assert {t["expdict"]["index_bits"] for t in expdict} >= {1, 2} or len(expdict) > 4
+
+
+@pytest.mark.parametrize("op", fuzzlib.OPS)
+def test_every_op_once(bases, decoder, workdir, op):
+    index = fuzzlib.OPS.index(op)
+    base = bases[index % len(bases)]
+    mutant = fuzzlib.mutate(base, op, fuzzlib.case_rng(0, index))
+    _assert_kept_promises(base, mutant, _run(base, mutant, workdir, decoder))
+
+
+@settings(max_examples=EXAMPLES, derandomize=True, database=None, deadline=None,
+          suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@given(data=st.data())
+def test_mutated_files_never_escape(bases, decoder, workdir, data):
+    base = data.draw(st.sampled_from(bases), label="base")
+    op = data.draw(st.sampled_from(fuzzlib.OPS), label="op")
+    seed = data.draw(st.integers(0, 2**32 - 1), label="seed")
+    mutant = fuzzlib.mutate(base, op, fuzzlib.case_rng(seed, 0))
+    _assert_kept_promises(base, mutant, _run(base, mutant, workdir, decoder))
+
+
+def test_oracle_handles_scalar_tensors(bases, decoder, workdir):
+    """A manifest may legally turn a 1-D tensor into a scalar (sizes made consistent); the
+    oracle itself once failed on 0-dim tensors (found by the bench, fixed in fuzzcheck._bits)."""
+    base = bases[0]
+
+    def scalar(m):
+        t = next(t for t in m["tensors"] if len(t["shape"]) == 1)
+        t["shape"], t["nnz"] = [], 1
+        fuzzlib.consistent_sizes(t)
+
+    mutant = fuzzlib.Mutant("json.shape", "1-D -> scalar", _with(base, scalar), True)
+    r = _run(base, mutant, workdir, decoder)
+    assert (r.outcome, r.escape) == ("ok: valid, different", None)
+
+
+@settings(max_examples=150, derandomize=True, database=None, deadline=None)
+@given(n=st.integers(0, 3 * 4096 + 33), itemsize=st.sampled_from([2, 4]), data=st.data())
+def test_c_decoder_on_raw_garbage(decoder, n, itemsize, data):
+    """The C decoder's own guards, without the checks at open in front of them: arbitrary bitmap
+    words, value counts and tile offsets, on fenced buffers (an out-of-bounds access is a
+    segfault). It returns or raises DecodeError; when the reference decoder accepts the same
+    input, both produce the same bits."""
+    from endor_gds.codec.bitmap import decode_bitmap_reference, num_tiles  # noqa: PLC0415
+    from endor_gds.errors import DecodeError  # noqa: PLC0415
+    from endor_gds.fuzz.fence import fenced_copy, fenced_empty  # noqa: PLC0415
+
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1), label="seed"))
+    words = -(-n // 32)
+    bitmap = rng.integers(0, 2**32, words, dtype=np.uint64).astype("<u4")
+    bitmap &= rng.choice(np.array([0, 0xFFFFFFFF, 0x55555555, 0xFFFFFFFF], dtype="<u4"), words)
+    bits = np.unpackbits(bitmap.view(np.uint8), bitorder="little").astype(bool)
+    if data.draw(st.booleans(), label="clear bits past n"):
+        bits[n:] = False
+        bitmap = np.packbits(bits, bitorder="little").view("<u4")
+    counts = np.zeros(num_tiles(n) + 1, dtype=np.int64)
+    if n:  # the consistent table for this bitmap; damaged below
+        padded = np.zeros(num_tiles(n) * 4096, dtype=bool)
+        padded[:n] = bits[:n]
+        counts[1:] = np.cumsum(padded.reshape(-1, 4096).sum(1))
+    exact = data.draw(st.booleans(), label="nnz matches the bitmap")
+    nnz = int(counts[-1]) if exact else data.draw(st.integers(0, n + 64), label="nnz")
+    values = rng.integers(1, 2**16, nnz, dtype=np.uint64).astype("<u2" if itemsize == 2 else "<u4")
+    offs = counts.astype("<u4")
+    for _ in range(data.draw(st.integers(0, 3), label="damage")):
+        offs[rng.integers(offs.size)] = rng.choice([0, nnz, nnz + 1, 2**32 - 1, rng.integers(2**32)])
+    out = fenced_empty(n * itemsize).view(values.dtype)
+    try:
+        decoder.decode([(fenced_copy(bitmap).view("<u4"), fenced_copy(values).view(values.dtype),
+                         fenced_copy(offs).view("<u4"), out)], where=["garbage"])
+        c_ok = True
+    except DecodeError:
+        c_ok = False
+    try:
+        ref = decode_bitmap_reference(bitmap, values, offs, n)
+    except DecodeError:
+        event(f"reference refuses, C {'accepts' if c_ok else 'refuses'}")
+        return
+    event("both accept: outputs compared")
+    assert c_ok and out.tobytes() == ref.tobytes()
+
+
+def test_unmutated_files_read_identically(bases, decoder, workdir):
+    for base in bases:
+        r = _run(base, fuzzlib.Mutant("none", "", base.data, False), workdir, decoder)
+        assert (r.outcome, r.escape) == ("ok: identical", None)
+        assert fuzzcheck.spec_violations(base.data, base.manifest) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Regressions: each escape the fuzzer found in the validation, as a named case.
+
+
+def _write(tmp_path, data: bytes) -> Path:
+    p = tmp_path / "bad.endor"
+    p.write_bytes(data)
+    return p
+
+
+def _with(base, edit):
+    m = copy.deepcopy(base.manifest)
+    edit(m)
+    return fuzzlib.with_manifest(base, fuzzlib.dump(m))
+
+
+def _bitmap_base(bases):
+    return next(b for b in bases if b.files and any(t["encoding"] == "bitmap" for t in b.manifest["tensors"]))
+
+
+def _first(m, encoding):
+    return next(t for t in m["tensors"] if t["encoding"] == encoding)
+
+
+REGRESSIONS = {
+    # fields the header declares but nothing checked
+    "header flags": (lambda b: fuzzlib.with_header(b.data, flags=2), "header flags 0x2 are not supported"),
+    "header page padding": (lambda b: b.data[:100] + b"\x01" + b.data[101:], "header page is not zero"),
+    "manifest padding": (lambda b: b.data[:-1] + b"\x01", "manifest padding is not zero"),
+    "data after the manifest": (
+        lambda b: fuzzlib.with_header(b.data + bytes(4096), flen=len(b.data) + 4096),
+        "manifest range .* ending the file"),
+    "file cut inside the manifest padding": (
+        lambda b: fuzzlib.with_header(b.data[:-1], flen=len(b.data) - 1), "manifest range .* ending the file"),
+    # manifest fields whose type was not checked
+    "segment without kind": (
+        lambda b: _with(b, lambda m: _first(m, "dense")["segments"][0].pop("kind")),
+        r"segment 0 kind must be one of 'data', 'bitmap', 'values', 'tile_offsets', 'residuals', "
+        r"'codes', 'escape_offsets', 'escape_positions', 'escape_values', got None"),
+    "segment kind nested 900 deep": (
+        lambda b: _with(b, lambda m: _first(m, "bitmap")["segments"][2].update(kind="\x00DEEP:900")),
+        "segment 2 kind must be one of .*got a list of 1 items"),
+    "dtype is a list": (
+        lambda b: _with(b, lambda m: _first(m, "dense").update(dtype=["F16"])),
+        "dtype must be one of 'F16'.*got a list of 1 items"),
+    "encoding is a dict": (
+        lambda b: _with(b, lambda m: _first(m, "dense").update(encoding={"a": 1})),
+        "encoding must be one of 'dense', 'bitmap', got a dict of 1 items"),
+    "prune is a list": (
+        lambda b: _with(b, lambda m: m.update(prune=["magnitude"])), "prune must be an object, got list"),
+    "format_version true": (
+        lambda b: _with(b, lambda m: m.update(format_version=True)), "format_version must be an integer"),
+    "tile_elems missing": (
+        lambda b: _with(b, lambda m: m.pop("tile_elems")), r"tile_elems must be an integer in \[4096, 4096\]"),
+    "tile_elems is the tensor list": (
+        lambda b: _with(b, lambda m: m.update(tile_elems=m["tensors"])),
+        r"tile_elems must be an integer in \[4096, 4096\], got a list of \d+ items$"),
+    "checksum sha256": (
+        lambda b: _with(b, lambda m: m.update(checksum="sha256")), "checksum must be one of 'crc32c'"),
+    "duplicated embedded file": (
+        lambda b: _with(b, lambda m: m["files"].append(copy.deepcopy(m["files"][0]))),
+        "embedded file tokenizer.json appears twice"),
+    "file segment of kind bitmap": (
+        lambda b: _with(b, lambda m: m["files"][0].update(kind="bitmap")), "kind must be one of 'file'"),
+    "extent kind and name disagree": (
+        lambda b: _with(b, lambda m: next(e for e in m["extents"] if e["name"] == "files").update(kind="resident")),
+        "extent files of kind resident must be named 'resident'"),
+    "layer extent misnamed": (
+        lambda b: _with(b, lambda m: next(e for e in m["extents"] if e.get("layer") == 1).update(name="layer.7")),
+        "extent layer.7 of kind layer must be named 'layer.1'"),
+    "bitmap tensor of 2^32 elements": (
+        lambda b: _with(b, lambda m: _first(m, "bitmap").update(shape=[65536, 65536])),
+        "bitmap-encoded tensor holds at most 4294967295 elements"),
+    "long segment kind": (
+        lambda b: _with(b, lambda m: _first(m, "dense")["segments"][0].update(kind="k" * 100_000)),
+        r"kind must be one of .*got 'kkkk.*\.\.\. \(100000 characters\)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REGRESSIONS))
+def test_regression(bases, tmp_path, case):
+    make, match = REGRESSIONS[case]
+    path = _write(tmp_path, make(_bitmap_base(bases)))
+    with pytest.raises(FormatError, match=match) as info:
+        EndorFile(path)
+    assert str(path) in str(info.value) and len(str(info.value)) < 600
+
+
+def test_failed_open_does_not_close_a_reused_descriptor(bases, tmp_path):
+    """A failed open used to close its descriptor, then close the same number again from
+    __del__ once the exception was dropped, by which time it belonged to another file."""
+    bad = _write(tmp_path, b"x" * 5000)
+    try:
+        EndorFile(bad)
+    except FormatError as exc:
+        kept = exc  # the traceback keeps the half-built EndorFile alive
+    good = EndorFile(bases[0].path)  # very likely gets the descriptor number just freed
+    del kept  # drops the half-built object: its __del__ runs now
+    good.read_tensor(next(iter(good.tensors)))  # EBADF here if __del__ closed our descriptor
+    good.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# The oracle must be able to fail: each of its checks, triggered on purpose.
+
+
+def _pristine(base):
+    return fuzzlib.Mutant("none", "unchanged", base.data, False)
+
+
+def test_oracle_flags_silent_corruption(bases, decoder, workdir, monkeypatch):
+    real = EndorFile.read_tensor_bits
+
+    def one_bit_off(self, name, **kw):
+        bits = real(self, name, **kw).copy()
+        bits.view(np.uint8)[0] ^= 1
+        return bits
+
+    monkeypatch.setattr(EndorFile, "read_tensor_bits", one_bit_off)
+    base = bases[0]
+    assert base.manifest["tensors"][0]["encoding"] == "dense"  # reached before any C comparison
+    assert _run(base, _pristine(base), workdir, decoder).outcome == "ESCAPE silent corruption"
+
+
+def test_oracle_flags_other_exception_types(bases, decoder, workdir, monkeypatch):
+    monkeypatch.setattr(EndorFile, "summary", lambda self: {}["no such key"])
+    r = _run(bases[0], _pristine(bases[0]), workdir, decoder)
+    assert r.outcome == "ESCAPE KeyError" and "no such key" in r.escape
+
+
+def test_oracle_flags_messages_that_do_not_name_the_file(bases, decoder, workdir, monkeypatch):
+    def vague(self, name, **kw):
+        raise ChecksumError("bad")
+
+    monkeypatch.setattr(EndorFile, "read_tensor", vague)
+    assert _run(bases[0], _pristine(bases[0]), workdir, decoder).outcome == "ESCAPE bad error message"
+
+
+def test_oracle_flags_decoder_disagreement(bases, decoder, workdir, monkeypatch):
+    base = _bitmap_base(bases)
+    monkeypatch.setattr(fuzzcheck, "_c_decode", lambda f, entry, dec, path: b"\0")
+    assert _run(base, _pristine(base), workdir, decoder).outcome == "ESCAPE decoders disagree"
+
+
+def test_oracle_flags_hangs(bases, decoder, workdir, monkeypatch):
+    monkeypatch.setattr(EndorFile, "summary", lambda self: time.sleep(30))
+    r = _run(bases[0], _pristine(bases[0]), workdir, decoder, time_limit=0.5)
+    assert r.outcome == "ESCAPE hang" and r.seconds < 5
+
+
+def test_oracle_flags_large_allocations(bases, decoder, workdir, monkeypatch):
+    def greedy_verify(self):
+        np.ones(80 << 20, np.uint8).all()  # 80 MiB for a file of a few hundred KB
+        return iter(())
+
+    monkeypatch.setattr(EndorFile, "verify", greedy_verify)
+    r = _run(bases[0], _pristine(bases[0]), workdir, decoder)
+    assert r.outcome == "ESCAPE allocation" and r.peak_bytes >= 80 << 20
+
+
+def test_oracle_flags_undetected_changes(bases, decoder, workdir):
+    """A valid edit (provenance changed, manifest CRC recomputed) mislabelled as plain damage:
+    the bytes changed, nothing complains, so the oracle must call it undetected."""
+    base = bases[0]
+    data = _with(base, lambda m: m.update(created_by="someone else"))
+    lie = fuzzlib.Mutant("json.valid_edit", "provenance", data, hostile=False)
+    assert _run(base, lie, workdir, decoder).outcome == "ESCAPE undetected change"
+
+
+def test_spec_check_names_broken_rules(bases):
+    base = _bitmap_base(bases)
+    assert fuzzcheck.spec_violations(fuzzlib.with_header(base.data, flags=1), base.manifest) == \
+        ["version 1 / flags 1"]
+    m = copy.deepcopy(base.manifest)
+    m["tensors"][1]["segments"][0]["offset"] = m["tensors"][0]["segments"][0]["offset"]
+    assert "segments overlap" in fuzzcheck.spec_violations(base.data, m)
+
+
+def test_fenced_buffers_turn_overreads_into_crashes():
+    code = ("import ctypes, numpy; from endor_gds.fuzz import fence; "
+            "a = fence.fenced_copy(numpy.arange(10, dtype='u1')); "
+            "print(ctypes.c_ubyte.from_address(a.ctypes.data + 9).value, flush=True); "
+            "ctypes.c_ubyte.from_address(a.ctypes.data + {}).value")
+    ok = subprocess.run([sys.executable, "-c", code.format(0)], cwd=REPO, capture_output=True, text=True)
+    assert ok.returncode == 0 and ok.stdout.strip() == "9", ok.stderr
+    for past in (10, -4097):  # one byte past the end, one page before the start
+        r = subprocess.run([sys.executable, "-c", code.format(past)], cwd=REPO, capture_output=True)
+        assert r.returncode == -11, (past, r.returncode, r.stderr[-500:])
+
+
+def test_bench_smoke(corpus_dir, tmp_path):
+    """bench/fuzz_format.py end to end: workers, histogram, exit status, JSON summary."""
+    out = tmp_path / "summary.json"
+    r = subprocess.run([sys.executable, str(REPO / "bench" / "fuzz_format.py"), "--cases", "8",
+                        "--seed", "3", "--workers", "1", "--corpus", str(corpus_dir), "--json", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "8 cases in" in r.stdout and "0 escapes" in r.stdout and "# fuzz_format: endor_gds" in r.stdout
+    summary = json.loads(out.read_text())
+    assert summary["cases"] == 8 and sum(summary["outcomes"].values()) == 8 and summary["escapes"] == []

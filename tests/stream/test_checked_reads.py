@@ -1,0 +1,159 @@
+"""Every byte the model computes with is checked, by default (endor_gds.stream.integrity).
+
+The sweep flips single bits all over a packed file — header page, manifest, and every segment
+of every extent the model reads — one position at a time, and requires every load + generate to
+end in an EndorError: never in tokens computed from damaged bytes. Tiers ssd and ram and prefetch
+depths 1 and 2 take turns over the positions (2000 per codec; ENDOR_BITFLIP_POSITIONS=N for a longer
+campaign).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+import endor_gds
+from endor_gds import defaults
+from endor_gds.errors import ChecksumError, EndorError
+from endor_gds.stream import backends
+
+PROMPT = torch.tensor([[1, 5, 9, 13, 2, 7]])
+COMBOS = [("ssd", 1), ("ssd", 2), ("ram", 1), ("ram", 2)]
+POSITIONS = int(os.environ.get("ENDOR_BITFLIP_POSITIONS", "2000"))
+
+
+def _generate(path, tier="ssd", depth=2, **kw):
+    model = endor_gds.from_pretrained(path, device="cpu", tier=tier, prefetch_depth=depth, **kw)
+    try:
+        with torch.no_grad():
+            return model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+    finally:
+        model.endor.close()
+
+
+def _regions(path) -> list[tuple[str, int, int]]:
+    """``(kind, start, end)`` of every byte range a load + generate reads: the header page, the
+    manifest to the end of the file, and each segment of the resident and layer extents."""
+    with endor_gds.open(path) as f:
+        regions = [("header", 0, 4096), ("manifest", f._manifest_offset, f.file_size)]
+        for entry in f.tensors.values():
+            regions += [(kind, s.offset, s.offset + s.length) for kind, s in entry.segments.items()]
+    return [r for r in regions if r[2] > r[1]]  # an empty escape table has no bytes to flip
+
+
+def _flip(path, pos: int, bit: int) -> None:
+    fd = os.open(path, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, pos)[0]
+        os.pwrite(fd, bytes([byte ^ (1 << bit)]), pos)
+    finally:
+        os.close(fd)
+
+
+def _copy(src, folder, name: str, tensor: str, kind: str):
+    """A copy of the packed file ``src`` to damage, and the segment ``tensor:kind`` in it."""
+    path = folder / name
+    shutil.copyfile(src, path)
+    with endor_gds.open(path) as f:
+        return path, f.tensors[tensor].segments[kind]
+
+
+def test_reads_are_checked_by_default():
+    assert defaults.get("verify_reads") is True
+
+
+@pytest.mark.parametrize("codec", ["raw", "expdict"])
+def test_single_bit_flips_anywhere_are_named_errors(packed, tmp_path, codec):
+    src = packed("llama", torch.float16, prune="magnitude", codec=codec)
+    path = tmp_path / "flipped.endor"
+    shutil.copyfile(src, path)
+    clean = _generate(path)
+    regions = _regions(path)
+    kinds = sorted({k for k, _, _ in regions})
+    assert {"header", "manifest", "bitmap", "tile_offsets", "data"} <= set(kinds)
+    assert ("residuals" if codec == "expdict" else "values") in kinds
+    rng = np.random.default_rng(20261202)
+    escaped, seen = [], set()
+    for i in range(POSITIONS):
+        kind = kinds[i % len(kinds)]  # every kind in turn, so a rare one is not left out
+        of_kind = [r for r in regions if r[0] == kind]
+        _, start, end = of_kind[rng.integers(len(of_kind))]
+        pos, bit = int(rng.integers(start, end)), int(rng.integers(8))
+        tier, depth = COMBOS[i % len(COMBOS)]
+        _flip(path, pos, bit)
+        try:
+            out = _generate(path, tier, depth)
+            escaped.append((kind, pos, bit, tier, depth, torch.equal(out, clean)))
+        except EndorError:
+            seen.add(kind)
+        finally:
+            _flip(path, pos, bit)  # restored: the next position starts from the good file
+    assert escaped == [], f"{len(escaped)} flips ran without an error: {escaped[:10]}"
+    assert seen == set(kinds)
+    assert torch.equal(_generate(path), clean)
+
+
+def test_a_transient_fault_heals_and_is_counted(packed, monkeypatch):
+    """The first read of an extent returns damaged bytes (a bad DMA, say); the read is repeated
+    from storage, passes, and the tokens are the clean ones."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    clean = _generate(path)
+    real, state = backends.CpuBackend.read, {"damaged": 0}  # the CPU staging read, damaged once
+
+    def read_once_damaged(self, plan, s):
+        real(self, plan, s)
+        if state["damaged"] == 0 and plan.index == 1:
+            self._staging[s][100] ^= 0x10
+            state["damaged"] += 1
+
+    monkeypatch.setattr(backends.CpuBackend, "read", read_once_damaged)
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        with torch.no_grad():
+            out = model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert state["damaged"] == 1 and model.endor.check.rereads == 1
+        assert "1 extent(s) read again" in model.endor.summary()["checked_reads"]
+    finally:
+        model.endor.close()
+    assert torch.equal(out, clean)
+
+
+def test_file_overwritten_while_streaming_is_named(packed, tmp_path):
+    src = packed("llama", torch.float16, prune="magnitude", codec="raw")
+    path, seg = _copy(src, tmp_path, "live.endor", "model.layers.2.mlp.down_proj.weight", "values")
+    model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        with torch.no_grad():
+            model(PROMPT)
+        with open(path, "r+b") as fh:  # another process rewrites part of the file in place
+            fh.seek(seg.offset)
+            fh.write(os.urandom(64))
+        with pytest.raises(ChecksumError, match=r"down_proj.weight:values \(file offset \d+, \d+ bytes\) "
+                                                r"fails its CRC-32C.*changed on disk after it was opened"):
+            with torch.no_grad():
+                model(PROMPT)
+        shutil.copyfile(src, path)  # put back: the same model object recovers on the next step
+        with torch.no_grad():
+            model(PROMPT)
+    finally:
+        model.endor.close()
+
+
+def test_opting_out_computes_with_what_was_read(packed, tmp_path):
+    """verify_reads=False is the documented opt-out: nothing is checked, nothing is raised."""
+    src = packed("llama", torch.float16, prune="magnitude", codec="raw")
+    path, seg = _copy(src, tmp_path, "optout.endor", "model.layers.1.self_attn.q_proj.weight", "values")
+    _flip(path, seg.offset + 3, 6)
+    for tier in ("ssd", "ram"):
+        with pytest.raises(ChecksumError, match="q_proj.weight:values"):
+            _generate(path, tier)
+        _generate(path, tier, verify_reads=False)
+    model = endor_gds.from_pretrained(path, device="cpu", verify_reads=False)
+    try:
+        assert model.endor.summary()["checked_reads"].startswith("off")
+    finally:
+        model.endor.close()
