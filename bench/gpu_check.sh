@@ -59,7 +59,7 @@ fi
 prep_pid=""
 if has e2e; then  # CPU and disk work only: overlaps the GPU tests
     echo "==== prep (background): build + pack tinyllama-1.1b" >>"$LOG"
-    timeout 300 "$PY" -c "from endor_gds import e2e; c = e2e.build_checkpoint('tinyllama-1.1b', '${E2E_DTYPE:-float16}', progress=False); print(e2e.packed_variants(c, 0.5, progress=False, kinds=tuple(e2e.VARIANTS)))" \
+    timeout 300 "$PY" -c "from endor_gds.benchmarks import e2e; c = e2e.build_checkpoint('tinyllama-1.1b', '${E2E_DTYPE:-float16}', progress=False); print(e2e.packed_variants(c, 0.5, progress=False, kinds=tuple(e2e.VARIANTS)))" \
         >"$SCRATCH/prep.log" 2>&1 &
     prep_pid=$!
 fi

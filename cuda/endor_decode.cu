@@ -1,22 +1,26 @@
 /*
  * endor_decode.cu: rebuild dense fp16 / bf16 / fp32 weights on the GPU from bitmap + tile offsets
- * + values (format v1: raw values; format v2: codec expdict). Format: docs/format.md, section 1;
- * how this kernel decodes a layer, step by step, and why: docs/format.md, "How the GPU kernel
- * decodes a layer".
+ * + values, the values raw (format v1) or codec expdict (format v2). The format: docs/format.md,
+ * section 1; this kernel step by step, and why: docs/format.md, "How the GPU kernel decodes a
+ * layer". The launcher: endor_gds/decode/gpu.py (NVRTC, options gpu.NVRTC_OPTIONS; the table is
+ * built by gpu.GpuDecoder.make_table). No header is included: NVRTC has no system headers.
  *
- * endor_gds/decode/gpu.py compiles it with NVRTC (options: NVRTC_OPTIONS) and launches
- * `endor_decode_bitmap` once per layer over a descriptor table (Desc, one per bitmap tensor); one
- * block decodes one 4096-element tile with 128 threads. tests/decode/test_cuda_compile.py compiles
- * it for sm_80 and sm_90; tests/support/endor_decode_emulate.cu runs its per-thread functions on
- * the CPU (-DENDOR_EMULATE). No header is included: NVRTC has no system headers.
+ * Launch: endor_decode_bitmap, once per layer, over a table of descriptors (Desc, one per bitmap
+ * tensor, first_tile ascending). Grid: one block per 4096-element tile of the whole table; block:
+ * 128 threads, one bitmap word each; dynamic shared memory: the table's largest smem_bytes().
  *
- * The file is untrusted: whatever the bitmap, tile offsets and escape tables say, the kernel reads
- * only inside each segment's capacity and writes only out[0..n). The host (gpu.GpuDecoder.make_table)
- * guarantees the descriptors and the alignments (bitmap, tile_offsets, escape_offsets 4 bytes;
- * values, codes, out 16 bytes; escape_positions 2; escape_values elem_bytes); the kernel checks
- * everything that comes from the file (kBadOffsets, kBadEscapes, kBitsPastEnd, kCountMismatch).
- * A bad tile writes nothing and records (descriptor, tile, reason) in *error with atomicMin; the
- * caller treats the whole launch's outputs as invalid.
+ * Contract. The host guarantees each descriptor (sizes within the segments' capacities, elem_bytes
+ * 2 or 4, index_bits 1..4, alignments: bitmap, tile_offsets, escape_offsets 4 bytes; values, codes,
+ * out 16; escape_positions 2; escape_values elem_bytes; outputs not overlapping inputs). The file
+ * is untrusted: the kernel checks everything that comes from it (tile and escape offsets, bits
+ * past n, popcounts, escape positions), reads only inside each segment and writes only out[0..n).
+ * Error word: the host sets *error to ~0 before the launch; a bad tile writes nothing and
+ * atomicMin's desc << 40 | tile << 8 | reason (Reason below) into it, so the first bad tile in
+ * table order is reported. Any error makes the whole launch's outputs invalid.
+ *
+ * Tested without a GPU: tests/decode/test_cuda_compile.py compiles it with nvcc (sm_80, sm_90,
+ * warnings as errors, no spills); tests/support/endor_decode_emulate.cu runs its per-thread
+ * functions on the CPU (-DENDOR_EMULATE).
  */
 
 // The tile size of the file format (docs/format.md: 4096 elements, endor_gds.codec.bitmap.TILE_ELEMS).
@@ -54,7 +58,7 @@ constexpr u32 kMaxIndexBits = 4;               // expdict.MAX_INDEX_BITS: 16 dic
 // thread, which the kernel fits without spilling (tests/decode/test_cuda_compile.py fails on any spill).
 // Shared memory per block is 9.2 KB for fp16/bf16 tables (+1 KB the driver reserves): 16 blocks
 // fit an sm_90 SM (228 KB), about 15 an sm_80 SM (164 KB); a table holding fp32 (17.4 KB a block)
-// runs about 12 and 8, and expdict tables (see above) 14 / 10 (bf16) and 7 / 5 (fp32).
+// runs about 12 and 8, and expdict tables (docs/format.md) 14 / 10 (bf16) and 7 / 5 (fp32).
 constexpr u32 kMinBlocksPerSM = 16;
 static_assert(kTileElems == 4096, "the block layout (128 threads, one word each) assumes 4096-element tiles");
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "the scan keeps one total per warp");
