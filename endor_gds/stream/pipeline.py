@@ -52,9 +52,9 @@ class _Job:
 class Pipeline:
     """Owns the buffer sets and the two worker threads; the runtime's hooks call ``acquire``/``release``.
 
-    ``backend`` does the device-specific work (see :class:`endor_gds.stream.backends.CpuBackend` and
-    ``CudaBackend``): ``read(plan, s)``, ``decode(plan, s)``, ``tensors(plan, s)``,
-    ``wait_ready(plan, s)``, ``mark_free(plan, s)``, ``staging_view(plan, s)``.
+    ``backend`` does the device-specific work: the calls of :class:`endor_gds.stream.backends.Backend`,
+    each on the thread its docstring names. ``check`` (when reads are checked) runs on the decoder
+    thread between a layer's read and its decode.
     """
 
     def __init__(self, plans: list[LayerPlan], backend: Backend, depth: int, *,
