@@ -28,6 +28,7 @@ if "torch" not in _sys.modules:
 from endor_gds import defaults  # noqa: E402
 from endor_gds.container import EndorFile  # noqa: E402
 from endor_gds.errors import (
+    ArgumentError,
     BudgetError,
     CalibrationError,
     ChecksumError,
@@ -58,6 +59,7 @@ __all__ = [
     "runtime_of",
     "EndorFile",
     "EndorError",
+    "ArgumentError",
     "FormatError",
     "ChecksumError",
     "DecodeError",

@@ -73,3 +73,8 @@ class CalibrationError(EndorError, ValueError):
 class PlacementError(EndorError, RuntimeError):
     """A streaming model was asked to move to another device or dtype (``model.to``, ``.cuda()``,
     ``.half()``, ...): its weights stay where ``from_pretrained`` placed them."""
+
+
+class ArgumentError(EndorError, ValueError):
+    """A public argument has a value it cannot take; the message says what was given, what is
+    allowed and, where it helps, what to do."""

@@ -26,7 +26,7 @@ from endor_gds import defaults
 from endor_gds.container import EndorFile
 from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.defaults import parse_bytes
-from endor_gds.errors import BudgetError, FormatError, PlacementError, UnsupportedModelError
+from endor_gds.errors import ArgumentError, BudgetError, FormatError, PlacementError, UnsupportedModelError
 from endor_gds.modeling import (
     check_tensors,
     exception_line,
@@ -110,14 +110,43 @@ class StepRing:
 
 
 def _device(device) -> torch.device:
+    """The torch device ``from_pretrained`` was asked for, or an ArgumentError saying what to do."""
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", torch.cuda.current_device())
+    allowed = "'auto', 'cpu', 'cuda' or 'cuda:N' (or a torch.device of those)"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ArgumentError(f"device must be {allowed}, got {device!r}") from None
     if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {device!r}")
+        raise ArgumentError(f"device must be {allowed}, got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "torch sees no CUDA GPU"
+            raise ArgumentError(f"device={device!r} was asked for, but {why} (torch.cuda.is_available() is "
+                                f"False): use device='cpu', or on a GPU host install a CUDA build of torch")
+        if dev.index is None:
+            dev = torch.device("cuda", torch.cuda.current_device())
+        elif dev.index >= torch.cuda.device_count():
+            raise ArgumentError(f"device={device!r}, but this host has {torch.cuda.device_count()} CUDA "
+                                f"device(s): cuda:0 to cuda:{torch.cuda.device_count() - 1}")
     return dev
+
+
+def _tier(tier) -> str:
+    if not isinstance(tier, str) or tier not in TIERS:
+        raise ArgumentError(f"tier must be one of {', '.join(map(repr, TIERS))}, got {tier!r}")
+    return tier
+
+
+def _prefetch_depth(value) -> int:
+    """``prefetch_depth``: None means the default; otherwise a whole number of buffer sets >= 1."""
+    if value is None:
+        return defaults.get("prefetch_depth")
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ArgumentError(f"prefetch_depth must be a whole number >= 1 (1 = no overlap, 2 = double "
+                            f"buffering), got {value!r}")
+    return value
 
 
 def _budget(max_memory, device: torch.device) -> int | None:
@@ -186,12 +215,8 @@ class StreamingRuntime:
     def __init__(self, model: nn.Module, ef: EndorFile, recipe: Recipe, device: torch.device, *,
                  max_memory=None, tier: str = "ssd", prefetch_depth: int | None = None,
                  io: str | None = None, verify_reads: bool | None = None):
-        if tier not in TIERS:
-            raise ValueError(f"tier must be one of {', '.join(TIERS)}, got {tier!r}")
-        self.file, self.recipe, self.device, self.tier = ef, recipe, device, tier
-        self.depth = prefetch_depth or defaults.get("prefetch_depth")
-        if self.depth < 1:
-            raise ValueError(f"prefetch_depth must be >= 1, got {self.depth}")
+        self.file, self.recipe, self.device, self.tier = ef, recipe, device, _tier(tier)
+        self.depth = _prefetch_depth(prefetch_depth)
         self.verify_reads = defaults.get("verify_reads") if verify_reads is None else verify_reads
         self.reader = open_reader(ef.path, mode=io, device=device.type, expected_size=ef.file_size)
         self.mode = self.reader.mode
@@ -444,13 +469,14 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     :func:`endor_gds.read.readers.open_reader`). ``verify_reads`` (default on, ``ENDOR_VERIFY_READS``):
     check every segment's CRC-32C as it arrives (see :mod:`endor_gds.stream.integrity`).
     """
+    _tier(tier), _prefetch_depth(prefetch_depth)  # bad arguments are named before the file is opened
+    dev = _device(device)
     ef = EndorFile(path)
     try:
         recipe = recipes().get(ef.architecture)
         if recipe is None:
             raise UnsupportedModelError(f"{ef.path} was packed for architecture {ef.architecture!r}, "
                                         f"which this endor_gds has no recipe for")
-        dev = _device(device)
         model = _build_model(ef, recipe)
         gen = ef.manifest.get("generation_config")  # an object or None: checked at open
         if gen is not None and getattr(model, "generation_config", None) is not None:
