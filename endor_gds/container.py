@@ -66,7 +66,7 @@ from endor_gds.codec.expdict import (
     check_escapes,
     decode_values_reference,
 )
-from endor_gds.errors import ChecksumError, FormatError
+from endor_gds.errors import ArgumentError, ChecksumError, FormatError
 from endor_gds.read.readers import read_fully
 
 __all__ = [
@@ -264,6 +264,16 @@ def _check_prune(path, prune: dict) -> None:
 _SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS
 
 
+def _check_not_a_checkpoint(path: str) -> None:
+    """The commonest wrong path is the Hugging Face checkpoint itself: say to pack it first."""
+    if os.path.isdir(path):
+        p = Path(path)
+        if (p / "config.json").is_file() or any(p.glob("*.safetensors")):
+            raise ArgumentError(f"{path} is a checkpoint folder, not an .endor file: pack it first "
+                                f"(endor-gds pack {path} model.endor) and open model.endor")
+        raise ArgumentError(f"{path} is a folder, not an .endor file")
+
+
 class EndorFile:
     """An opened, validated .endor file. ``endor_gds.open(path)`` returns one.
 
@@ -282,6 +292,7 @@ class EndorFile:
         self.path = os.fspath(path)
         self.verify_reads = verify_reads
         self._fd = None
+        _check_not_a_checkpoint(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
             self._load(check_tiles)
@@ -310,7 +321,10 @@ class EndorFile:
         head = page[: _HEADER.size + _HEADER_CRC.size]
         magic, version, flags, moff, mlen, flen, mcrc = _HEADER.unpack_from(head)
         if magic != MAGIC:
-            raise fail(p, f"bad magic {magic!r}, expected {MAGIC!r} (not an .endor file)")
+            # a safetensors file starts with its header's length, then the JSON header
+            what = "a safetensors file: pack its checkpoint folder first with endor-gds pack" \
+                if page[8:9] == b"{" else "not an .endor file"
+            raise fail(p, f"bad magic {magic!r}, expected {MAGIC!r} ({what})")
         (hcrc,) = _HEADER_CRC.unpack_from(head, _HEADER.size)
         if crc32c(head[: _HEADER.size]) != hcrc:
             raise ChecksumError(f"{p}: header page checksum mismatch (corrupted header)", segment="header")

@@ -19,7 +19,9 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-__all__ = ["get", "set", "options", "Option", "describe"]
+from endor_gds.errors import ArgumentError
+
+__all__ = ["get", "set", "options", "Option", "describe", "parse_bytes", "format_bytes"]
 
 IO_MODES = ("auto", "kvikio", "posix-direct", "posix-buffered")
 COMPAT_MODES = ("auto", "on", "off")
@@ -44,9 +46,22 @@ def _choice(choices: tuple[str, ...]) -> Callable[[Any], str]:
     return parse
 
 
+def format_bytes(n: float, binary: bool = True) -> str:
+    """``2361393152`` → ``2.20 GiB`` (``binary=False``: ``2.36 GB``, as tqdm and disk tools count):
+    the inverse of :func:`parse_bytes`, for people to read."""
+    step, units = (1024, ("B", "KiB", "MiB", "GiB", "TiB")) if binary else (1000, ("B", "kB", "MB", "GB", "TB"))
+    for unit in units:
+        if abs(n) < step or unit == units[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
+        n /= step
+    return f"{n}"  # pragma: no cover
+
+
 def parse_bytes(text) -> int:
     """``4MiB``, ``1GiB``, ``4096``, ``1.5GB`` → bytes (binary suffixes are powers of 1024)."""
-    if isinstance(text, int) and not isinstance(text, bool):
+    if isinstance(text, bool) or not isinstance(text, (int, float, str)):
+        raise ArgumentError(f"cannot read a byte size from {text!r} (try 4096, '4MiB', '1GiB')")
+    if isinstance(text, int):
         value = text
     else:
         s = str(text).strip().replace("_", "")
@@ -64,10 +79,10 @@ def parse_bytes(text) -> int:
             number, scale = low, 1
         try:
             value = int(float(number) * scale)
-        except ValueError:
-            raise ValueError(f"cannot read a byte size from {text!r} (try 4096, 4MiB, 1GiB)") from None
+        except (ValueError, OverflowError):  # "twenty", "nan", "inf"
+            raise ArgumentError(f"cannot read a byte size from {text!r} (try 4096, '4MiB', '1GiB')") from None
     if value < 0:
-        raise ValueError(f"a byte size cannot be negative, got {text!r}")
+        raise ArgumentError(f"a byte size cannot be negative, got {text!r}")
     return value
 
 
@@ -136,7 +151,7 @@ def _from_env(option: Option):
     try:
         return option.parse(raw)
     except ValueError as exc:
-        raise ValueError(f"environment variable {option.env}: {exc}") from None
+        raise ArgumentError(f"environment variable {option.env}: {exc}") from None
 
 
 _values: dict[str, Any] = {name: _from_env(o) for name, o in _OPTIONS.items()}
@@ -189,7 +204,7 @@ def set(*args, **kwargs) -> _Restore:  # noqa: A001 - mirrors kvikio.defaults.se
         try:
             parsed[name] = _OPTIONS[name].parse(value)
         except ValueError as exc:
-            raise ValueError(f"option {name!r}: {exc}") from None
+            raise ArgumentError(f"option {name!r}: {exc}") from None
     old = {name: _values[name] for name in parsed}
     _values.update(parsed)
     return _Restore(old)

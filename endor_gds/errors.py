@@ -19,6 +19,9 @@ __all__ = [
     "MissingDependencyError",
     "CalibrationError",
     "PlacementError",
+    "ArgumentError",
+    "ClosedError",
+    "DiskSpaceError",
 ]
 
 
@@ -78,3 +81,11 @@ class PlacementError(EndorError, RuntimeError):
 class ArgumentError(EndorError, ValueError):
     """A public argument has a value it cannot take; the message says what was given, what is
     allowed and, where it helps, what to do."""
+
+
+class ClosedError(EndorError, RuntimeError):
+    """A streaming model was used after ``model.endor.close()``: its file and buffers are gone."""
+
+
+class DiskSpaceError(EndorError, OSError):
+    """The disk cannot hold the files a run would write; said before anything is written."""

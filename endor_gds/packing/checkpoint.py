@@ -32,7 +32,7 @@ from endor_gds.codec.bitmap import DTYPES, dtype_of
 
 # The manifest's typed-field checks, reused: a safetensors header is untrusted JSON too.
 from endor_gds.container import MAX_NUMEL, MAX_RANK
-from endor_gds.errors import FormatError
+from endor_gds.errors import ArgumentError, FormatError
 from endor_gds.read.readers import read_fully
 
 __all__ = ["Checkpoint", "TensorInfo", "TOKENIZER_FILES"]
@@ -145,6 +145,11 @@ class Checkpoint:
     def __init__(self, folder):
         self.folder = Path(folder)
         cfg = self.folder / "config.json"
+        if not self.folder.exists():
+            raise ArgumentError(f"{self.folder} does not exist (expected a Hugging Face model folder)")
+        if self.folder.is_file():
+            raise ArgumentError(f"{self.folder} is a file; give the Hugging Face model folder that holds "
+                                f"it and its config.json")
         if not cfg.is_file():
             raise FormatError(f"{self.folder} has no config.json (expected a Hugging Face model folder)")
         self.config = _json_object(cfg)

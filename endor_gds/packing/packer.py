@@ -34,7 +34,7 @@ from endor_gds._version import __version__
 from endor_gds.codec.bitmap import TILE_ELEMS, bits_view, dtype_of, encode_bitmap
 from endor_gds.codec.expdict import encode_values
 from endor_gds.container import Writer, format_version_for
-from endor_gds.errors import CalibrationError, PackError, ReadError
+from endor_gds.errors import ArgumentError, CalibrationError, PackError, ReadError
 from endor_gds.modeling import check_tensors, model_dtype, model_for
 from endor_gds.packing.checkpoint import Checkpoint
 from endor_gds.packing.policy import CODECS, Storage, choose_storage
@@ -189,18 +189,19 @@ def pack(
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:
-        raise ValueError(f"unknown prune method {prune!r}; choose one of {', '.join(PRUNE_METHODS)}")
+        raise ArgumentError(f"prune must be one of {', '.join(PRUNE_METHODS)}, got {prune!r}")
     if prune == "wanda" and calib is None:
         raise CalibrationError("prune='wanda' needs calibration data: pass calib='file.txt' (or a "
                                ".ids file of token ids); on the command line, --calib FILE")
     if prune != "wanda" and calib is not None:
         raise CalibrationError(f"calib={str(calib)!r} is only used by prune='wanda', not {prune!r}")
     if prune == "wanda" and pruner is not None:
-        raise ValueError("pruner= is a per-tensor hook; Wanda prunes whole layers from calib=")
+        raise ArgumentError("pruner= is a per-tensor hook; Wanda prunes whole layers from calib=")
     if codec not in CODECS:
-        raise ValueError(f"unknown codec {codec!r}; choose one of {', '.join(CODECS)}")
-    if prune != "none" and not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"sparsity must be in [0, 1), got {sparsity}")
+        raise ArgumentError(f"codec must be one of {', '.join(CODECS)}, got {codec!r}")
+    if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise ArgumentError(f"sparsity must be a fraction in [0, 1) (0.5 zeroes half of each row), "
+                            f"got {sparsity!r}")
     ckpt = Checkpoint(src)
     generation_config = ckpt.generation_config()  # checked now, not after minutes of packing
     recipe = recipe_for(ckpt.config)

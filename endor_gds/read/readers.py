@@ -34,7 +34,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from endor_gds import defaults
-from endor_gds.errors import MissingDependencyError, ReadError
+from endor_gds.errors import ArgumentError, MissingDependencyError, ReadError
 from endor_gds.read.buffers import ALIGN, aligned_empty
 
 __all__ = [
@@ -43,6 +43,7 @@ __all__ = [
     "PosixReader",
     "KvikioReader",
     "open_reader",
+    "check_mode",
     "read_fully",
     "MODES",
 ]
@@ -471,6 +472,18 @@ class KvikioReader(Reader):
 # -- choosing a backend -----------------------------------------------------------------------
 
 
+READER_MODES = defaults.IO_MODES + ("gds", "kvikio-compat")
+
+
+def check_mode(mode) -> str:
+    """The reader mode ``mode`` names (``None``: option ``io``), or an ArgumentError listing them."""
+    if mode is None:
+        mode = defaults.get("io")
+    if not isinstance(mode, str) or mode.lower() not in READER_MODES:
+        raise ArgumentError(f"io (the reader mode) must be one of {', '.join(READER_MODES)}, got {mode!r}")
+    return mode.lower()
+
+
 def open_reader(path, mode: str | None = None, device: str = "cpu",
                 expected_size: int | None = None, **options) -> Reader:
     """Open ``path`` with the backend ``mode`` (default: option ``io``, normally ``auto``).
@@ -486,10 +499,7 @@ def open_reader(path, mode: str | None = None, device: str = "cpu",
     ``chunk_bytes``, ``retries``, and ``compat_mode`` for kvikio. ``expected_size``: a shorter
     file is a ``ReadError`` now.
     """
-    mode = (mode or defaults.get("io")).lower()
-    known = defaults.IO_MODES + ("gds", "kvikio-compat")
-    if mode not in known:
-        raise ValueError(f"unknown reader mode {mode!r}; choose one of {', '.join(known)}")
+    mode = check_mode(mode)
     if mode in ("gds", "kvikio-compat"):
         options["compat_mode"] = "off" if mode == "gds" else "on"
         mode = "kvikio"

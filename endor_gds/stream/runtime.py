@@ -26,7 +26,14 @@ from endor_gds import defaults
 from endor_gds.container import EndorFile
 from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.defaults import parse_bytes
-from endor_gds.errors import ArgumentError, BudgetError, FormatError, PlacementError, UnsupportedModelError
+from endor_gds.errors import (
+    ArgumentError,
+    BudgetError,
+    ClosedError,
+    FormatError,
+    PlacementError,
+    UnsupportedModelError,
+)
 from endor_gds.modeling import (
     check_tensors,
     exception_line,
@@ -35,7 +42,7 @@ from endor_gds.modeling import (
     model_for,
     set_tensor,
 )
-from endor_gds.read.readers import open_reader
+from endor_gds.read.readers import check_mode, open_reader
 from endor_gds.recipes import Recipe, recipes
 from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
 from endor_gds.stream.integrity import ExtentCheck
@@ -149,16 +156,31 @@ def _prefetch_depth(value) -> int:
     return value
 
 
+def _verify_reads(value) -> bool:
+    if value is None:
+        return defaults.get("verify_reads")
+    if not isinstance(value, bool):
+        raise ArgumentError(f"verify_reads must be True, False or None (the default, on), got {value!r}")
+    return value
+
+
 def _budget(max_memory, device: torch.device) -> int | None:
     if max_memory is None:
         return None
     if isinstance(max_memory, dict):
         for key in (str(device), device.type, device.index):
             if key in max_memory:
-                return parse_bytes(max_memory[key])
+                return _bytes(max_memory[key])
         raise BudgetError(f"max_memory {max_memory} has no entry for device {device} "
                           f"(use e.g. {{'{device.type}': '20GiB'}})")
-    return parse_bytes(max_memory)
+    return _bytes(max_memory)
+
+
+def _bytes(value) -> int:
+    try:
+        return parse_bytes(value)
+    except ArgumentError as exc:
+        raise ArgumentError(f"max_memory: {exc}") from None
 
 
 def runtime_of(model: nn.Module) -> "StreamingRuntime":
@@ -217,7 +239,7 @@ class StreamingRuntime:
                  io: str | None = None, verify_reads: bool | None = None):
         self.file, self.recipe, self.device, self.tier = ef, recipe, device, _tier(tier)
         self.depth = _prefetch_depth(prefetch_depth)
-        self.verify_reads = defaults.get("verify_reads") if verify_reads is None else verify_reads
+        self.verify_reads = _verify_reads(verify_reads)
         self.reader = open_reader(ef.path, mode=io, device=device.type, expected_size=ef.file_size)
         self.mode = self.reader.mode
         self.steps = StepRing()
@@ -291,6 +313,9 @@ class StreamingRuntime:
                                      check=self.check if ram is None else None, on_layer_done=self._layer_done)
             for i in self.placement.streamed_layers:
                 self._attach(layers_module[i], i)
+        # not in self._hooks: it outlives close(), so a closed model says so instead of failing
+        # in a matmul on meta placeholders
+        model.register_forward_pre_hook(self._refuse_if_closed)
         self._hooks.append(model.register_forward_pre_hook(self._step_begin))
         self._hooks.append(model.register_forward_hook(self._step_end))
         self._hooks.append(model.register_forward_hook(self._step_unlock, always_call=True))
@@ -333,6 +358,12 @@ class StreamingRuntime:
         self._hooks.append(layer.register_forward_hook(post))
 
     # -- statistics -----------------------------------------------------------------------------
+
+    def _refuse_if_closed(self, module, args):
+        if self._closed:
+            raise ClosedError(f"{self.file.path}: this model was closed (model.endor.close()); its "
+                              f"streamed weights and file are released. Load it again with "
+                              f"endor_gds.from_pretrained(path)")
 
     def _step_begin(self, module, args):
         me = threading.get_ident()
@@ -469,8 +500,10 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     :func:`endor_gds.read.readers.open_reader`). ``verify_reads`` (default on, ``ENDOR_VERIFY_READS``):
     check every segment's CRC-32C as it arrives (see :mod:`endor_gds.stream.integrity`).
     """
-    _tier(tier), _prefetch_depth(prefetch_depth)  # bad arguments are named before the file is opened
+    # bad arguments are named before the file is opened
+    _tier(tier), _prefetch_depth(prefetch_depth), check_mode(io), _verify_reads(verify_reads)
     dev = _device(device)
+    _budget(max_memory, dev)
     ef = EndorFile(path)
     try:
         recipe = recipes().get(ef.architecture)
