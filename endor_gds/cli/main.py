@@ -1,8 +1,9 @@
-"""``endor-gds`` command line: pack | inspect | verify | run | profile-io | bench | demo.
+"""``endor-gds`` command line: pack | inspect | verify | run | serve | profile-io | bench | demo.
 
-Every command that reads a file prints the reader mode in effect. A failure about a file (an
-:class:`~endor_gds.errors.EndorError` or an OS error) is printed as one line with exit status 2;
-1 means verify found a bad segment, 130 an interrupt.
+Every command that reads a file prints the reader mode in effect. A bad argument, a bad file or a
+failing disk (an :class:`~endor_gds.errors.EndorError`, an argparse error or an OS error) is
+printed as one line on stderr with exit status 2 (``--debug`` shows the traceback); 1 means verify
+found a bad segment, 130 an interrupt. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -15,19 +16,13 @@ from endor_gds._version import __version__
 from endor_gds.benchmarks import e2e, profile_io
 from endor_gds.cli import run as runtime_cli
 from endor_gds.container import EndorFile
-from endor_gds.errors import EndorError
+from endor_gds.defaults import format_bytes
+from endor_gds.errors import ArgumentError, EndorError
 from endor_gds.packing.packer import pack
 from endor_gds.packing.policy import CODECS
+from endor_gds.serve import server as serve_cli
 
 __all__ = ["main", "build_parser"]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    return f"{n}"  # pragma: no cover
 
 
 # -- pack / inspect / verify ------------------------------------------------------------------
@@ -38,9 +33,13 @@ def cmd_pack(args) -> int:
     # Wanda's arguments are passed only with --prune wanda; pack() rejects --calib without it.
     wanda = dict(calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen,
                  calib_device=args.calib_device) if args.prune == "wanda" else {}
-    report = pack(args.src, args.dst, prune=args.prune, sparsity=args.sparsity,
+    if args.sparsity is not None and args.prune == "none":  # it would be ignored: say so
+        raise ArgumentError(f"--sparsity {args.sparsity} prunes only with --prune magnitude or --prune "
+                            f"wanda; without --prune the weights are kept as they are")
+    report = pack(args.src, args.dst, prune=args.prune,
+                  sparsity=0.5 if args.sparsity is None else args.sparsity,
                   progress=not args.quiet, calib=args.calib, codec=args.codec, **wanda)
-    print(f"wrote {report.dst}: {_human(report.file_bytes)} from {_human(report.source_bytes)} "
+    print(f"wrote {report.dst}: {format_bytes(report.file_bytes)} from {format_bytes(report.source_bytes)} "
           f"({report.source_bytes / max(report.file_bytes, 1):.2f}x smaller), {report.tensors} tensors, "
           f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)")
     return 0
@@ -55,7 +54,7 @@ def cmd_inspect(args) -> int:
         return 0
     t = s["totals"]
     print(f"{s['path']}: format v{s['format_version']}, {s['architecture']}, "
-          f"{len(s['layers'])} layers, {len(s['tensors'])} tensors, {_human(s['file_bytes'])}")
+          f"{len(s['layers'])} layers, {len(s['tensors'])} tensors, {format_bytes(s['file_bytes'])}")
     prune = s.get("prune") or {}
     if prune.get("method") not in (None, "none"):
         print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
@@ -65,7 +64,7 @@ def cmd_inspect(args) -> int:
         print(f"already pruned checkpoint: measured sparsity {prune['detected_sparsity']:.3f} of the "
               f"linear weights{per_tensor}; --tensors lists each one")
     if s["resident"]:
-        print(f"resident extent: {s['resident']['tensors']} tensors, {_human(s['resident']['length'])}")
+        print(f"resident extent: {s['resident']['tensors']} tensors, {format_bytes(s['resident']['length'])}")
     print(f"{'layer':>5} {'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")
     for layer in s["layers"]:
         print(f"{layer['index']:>5} {layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} "
@@ -79,13 +78,13 @@ def cmd_inspect(args) -> int:
             if e["expdict"]:  # index width and escapes: what the dictionary costs
                 codec += f" b{e['expdict']['index_bits']}"
             print(f"{e['name']:<56} {shape:<14} {e['dtype']:<5} {e['encoding']:<8} {codec:<12} "
-                  f"{e['density']:>8.3f} {e['bits_per_element']:>7.3f} {_human(e['stored_bytes']):>11}")
+                  f"{e['density']:>8.3f} {e['bits_per_element']:>7.3f} {format_bytes(e['stored_bytes']):>11}")
     sparse = ""
     if t["sparse_ratio"]:
         codecs = ", ".join(f"{n} {c}" for c, n in t["codecs"].items() if n)
         sparse = (f", sparse tensors {t['sparse_ratio']:.3f}x = {t['sparse_bits_per_element']:.3f} "
-                  f"bits per element ({codecs})")
-    print(f"total: dense {_human(t['dense_bytes'])}, stored {_human(t['stored_bytes'])}, "
+                  f"bits per element (tensors by codec: {codecs})")
+    print(f"total: dense {format_bytes(t['dense_bytes'])}, stored {format_bytes(t['stored_bytes'])}, "
           f"ratio {t['ratio']:.3f}x{sparse}")
     return 0
 
@@ -109,18 +108,27 @@ def cmd_verify(args) -> int:
 # -- parser -----------------------------------------------------------------------------------
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a usage mistake as one line (argparse prints the whole usage block first)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
+    ap = _Parser(
         prog="endor-gds",
         description="Pack checkpoints into .endor files and run them with layers streamed from storage.")
     ap.add_argument("--version", action="version", version=f"endor_gds {__version__}")
+    ap.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = ap.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("pack", help="pack a Hugging Face checkpoint folder into one .endor file")
     p.add_argument("src", help="folder with config.json and *.safetensors")
     p.add_argument("dst", help="output .endor file (written atomically)")
     p.add_argument("--prune", choices=("none", "magnitude", "wanda"), default="none")
-    p.add_argument("--sparsity", type=float, default=0.5, help="fraction zeroed per output row")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="with --prune: fraction zeroed per output row (default 0.5)")
     p.add_argument("--calib", help="wanda: calibration text file (.txt) or token ids (.ids)")
     p.add_argument("--calib-samples", type=int, default=128, help="wanda: calibration sequences")
     p.add_argument("--calib-seqlen", type=int, default=2048, help="wanda: tokens per sequence")
@@ -144,6 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_verify)
 
     runtime_cli.register(sub)
+    serve_cli.register(sub)
     profile_io.register(sub)
     e2e.register(sub)  # bench and demo
 
@@ -155,6 +164,8 @@ def main(argv=None) -> int:
     try:
         return args.func(args) or 0
     except (EndorError, OSError) as exc:
+        if args.debug:
+            raise
         print(f"endor-gds {args.command}: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

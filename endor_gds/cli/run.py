@@ -5,30 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import tempfile
 import time
 
 import torch
 
+from endor_gds.errors import ArgumentError
+from endor_gds.modeling import load_tokenizer
 from endor_gds.stream.runtime import from_pretrained
 
-__all__ = ["register", "cmd_run", "load_tokenizer"]
+__all__ = ["register", "cmd_run"]
 
 
-def load_tokenizer(ef, tokenizer_dir: str | None):
-    """The tokenizer: ``tokenizer_dir`` if given, else the one embedded in the file, else ``None``."""
-    import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
-
-    if tokenizer_dir:
-        return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
-    if not ef.files:
-        return None
-    with tempfile.TemporaryDirectory(prefix="endor-tok-") as tmp:
-        ef.extract_files(tmp)
-        return transformers.AutoTokenizer.from_pretrained(tmp)
-
-
-class PromptError(ValueError):
+class PromptError(ArgumentError):
     """The prompt cannot be turned into token ids."""
 
 
@@ -70,11 +58,7 @@ def cmd_run(args) -> int:
     rt = model.endor
     try:
         tokenizer = load_tokenizer(rt.file, args.tokenizer)
-        try:
-            inputs = {k: v.to(rt.device) for k, v in _prompt_ids(args.prompt, tokenizer).items()}
-        except PromptError as exc:
-            print(f"endor-gds run: {exc}", file=sys.stderr)
-            return 2
+        inputs = {k: v.to(rt.device) for k, v in _prompt_ids(args.prompt, tokenizer).items()}
         gen = dict(max_new_tokens=args.max_new_tokens, do_sample=args.do_sample)
         if args.do_sample:
             gen.update(temperature=args.temperature, top_p=args.top_p)

@@ -61,6 +61,43 @@ def test_report_adds_up(report):
     assert png.stat().st_size > 1000
 
 
+def test_report_says_in_words_what_the_run_shows(report):
+    rep, text, _ = report
+    # before anything is written: every file, built or reused, where, and the disk it takes
+    assert "build  checkpoint (random weights, safetensors)" in text and "disk: writes ~" in text
+    assert "the page cache emptied before every token" in text
+    assert "Each token reads every streamed layer once: the dense file" in text
+    assert "Streaming the pruned file took" in text and "Accelerate's disk offload" in text
+    assert "x disk time: s/token / the time the disk alone needs" in text  # the columns explained
+    for name, ok in rep["targets"].items():
+        line = next(ln for ln in text.splitlines() if ln.strip().startswith(f"target {name}:"))
+        state, _, why = line.split(f"target {name}: ", 1)[1].partition(" - ")
+        assert state == {True: "met", False: "MISSED", None: "n/a"}[ok], line
+        assert ok is True or len(why) > 20, line  # a figure below its target says why
+
+
+def test_the_plan_reuses_what_exists_and_checks_the_disk_first(tmp_path, monkeypatch):
+    kinds = ("dense", "pruned", "pruned-v2")
+    before = e2e.storage_plan("tiny", "float16", 0.5, kinds, root=tmp_path)
+    assert [f.exists for f in before] == [False] * len(before)
+    monkeypatch.setattr(e2e.shutil, "disk_usage", lambda p: type("U", (), {"free": 1000})())
+    with pytest.raises(endor_gds.DiskSpaceError, match=r"needs about .* free there: .*--cache-dir DIR"):
+        e2e.describe_plan(before, kinds, 4, True, True)
+    assert not (tmp_path / "models").exists()  # refused before anything was written
+    monkeypatch.undo()
+    ckpt = e2e.build_checkpoint("tiny", "float16", root=tmp_path, progress=False)
+    files = e2e.packed_variants(ckpt, 0.5, progress=False, kinds=kinds)
+    after = e2e.storage_plan("tiny", "float16", 0.5, kinds, root=tmp_path)
+    assert all(f.exists for f in after if "fio" not in f.what)
+    sizes = {f.path: f.bytes for f in after}
+    for kind, path in files.items():
+        assert sizes[path] == path.stat().st_size
+        estimate = next(f.bytes for f in before if f.path == path)
+        assert 0.95 * path.stat().st_size <= estimate <= 1.35 * path.stat().st_size, (kind, estimate)
+    lines = e2e.describe_plan([f for f in after if "fio" not in f.what], kinds, 4, False, False)
+    assert lines[1].startswith("  reuse  checkpoint") and "nothing is written" in "\n".join(lines)
+
+
 def test_e2e_tiny_with_v2_variant(tmp_path):
     rep = e2e.run_e2e("tiny", "bfloat16", tokens=2, prompt_len=4, accelerate=False, cold=False,
                       root=tmp_path, progress=False, log=lambda m: None)
@@ -79,3 +116,20 @@ def test_e2e_tiny_with_v2_variant(tmp_path):
     assert rep["speedup_v2_vs_v1"] > 0
     assert "speedup_v2_vs_v1 >= 0.95 * byte_ratio_v2" in rep["targets"]
     assert "format v2 (expdict) vs v1" in e2e.format_report(rep)
+
+
+def test_an_interrupted_build_resumes_and_gives_the_same_checkpoint(tmp_path):
+    whole = e2e.build_checkpoint("tiny", "float16", root=tmp_path / "a", shard_bytes=1 << 20, progress=False)
+    shards = sorted(whole.glob("model-*.safetensors"))
+    assert len(shards) >= 3
+    # an earlier run stopped after the first shard, halfway into writing the second
+    building = e2e.checkpoint_folder("tiny", "float16", tmp_path / "b").with_name("tiny-float16.building")
+    building.mkdir(parents=True)
+    (building / shards[0].name).write_bytes(shards[0].read_bytes())
+    (building / (shards[1].name + ".part")).write_bytes(shards[1].read_bytes()[:1000])
+    kept = (building / shards[0].name).stat().st_ino
+    again = e2e.build_checkpoint("tiny", "float16", root=tmp_path / "b", shard_bytes=1 << 20, progress=False)
+    assert (again / shards[0].name).stat().st_ino == kept  # the whole shard was not written again
+    for s in shards:
+        assert (again / s.name).read_bytes() == s.read_bytes()
+    assert not list(again.glob("*.part")) and not building.exists()
