@@ -13,10 +13,10 @@ PIP    := $(PY) -m pip
 HAS_GPU := $(shell nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ifeq ($(HAS_GPU),1)
 TORCH  ?= torch
-EXTRAS ?= test,bench,gpu
+EXTRAS ?= test,bench,serve,gpu
 else
 TORCH  ?= torch==2.13.0
-EXTRAS ?= test,bench
+EXTRAS ?= test,bench,serve
 endif
 
 comma := ,

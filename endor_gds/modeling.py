@@ -10,6 +10,7 @@ costs one uninitialised allocation that is immediately replaced by a meta tensor
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Iterable, Mapping
 from contextlib import contextmanager
 
@@ -162,3 +163,17 @@ def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
     else:
         raise KeyError(f"{type(owner).__name__} at {name.rpartition('.')[0]!r} has no parameter or "
                        f"buffer {leaf!r}")
+
+
+def load_tokenizer(ef, tokenizer_dir: str | None = None):
+    """The tokenizer: ``tokenizer_dir`` if given, else the one embedded in the .endor file ``ef``,
+    else ``None``."""
+    import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
+
+    if tokenizer_dir:
+        return transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    if not ef.files:
+        return None
+    with tempfile.TemporaryDirectory(prefix="endor-tok-") as tmp:
+        ef.extract_files(tmp)
+        return transformers.AutoTokenizer.from_pretrained(tmp)
