@@ -37,7 +37,7 @@ from endor_gds import defaults
 from endor_gds.benchmarks import profile_io
 from endor_gds.benchmarks.explain import explain
 from endor_gds.benchmarks.fio import run_fio
-from endor_gds.benchmarks.system import system_header
+from endor_gds.benchmarks.system import peak_rss, reset_peak_rss, system_header
 from endor_gds.container import EndorFile
 from endor_gds.defaults import format_bytes
 from endor_gds.errors import DiskSpaceError
@@ -182,6 +182,10 @@ def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
     return out
 
 
+_DESCRIBE = {"dense": "not pruned, v1", "pruned": "magnitude-pruned, v1",
+             "pruned-v2": "same weights, v2 expdict"}
+
+
 def variant_path(ckpt: Path, kind: str, sparsity: float) -> Path:
     """Where :func:`packed_variants` keeps variant ``kind`` of checkpoint ``ckpt``."""
     method, codec = VARIANTS[kind]
@@ -229,7 +233,7 @@ def storage_plan(config: str, dtype: str, sparsity: float, kinds, root: Path | N
     for kind in kinds:
         path = variant_path(folder, kind, sparsity)
         ok = _variant_packed(path, folder)
-        plan.append(PlannedFile(f"packed {kind}", path, os.path.getsize(path) if ok else
+        plan.append(PlannedFile(f"packed {kind} ({_DESCRIBE[kind]})", path, os.path.getsize(path) if ok else
                                 (total if VARIANTS[kind][0] == "none" else pruned), ok))
     if shutil.which("fio"):
         scratch = folder.parent / "fio-scratch"
@@ -423,6 +427,7 @@ def _layer_bytes(ckpt: Path, recipe) -> int:
 def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, tokens: int,
                   tier: str = "ssd", cold: bool = True, **kwargs) -> VariantResult:
 
+    rss_before = reset_peak_rss()  # the peak of this variant alone, not of the run so far
     model = from_pretrained(path, device=device, tier=tier, **kwargs)
     rt = model.endor
     try:
@@ -433,6 +438,7 @@ def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, toke
     finally:
         rt.close()
     summary.pop("step_stats", None)
+    summary["rss_before_bytes"], summary["peak_rss_bytes"] = rss_before, peak_rss()
     return VariantResult(name, "endor", os.path.getsize(path), summary["per_token"]["bytes_read"],
                          timer.token_seconds(), summary, cached_after_evict=timer.worst_cached)
 
@@ -484,11 +490,13 @@ def raw_read_gbps(path: Path, repeats: int = 2) -> float:
 def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity: float = 0.5,
             tokens: int = 8, prompt_len: int = 16, device: str = "cpu", tiers=("ssd",),
             accelerate: bool = True, cold: bool = True, rounds: int = 1, root: Path | None = None,
-            progress: bool = True, log=print, v2: bool = True, unchecked: bool = False) -> dict:
+            progress: bool = True, log=print, v2: bool = True, unchecked: bool = False,
+            batches=(1,)) -> dict:
     """Build, pack, measure every variant ``rounds`` times (interleaved, so a disk whose speed
     drifts affects all variants alike) and return the report (see ``bench_e2e.py --json``).
     ``v2``: also the pruned model in format v2 (codec expdict). ``unchecked``: also every endor
-    variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks)."""
+    variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks).
+    ``batches``: generate that many sequences at once (variants ``NAME-batchB`` for B > 1)."""
     ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
     endor_kinds = ["dense", "pruned"] + (["pruned-v2"] if v2 else [])
     files = packed_variants(ckpt, sparsity, progress=progress, kinds=tuple(endor_kinds))
@@ -496,7 +504,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
     read_gbps = raw_read_gbps(files["pruned"])
     gen = torch.Generator().manual_seed(0)
     vocab = resolve_config(config)[1]["vocab_size"]
-    prompt = torch.randint(3, vocab, (1, prompt_len), generator=gen)
+    prompts = {b: torch.randint(3, vocab, (b, prompt_len), generator=gen) for b in batches}
     merged: dict[str, VariantResult] = {}
 
     def add(v: VariantResult) -> None:
@@ -513,13 +521,16 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
     for r in range(rounds):
         order = kinds[r % len(kinds):] + kinds[:r % len(kinds)]  # each variant goes first in turn
         for tier in tiers:
-            for kind in order:
+            for kind, b in ((k, b) for k in order for b in batches):
+                prompt, at = prompts[b], ("" if b == 1 else f"-batch{b}")
                 if kind == "accelerate":
                     place = "disk" if tier == "ssd" else "cpu"
-                    log(f"[round {r + 1}/{rounds}] accelerate ({place} offload) ...")
-                    add(measure_accelerate(ckpt, device, prompt, tokens, place=place, cold=cold))
+                    log(f"[round {r + 1}/{rounds}] accelerate ({place} offload){at} ...")
+                    v = measure_accelerate(ckpt, device, prompt, tokens, place=place, cold=cold)
+                    v.name += at
+                    add(v)
                 else:
-                    name = f"endor-{kind}" + ("" if tier == "ssd" else "-ram")
+                    name = f"endor-{kind}" + ("" if tier == "ssd" else "-ram") + at
                     log(f"[round {r + 1}/{rounds}] {name} ...")
                     # This disk's speed drifts (host caching, burst credits): the floor of each
                     # variant is its own file read alone, cold, right before it runs.
@@ -606,7 +617,7 @@ def format_report(rep: dict) -> str:
                                   if (v.get("stats") or {}).get("checked_reads")), "-"),
         "",
         f"{'variant':<26} {'s/token':>8} {'fastest-slowest':>15} {'MB read/token':>13} {'read GB/s':>9} "
-        f"{'disk alone GB/s':>15} {'x disk time':>11} {'I/O hidden':>10} {'reader':>14}",
+        f"{'disk alone GB/s':>15} {'vs disk alone':>13} {'I/O hidden':>10} {'reader':>14}",
     ]
     for v in rep["variants"]:
         st = v.get("stats") or {}
@@ -616,25 +627,27 @@ def format_report(rep: dict) -> str:
             f"{v['name']:<26} {v['s_per_token_median']:>8.3f} {spread:>15} "
             f"{v['bytes_per_token'] / 1e6:>13.1f} {v['gbps'] or 0:>9.2f} "
             f"{format(statistics.median(v['read_gbps']), '.2f') if v['read_gbps'] else '-':>15} "
-            f"{format(v['time_over_read_floor'], '.2f') if v['time_over_read_floor'] else '-':>11} "
+            f"{format(v['time_over_read_floor'], '.2f') if v['time_over_read_floor'] else '-':>13} "
             f"{(format(ov * 100, '.0f') + ' %') if ov is not None else '-':>10} {st.get('reader_mode', '-'):>14}")
     lines += [
-        "  s/token: median seconds per generated token; read GB/s: MB read per token / s per token;",
-        "  disk alone: the same file read cold with nothing else running, just before the variant ran;",
-        "  x disk time: s/token / the time the disk alone needs for those bytes (1.00 = at the disk's",
-        "  speed; below 1.00 the disk read faster during the run than alone: a virtual disk's speed",
-        "  drifts); I/O hidden: share of read + decode time overlapped with compute.",
+        "  s/token: median seconds per generated token (the prompt's step not counted); MB read/token:",
+        "  the streamed layers' bytes (for Accelerate, the checkpoint's layers, which it reads each token);",
+        "  read GB/s: MB read per token / s per token; disk alone: the same file read cold with nothing",
+        "  else running, just before the variant ran; vs disk alone: s/token / the time the disk alone",
+        "  needs for those bytes (1.00 = at the disk's speed; below 1.00 the disk read faster during the",
+        "  run than alone: a virtual disk's speed drifts); I/O hidden: share of read + decode time that",
+        "  compute did not wait for; reader: how the file is read (posix-direct: O_DIRECT, no page cache;",
+        "  gds: GPUDirect Storage).",
         "",
     ]
     fmt = lambda x, f=".2f": "n/a" if x is None else format(x, f)  # noqa: E731
-    lines.append(f"pruned vs accelerate: {fmt(rep['speedup_vs_accelerate'])}x   "
-                 f"pruned vs dense: {fmt(rep['speedup_vs_dense'])}x (byte ratio {fmt(rep['byte_ratio'])})   "
-                 f"time / I/O floor: {fmt(rep['time_over_floor'])} (fio), "
-                 f"{fmt(rep['time_over_best_floor'])} (best read of the run, "
-                 f"{fmt(rep['best_read_gbps'])} GB/s)")
+    lines.append(f"speed ratios (above 1: the first is faster): pruned vs accelerate "
+                 f"{fmt(rep['speedup_vs_accelerate'])}x; pruned vs dense {fmt(rep['speedup_vs_dense'])}x "
+                 f"(for {fmt(rep['byte_ratio'])}x fewer bytes); time / I/O floor {fmt(rep['time_over_floor'])} "
+                 f"(fio), {fmt(rep['time_over_best_floor'])} (best read of the run, {fmt(rep['best_read_gbps'])} GB/s)")
     if rep.get("speedup_v2_vs_v1") is not None:
         lines.append(f"format v2 (expdict) vs v1, same pruned weights: {fmt(rep['speedup_v2_vs_v1'])}x "
-                     f"(byte ratio {fmt(rep['byte_ratio_v2'])})")
+                     f"(for {fmt(rep['byte_ratio_v2'])}x fewer bytes)")
     if rep.get("checked_cost"):
         lines.append("checked reads vs unchecked, time per token: " + ", ".join(
             f"{name} {fmt(x)}x" for name, x in rep["checked_cost"].items()))
@@ -644,6 +657,15 @@ def format_report(rep: dict) -> str:
         if v["cached_after_evict"] > 0.05:  # then that variant's figures are not cold-cache ones
             lines.append(f"WARNING: {v['name']}: up to {v['cached_after_evict']:.0%} of its files stayed "
                          f"in the page cache after eviction")
+    sweep = [v for v in rep["variants"] if "-batch" in v["name"]]
+    if sweep:
+        lines.append("batch sweep, tokens/s of generate (B sequences per step): " + ", ".join(
+            f"{v['name']} {int(v['name'].rsplit('-batch', 1)[1]) / v['s_per_token_median']:.2f}" for v in sweep))
+    mem = [(v["name"], v["stats"]) for v in rep["variants"] if (v.get("stats") or {}).get("peak_rss_bytes")]
+    if mem:
+        lines.append("peak RSS while streaming (resident tensors + buffer sets in it): " + ", ".join(
+            f"{n} {s['peak_rss_bytes'] / 1e9:.2f} GB ({(s['resident_bytes'] + s['buffer_bytes']) / 1e9:.2f})"
+            for n, s in mem))
     lines += ["", *explain(rep)]
     return "\n".join(lines)
 
@@ -679,6 +701,8 @@ def add_arguments(p) -> None:
     p.add_argument("--dtype", choices=tuple(DTYPE_NAMES), default="float16")
     p.add_argument("--sparsity", type=float, default=0.5, help="magnitude pruning of the pruned variant")
     p.add_argument("--tokens", type=int, default=8, help="tokens generated per variant")
+    p.add_argument("--batch", default="1", help="comma list of sequences per generate, e.g. 1,4,16 "
+                   "(B > 1 adds variants NAME-batchB)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--device", default="auto", help="auto (cuda when a GPU is visible) | cpu | cuda | cuda:N")
     p.add_argument("--tiers", default=None,
@@ -717,7 +741,8 @@ def run_from_args(args) -> int:
     for line in describe_plan(storage_plan(args.config, args.dtype, args.sparsity, kinds, root), kinds,
                               args.tokens, not args.no_accelerate, not args.warm):
         log(line)
-    rep = run_e2e(args.config, args.dtype, sparsity=args.sparsity, tokens=args.tokens,
+    batches = tuple(int(b) for b in str(args.batch).split(","))
+    rep = run_e2e(args.config, args.dtype, sparsity=args.sparsity, tokens=args.tokens, batches=batches,
                   prompt_len=args.prompt_len, device=args.device, tiers=tiers,
                   accelerate=not args.no_accelerate, cold=not args.warm, rounds=args.rounds,
                   root=root,

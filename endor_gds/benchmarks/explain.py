@@ -28,12 +28,14 @@ def bottleneck(variant: dict) -> tuple[str, dict[str, float]] | None:
     return max(ms, key=ms.get), ms
 
 
-def _why_slow(variant: dict, cpus: int | None, device: str) -> str:
+def _why_slow(variant: dict, cpus: int | None, device: str, disk_gbps: float | None = None) -> str:
     b = bottleneck(variant)
     if b is None:
         return ""
     stage, ms = b
-    parts = ", ".join(f"{s} {ms[s]:.0f} ms" for s in STAGES)
+    # summed over the layers: reads (and decodes) of neighbouring layers overlap, so a sum may
+    # exceed the token's own time
+    parts = "summed over the layers, " + ", ".join(f"{s} {ms[s]:.0f} ms" for s in STAGES)
     wall = variant["s_per_token_median"] * 1e3
     if wall > 1.15 * ms[stage]:  # no one stage accounts for the time: overlap lost, or a noisy run
         lo, hi = variant.get("s_per_token_min"), variant.get("s_per_token_max")
@@ -42,6 +44,11 @@ def _why_slow(variant: dict, cpus: int | None, device: str) -> str:
         return (f"per token {parts}, but the token took {wall:.0f} ms: the stages overlapped only in "
                 f"part (waits between them){spread}")
     if stage == "read":
+        gbps = variant["bytes_per_token"] / (ms["read"] / 1e3) / 1e9 if ms["read"] else None
+        if gbps and disk_gbps and gbps < 0.9 * disk_gbps:
+            return (f"per token {parts}: reading is the slowest stage, and it ran at {gbps:.2f} GB/s "
+                    f"against {disk_gbps:.2f} GB/s for the disk alone: the reads slowed while decode "
+                    f"and compute ran beside them (shared cores, or the disk's speed drifting)")
         return f"per token {parts}: reading is the slowest stage, so the disk sets the pace"
     where = f"this host's {cpus} CPU cores" if device == "cpu" and cpus else device
     return (f"per token {parts}: {stage} on {where} is the slowest stage, not the disk, so fewer "
@@ -102,7 +109,8 @@ def explain(rep: dict) -> list[str]:
 def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
     """For each target, the run's own figures that explain a miss."""
     pruned, v1, v2 = by.get("endor-pruned"), by.get("endor-pruned"), by.get("endor-pruned-v2")
-    slow = _why_slow(pruned, cpus, device) if pruned else ""
+    disk = rep.get("best_read_gbps")
+    slow = _why_slow(pruned, cpus, device, disk) if pruned else ""
     out = {}
     for name in rep["targets"]:
         if name.startswith("checked_cost"):
@@ -114,11 +122,15 @@ def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
         elif name.startswith("speedup_v2_vs_v1") and v1 and v2:
             d1, d2 = (_ms((v.get("stats") or {}).get("per_token", {}), "decode") for v in (v1, v2))
             out[name] = (f"v2 reads {rep['byte_ratio_v2']:.2f}x fewer bytes, but its decode takes "
-                         f"{d2:.0f} ms per token against v1's {d1:.0f} ms" if d2 > d1 else _why_slow(v2, cpus, device))
+                         f"{d2:.0f} ms per token against v1's {d1:.0f} ms" if d2 > d1
+                         else _why_slow(v2, cpus, device, disk))
         elif name.startswith("time_over"):
             floor = rep["best_floor_s"] if "best" in name else rep["floor_s"]
-            if floor and pruned:
-                out[name] = f"the disk alone reads the pruned bytes in {floor:.3f} s; {slow}"
+            speed = rep.get("best_read_gbps") if "best" in name else rep.get("fio_gbps")
+            if floor and speed and pruned:
+                out[name] = (f"at {speed:.2f} GB/s ({'the best read of the run' if 'best' in name else 'fio'}) "
+                             f"the pruned bytes take {floor:.3f} s, the token took "
+                             f"{pruned['s_per_token_median']:.3f} s; {slow}")
         else:
             out[name] = slow
     return out

@@ -15,7 +15,8 @@ from endor_gds._version import __version__
 from endor_gds.benchmarks import telemetry
 from endor_gds.benchmarks.fio import fio_version
 
-__all__ = ["read_text", "cpu_model", "mem_bytes", "fs_info", "system_info", "system_header", "header_line"]
+__all__ = ["read_text", "cpu_model", "mem_bytes", "fs_info", "system_info", "system_header", "header_line",
+           "reset_peak_rss", "peak_rss"]
 
 
 def read_text(path: str) -> str:
@@ -86,6 +87,28 @@ def fs_info(path) -> dict:
             max_sectors_kb=read_text(f"{queue}/max_sectors_kb"),
         )
     return best
+
+
+def reset_peak_rss() -> int:
+    """Start a new peak-RSS window for this process (Linux: ``clear_refs`` 5); the RSS now."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # not Linux, or not allowed: the peak then counts from the process's start
+    return _status_kib("VmRSS") * 1024
+
+
+def peak_rss() -> int:
+    """This process's peak RSS in bytes since the last :func:`reset_peak_rss` (0 where unknown)."""
+    return _status_kib("VmHWM") * 1024
+
+
+def _status_kib(field: str) -> int:
+    for line in read_text("/proc/self/status").splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
 
 
 def system_info(path, fio: str | None = None) -> dict:

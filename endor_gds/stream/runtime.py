@@ -412,9 +412,10 @@ class StreamingRuntime:
         """How the bytes the model computes with are checked (printed by ``run`` and ``bench``)."""
         if self.check is None:
             return "off (verify_reads=False): reads are not checked"
-        return (f"CRC-32C of every segment: {self.tier} tier extents "
-                + ("once at load" if self.tier == "ram" else "as each is read, before decode")
-                + f", resident tensors once at load ({self.check.rereads} extent(s) read again after a failed check)")
+        return ("every byte against its CRC-32C: the streamed layers "
+                + ("once, as they are loaded into RAM" if self.tier == "ram" else "as each is read, before decode")
+                + f", the resident tensors (embeddings, final norm, lm_head) once at load; "
+                  f"{self.check.rereads} layer(s) read again after a failed check")
 
     def summary(self) -> dict:
         """Configuration and aggregated statistics (what ``endor-gds run --json`` prints)."""
