@@ -279,8 +279,8 @@ def _size(folder: Path) -> int:
 class StepTimer:
     """Forward hooks on a whole model: evict the page cache of ``files``, then time the step."""
 
-    def __init__(self, model: torch.nn.Module, files: list[str], cold: bool = True):
-        self.files, self.cold = files, cold
+    def __init__(self, model: torch.nn.Module, files: list[str], cold: bool = True, bar=None):
+        self.files, self.cold, self.bar = files, cold, bar  # bar: a progress bar of forward steps
         self.starts: list[float] = []
         self.ends: list[float] = []
         self.evict_s: list[float] = []
@@ -306,6 +306,8 @@ class StepTimer:
 
     def _post(self, module, args, output):
         self.ends.append(time.perf_counter())
+        if self.bar is not None:
+            self.bar.update(1)
 
     def token_seconds(self) -> list[float]:
         """Seconds per generated token: forward start to the next forward start (prefill excluded)."""
@@ -323,6 +325,17 @@ class StepTimer:
     def remove(self) -> None:
         for h in self._hooks:
             h.remove()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _steps_bar(name: str, tokens: int, progress: bool):
+    """A progress bar over a variant's forward steps (a 7B-shaped step takes seconds on a CPU)."""
+    if not progress:
+        return None
+    from tqdm.auto import tqdm  # noqa: PLC0415 - only when progress is shown
+
+    return tqdm(total=tokens, unit="step", desc=f"  {name}", leave=False)
 
 
 @dataclass
@@ -377,7 +390,7 @@ def _offload_map(model: torch.nn.Module, layers_path: str, compute, layer_place)
 
 
 def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: int,
-                       place: str = "disk", cold: bool = True) -> VariantResult:
+                       place: str = "disk", cold: bool = True, progress: bool = False) -> VariantResult:
     """Accelerate offloading of the checkpoint, set up as a user would with ``device_map``."""
 
     import transformers  # noqa: PLC0415 - heavy (~1 s); only when a model is built or tokenized
@@ -409,7 +422,8 @@ def measure_accelerate(ckpt: Path, device: str, prompt: torch.Tensor, tokens: in
             if p.device.type == "cpu" and recipe.layer_of(pname) is None:
                 p.data = p.data.clone()
         files = shards + [str(p) for p in Path(off).rglob("*") if p.is_file()]
-        timer = StepTimer(model, files, cold=cold and place == "disk")
+        timer = StepTimer(model, files, cold=cold and place == "disk",
+                          bar=_steps_bar(f"accelerate-{place}", tokens, progress))
         _generate(model, prompt.to(model.device), tokens)
         timer.remove()
         del model
@@ -425,13 +439,13 @@ def _layer_bytes(ckpt: Path, recipe) -> int:
 
 
 def measure_endor(path: Path, name: str, device: str, prompt: torch.Tensor, tokens: int,
-                  tier: str = "ssd", cold: bool = True, **kwargs) -> VariantResult:
+                  tier: str = "ssd", cold: bool = True, progress: bool = False, **kwargs) -> VariantResult:
 
     rss_before = reset_peak_rss()  # the peak of this variant alone, not of the run so far
     model = from_pretrained(path, device=device, tier=tier, **kwargs)
     rt = model.endor
     try:
-        timer = StepTimer(model, [str(path)], cold=cold and tier == "ssd")
+        timer = StepTimer(model, [str(path)], cold=cold and tier == "ssd", bar=_steps_bar(name, tokens, progress))
         _generate(model, prompt.to(rt.device), tokens)
         timer.remove()
         summary = rt.summary()
@@ -526,7 +540,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                 if kind == "accelerate":
                     place = "disk" if tier == "ssd" else "cpu"
                     log(f"[round {r + 1}/{rounds}] accelerate ({place} offload){at} ...")
-                    v = measure_accelerate(ckpt, device, prompt, tokens, place=place, cold=cold)
+                    v = measure_accelerate(ckpt, device, prompt, tokens, place=place, cold=cold, progress=progress)
                     v.name += at
                     add(v)
                 else:
@@ -537,7 +551,8 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                     for verify in (True, False) if unchecked else (True,):
                         read_now = raw_read_gbps(files[kind], repeats=1)
                         v = measure_endor(files[kind], name + ("" if verify else "-unchecked"), device,
-                                          prompt, tokens, tier=tier, cold=cold, verify_reads=verify)
+                                          prompt, tokens, tier=tier, cold=cold, progress=progress,
+                                          verify_reads=verify)
                         v.read_gbps.append(read_now)
                         add(v)
     ordered = sorted(merged.values(), key=lambda v: (v.name.endswith("-ram") or v.name == "accelerate-cpu",

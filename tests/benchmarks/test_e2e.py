@@ -134,3 +134,17 @@ def test_an_interrupted_build_resumes_and_gives_the_same_checkpoint(tmp_path):
     for s in shards:
         assert (again / s.name).read_bytes() == s.read_bytes()
     assert not list(again.glob("*.part")) and not building.exists()
+
+
+def test_batch_sweep_and_peak_rss(tmp_path):
+    rep = e2e.run_e2e("tiny", "float16", tokens=3, prompt_len=4, accelerate=False, cold=False, v2=False,
+                      root=tmp_path, progress=False, log=lambda m: None, batches=(1, 3))
+    by = {v["name"]: v for v in rep["variants"]}
+    assert set(by) == {"endor-dense", "endor-dense-batch3", "endor-pruned", "endor-pruned-batch3"}
+    assert by["endor-pruned-batch3"]["bytes_per_token"] == by["endor-pruned"]["bytes_per_token"]  # one pass per step
+    for v in by.values():
+        st = v["stats"]
+        assert st["peak_rss_bytes"] >= st["resident_bytes"] + st["buffer_bytes"] > 0
+    text = e2e.format_report(rep)
+    assert "batch sweep, tokens/s of generate (B sequences per step): endor-dense-batch3 " in text
+    assert "peak RSS while streaming" in text
