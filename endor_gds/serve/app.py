@@ -122,6 +122,10 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
             raise ApiError(400, f"this model's maximum context length is {engine.max_positions} tokens; the "
                                 f"prompt has {len(prompt_ids)} and max_tokens asks for {max_tokens} more",
                            param="max_tokens", code="context_length_exceeded")
+        if len(prompt_ids) + max_tokens > engine.cache_tokens:
+            raise ApiError(400, f"the prompt ({len(prompt_ids)} tokens) and max_tokens ({max_tokens}) need more "
+                                f"KV cache than this server has ({engine.cache_tokens} tokens; --kv-cache sets it)",
+                           param="max_tokens", code="context_length_exceeded")
         try:
             engine.check_room()
         except QueueFullError as exc:

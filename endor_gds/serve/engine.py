@@ -17,7 +17,6 @@ manager's loop, so the next request starts a new manager and the server keeps se
 from __future__ import annotations
 
 import asyncio
-import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -72,6 +71,18 @@ class Stats:
     restarts: int = 0
 
 
+def _kv_bytes_per_token(model) -> int:
+    """Keys and values of one token over every layer, in the model's dtype."""
+    from transformers.generation.continuous_batching.utils import (  # noqa: PLC0415 - heavy; the server's only
+        find_head_dim,
+        find_num_key_value_heads,
+    )
+
+    cfg = model.config
+    layers = int(getattr(cfg, "num_hidden_layers", 0) or len(model.model.layers))
+    return 2 * layers * find_num_key_value_heads(cfg) * find_head_dim(cfg) * model.dtype.itemsize
+
+
 async def _name_failure(manager, message: str) -> str:
     """``ChecksumError: ...`` rather than the bare message the batching loop passes on: the loop
     records the exception itself just after failing the requests, so wait a moment for it."""
@@ -87,7 +98,8 @@ class Engine:
     """Requests in, tokens out, one forward step for all of them (see module docstring)."""
 
     def __init__(self, model, *, eos_token_id, pad_token_id: int = 0, max_batch: int = 32,
-                 max_queue: int = 256, max_batch_tokens: int = 2048, seed: int = 0):
+                 max_queue: int = 256, max_batch_tokens: int = 2048, seed: int = 0,
+                 kv_cache_bytes: int = 2 << 30):
         for name, value, low in (("max_batch", max_batch, 1), ("max_queue", max_queue, 0),
                                  ("max_batch_tokens", max_batch_tokens, 16)):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
@@ -97,6 +109,17 @@ class Engine:
         self.max_batch, self.max_queue, self.max_batch_tokens, self.seed = max_batch, max_queue, max_batch_tokens, seed
         self.max_positions = int(getattr(model.config, "max_position_embeddings", 0) or 2048)
         self.vocab_size = int(model.config.vocab_size)
+        # The KV cache is paged and shared by the batch; it is not part of max_memory, so it gets
+        # its own budget (a 7B model at 32 requests x 4096 positions would need 69 GB).
+        self.page = 16
+        self.kv_bytes_per_token = _kv_bytes_per_token(model)
+        # no more than the whole batch at full length can use (the loop's own buffers grow with it)
+        self.cache_tokens = min(kv_cache_bytes // self.kv_bytes_per_token, max_batch * self.max_positions)
+        self.cache_tokens = self.cache_tokens // self.page * self.page
+        if self.cache_tokens < self.page:
+            raise ArgumentError(f"kv_cache_bytes={kv_cache_bytes} holds no page of {self.page} tokens "
+                                f"({self.kv_bytes_per_token} bytes per token for this model)")
+        self.kv_cache_bytes = self.cache_tokens * self.kv_bytes_per_token
         self.stats = Stats()
         self._requests: dict[str, _Request] = {}
         self._lock = threading.Lock()  # _requests, the manager and the counters below
@@ -121,10 +144,8 @@ class Engine:
         # their defaults; each request passes its own values, so these are never used as such.
         gen = GenerationConfig(do_sample=True, temperature=0.5, top_k=self.vocab_size, top_p=0.5,
                                max_new_tokens=16, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id)
-        page = 16
-        # the KV cache holds max_batch requests at the model's full length (paged, so a short
-        # request takes only the pages it fills)
-        cbc = ContinuousBatchingConfig(page_size=page, num_blocks=math.ceil(self.max_batch * self.max_positions / page),
+        # paged: a request takes the pages it fills; requests wait when the cache is full
+        cbc = ContinuousBatchingConfig(page_size=self.page, num_blocks=self.cache_tokens // self.page,
                                        max_batch_tokens=self.max_batch_tokens, seed=self.seed,
                                        per_request_processors=True)
         with torch.inference_mode():

@@ -11,6 +11,7 @@ import os
 import signal
 import sys
 
+from endor_gds.defaults import format_bytes, parse_bytes
 from endor_gds.errors import MissingDependencyError
 from endor_gds.modeling import load_tokenizer
 from endor_gds.stream.runtime import from_pretrained
@@ -43,12 +44,13 @@ def cmd_serve(args) -> int:
         first_eos = eos[0] if isinstance(eos, list) else eos
         pad = (tokenizer.pad_token_id if tokenizer is not None else None) or first_eos or 0
         engine = Engine(model, eos_token_id=eos, pad_token_id=pad, max_batch=args.max_batch,
-                        max_queue=args.max_queue, seed=args.seed)
+                        max_queue=args.max_queue, seed=args.seed, kv_cache_bytes=parse_bytes(args.kv_cache))
         name = args.model_name or os.path.splitext(os.path.basename(args.file))[0]
         app = create_app(engine, tokenizer, name, rt)
         print(f"endor-gds serve: {name} ({rt.file.architecture}, reader {rt.mode}, device {rt.device}, tier "
               f"{rt.tier}) at http://{args.host}:{args.port}/v1, batch up to {args.max_batch}, queue "
-              f"{args.max_queue}", file=sys.stderr, flush=True)
+              f"{args.max_queue}, KV cache {format_bytes(engine.kv_cache_bytes)} ({engine.cache_tokens} tokens)",
+              file=sys.stderr, flush=True)
         # uvicorn drains on SIGINT / SIGTERM, then raises the signal again under the handlers it
         # found: these note it, so a drained server exits 0 instead of dying of its own signal
         stopped_by = []
@@ -80,6 +82,8 @@ def register(sub) -> None:
     p.add_argument("--max-batch", type=int, default=32, help="requests generating at once (one step serves all)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting; beyond it: 429 with Retry-After")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (shared by the batch)")
+    p.add_argument("--kv-cache", default="2GiB", help="KV cache shared by the batch, outside --max-memory "
+                   "(default 2GiB); requests wait for pages when it is full")
     p.add_argument("--drain-seconds", type=int, default=30, help="on Ctrl-C / SIGTERM, how long requests in "
                    "flight may take to finish")
     p.add_argument("--log-level", default="warning", choices=("critical", "error", "warning", "info", "debug"))

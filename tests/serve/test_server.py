@@ -282,3 +282,16 @@ def test_sigterm_lets_the_stream_in_flight_finish(model_file):
     assert first.choices[0].text and rest and rest[-1].choices[0].finish_reason in ("length", "stop")
     assert s.proc.wait(timeout=60) == 0
     assert "Traceback" not in s.proc.stderr.read()
+
+
+def test_a_request_larger_than_the_kv_cache_is_refused_and_small_ones_are_served(model_file, alone):
+    s = Server(model_file[0], "--kv-cache", "64KiB")  # 1536 bytes per token here: 32 tokens of cache
+    try:
+        body = {"model": "tiny", "prompt": "w5 w9", "max_tokens": 40}
+        status, _, text = _http("POST", s.url + "/v1/completions", body)
+        err = json.loads(text)["error"]
+        assert status == 400 and err["code"] == "context_length_exceeded" and "--kv-cache" in err["message"], text
+        r = s.client.completions.create(model="tiny", prompt="w5 w9", max_tokens=8, temperature=0)
+        assert r.choices[0].text == alone(_ids(model_file[1], "w5 w9"), 8)
+    finally:
+        s.stop()

@@ -62,6 +62,8 @@ def test_the_checkpoint_instead_of_the_packed_file(model_dir, tmp_path):
         endor_gds.from_pretrained(ckpt, device="cpu")
     with pytest.raises(ArgumentError, match=r"is a folder, not an \.endor file"):
         endor_gds.open(tmp_path)
+    with pytest.raises(ArgumentError, match=r"verify_reads must be True, False or None \(the default\), got 1"):
+        endor_gds.open(tmp_path / "x.endor", verify_reads=1)
     shard = next(ckpt.glob("*.safetensors"))
     with pytest.raises(FormatError, match=r"bad magic .* \(a safetensors file: pack its checkpoint folder first"):
         endor_gds.from_pretrained(shard, device="cpu")
