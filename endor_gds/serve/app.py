@@ -184,8 +184,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
                             last = {**head, "choices": [choice(None if kind == 'chat' else '', end[0], True)],
                                     "usage": usage(end[1])}
                             yield f"data: {json.dumps(last)}\n\n"
-                except GenerationError as exc:  # the status is sent: the error goes in the stream
-                    yield f"data: {json.dumps(_error_body(f'generation failed: {exc}', 'server_error'))}\n\n"
+                except (GenerationError, QueueFullError) as exc:  # the status is sent: the error goes in the stream
+                    kind_ = "rate_limit_exceeded" if isinstance(exc, QueueFullError) else "server_error"
+                    yield f"data: {json.dumps(_error_body(f'generation failed: {exc}', kind_))}\n\n"
                 yield "data: [DONE]\n\n"
 
             return StreamingResponse(events(), media_type="text/event-stream",
@@ -201,6 +202,9 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
                         end = fin
             except GenerationError as exc:
                 raise ApiError(500, f"generation failed: {exc}", type_="server_error") from None
+            except QueueFullError as exc:  # filled up between the check and the start
+                raise ApiError(429, f"the server is busy: {exc}", type_="rate_limit_exceeded",
+                               headers={"Retry-After": "1"}) from None
             return {"id": rid, "object": obj, "created": int(time.time()), "model": model_name,
                     "choices": [choice("".join(parts), end[0], False)], "usage": usage(end[1])}
 

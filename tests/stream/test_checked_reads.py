@@ -116,7 +116,7 @@ def test_a_transient_fault_heals_and_is_counted(packed, monkeypatch):
         with torch.no_grad():
             out = model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert state["damaged"] == 1 and model.endor.check.rereads == 1
-        assert "1 extent(s) read again" in model.endor.summary()["checked_reads"]
+        assert "1 layer(s) read again" in model.endor.summary()["checked_reads"]
     finally:
         model.endor.close()
     assert torch.equal(out, clean)
