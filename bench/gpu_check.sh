@@ -9,6 +9,9 @@
 #   decode  bench_decode.py: kernel GB/s vs a device-to-device copy, CPU decoder vs storage
 #   io      profile-io in kvikio and posix-direct modes, cold cache
 #   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned
+#   serve   (only when named) bench_serve.py on cuda: tokens/s at 1..32 concurrent clients (target:
+#           16 >= 10x one); needs fastapi, uvicorn and openai: their wheels in .whl/, e.g.
+#           pip download --only-binary :all: --python-version 3.12 -d .whl fastapi uvicorn openai
 #
 # The TinyLlama checkpoint e2e needs is built and packed in the background while the tests run.
 # Narrower or other runs: DECODE_ARGS (bench_decode shapes/sparsity), DECODE_COMPARE (a kernel
@@ -44,7 +47,8 @@ run() {
 has() { [[ " $SECTIONS " == *" $1 "* ]]; }
 
 if has setup; then
-    if ! "$PY" -c "import kvikio, crc32c" >/dev/null 2>&1 && [ -d .whl ]; then
+    if ! "$PY" -c "import kvikio, crc32c" >/dev/null 2>&1 && [ -d .whl ] || \
+       { has serve && ! "$PY" -c "import fastapi, uvicorn, openai" >/dev/null 2>&1 && [ -d .whl ]; }; then
         run install 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
             --upgrade --target "$SITE" .whl/*.whl
     fi
@@ -96,5 +100,9 @@ if has e2e; then
     run e2e 200 "$PY" bench/bench_e2e.py --device cuda --dtype "${E2E_DTYPE:-float16}" \
         ${E2E_ARGS:---tiers ssd,ram --tokens 6 --rounds 2} --quiet \
         --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
+fi
+if has serve; then
+    run serve 240 "$PY" bench/bench_serve.py --device cuda --levels 1,2,4,8,16,32 \
+        --json "$OUT/serve.json" --plot "$OUT/serve.png"
 fi
 echo "done: $(date -u)" >>"$OUT/summary.txt"
