@@ -290,10 +290,10 @@ class EndorFile:
 
     def __init__(self, path, *, check_tiles: bool = True, verify_reads: bool | None = None):
         self.path = os.fspath(path)
+        self._fd = None
         if not (verify_reads is None or isinstance(verify_reads, bool)):
             raise ArgumentError(f"verify_reads must be True, False or None (the default), got {verify_reads!r}")
         self.verify_reads = verify_reads
-        self._fd = None
         _check_not_a_checkpoint(self.path)
         self._fd = os.open(self.path, os.O_RDONLY)
         try:
