@@ -173,8 +173,16 @@ class Reader:
                 path=self.path, offset=self.size, length=expected_size - self.size,
             )
 
-    def pread(self, where, into) -> IOFuture:
-        """Start reading ``where`` (extent or ``(offset, length)``) into ``into``; returns a future."""
+    chunked = False  # whether pread calls on_chunk as each piece of a request arrives
+
+    def pread(self, where, into, on_chunk=None) -> IOFuture:
+        """Start reading ``where`` (extent or ``(offset, length)``) into ``into``; returns a future.
+
+        ``on_chunk(start, stop)``, where the reader is ``chunked``: called on a reader thread as
+        soon as bytes ``start:stop`` of the request are in ``into`` (the checked-reads CRC runs
+        there, while the other pieces are still being read); elsewhere it must be None."""
+        if on_chunk is not None and not self.chunked:
+            raise ValueError(f"{type(self).__name__} does not report chunks")
         offset, length = _where(where)
         if offset < 0 or length < 0:
             raise ValueError(f"negative read request offset={offset} length={length}")
@@ -184,10 +192,11 @@ class Reader:
                 f"({self.size} bytes)",
                 path=self.path, offset=offset, length=length,
             )
-        return self._submit(offset, length, into)
+        return self._submit(offset, length, into, on_chunk) if on_chunk is not None else \
+            self._submit(offset, length, into)
 
-    def read(self, where, into) -> int:
-        return self.pread(where, into).get()
+    def read(self, where, into, on_chunk=None) -> int:
+        return self.pread(where, into, on_chunk).get()
 
     def close(self) -> None:  # pragma: no cover - overridden
         pass
@@ -309,7 +318,9 @@ class PosixReader(Reader):
                 f"aligned; use aligned_empty() for buffers or mode posix-buffered for odd ranges"
             )
 
-    def _submit(self, offset: int, length: int, into) -> IOFuture:
+    chunked = True
+
+    def _submit(self, offset: int, length: int, into, on_chunk=None) -> IOFuture:
         if self._closed:
             raise ValueError(f"reader for {self.path} is closed")
         view = _host_view(into, length)
@@ -318,11 +329,14 @@ class PosixReader(Reader):
         parts = []
         for start in range(0, length, self.chunk_bytes):
             stop = min(length, start + self.chunk_bytes)
-            parts.append(self._pool.submit(
-                read_fully, self._fd, view[start:stop], offset + start,
-                path=self.path, direct=self.direct, retries=self.retries,
-            ))
+            parts.append(self._pool.submit(self._chunk, view[start:stop], offset + start, start, stop, on_chunk))
         return IOFuture(length, parts)
+
+    def _chunk(self, view: memoryview, file_offset: int, start: int, stop: int, on_chunk) -> int:
+        n = read_fully(self._fd, view, file_offset, path=self.path, direct=self.direct, retries=self.retries)
+        if on_chunk is not None:
+            on_chunk(start, stop)
+        return n
 
     def close(self) -> None:
         with self._lock:

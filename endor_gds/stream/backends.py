@@ -36,8 +36,14 @@ class Backend(ABC):
     """
 
     @abstractmethod
-    def read(self, plan: LayerPlan, s: int) -> None:
-        """Reader thread: fill set ``s``'s staging buffer with the layer's extent."""
+    def read(self, plan: LayerPlan, s: int, on_chunk=None) -> None:
+        """Reader thread: fill set ``s``'s staging buffer with the layer's extent; ``on_chunk``
+        (only where :meth:`chunked_reads`) is called on a reader thread as pieces arrive."""
+
+    def chunked_reads(self) -> bool:
+        """Whether :meth:`read` reads into the host bytes ``staging_view`` sees, in pieces it can
+        report: then the checksums are checked as the pieces arrive."""
+        return False
 
     @abstractmethod
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
@@ -131,9 +137,12 @@ class CpuBackend(Backend):
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
         return self.ram.view(plan) if self.ram is not None else self._staging[s][: plan.length]
 
-    def read(self, plan: LayerPlan, s: int) -> None:
+    def chunked_reads(self) -> bool:
+        return self.ram is None and self.reader.chunked
+
+    def read(self, plan: LayerPlan, s: int, on_chunk=None) -> None:
         if self.ram is None:
-            self.reader.read((plan.offset, plan.length), self._staging[s])
+            self.reader.read((plan.offset, plan.length), self._staging[s], on_chunk)
 
     def _decode_items(self, staging: np.ndarray, arena: np.ndarray, plan: LayerPlan):
         items, labels = [], []
@@ -255,7 +264,10 @@ class CudaBackend(Backend):
             return self._dev_staging[s][: plan.length].cpu().numpy()
         return np.asarray(self._host_source(plan, s))
 
-    def read(self, plan: LayerPlan, s: int) -> None:
+    def chunked_reads(self) -> bool:
+        return self.ram is None and not self.direct_to_device and self.reader.chunked
+
+    def read(self, plan: LayerPlan, s: int, on_chunk=None) -> None:
         if self.ram is not None:
             return
         if self.direct_to_device:
@@ -264,7 +276,7 @@ class CudaBackend(Backend):
             self.reader.read((plan.offset, plan.length), self._dev_staging[s][: plan.length])
         else:
             self._copied[s].synchronize()  # the previous host-to-device copy has left the buffer
-            self.reader.read((plan.offset, plan.length), self._host_staging[s])
+            self.reader.read((plan.offset, plan.length), self._host_staging[s], on_chunk)
 
     def _table(self, plan: LayerPlan, s: int, staging: torch.Tensor, arena: torch.Tensor):
         base, out = staging.data_ptr(), arena.data_ptr()

@@ -1,17 +1,25 @@
 """Every byte the model computes with has passed its checksum: the check of a staged extent.
 
-The packer stores a CRC-32C per segment. A streamed extent is checked on the decoder thread,
-after its read and before its decode, so the reader is already fetching the next layer while the
-check runs (hardware CRC-32C: ~18 GB/s on one core of the 2-core development VM, against
-~1-3 GB/s of storage). The RAM tier and the resident tensors are checked once, when they are
-loaded. A failed check is read again from storage once (a transient fault on the way in heals);
-a second failure is a :class:`~endor_gds.errors.ChecksumError` naming the file, extent, tensor,
-segment and file offset, and saying whether the file changed on disk since it was opened.
+The packer stores a CRC-32C per segment. Where the reader reads an extent in pieces on several
+threads (posix-direct, posix-buffered), each segment is checked on the reader thread that brings
+its last byte, while the other pieces are still being read (:class:`ChunkedCheck`): the CRC then
+runs in the shadow of the I/O instead of before the decode (it covers the bytes as they arrived
+from storage: a flip in the staging buffer's RAM between the read and the decode, milliseconds
+later, is not caught on that path). Elsewhere (KvikIO into device memory) the extent is checked
+on the decoder thread, after its read and before its decode. Either way no layer is decoded
+before every segment of it passed (hardware CRC-32C: 15-18 GB/s on one core of the 2-core
+development VMs, against ~1-3 GB/s of storage). The RAM tier and the resident tensors are
+checked once, when they are loaded. A failed check is read again from storage once (a transient
+fault on the way in heals); a second failure is a :class:`~endor_gds.errors.ChecksumError`
+naming the file, extent, tensor, segment and file offset, and saying whether the file changed
+on disk since it was opened.
 """
 
 from __future__ import annotations
 
+import bisect
 import os
+import threading
 from typing import Callable
 
 import crc32c as _crc32c
@@ -20,7 +28,7 @@ import numpy as np
 from endor_gds.errors import ChecksumError
 from endor_gds.stream.plan import LayerPlan
 
-__all__ = ["ExtentCheck"]
+__all__ = ["ExtentCheck", "ChunkedCheck"]
 
 
 class ExtentCheck:
@@ -40,10 +48,20 @@ class ExtentCheck:
                 return tensor, kind, off, length, crc, got
         return None
 
-    def check(self, plan: LayerPlan, host: Callable[[], np.ndarray], reread: Callable[[], None]) -> None:
+    def for_read(self, plan: LayerPlan, host: np.ndarray) -> "ChunkedCheck":
+        """A check of ``plan``'s extent that runs while it is read into ``host`` (pass its
+        ``on_chunk`` to the reader, then the object to :meth:`check` as ``early``)."""
+        return ChunkedCheck(plan, host)
+
+    def check(self, plan: LayerPlan, host: Callable[[], np.ndarray], reread: Callable[[], None],
+              early: "ChunkedCheck | None" = None) -> None:
         """Check ``plan``'s extent as staged (``host()`` gives its bytes in host memory); on a
-        mismatch read it again from storage (``reread()``) and check once more."""
-        if self.first_mismatch(plan, host()) is None:
+        mismatch read it again from storage (``reread()``) and check once more. ``early``: the
+        check already made as the extent was read; when every segment passed there, done."""
+        if early is not None and early.passed():
+            self.extents_checked += 1
+            return
+        if early is None and self.first_mismatch(plan, host()) is None:
             self.extents_checked += 1
             return
         self.rereads += 1
@@ -74,3 +92,46 @@ class ExtentCheck:
             return "The file changed on disk after it was opened (its mtime changed): load it again."
         return ("The file is unchanged since it was opened: the stored bytes are damaged (check the drive; "
                 "endor-gds verify lists every bad segment).")
+
+
+class ChunkedCheck:
+    """The segments of one extent checked as its pieces arrive, on the reader's threads.
+
+    ``on_chunk(start, stop)`` counts the bytes each segment has received; the thread that brings
+    a segment's last byte computes its CRC-32C (crc32c releases the GIL), so segments are checked
+    in parallel and while later pieces are still in flight. Pieces may arrive in any order.
+    """
+
+    def __init__(self, plan: LayerPlan, host: np.ndarray):
+        self._host = host
+        self._segs = sorted(plan.segment_crcs(), key=lambda seg: seg[2])
+        self._starts = [seg[2] for seg in self._segs]
+        self._have = [0] * len(self._segs)
+        self._left = sum(1 for seg in self._segs if seg[3] > 0)
+        self._bad = any(seg[3] == 0 and seg[4] != 0 for seg in self._segs)  # empty: CRC 0
+        self._lock = threading.Lock()
+
+    def on_chunk(self, start: int, stop: int) -> None:
+        whole = []
+        with self._lock:
+            i = max(0, bisect.bisect_right(self._starts, start) - 1)
+            while i < len(self._segs) and self._segs[i][2] < stop:
+                off, length = self._segs[i][2], self._segs[i][3]
+                got = min(stop, off + length) - max(start, off)
+                if got > 0:
+                    self._have[i] += got
+                    if self._have[i] == length:
+                        whole.append(i)
+                i += 1
+        for i in whole:
+            _, _, off, length, crc = self._segs[i]
+            ok = _crc32c.crc32c(self._host[off:off + length]) == crc
+            with self._lock:
+                self._left -= 1
+                self._bad = self._bad or not ok
+
+    def passed(self) -> bool:
+        """Every segment arrived whole and matched its CRC (else the caller checks again, and
+        reads again, the slow way: that path also names the bad segment)."""
+        with self._lock:
+            return self._left == 0 and not self._bad

@@ -33,7 +33,7 @@ import torch
 
 from endor_gds.errors import EndorError
 from endor_gds.stream.backends import Backend
-from endor_gds.stream.integrity import ExtentCheck
+from endor_gds.stream.integrity import ChunkedCheck, ExtentCheck
 from endor_gds.stream.plan import LayerPlan, LayerTimes
 
 __all__ = ["Pipeline"]
@@ -46,6 +46,7 @@ class _Job:
     times: LayerTimes
     read: Future | None = None
     ready: Future | None = None
+    early: ChunkedCheck | None = None  # the checksums checked as the extent's pieces arrived
     t_forward: float = 0.0
 
 
@@ -80,16 +81,20 @@ class Pipeline:
 
     def _read(self, job: _Job) -> None:
         t0 = time.perf_counter()
-        self.backend.read(job.plan, job.set)
+        if self.check is not None and self.backend.chunked_reads():
+            job.early = self.check.for_read(job.plan, self.backend.staging_view(job.plan, job.set))
+            self.backend.read(job.plan, job.set, job.early.on_chunk)
+        else:
+            self.backend.read(job.plan, job.set)
         job.times.read_s = time.perf_counter() - t0
         job.times.nbytes = job.plan.length
 
     def _decode(self, job: _Job) -> None:
         job.read.result()  # re-raises a read error in this job
         t0 = time.perf_counter()
-        if self.check is not None:  # here, not on the reader thread: the next read is under way
+        if self.check is not None:  # done as the pieces arrived where the reader reports them
             self.check.check(job.plan, lambda: self.backend.staging_view(job.plan, job.set),
-                             lambda: self.backend.reread(job.plan, job.set))
+                             lambda: self.backend.reread(job.plan, job.set), early=job.early)
         self.backend.decode(job.plan, job.set)  # on a GPU this also moves a host-read extent over
         job.times.decode_s = time.perf_counter() - t0
 

@@ -20,6 +20,8 @@ import endor_gds
 from endor_gds import defaults
 from endor_gds.errors import ChecksumError, EndorError
 from endor_gds.stream import backends
+from endor_gds.stream.integrity import ChunkedCheck, ExtentCheck
+from endor_gds.stream.plan import plan_layer
 
 PROMPT = torch.tensor([[1, 5, 9, 13, 2, 7]])
 COMBOS = [("ssd", 1), ("ssd", 2), ("ram", 1), ("ram", 2)]
@@ -104,11 +106,15 @@ def test_a_transient_fault_heals_and_is_counted(packed, monkeypatch):
     clean = _generate(path)
     real, state = backends.CpuBackend.read, {"damaged": 0}  # the CPU staging read, damaged once
 
-    def read_once_damaged(self, plan, s):
-        real(self, plan, s)
-        if state["damaged"] == 0 and plan.index == 1:
-            self._staging[s][100] ^= 0x10
-            state["damaged"] += 1
+    def read_once_damaged(self, plan, s, on_chunk=None):
+        def arrived(start, stop):  # damaged on the way in: before the piece is reported
+            if state["damaged"] == 0 and plan.index == 1 and start <= 100 < stop:
+                self._staging[s][100] ^= 0x10
+                state["damaged"] += 1
+            if on_chunk is not None:
+                on_chunk(start, stop)
+
+        real(self, plan, s, arrived)
 
     monkeypatch.setattr(backends.CpuBackend, "read", read_once_damaged)
     model = endor_gds.from_pretrained(path, device="cpu")
@@ -155,5 +161,47 @@ def test_opting_out_computes_with_what_was_read(packed, tmp_path):
     model = endor_gds.from_pretrained(path, device="cpu", verify_reads=False)
     try:
         assert model.endor.summary()["checked_reads"].startswith("off")
+    finally:
+        model.endor.close()
+
+
+def test_the_chunked_check_counts_bytes_and_any_order(packed):
+    """ChunkedCheck: segments pass only once every byte arrived, in any order of pieces, and a
+    damaged piece fails the extent (then the decoder thread checks and reads again)."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(path) as f:
+        ext = f.layers[1]
+        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
+        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    cuts = list(range(0, ext.length, 4096 * 3)) + [ext.length]
+    pieces = list(zip(cuts[:-1], cuts[1:]))
+    check = ChunkedCheck(plan, host)
+    for start, stop in reversed(pieces[1:]):
+        check.on_chunk(start, stop)
+    assert not check.passed()  # the first piece is still missing
+    check.on_chunk(*pieces[0])
+    assert check.passed()
+    host[200] ^= 1
+    damaged = ChunkedCheck(plan, host)
+    for piece in pieces:
+        damaged.on_chunk(*piece)
+    assert not damaged.passed()
+
+
+def test_streamed_extents_are_checked_as_they_arrive(packed, monkeypatch):
+    """With the posix reader the decoder thread checks nothing itself: every extent passed as its
+    pieces arrived on the reader's threads."""
+    calls = []
+    real = ExtentCheck.first_mismatch
+    monkeypatch.setattr(ExtentCheck, "first_mismatch",
+                        lambda self, plan, host: calls.append(plan) or real(self, plan, host))
+    model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude"), device="cpu")
+    try:
+        with torch.no_grad():
+            model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+        assert model.endor.check.extents_checked > 0 and model.endor.pipeline.backend.chunked_reads()
+        layers = model.endor.placement.streamed_layers
+        streamed = [p for p in calls if p.index in layers and p.extent != "resident"]
+        assert streamed == [], f"{len(streamed)} streamed extents were checked on the decoder thread"
     finally:
         model.endor.close()

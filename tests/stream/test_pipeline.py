@@ -32,9 +32,9 @@ def test_overlap_is_real(packed, monkeypatch):
     try:
         real_read = rt.backend.read
 
-        def slow_read(plan, s):
+        def slow_read(plan, s, on_chunk=None):
             time.sleep(delay)
-            real_read(plan, s)
+            real_read(plan, s, on_chunk)
 
         monkeypatch.setattr(rt.backend, "read", slow_read)
         for layer in model.model.layers:  # runs after the swap-in hook: counted as compute
