@@ -150,6 +150,10 @@ class Pipeline:
             with self._lock:
                 if self._in_use is job:
                     self._recycle_locked(job)
+                # The layers prefetched behind a failed one are not used: their reads may have
+                # overlapped whatever failed this one (a file rewritten in place, a failing
+                # drive). Waited out now, so the next step reads afresh.
+                self._drain_locked()
             raise
         job.times.stall_s = time.perf_counter() - t0
         job.t_forward = time.perf_counter()
