@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import statistics
@@ -38,12 +39,14 @@ from endor_gds.benchmarks import profile_io
 from endor_gds.benchmarks.explain import explain
 from endor_gds.benchmarks.fio import run_fio
 from endor_gds.benchmarks.system import peak_rss, reset_peak_rss, system_header
+from endor_gds.codec.bitmap import stored_nbytes
 from endor_gds.container import EndorFile
 from endor_gds.defaults import format_bytes
 from endor_gds.errors import DiskSpaceError
 from endor_gds.modeling import empty_model
 from endor_gds.packing.checkpoint import Checkpoint
 from endor_gds.packing.packer import pack
+from endor_gds.packing.prune import kept_per_row
 from endor_gds.read.buffers import aligned_empty
 from endor_gds.read.pagecache import evict_page_cache, page_cache_fraction
 from endor_gds.read.readers import open_reader
@@ -186,6 +189,11 @@ _DESCRIBE = {"dense": "not pruned, v1", "pruned": "magnitude-pruned, v1",
              "pruned-v2": "same weights, v2 expdict"}
 
 
+def streamed_kinds(v2: bool = True) -> tuple[str, ...]:
+    """The packed variants a run streams (:data:`VARIANTS`): v1 dense and pruned, then v2."""
+    return ("dense", "pruned") + (("pruned-v2",) if v2 else ())
+
+
 def variant_path(ckpt: Path, kind: str, sparsity: float) -> Path:
     """Where :func:`packed_variants` keeps variant ``kind`` of checkpoint ``ckpt``."""
     method, codec = VARIANTS[kind]
@@ -218,15 +226,23 @@ def storage_plan(config: str, dtype: str, sparsity: float, kinds, root: Path | N
     """The files a run of :func:`run_e2e` uses, which of them exist, and how large each is or will
     be: what the demo says before it writes anything (a first run writes several GB)."""
     name, cfg = resolve_config(config)
-    skeleton = empty_model(cfg, DTYPE_NAMES[dtype])
     recipe = recipe_for(cfg)
-    bits = torch.empty((), dtype=DTYPE_NAMES[dtype]).element_size() * 8
-    numel = {n: p.numel() for n, p in skeleton.named_parameters()}
-    total = sum(numel.values()) * bits // 8
-    linear = sum(n for name_, n in numel.items() if recipe.is_linear_weight(name_)) * bits // 8
-    # bitmap + values: 1 bit per element and (1 - sparsity) of the values; v2 is smaller than v1
-    # for the same weights, so the v1 figure bounds it
-    pruned = int(total - linear + linear * (1 / bits + (1 - sparsity)))
+    itemsize = torch.empty((), dtype=DTYPE_NAMES[dtype]).element_size()
+    shapes = {n: tuple(p.shape) for n, p in empty_model(cfg, DTYPE_NAMES[dtype]).named_parameters()}
+    total = sum(math.prod(shape) for shape in shapes.values()) * itemsize
+
+    def stored(name_, shape) -> int:  # the packer's sizes: segments padded to pages
+        n = math.prod(shape)
+        dense = stored_nbytes("dense", n, n, itemsize)
+        if not recipe.is_linear_weight(name_):
+            return dense
+        nnz = shape[0] * kept_per_row(shape[1], sparsity)
+        return min(dense, stored_nbytes("bitmap", n, nnz, itemsize))
+
+    # random weights have no zeros: the dense file stores every tensor dense; v2 holds the same
+    # weights in fewer bytes than v1, so the v1 figure bounds it
+    pruned = sum(stored(n, shape) for n, shape in shapes.items())
+    unpruned = sum(stored_nbytes("dense", math.prod(sh), math.prod(sh), itemsize) for sh in shapes.values())
     folder = checkpoint_folder(name, dtype, root)
     plan = [PlannedFile("checkpoint (random weights, safetensors)", folder,
                         _size(folder) if _checkpoint_built(folder) else total, _checkpoint_built(folder))]
@@ -234,7 +250,7 @@ def storage_plan(config: str, dtype: str, sparsity: float, kinds, root: Path | N
         path = variant_path(folder, kind, sparsity)
         ok = _variant_packed(path, folder)
         plan.append(PlannedFile(f"packed {kind} ({_DESCRIBE[kind]})", path, os.path.getsize(path) if ok else
-                                (total if VARIANTS[kind][0] == "none" else pruned), ok))
+                                (unpruned if VARIANTS[kind][0] == "none" else pruned), ok))
     if shutil.which("fio"):
         scratch = folder.parent / "fio-scratch"
         have = _size(scratch) if scratch.is_dir() else 0
@@ -349,6 +365,7 @@ class VariantResult:
     stats_rounds: list = field(default_factory=list)  # one summary per round
     read_gbps: list = field(default_factory=list)  # the file read alone, cold, just before each round
     cached_after_evict: float = 0.0  # worst fraction of the variant's files still cached at a step
+    batch: int = 1  # sequences generated at once (tokens per step)
 
     @property
     def s_per_token_median(self) -> float:
@@ -512,7 +529,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
     variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks).
     ``batches``: generate that many sequences at once (variants ``NAME-batchB`` for B > 1)."""
     ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
-    endor_kinds = ["dense", "pruned"] + (["pruned-v2"] if v2 else [])
+    endor_kinds = list(streamed_kinds(v2))
     files = packed_variants(ckpt, sparsity, progress=progress, kinds=tuple(endor_kinds))
     fio_gbps, fio_how = _fio_gbps(ckpt.parent, os.path.getsize(files["pruned"]), log)
     read_gbps = raw_read_gbps(files["pruned"])
@@ -541,7 +558,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                     place = "disk" if tier == "ssd" else "cpu"
                     log(f"[round {r + 1}/{rounds}] accelerate ({place} offload){at} ...")
                     v = measure_accelerate(ckpt, device, prompt, tokens, place=place, cold=cold, progress=progress)
-                    v.name += at
+                    v.name, v.batch = v.name + at, b
                     add(v)
                 else:
                     name = f"endor-{kind}" + ("" if tier == "ssd" else "-ram") + at
@@ -554,6 +571,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                                           prompt, tokens, tier=tier, cold=cold, progress=progress,
                                           verify_reads=verify)
                         v.read_gbps.append(read_now)
+                        v.batch = b
                         add(v)
     ordered = sorted(merged.values(), key=lambda v: (v.name.endswith("-ram") or v.name == "accelerate-cpu",
                                                     v.kind != "accelerate", v.name))
@@ -672,10 +690,10 @@ def format_report(rep: dict) -> str:
         if v["cached_after_evict"] > 0.05:  # then that variant's figures are not cold-cache ones
             lines.append(f"WARNING: {v['name']}: up to {v['cached_after_evict']:.0%} of its files stayed "
                          f"in the page cache after eviction")
-    sweep = [v for v in rep["variants"] if "-batch" in v["name"]]
+    sweep = [v for v in rep["variants"] if v["batch"] > 1]
     if sweep:
         lines.append("batch sweep, tokens/s of generate (B sequences per step): " + ", ".join(
-            f"{v['name']} {int(v['name'].rsplit('-batch', 1)[1]) / v['s_per_token_median']:.2f}" for v in sweep))
+            f"{v['name']} {v['batch'] / v['s_per_token_median']:.2f}" for v in sweep))
     mem = [(v["name"], v["stats"]) for v in rep["variants"] if (v.get("stats") or {}).get("peak_rss_bytes")]
     if mem:
         lines.append("peak RSS while streaming (resident tensors + buffer sets in it): " + ", ".join(
@@ -748,7 +766,7 @@ def run_from_args(args) -> int:
     to_stdout = args.json == "-"
     log = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
     root = Path(args.cache_dir) if args.cache_dir else None
-    kinds = ("dense", "pruned") + (() if args.no_v2 else ("pruned-v2",))
+    kinds = streamed_kinds(not args.no_v2)
     if getattr(args, "command", None) == "demo":
         log(f"endor-gds demo: a {resolve_config(args.config)[0]}-shaped model with random weights "
             f"(nothing is downloaded), {args.dtype}, packed dense and {args.sparsity:.0%}-pruned, its "

@@ -108,7 +108,7 @@ def explain(rep: dict) -> list[str]:
 
 def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
     """For each target, the run's own figures that explain a miss."""
-    pruned, v1, v2 = by.get("endor-pruned"), by.get("endor-pruned"), by.get("endor-pruned-v2")
+    pruned, v2 = by.get("endor-pruned"), by.get("endor-pruned-v2")
     disk = rep.get("best_read_gbps")
     slow = _why_slow(pruned, cpus, device, disk) if pruned else ""
     out = {}
@@ -119,8 +119,8 @@ def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
                 out[name] = (f"{worst[0]} took {worst[1]:.2f}x as long with its CRC-32C checks on: "
                              + (f"the checks run on the same {cpus} CPU cores as decode and compute"
                                 if device == "cpu" else "the checks run on the host CPU"))
-        elif name.startswith("speedup_v2_vs_v1") and v1 and v2:
-            d1, d2 = (_ms((v.get("stats") or {}).get("per_token", {}), "decode") for v in (v1, v2))
+        elif name.startswith("speedup_v2_vs_v1") and pruned and v2:
+            d1, d2 = (_ms((v.get("stats") or {}).get("per_token", {}), "decode") for v in (pruned, v2))
             out[name] = (f"v2 reads {rep['byte_ratio_v2']:.2f}x fewer bytes, but its decode takes "
                          f"{d2:.0f} ms per token against v1's {d1:.0f} ms" if d2 > d1
                          else _why_slow(v2, cpus, device, disk))

@@ -143,8 +143,8 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
                            param="prompt")
         return tokenizer(text_or_ids)["input_ids"]
 
-    async def _run(prompt_ids, params, stop, on_text):
-        """Generate, feeding text increments to ``on_text``; returns (finish_reason, tokens)."""
+    async def _run(prompt_ids, params, stop):
+        """Yield ``(text increment, None)`` as tokens come, then ``(None, (finish_reason, tokens))``."""
         detok = _Detokenizer(tokenizer, [stop] if isinstance(stop, str) else list(stop or []))
         tokens, reason = 0, None
         async for chunk in engine.generate(prompt_ids, params):
@@ -177,7 +177,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
                 head = {"id": rid, "object": obj + (".chunk" if kind == "chat" else ""), "created": int(time.time()),
                         "model": model_name}
                 try:
-                    async for text, end in _run(prompt_ids, params, body.stop, None):
+                    async for text, end in _run(prompt_ids, params, body.stop):
                         if end is None:
                             yield f"data: {json.dumps({**head, 'choices': [choice(text, None, True)]})}\n\n"
                         else:
@@ -195,7 +195,7 @@ def create_app(engine: Engine, tokenizer, model_name: str, runtime=None) -> Fast
         async def whole():
             parts, end = [], None
             try:
-                async for text, fin in _run(prompt_ids, params, body.stop, None):
+                async for text, fin in _run(prompt_ids, params, body.stop):
                     if fin is None:
                         parts.append(text)
                     else:

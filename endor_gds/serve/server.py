@@ -34,6 +34,7 @@ def cmd_serve(args) -> int:
     from endor_gds.serve.engine import Engine  # noqa: PLC0415 - imports transformers' batching
 
     uvicorn, create_app = _import_server()
+    kv_cache = parse_bytes(args.kv_cache)  # a bad value is named before the model is loaded
     model = from_pretrained(args.file, device=args.device, max_memory=args.max_memory, tier=args.tier,
                             prefetch_depth=args.prefetch_depth, io=args.io)
     rt = model.endor
@@ -44,7 +45,7 @@ def cmd_serve(args) -> int:
         first_eos = eos[0] if isinstance(eos, list) else eos
         pad = (tokenizer.pad_token_id if tokenizer is not None else None) or first_eos or 0
         engine = Engine(model, eos_token_id=eos, pad_token_id=pad, max_batch=args.max_batch,
-                        max_queue=args.max_queue, seed=args.seed, kv_cache_bytes=parse_bytes(args.kv_cache))
+                        max_queue=args.max_queue, seed=args.seed, kv_cache_bytes=kv_cache)
         name = args.model_name or os.path.splitext(os.path.basename(args.file))[0]
         app = create_app(engine, tokenizer, name, rt)
         print(f"endor-gds serve: {name} ({rt.file.architecture}, reader {rt.mode}, device {rt.device}, tier "

@@ -42,7 +42,7 @@ class ExtentCheck:
 
     def first_mismatch(self, plan: LayerPlan, host: np.ndarray) -> tuple | None:
         """``(tensor, kind, offset in extent, length, stored, computed)`` of the first bad segment."""
-        for tensor, kind, off, length, crc in plan.segment_crcs():
+        for tensor, kind, off, length, crc in plan.segment_crcs:
             got = _crc32c.crc32c(host[off:off + length])
             if got != crc:
                 return tensor, kind, off, length, crc, got
@@ -104,7 +104,7 @@ class ChunkedCheck:
 
     def __init__(self, plan: LayerPlan, host: np.ndarray):
         self._host = host
-        self._segs = sorted(plan.segment_crcs(), key=lambda seg: seg[2])
+        self._segs = plan.segment_crcs
         self._starts = [seg[2] for seg in self._segs]
         self._have = [0] * len(self._segs)
         self._left = sum(1 for seg in self._segs if seg[3] > 0)

@@ -67,6 +67,8 @@ class Pipeline:
         self.backend = backend
         self.depth = depth
         self.check = check  # None: reads are not checked (verify_reads=False, or the RAM tier)
+        # checked as the pieces arrive, on the reader's threads, where the backend reports them
+        self._chunked = check is not None and backend.chunked_reads()
         self.on_layer_done = on_layer_done
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="endor-read")
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="endor-decode")
@@ -81,7 +83,7 @@ class Pipeline:
 
     def _read(self, job: _Job) -> None:
         t0 = time.perf_counter()
-        if self.check is not None and self.backend.chunked_reads():
+        if self._chunked:
             job.early = self.check.for_read(job.plan, self.backend.staging_view(job.plan, job.set))
             self.backend.read(job.plan, job.set, job.early.on_chunk)
         else:

@@ -8,6 +8,7 @@ tensors (views, no copies).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -43,10 +44,12 @@ class LayerPlan:
     def needs_decode(self) -> bool:
         return any(s.arena_offset is not None for s in self.slots)
 
-    def segment_crcs(self) -> list[tuple[str, str, int, int, int]]:
-        """``(tensor, kind, offset in extent, length, crc32c)`` of every segment."""
-        return [(s.entry.name, k, rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
-                for s in self.slots for k, rel in s.segments.items()]
+    @cached_property
+    def segment_crcs(self) -> tuple[tuple[str, str, int, int, int], ...]:
+        """``(tensor, kind, offset in extent, length, crc32c)`` of every segment, by offset (laid
+        out once: the checked reads walk it for every layer of every token)."""
+        return tuple(sorted(((s.entry.name, k, rel, s.entry.segments[k].length, s.entry.segments[k].crc32c)
+                             for s in self.slots for k, rel in s.segments.items()), key=lambda seg: seg[2]))
 
 
 def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:

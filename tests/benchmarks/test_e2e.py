@@ -138,13 +138,16 @@ def test_an_interrupted_build_resumes_and_gives_the_same_checkpoint(tmp_path):
 
 def test_batch_sweep_and_peak_rss(tmp_path):
     rep = e2e.run_e2e("tiny", "float16", tokens=3, prompt_len=4, accelerate=False, cold=False, v2=False,
-                      root=tmp_path, progress=False, log=lambda m: None, batches=(1, 3))
+                      root=tmp_path, progress=False, log=lambda m: None, batches=(1, 3), unchecked=True)
     by = {v["name"]: v for v in rep["variants"]}
-    assert set(by) == {"endor-dense", "endor-dense-batch3", "endor-pruned", "endor-pruned-batch3"}
+    base = {"endor-dense", "endor-dense-batch3", "endor-pruned", "endor-pruned-batch3"}
+    assert set(by) == base | {f"{n}-unchecked" for n in base}
+    assert by["endor-pruned-batch3-unchecked"]["batch"] == 3 and by["endor-pruned"]["batch"] == 1
     assert by["endor-pruned-batch3"]["bytes_per_token"] == by["endor-pruned"]["bytes_per_token"]  # one pass per step
     for v in by.values():
         st = v["stats"]
         assert st["peak_rss_bytes"] >= st["resident_bytes"] + st["buffer_bytes"] > 0
     text = e2e.format_report(rep)
     assert "batch sweep, tokens/s of generate (B sequences per step): endor-dense-batch3 " in text
+    assert "endor-pruned-batch3-unchecked " in text  # a name with a suffix after the batch
     assert "peak RSS while streaming" in text
