@@ -30,6 +30,13 @@ kernel file and times it in the same runs, interleaved with the packaged kernel 
 ``speedup_vs_compare`` per case, ``gpu_speedup_vs_compare`` per codec (a kernel change proven
 against its predecessor in one process).
 
+CPU fused product (``--fused-rows 1,4,8``, default 1: a decode step; 0 skips it): ``y = x · Wᵀ``
+for M rows of x straight from bitmap + values (``endor_gds.decode.fused``), as GB/s of *stored*
+bytes in, beside torch's product on the dense weight (dense bytes per second) and the path the
+fused product replaces, decode + that product, in the same run: ``speedup`` = (decode + dense
+product time) / fused time, per M (where it drops below 1 is the runtime's ``fused_max_rows``).
+A weight larger than the caches streams from RAM in all three, as in the runtime.
+
 Aggregates (``cpu_gbps``, ``gpu_gbps``, ``d2d_gbps``) are total bytes over the sum of the per-case
 median times, i.e. the rate of decoding one of each case; the top-level ones are the first codec's,
 ``codecs`` has each codec's. ``--json`` prints the human-readable report on stderr and one JSON
@@ -49,11 +56,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from endor_gds.codec.bitmap import encode_bitmap
 from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram
 from endor_gds.decode import gpu as kernels
 from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.decode.fused import MAX_ROWS, FusedWeight
 from endor_gds.defaults import parse_bytes
 from endor_gds.read.buffers import aligned_empty
 from endor_gds.read.pagecache import evict_page_cache
@@ -255,6 +264,29 @@ def run_gpu_case(cp, decoders, stream, flush, bitmap, values, offsets, n, itemsi
     return result
 
 
+def run_fused_case(cpu, bitmap, values, offsets, shape, dtype: str, out, m: int, repeats: int,
+                   warmup: int, decode_s: float, rng) -> dict:
+    """The fused product against torch's GEMV on the decoded weight (``out``), interleaved run by
+    run; the product's result is checked against the GEMV's first (fp32 sums: to 1e-2)."""
+    tdtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
+    weight = FusedWeight(bitmap, values, offsets, shape, tdtype, "bench")
+    dense = torch.from_numpy(out.view(np.uint8)).view(tdtype).reshape(shape)
+    x = torch.from_numpy(rng.standard_normal((m, shape[1]), dtype=np.float32)).to(tdtype)
+    want, got = (x @ dense.T).float(), weight(cpu, x).float()
+    if not torch.allclose(got, want, rtol=1e-2, atol=1e-2 * float(want.abs().max()) + 1e-6):
+        raise SystemExit("the fused product differs from the dense GEMV: refusing to time it")
+    runs = {"fused": lambda: weight(cpu, x), "gemv": lambda: x @ dense.T}
+    times = {name: [] for name in runs}
+    for i in range(warmup + repeats):
+        for name, fn in runs.items():
+            t0 = time.perf_counter()
+            fn()
+            if i >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    f, g = stats(times["fused"], out.nbytes), stats(times["gemv"], out.nbytes)
+    return {"rows": m, "fused": f, "gemv": g, "speedup": (decode_s + g["median_s"]) / f["median_s"]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -268,6 +300,9 @@ def main(argv=None) -> int:
                     help="comma list of value codecs: raw (format v1), expdict (format v2)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (default 7)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    ap.add_argument("--fused-rows", default="1",
+                    help=f"comma list of rows of x for the CPU fused product, 1 to {MAX_ROWS} (default 1; "
+                         f"0 skips it)")
     ap.add_argument("--threads", type=int, default=None,
                     help="CPU decoder threads (default: option decode_threads, else all CPUs)")
     ap.add_argument("--storage-bytes", type=parse_bytes, default=parse_bytes("512MiB"),
@@ -284,6 +319,12 @@ def main(argv=None) -> int:
     sparsities = [float(s) for s in args.sparsity.split(",") if s.strip()]
     if not sparsities or any(not 0.0 <= s <= 1.0 for s in sparsities):
         ap.error(f"--sparsity needs fractions between 0 and 1, got {args.sparsity!r}")
+    try:
+        fused_rows = [int(m) for m in args.fused_rows.split(",") if m.strip() and int(m) != 0]
+    except ValueError:
+        fused_rows = [-1]
+    if any(not 1 <= m <= MAX_ROWS for m in fused_rows):
+        ap.error(f"--fused-rows takes a comma list of 1 to {MAX_ROWS}, or 0, got {args.fused_rows!r}")
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
@@ -337,6 +378,8 @@ def main(argv=None) -> int:
 
     hdr = (f"{'shape':>13} {'sparsity':>8} {'codec':>7} {'bits/el':>7} {'dense MB':>9} | "
            f"{'CPU GB/s':>22} {'x stor':>6} {'headroom':>8}")
+    if fused_rows:
+        hdr += f" | {'fused GB/s in':>13} {'GEMV GB/s':>9} vs dec+GEMV at {'/'.join(map(str, fused_rows))} rows"
     if gpu:
         hdr += f" | {'kernel GB/s':>22} {'D2D GB/s':>8} {'ratio':>5}"
         if compare_source is not None:
@@ -345,7 +388,8 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(args.seed)
     cases = []
     totals = {c: dict(cpu_bytes=0.0, cpu_time=0.0, stored=0.0, gpu_bytes=0.0, gpu_time=0.0,
-                      d2d_time=0.0, compare_time=0.0) for c in codecs}
+                      d2d_time=0.0, compare_time=0.0, fused_time={m: 0.0 for m in fused_rows},
+                      gemv_time={m: 0.0 for m in fused_rows}) for c in codecs}
     bits_dtype = np.dtype("<u2") if itemsize == 2 else np.dtype("<u4")
     for rows, cols in args.shapes:
         for sparsity in sparsities:
@@ -365,6 +409,11 @@ def main(argv=None) -> int:
                         times.append(dt)
                 c = stats(times, out.nbytes)
                 stored = stored_bytes(bitmap, values, offsets)
+                fused = {str(m): run_fused_case(cpu, bitmap, values, offsets, (rows, cols), args.dtype, out,
+                                                m, args.repeats, args.warmup, c["median_s"], rng)
+                         for m in fused_rows}
+                for f in fused.values():
+                    f["gbps_in"] = stored / f["fused"]["median_s"] / 1e9
                 # dense bytes storage delivers per second when reading this codec's segments
                 need = storage["gbps"] * out.nbytes / stored
                 case = {"shape": [rows, cols], "sparsity": sparsity, "dtype": args.dtype,
@@ -372,16 +421,23 @@ def main(argv=None) -> int:
                         "stored_bytes": stored, "bits_per_element": 8 * stored / n,
                         "expdict": None if codec == "raw" else values.params.manifest(),
                         "cpu": c, "cpu_ratio_to_storage": c["gbps"] / storage["gbps"],
-                        "cpu_headroom": c["gbps"] / need, "gpu": None}
+                        "cpu_headroom": c["gbps"] / need, "fused": fused, "gpu": None}
                 tot = totals[codec]
                 tot["cpu_bytes"] += out.nbytes
                 tot["cpu_time"] += c["median_s"]
                 tot["stored"] += stored
+                for m in fused_rows:
+                    tot["fused_time"][m] += fused[str(m)]["fused"]["median_s"]
+                    tot["gemv_time"][m] += fused[str(m)]["gemv"]["median_s"]
                 line = (f"{rows:>6}x{cols:<6} {sparsity:>8.2f} {codec:>7} {8 * stored / n:>7.3f} "
                         f"{out.nbytes / 1e6:>9.1f} | "
                         f"{c['gbps']:>6.2f} [{c['gbps_min']:>5.2f}..{c['gbps_max']:>5.2f}] "
                         f"{c['spread_pct']:>3.0f}% {case['cpu_ratio_to_storage']:>5.2f}x "
                         f"{case['cpu_headroom']:>7.2f}x")
+                if fused:
+                    first = fused[str(fused_rows[0])]
+                    line += (f" | {first['gbps_in']:>13.2f} {first['gemv']['gbps']:>9.2f} "
+                             + " ".join(f"{f['speedup']:.2f}x" for f in fused.values()))
                 if gpu:
                     g = run_gpu_case(gpu["cp"], gpu["decoders"], gpu["stream"], gpu["flush"], bitmap,
                                      values, offsets, n, itemsize, out, args.repeats, args.warmup)
@@ -409,6 +465,10 @@ def main(argv=None) -> int:
             "cpu_ratio_to_storage": cpu_gbps / storage["gbps"],
             "bits_per_element": 8 * tot["stored"] / (tot["cpu_bytes"] / itemsize),
             "cpu_headroom": cpu_gbps / (storage["gbps"] * tot["cpu_bytes"] / tot["stored"]),
+            "fused": {str(m): {"gbps_in": tot["stored"] / tot["fused_time"][m] / 1e9,
+                               "gemv_gbps": tot["cpu_bytes"] / tot["gemv_time"][m] / 1e9,
+                               "speedup": (tot["cpu_time"] + tot["gemv_time"][m]) / tot["fused_time"][m]}
+                      for m in fused_rows},
             "gpu_gbps": tot["gpu_bytes"] / tot["gpu_time"] / 1e9 if gpu else None,
             "d2d_gbps": tot["gpu_bytes"] / tot["d2d_time"] / 1e9 if gpu else None,
             "gpu_ratio_to_d2d": tot["d2d_time"] / tot["gpu_time"] if gpu else None,
@@ -425,6 +485,7 @@ def main(argv=None) -> int:
         "compare_source": args.compare_source,
         "decoder_path": cpu.simd_name,
         "threads": cpu.threads,
+        "fused_rows": fused_rows,
         "dtype": args.dtype,
         "repeats": args.repeats,
         "warmup": args.warmup,
@@ -447,6 +508,10 @@ def main(argv=None) -> int:
             f"{r['cpu_ratio_to_storage']:.2f} x storage {storage['gbps']:.2f} GB/s (target >= "
             f"{TARGET_CPU}); {r['bits_per_element']:.2f} bits/element, headroom "
             f"{r['cpu_headroom']:.2f} x")
+    for codec, r in per_codec.items():
+        for m, f in r["fused"].items():
+            log(f"CPU fused    {codec:<7} {m:>2} row(s) of x: {f['gbps_in']:.2f} GB/s stored bytes in; dense "
+                f"product {f['gemv_gbps']:.2f} GB/s; {f['speedup']:.2f} x decode + dense product")
     for codec, r in per_codec.items():
         if gpu:
             log(f"GPU kernel   {codec:<7} {r['gpu_gbps']:.1f} GB/s read+written = "

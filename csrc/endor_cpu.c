@@ -47,6 +47,7 @@ enum {
     FEAT_SSSE3 = 1, /* pshufb: the expand, and the 4-byte expdict rebuild */
     FEAT_PDEP = 2,  /* BMI2 pdep, and fast: not on Zen 1/2, where it is microcoded (fields8_pdep) */
     FEAT_AVX2 = 4,  /* the 2-byte expdict rebuild, 32 values per step */
+    FEAT_FMA = 8,   /* AVX2 + FMA + F16C: the fused product's 8-lane multiply-add */
 };
 static int cpu_features = 0;
 
@@ -80,6 +81,9 @@ static void build_tables(void) {
         !__builtin_cpu_is("znver2"))
         cpu_features |= FEAT_PDEP;
     if (__builtin_cpu_supports("avx2")) cpu_features |= FEAT_AVX2;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+        __builtin_cpu_supports("f16c"))
+        cpu_features |= FEAT_FMA;
 #endif
     tables_ready = 1;
 }
@@ -187,15 +191,19 @@ EXPAND_TILE(uint16_t, no_simd16)
 EXPAND_TILE(uint32_t, no_simd32)
 #endif
 
-/* The tile's element range [start, end), and whether its value range [lo, hi) is in bounds. */
+/* The tile's element range [start, end), and whether its value range [lo, hi) is in bounds: the
+ * first tile starts at value 0 and the last ends at nnz (a table shifted by k, or nnz declared
+ * longer than the table, is consistent tile by tile and would decode k values off). */
 static int tile_range(const uint32_t *offs, uint64_t t, uint64_t n, uint64_t nnz, uint64_t *lo,
                       uint64_t *hi, uint64_t *start, uint64_t *end) {
     *lo = offs[t];
     *hi = offs[t + 1];
     *start = t * TILE_ELEMS;
     *end = *start + TILE_ELEMS < n ? *start + TILE_ELEMS : n;
-    return *lo <= *hi && *hi <= nnz && *hi - *lo <= TILE_ELEMS;
+    return *lo <= *hi && *hi <= nnz && *hi - *lo <= TILE_ELEMS && (t > 0 || *lo == 0) &&
+           (*end < n || *hi == nnz);
 }
+
 
 #define DECODE_TILES(T)                                                                        \
     static int64_t decode_##T(const uint32_t *bitmap, const T *vals, uint64_t nnz,            \
@@ -485,6 +493,16 @@ static void rebuild_values(const endor_expdict *a, const expdict_tables *T, uint
     }
 }
 
+/* Tile t's escapes [*q0, *q1), and whether they are in bounds: at most one per value, from 0 for
+ * the first tile, to the last escape for the last tile (ntiles tiles, value range [lo, hi)). */
+static int escape_range(const endor_expdict *a, uint64_t t, uint64_t ntiles, uint64_t lo,
+                        uint64_t hi, uint64_t *q0, uint64_t *q1) {
+    *q0 = a->escape_offsets[t];
+    *q1 = a->escape_offsets[t + 1];
+    return *q0 <= *q1 && *q1 <= a->escapes && *q1 - *q0 <= hi - lo && (t > 0 || *q0 == 0) &&
+           (t + 1 < ntiles || *q1 == a->escapes);
+}
+
 /* Patch the escapes of tile t into buf (count values). -1 when a position is not strictly above
  * the previous one of the tile or not below count (the escape table disagrees with the tile). */
 static int patch_escapes(const endor_expdict *a, uint64_t e0, uint64_t e1, uint64_t count,
@@ -516,9 +534,9 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
     memset(buf32, 0, sizeof buf32);
     int64_t rc = 0;
     for (uint64_t t = t0; t < t1 && !rc; t++) {
-        uint64_t lo, hi, start, end, e0 = a->escape_offsets[t], e1 = a->escape_offsets[t + 1];
+        uint64_t lo, hi, start, end, e0, e1;
         if (!tile_range(a->tile_offsets, t, a->n, a->nnz, &lo, &hi, &start, &end) ||
-            e0 > e1 || e1 > a->escapes || e1 - e0 > hi - lo) {
+            !escape_range(a, t, ntiles, lo, hi, &e0, &e1)) {
             rc = (int64_t)t + 1;
             break;
         }
@@ -538,6 +556,307 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
     if (nt) _mm_sfence();
 #endif
     return rc;
+}
+
+/* ---- Fused product y = x · Wᵀ straight from bitmap + values (CPU hosts, few rows of x) ----
+ *
+ * Why: at batch 1 every weight is used once per token. Decoding first writes the dense matrix
+ * (2x the compressed bytes of a 50 % fp16 tensor) and the matmul reads it back: on a 2-core host
+ * that round trip through memory, not the drive, set the time per token. Here each group of 8
+ * elements is expanded in a register (the decoder's pshufb), widened to fp32 and multiplied into
+ * 8-lane fp32 accumulators, one per row of x: the dense matrix never exists.
+ *
+ * Order of additions: per output row and piece (the part of the row inside one tile; a row that
+ * crosses a tile boundary has two), elements before the piece's first multiple of 8 one by one,
+ * then 8 lanes in two chains (even and odd groups of 8) summed lane-wise and then across lanes,
+ * then the rest one by one; the pieces of a row are added in order. The portable path adds element
+ * by element. The order depends on the shape alone, never on the thread split (a task owns whole
+ * rows), so results are reproducible; it is not the dense matmul's order, which is why the runtime
+ * keeps the decode path for bit-identical output (docs/design.md).
+ *
+ * Safety: as the decoder. Vector loads read 16 values past the cursor only while they lie below
+ * the readable end, the scalar path checks the tile's end before each value, and every tile that
+ * ends inside a task's rows is checked: cursor == its end offset (a task starting mid-tile counts
+ * the bits before its first row from the tile's offset), no bits past n in the last word. */
+
+typedef struct { /* mirrored by decode.fused._MatvecArgs (ctypes) */
+    const uint32_t *bitmap;
+    const uint32_t *tile_offsets;
+    const void *values;           /* codec raw: nnz element bit patterns; NULL for codec expdict */
+    const endor_expdict *expdict; /* codec expdict: its streams (its out is unused); else NULL */
+    const void *x;                /* m x cols, row-major, in the weight's dtype */
+    float *y;                     /* m x rows, row-major */
+    uint64_t rows, cols, nnz;
+    uint32_t m, dtype;            /* DT_*: how an element's bits become a float */
+} endor_matvec;
+
+enum { DT_F16 = 0, DT_BF16 = 1, DT_F32 = 2 };
+#define MATVEC_MAX_M 16 /* rows of x: accumulators per output row */
+
+static float f16_to_f32(uint32_t h) {
+    uint32_t sign = (h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu, man = h & 0x3FFu, bits;
+    float f;
+    if (e == 0x1F)
+        bits = sign | 0x7F800000u | (man << 13);
+    else if (e)
+        bits = sign | ((e + 112) << 23) | (man << 13);
+    else { /* zero or subnormal: man * 2^-24, exact in fp32 */
+        f = (float)man * 5.9604644775390625e-8f;
+        memcpy(&bits, &f, 4);
+        bits |= sign;
+    }
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+static inline float elem_float(const void *vals, uint64_t k, uint32_t dtype) {
+    uint32_t bits;
+    float f;
+    if (dtype == DT_F32)
+        bits = ((const uint32_t *)vals)[k];
+    else if (dtype == DT_F16)
+        return f16_to_f32(((const uint16_t *)vals)[k]);
+    else
+        bits = (uint32_t)((const uint16_t *)vals)[k] << 16;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* Where one tile's values are read: cursor, the tile's end, the readable end (all in elements). */
+typedef struct {
+    const void *vals;
+    uint64_t v, hiv, avail;
+} value_cursor;
+
+/* Elements [p, q) of one row, column c of p, one by one into sums. -1 when the tile runs out. */
+static int scalar_piece(const endor_matvec *a, value_cursor *cur, uint64_t p, uint64_t q,
+                        uint64_t c, float *sums) {
+    for (; p < q; p++, c++) {
+        if (!((a->bitmap[p / WORD_BITS] >> (p % WORD_BITS)) & 1u)) continue;
+        if (cur->v >= cur->hiv) return -1;
+        float w = elem_float(cur->vals, cur->v++, a->dtype);
+        for (uint32_t j = 0; j < a->m; j++) sums[j] += w * elem_float(a->x, j * a->cols + c, a->dtype);
+    }
+    return 0;
+}
+
+#if ENDOR_X86
+#define FMA_TARGET "avx2,fma,f16c"
+/* 8 elements of bitmap byte b as fp32 lanes (0 where the bit is clear), from values at v.
+ * Reads 8 values (fp32: 4 + 4 from two cursors) at most past v. */
+__attribute__((target(FMA_TARGET))) static inline __m128i expand8x16(const void *vals, uint64_t v,
+                                                                     unsigned b) {
+    return _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)((const uint16_t *)vals + v)),
+                            _mm_loadu_si128((const __m128i *)EXPAND16[b]));
+}
+__attribute__((target(FMA_TARGET))) static inline __m256 widen_f16(const void *vals, uint64_t v,
+                                                                   unsigned b) {
+    return _mm256_cvtph_ps(expand8x16(vals, v, b));
+}
+__attribute__((target(FMA_TARGET))) static inline __m256 widen_bf16(const void *vals, uint64_t v,
+                                                                    unsigned b) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(expand8x16(vals, v, b)), 16));
+}
+__attribute__((target(FMA_TARGET))) static inline __m256 widen_f32(const void *vals, uint64_t v,
+                                                                   unsigned b) {
+    const uint32_t *p = (const uint32_t *)vals + v;
+    __m128i lo = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)p),
+                                  _mm_loadu_si128((const __m128i *)EXPAND32[b & 15]));
+    __m128i hi = _mm_shuffle_epi8(_mm_loadu_si128((const __m128i *)(p + POP8[b & 15])),
+                                  _mm_loadu_si128((const __m128i *)EXPAND32[b >> 4]));
+    return _mm256_castsi256_ps(_mm256_set_m128i(hi, lo));
+}
+
+/* x[k..k+8) as fp32 lanes: x is in the weight's dtype (widening fp16 or bf16 is exact), which
+ * halves its cache footprint: with an fp32 copy of x, 11008-wide rows (Llama-7B's down_proj) ran
+ * at half the speed of 4096-wide ones, x and the streams no longer fitting in L1 together. */
+__attribute__((target(FMA_TARGET))) static inline __m256 x8_f16(const void *x, uint64_t k) {
+    return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)x + k)));
+}
+__attribute__((target(FMA_TARGET))) static inline __m256 x8_bf16(const void *x, uint64_t k) {
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)x + k));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+__attribute__((target(FMA_TARGET))) static inline __m256 x8_f32(const void *x, uint64_t k) {
+    return _mm256_loadu_ps((const float *)x + k);
+}
+
+__attribute__((target(FMA_TARGET))) static inline float hsum8(__m256 s) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* Groups of 8 elements [p, q) of one row (p a multiple of 8, column c), 16 per step while 16
+ * values are readable past the cursor, for rows j0..j0+m-1 of x, into sums; returns the first
+ * element not done. Built with m a constant 1 to 4, so that the 2m accumulators stay in registers
+ * (with m a variable, or m = 8 at once, they spilled: 3-4x slower per row); more rows go 4 at a
+ * time over the same values (from L1: a piece is at most one tile). A row's additions are the
+ * same whatever the rows beside it. */
+#define FMA_GROUPS(NAME, WIDEN, X8)                                                            \
+    __attribute__((target(FMA_TARGET), always_inline)) static inline uint64_t NAME##_m(       \
+        const endor_matvec *a, value_cursor *cur, uint64_t p, uint64_t q, uint64_t c,         \
+        float *sums, const uint32_t m, const uint32_t j0) {                                    \
+        __m256 acc0[4], acc1[4];                                                               \
+        for (uint32_t j = 0; j < m; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();              \
+        const uint8_t *bm = (const uint8_t *)a->bitmap; /* little-endian words: byte p / 8 */ \
+        uint64_t v = cur->v, cols = a->cols, xrow = j0 * cols;                                 \
+        for (; p + 16 <= q && v + 16 <= cur->avail; p += 16, c += 16) {                       \
+            unsigned b0 = bm[p / 8], b1 = bm[p / 8 + 1];                                       \
+            __m256 w0 = WIDEN(cur->vals, v, b0);                                               \
+            v += POP8[b0];                                                                     \
+            __m256 w1 = WIDEN(cur->vals, v, b1);                                               \
+            v += POP8[b1];                                                                     \
+            for (uint32_t j = 0; j < m; j++) {                                                 \
+                acc0[j] = _mm256_fmadd_ps(w0, X8(a->x, xrow + j * cols + c), acc0[j]);        \
+                acc1[j] = _mm256_fmadd_ps(w1, X8(a->x, xrow + j * cols + c + 8), acc1[j]);    \
+            }                                                                                  \
+        }                                                                                      \
+        if (p + 8 <= q && v + 8 <= cur->avail) {                                               \
+            unsigned b0 = bm[p / 8];                                                           \
+            __m256 w0 = WIDEN(cur->vals, v, b0);                                               \
+            v += POP8[b0];                                                                     \
+            for (uint32_t j = 0; j < m; j++)                                                   \
+                acc0[j] = _mm256_fmadd_ps(w0, X8(a->x, xrow + j * cols + c), acc0[j]);        \
+            p += 8;                                                                            \
+        }                                                                                      \
+        for (uint32_t j = 0; j < m; j++) sums[j0 + j] += hsum8(_mm256_add_ps(acc0[j], acc1[j])); \
+        cur->v = v;                                                                            \
+        return p;                                                                              \
+    }                                                                                          \
+    __attribute__((target(FMA_TARGET))) static uint64_t NAME(                                  \
+        const endor_matvec *a, value_cursor *cur, uint64_t p, uint64_t q, uint64_t c,         \
+        float *sums) {                                                                         \
+        uint64_t v0 = cur->v, end = p;                                                         \
+        for (uint32_t j0 = 0; j0 < a->m; j0 += 4) {                                            \
+            cur->v = v0;                                                                       \
+            switch (a->m - j0 < 4 ? a->m - j0 : 4) {                                           \
+            case 1: end = NAME##_m(a, cur, p, q, c, sums, 1, j0); break;                       \
+            case 2: end = NAME##_m(a, cur, p, q, c, sums, 2, j0); break;                       \
+            case 3: end = NAME##_m(a, cur, p, q, c, sums, 3, j0); break;                       \
+            default: end = NAME##_m(a, cur, p, q, c, sums, 4, j0); break;                      \
+            }                                                                                  \
+        }                                                                                      \
+        return end;                                                                            \
+    }
+FMA_GROUPS(fma_f16, widen_f16, x8_f16)
+FMA_GROUPS(fma_bf16, widen_bf16, x8_bf16)
+FMA_GROUPS(fma_f32, widen_f32, x8_f32)
+
+#endif
+
+/* The portable groups: the vector path's order of additions, lane by lane (8 lanes, two chains,
+ * lanes 0-3 + 4-7, then 0-1 + 2-3, then 0 + 1), so that both paths add the same way; they differ
+ * only in FMA's single rounding. A running sum instead was 2-4x less accurate than torch on fp32. */
+static uint64_t scalar_groups(const endor_matvec *a, value_cursor *cur, uint64_t p, uint64_t q,
+                              uint64_t c, float *sums) {
+    float acc[2][MATVEC_MAX_M][8];
+    const uint32_t m = a->m;
+    memset(acc, 0, sizeof acc);
+    const uint8_t *bm = (const uint8_t *)a->bitmap;
+    uint64_t v = cur->v;
+    for (int chain = 0; p + 8 <= q && v + 8 <= cur->avail; p += 8, c += 8, chain ^= 1) {
+        unsigned b = bm[p / 8];
+        for (int k = 0; k < 8; k++) {
+            if (!((b >> k) & 1u)) continue;
+            float w = elem_float(cur->vals, v++, a->dtype);
+            for (uint32_t j = 0; j < m; j++)
+                acc[chain][j][k] += w * elem_float(a->x, j * a->cols + c + k, a->dtype);
+        }
+    }
+    for (uint32_t j = 0; j < m; j++) {
+        float l[8];
+        for (int k = 0; k < 8; k++) l[k] = acc[0][j][k] + acc[1][j][k];
+        for (int k = 0; k < 4; k++) l[k] += l[k + 4];
+        sums[j] += (l[0] + l[2]) + (l[1] + l[3]);
+    }
+    cur->v = v;
+    return p;
+}
+
+/* Elements [s, e) of one row into sums: one by one up to a multiple of 8, groups of 8, the rest
+ * one by one. -1 when the tile runs out of values. */
+static int row_piece(const endor_matvec *a, value_cursor *cur, uint64_t s, uint64_t e, int feat,
+                     float *sums) {
+    uint64_t c = s % a->cols, p = (s + 7) / 8 * 8;
+    if (p > e) p = e;
+    if (scalar_piece(a, cur, s, p, c, sums)) return -1;
+    if (e - p >= 8) {
+        uint64_t q = p + (e - p) / 8 * 8, cp = c + (p - s);
+#if ENDOR_X86
+        if (feat & FEAT_FMA)
+            p = a->dtype == DT_F16 ? fma_f16(a, cur, p, q, cp, sums)
+              : a->dtype == DT_BF16 ? fma_bf16(a, cur, p, q, cp, sums)
+                                    : fma_f32(a, cur, p, q, cp, sums);
+        else
+#else
+        (void)feat;
+#endif
+            p = scalar_groups(a, cur, p, q, cp, sums);
+    }
+    return scalar_piece(a, cur, p, e, c + (p - s), sums);
+}
+
+static inline uint32_t pop32(uint32_t w) {
+    return (uint32_t)POP8[w & 0xFF] + POP8[(w >> 8) & 0xFF] + POP8[(w >> 16) & 0xFF] + POP8[w >> 24];
+}
+
+/* Bits set in [start, s) of the bitmap; start is a multiple of WORD_BITS (a tile's start). */
+static uint64_t bits_before(const uint32_t *bitmap, uint64_t start, uint64_t s) {
+    uint64_t count = 0, w = start / WORD_BITS;
+    for (; w < s / WORD_BITS; w++) count += pop32(bitmap[w]);
+    if (s % WORD_BITS) count += pop32(bitmap[w] & ((1u << (s % WORD_BITS)) - 1));
+    return count;
+}
+
+/* Rows [r0, r1) of y = x · Wᵀ (W: rows x cols, bitmap-encoded, codec raw or expdict), with the
+ * FEAT_* features in `features` that this CPU has (FEAT_FMA: the vector path). Returns 0, t + 1
+ * for the first inconsistent tile t (as endor_decode_tiles), -1 for bad arguments. */
+int64_t endor_matvec_rows(const endor_matvec *a, uint64_t r0, uint64_t r1, int features) {
+    if (!tables_ready) build_tables();
+    const uint64_t rows = a->rows, cols = a->cols, n = rows * cols;
+    const uint32_t eb = a->dtype == DT_F32 ? 4 : 2;
+    if (a->m == 0 || a->m > MATVEC_MAX_M || cols == 0 || r0 > r1 || r1 > rows ||
+        a->dtype > DT_F32 || (a->expdict == NULL) == (a->values == NULL))
+        return -1;
+    const endor_expdict *ed = a->expdict;
+    int feat = features & cpu_features;
+    expdict_tables T;
+    if (ed && (ed->n != n || ed->nnz != a->nnz || ed->elem_bytes != eb || build_expdict_tables(ed, &T)))
+        return -1;
+    /* zeroed once: the vector loads may read (and discard) entries past a tile's values */
+    uint32_t buf32[TILE_BUF] __attribute__((aligned(32)));
+    if (ed) memset(buf32, 0, sizeof buf32);
+    for (uint32_t j = 0; j < a->m; j++)
+        for (uint64_t r = r0; r < r1; r++) a->y[j * rows + r] = 0.0f;
+    const uint64_t e0 = r0 * cols, e1 = r1 * cols;
+    for (uint64_t t = e0 / TILE_ELEMS; t * TILE_ELEMS < e1; t++) {
+        uint64_t lo, hi, start, end;
+        if (!tile_range(a->tile_offsets, t, n, a->nnz, &lo, &hi, &start, &end)) return (int64_t)t + 1;
+        value_cursor cur = {a->values, lo, hi, a->nnz};
+        if (ed) {
+            uint64_t q0, q1;
+            if (!escape_range(ed, t, (n + TILE_ELEMS - 1) / TILE_ELEMS, lo, hi, &q0, &q1))
+                return (int64_t)t + 1;
+            rebuild_values(ed, &T, lo, hi, buf32, feat);
+            if (patch_escapes(ed, q0, q1, hi - lo, buf32)) return (int64_t)t + 1;
+            cur = (value_cursor){buf32, 0, hi - lo, TILE_BUF};
+        }
+        uint64_t s = start > e0 ? start : e0, e = end < e1 ? end : e1;
+        cur.v += bits_before(a->bitmap, start, s);
+        for (uint64_t p = s; p < e;) {
+            uint64_t r = p / cols, q = (r + 1) * cols < e ? (r + 1) * cols : e;
+            float sums[MATVEC_MAX_M] = {0};
+            if (row_piece(a, &cur, p, q, feat, sums)) return (int64_t)t + 1;
+            for (uint32_t j = 0; j < a->m; j++) a->y[j * rows + r] += sums[j];
+            p = q;
+        }
+        if (e == end && (cur.v != cur.hiv ||
+                         (end == n && n % WORD_BITS && a->bitmap[n / WORD_BITS] >> (n % WORD_BITS))))
+            return (int64_t)t + 1;
+    }
+    return 0;
 }
 
 /* The FEAT_* mask of this CPU: what a call's `features` argument can enable. */

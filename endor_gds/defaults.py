@@ -100,6 +100,13 @@ def _nonnegative_int(text) -> int:
     return value
 
 
+def _fused_rows(text) -> int:
+    value = _positive_int(text)
+    if value > 16:  # MAX_ROWS of endor_gds.decode.fused, an accumulator per row
+        raise ValueError(f"expected an integer from 1 to 16, got {text!r}")
+    return value
+
+
 def _positive_bytes(text) -> int:
     value = parse_bytes(text)
     if value < 4096 or value % 4096:
@@ -138,6 +145,14 @@ _OPTIONS: dict[str, Option] = {
         Option("verify_reads", "ENDOR_VERIFY_READS", True, _bool,
                "check every segment's CRC-32C as it is read: streamed extents before their decode, "
                "the RAM tier and resident tensors once at load (0 turns it off)"),
+        Option("fused", "ENDOR_FUSED", True, _bool,
+               "CPU: multiply streamed linear weights straight from bitmap + values in steps of at "
+               "most fused_max_rows rows (the dense weights are never written; fp32 sums in another "
+               "order, so outputs match the in-memory model to rounding); 0 decodes every step and "
+               "is bit-identical to the in-memory model"),
+        Option("fused_max_rows", "ENDOR_FUSED_MAX_ROWS", 8, _fused_rows,
+               "largest batch x sequence a step may have and still take the fused product (1-16); "
+               "larger steps (a prompt's prefill) decode to dense and use torch's matmul"),
         Option("cache_dir", "ENDOR_CACHE_DIR", "~/.cache/endor_gds", str,
                "where the demo and benchmarks keep the random-init checkpoints they build"),
     ]

@@ -29,6 +29,17 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+@pytest.fixture(autouse=True)
+def bit_identical_path(request):
+    """The streaming tests assert bit-identity with the in-memory model, a promise of the decode
+    path: the CPU fused product (on by default, within fp32 rounding) is turned off for them, and
+    tested on its own by the tests marked ``fused`` (tests/stream/test_runtime_fused.py, tests/decode/)."""
+    from endor_gds import defaults  # noqa: PLC0415
+
+    with defaults.set(fused="fused" in request.keywords):
+        yield
+
+
 @pytest.fixture(scope="session")
 def model_dir(tmp_path_factory):
     """``model_dir(family, dtype=torch.float16, sharded=False, **config_overrides)`` → cached folder."""

@@ -43,6 +43,7 @@ def _print_stats(s: dict, out) -> None:
           f"{s['streamed_layers']}, decoder {s['decoder']}", file=out)
     print(f"reader chosen: {s['reader_reason']}", file=out)
     print(f"checked reads: {s['checked_reads']}", file=out)
+    print(f"fused product: {s['fused_product']}", file=out)
     print(f"per token: {t['s'] * 1e3:.1f} ms ({t['tokens_per_s']:.2f} tokens/s), "
           f"{t['bytes_read'] / 1e6:.1f} MB read at {t['gbps']:.2f} GB/s effective", file=out)
     print(f"  read {t['read_s'] * 1e3:.1f} ms, decode {t['decode_s'] * 1e3:.1f} ms, compute "

@@ -27,8 +27,9 @@ __all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
 
 # Instruction-set features of the decoder (FEAT_* in csrc/endor_cpu.c), each a bit of the mask a
 # call may use: ssse3 = the pshufb expand and the 4-byte expdict rebuild, pdep = BMI2 field
-# spread (only where it is fast), avx2 = the 2-byte expdict rebuild.
-SIMD_FEATURES = {"ssse3": 1, "pdep": 2, "avx2": 4}
+# spread (only where it is fast), avx2 = the 2-byte expdict rebuild, fma = the fused product's
+# vector path (AVX2 + FMA + F16C, :mod:`endor_gds.decode.fused`).
+SIMD_FEATURES = {"ssse3": 1, "pdep": 2, "avx2": 4, "fma": 8}
 
 # A task of at least this many tiles (256 Ki elements, ~40 us of work) keeps the ctypes call and
 # thread hand-off overhead (a few us) negligible while still splitting one matrix across cores.
@@ -65,6 +66,8 @@ def library() -> ctypes.CDLL:
         lib.endor_decode_tiles.argtypes = [p, p, u64, p, p, u64, ctypes.c_uint32, u64, u64, ctypes.c_int]
         lib.endor_decode_expdict_tiles.restype = ctypes.c_int64
         lib.endor_decode_expdict_tiles.argtypes = [ctypes.POINTER(_ExpDictArgs), u64, u64, ctypes.c_int]
+        lib.endor_matvec_rows.restype = ctypes.c_int64
+        lib.endor_matvec_rows.argtypes = [p, u64, u64, ctypes.c_int]
         lib.endor_cpu_features.restype = ctypes.c_int
         lib.endor_cpu_features.argtypes = []
         _lib = lib
@@ -103,26 +106,24 @@ def _check_streams(s: Streams, n: int, itemsize: int, where: str) -> None:
                          f"must hold escapes={p.escapes} entries")
 
 
-def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray,
-           where: str) -> None:
-    """All argument checks, in one place, before any pointer reaches C."""
-    n = out.size
-    arrays = {"bitmap": bitmap, "tile_offsets": tile_offsets, "out": out}
+def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, itemsize: int,
+                  where: str) -> None:
+    """The checks on one bitmap-encoded tensor of ``n`` elements of ``itemsize`` bytes (raw values,
+    or codec expdict :class:`Streams`) before any pointer into it reaches C: the decoder's and the
+    fused product's, in one place."""
+    arrays = {"bitmap": bitmap, "tile_offsets": tile_offsets}
     if not isinstance(values, Streams):  # an expdict tensor's streams are checked below
         arrays["values"] = values
     for label, arr in arrays.items():
         if not arr.flags.c_contiguous:
             raise ValueError(f"{where}: {label} must be C-contiguous")
-    if out.dtype.itemsize not in (2, 4):
-        raise ValueError(f"{where}: elements of {out.dtype.itemsize} bytes cannot be bitmap-decoded "
+    if itemsize not in (2, 4):
+        raise ValueError(f"{where}: elements of {itemsize} bytes cannot be bitmap-decoded "
                          f"(supported: 2 = fp16/bf16, 4 = fp32)")
     if isinstance(values, Streams):
-        _check_streams(values, n, out.dtype.itemsize, where)
-    elif values.dtype.itemsize != out.dtype.itemsize:
-        raise ValueError(f"{where}: values are {values.dtype.itemsize}-byte, out is "
-                         f"{out.dtype.itemsize}-byte")
-    if not out.flags.writeable:
-        raise ValueError(f"{where}: out is read-only")
+        _check_streams(values, n, itemsize, where)
+    elif values.dtype.itemsize != itemsize:
+        raise ValueError(f"{where}: values are {values.dtype.itemsize}-byte, out is {itemsize}-byte")
     if bitmap.dtype.itemsize != 4 or bitmap.size != -(-n // WORD_BITS):
         raise ValueError(f"{where}: bitmap must be {-(-n // WORD_BITS)} uint32 words for n={n}, "
                          f"got {bitmap.size} of {bitmap.dtype}")
@@ -131,12 +132,23 @@ def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray
                          f"got {tile_offsets.size} of {tile_offsets.dtype}")
 
 
-def _expdict_args(bitmap, s: Streams, offs, out) -> _ExpDictArgs:
+def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray,
+           where: str) -> None:
+    """All argument checks of a decode, in one place, before any pointer reaches C."""
+    if not out.flags.c_contiguous:
+        raise ValueError(f"{where}: out must be C-contiguous")
+    if not out.flags.writeable:
+        raise ValueError(f"{where}: out is read-only")
+    check_encoded(bitmap, values, tile_offsets, out.size, out.dtype.itemsize, where)
+
+
+def expdict_args(bitmap, s: Streams, offs, out: int, n: int) -> _ExpDictArgs:
+    """``endor_expdict`` for one tensor of ``n`` elements decoding to address ``out`` (0: none)."""
     p = s.params
     a = _ExpDictArgs(bitmap.ctypes.data, offs.ctypes.data, s.residuals.ctypes.data,
                      s.codes.ctypes.data, s.escape_offsets.ctypes.data,
-                     s.escape_positions.ctypes.data, s.escape_values.ctypes.data, out.ctypes.data,
-                     out.size, s.nnz, s.codes.size, p.escapes, p.layout.itemsize,
+                     s.escape_positions.ctypes.data, s.escape_values.ctypes.data, out,
+                     n, s.nnz, s.codes.size, p.escapes, p.layout.itemsize,
                      p.layout.man_bits, p.index_bits, 0)
     a.exponents[: len(p.exponents)] = p.exponents
     return a
@@ -181,7 +193,8 @@ class CpuDecoder:
                                      f"{', '.join(have) or 'none'})")
         #: the SIMD features in use, in SIMD_FEATURES order (empty: portable C)
         self.features = tuple(name for name in SIMD_FEATURES if name in wanted)
-        self._mask = sum(SIMD_FEATURES[name] for name in self.features)
+        #: the FEAT_* bits of csrc/endor_cpu.c a call may use
+        self.feature_mask = sum(SIMD_FEATURES[name] for name in self.features)
         self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="endor-decode") \
             if self.threads > 1 else None
 
@@ -207,7 +220,7 @@ class CpuDecoder:
             ntiles = num_tiles(out.size)
             step = max(_MIN_TILES_PER_TASK, -(-ntiles // (2 * self.threads)))
             if isinstance(values, Streams):
-                args = _expdict_args(bitmap, values, offs, out)
+                args = expdict_args(bitmap, values, offs, out.ctypes.data, out.size)
             else:
                 args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
                         out.ctypes.data, out.size, out.dtype.itemsize)
@@ -216,17 +229,13 @@ class CpuDecoder:
 
     def _run(self, args, t0: int, t1: int) -> int:
         if isinstance(args, _ExpDictArgs):
-            return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self._mask)
-        return self._lib.endor_decode_tiles(*args, t0, t1, self._mask)
+            return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self.feature_mask)
+        return self._lib.endor_decode_tiles(*args, t0, t1, self.feature_mask)
 
     def run(self, prepared: "Prepared") -> None:
         """Decode everything in ``prepared``; raises DecodeError naming the first bad tensor/tile."""
         tasks = prepared.tasks
-        if self._pool is None or len(tasks) <= 1:
-            results = [self._run(args, t0, t1) for args, _, t0, t1 in tasks]
-        else:
-            futures = [self._pool.submit(self._run, args, t0, t1) for args, _, t0, t1 in tasks]
-            results = [f.result() for f in futures]
+        results = self.map(self._run, [(args, t0, t1) for args, _, t0, t1 in tasks])
         for (_, label, t0, _t1), rc in zip(tasks, results):
             if rc:
                 tile = rc - 1 if rc > 0 else t0
@@ -234,6 +243,13 @@ class CpuDecoder:
                     f"{label}: tile {tile} (elements {tile * TILE_ELEMS}..) disagrees with its tile "
                     f"offsets or bitmap (corrupted file? run `endor-gds verify`)"
                 )
+
+    def map(self, fn, calls: Sequence[tuple]) -> list:
+        """``[fn(*args) for args in calls]``, spread over the pool (ctypes calls drop the GIL)."""
+        if self._pool is None or len(calls) <= 1:
+            return [fn(*args) for args in calls]
+        futures = [self._pool.submit(fn, *args) for args in calls]
+        return [f.result() for f in futures]
 
     def decode(self, items: Sequence[tuple], where: Sequence[str] | None = None) -> None:
         """``prepare`` + ``run`` in one call."""

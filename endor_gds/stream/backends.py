@@ -60,8 +60,15 @@ class Backend(ABC):
             self.read(plan, s)
 
     @abstractmethod
-    def decode(self, plan: LayerPlan, s: int) -> None:
-        """Decoder thread: rebuild the layer's bitmap tensors into set ``s``'s arena."""
+    def decode(self, plan: LayerPlan, s: int, dense: bool = True) -> bool:
+        """Decoder thread (or the forward thread, when a step needs what was left out): rebuild
+        the layer's bitmap tensors into set ``s``'s arena; with ``dense=False`` the backend may
+        leave the weights it multiplies fused undecoded. Returns whether all of them are decoded."""
+
+    def fused_weights(self, plan: LayerPlan, s: int) -> dict:
+        """Forward thread: the weights ``decode(dense=False)`` left out, as
+        :class:`~endor_gds.decode.fused.FusedWeight` by relative name (none by default)."""
+        return {}
 
     @abstractmethod
     def wait_ready(self, plan: LayerPlan, s: int) -> None:
@@ -118,21 +125,37 @@ def _segment_bytes(staging, slot) -> dict:
     return {k: staging[off:off + slot.entry.segments[k].nbytes] for k, off in slot.segments.items()}
 
 
+def _encoded(staging: np.ndarray, slot) -> tuple:
+    """A bitmap slot's (bitmap, values, tile offsets) over its staged bytes: raw values, or the
+    expdict streams (no copies)."""
+    e = slot.entry
+    segs = _segment_bytes(staging, slot)
+    values = segs["values"].view(e.dtype.bits) if e.expdict is None else Streams.from_bytes(e.expdict, segs)
+    return segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4")
+
+
 class CpuBackend(Backend):
-    """Host memory: posix-direct reads into page-aligned staging, the C decoder into the arena."""
+    """Host memory: posix-direct reads into page-aligned staging, the C decoder into the arena.
+
+    ``fused`` names, per layer, the weights the forward may multiply straight from their bitmap +
+    values (:mod:`endor_gds.decode.fused`); ``decode(dense=False)`` leaves those out.
+    """
 
     device = torch.device("cpu")
 
     def __init__(self, plans: list[LayerPlan], depth: int, reader: Reader | None,
-                 decoder: CpuDecoder, ram: RamImage | None = None, check: ExtentCheck | None = None):
+                 decoder: CpuDecoder, ram: RamImage | None = None, check: ExtentCheck | None = None,
+                 fused: dict[int, frozenset[str]] | None = None):
         self.reader, self.decoder, self.ram, self.check = reader, decoder, ram, check
+        self.fused = fused or {}
         staging = max((p.length for p in plans), default=0)
         arena = max((p.arena_bytes for p in plans), default=0)
         self._staging = [] if ram is not None else [aligned_empty(staging) for _ in range(depth)]
         self._arena = [aligned_empty(arena) for _ in range(depth)] if arena else [None] * depth
         self.buffer_bytes = (0 if ram is not None else staging * depth) + arena * depth
         self._views: dict[tuple[int, int], dict] = {}
-        self._items: dict[tuple[int, int], object] = {}  # prepared decode work per (layer, set)
+        self._items: dict[tuple[int, int, bool], object] = {}  # prepared decode work per (layer, set, dense)
+        self._fused: dict[tuple[int, int], dict] = {}
 
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
         return self.ram.view(plan) if self.ram is not None else self._staging[s][: plan.length]
@@ -144,30 +167,42 @@ class CpuBackend(Backend):
         if self.ram is None:
             self.reader.read((plan.offset, plan.length), self._staging[s], on_chunk)
 
-    def _decode_items(self, staging: np.ndarray, arena: np.ndarray, plan: LayerPlan):
+    def _decode_items(self, staging: np.ndarray, arena: np.ndarray, plan: LayerPlan,
+                      skip: frozenset[str] = frozenset()):
         items, labels = [], []
         for slot in plan.slots:
-            if slot.arena_offset is None:
+            if slot.arena_offset is None or slot.rel in skip:
                 continue
             e = slot.entry
-            segs = _segment_bytes(staging, slot)
-            values = segs["values"].view(e.dtype.bits) if e.expdict is None else \
-                Streams.from_bytes(e.expdict, segs)
             out = arena[slot.arena_offset:slot.arena_offset + e.dense_nbytes]
-            items.append((segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4"),
-                          out.view(e.dtype.bits)))
+            items.append((*_encoded(staging, slot), out.view(e.dtype.bits)))
             labels.append(f"layer {plan.index}: {e.name}")
         return items, labels
 
-    def decode(self, plan: LayerPlan, s: int) -> None:
+    def decode(self, plan: LayerPlan, s: int, dense: bool = True) -> bool:
+        skip = frozenset() if dense else self.fused.get(plan.index, frozenset())
         if not plan.needs_decode:
-            return
-        key = (plan.index, s)
+            return True
+        key = (plan.index, s, not skip)
         prepared = self._items.get(key)
         if prepared is None:
-            items = self._decode_items(self.staging_view(plan, s), self._arena[s], plan)
+            items = self._decode_items(self.staging_view(plan, s), self._arena[s], plan, skip)
             prepared = self._items[key] = self.decoder.prepare(*items)
         self.decoder.run(prepared)
+        return not skip
+
+    def fused_weights(self, plan: LayerPlan, s: int) -> dict:
+        key = (plan.index, s)
+        weights = self._fused.get(key)
+        if weights is None:  # checked and built once per (layer, set), like the decode work
+            from endor_gds.decode.fused import FusedWeight  # noqa: PLC0415 - CPU hosts only
+
+            staging, names = self.staging_view(plan, s), self.fused.get(plan.index, frozenset())
+            weights = self._fused[key] = {
+                slot.rel: FusedWeight(*_encoded(staging, slot), slot.entry.shape, slot.entry.dtype.torch,
+                                      f"layer {plan.index}: {slot.entry.name}")
+                for slot in plan.slots if slot.rel in names}
+        return weights
 
     def tensors(self, plan: LayerPlan, s: int) -> dict[str, torch.Tensor]:
         key = (plan.index, s)
@@ -284,7 +319,7 @@ class CudaBackend(Backend):
                  for slot in plan.slots if slot.arena_offset is not None]
         return self.decoder.make_table(items)
 
-    def decode(self, plan: LayerPlan, s: int) -> None:
+    def decode(self, plan: LayerPlan, s: int, dense: bool = True) -> bool:
         key = (plan.index, s)
         table = None
         if plan.needs_decode:
@@ -305,6 +340,7 @@ class CudaBackend(Backend):
                     self._harvest(table)
                 self.decoder.launch(table, self.stream)
             self._ready[s].record(self.stream)
+        return True
 
     def _harvest(self, table) -> None:
         """Read ``table``'s error word (waits for its launch) and keep the first error."""

@@ -47,6 +47,7 @@ class _Job:
     read: Future | None = None
     ready: Future | None = None
     early: ChunkedCheck | None = None  # the checksums checked as the extent's pieces arrived
+    dense: bool = True  # every bitmap tensor decoded (False: the fused weights were left out)
     t_forward: float = 0.0
 
 
@@ -70,6 +71,10 @@ class Pipeline:
         # checked as the pieces arrive, on the reader's threads, where the backend reports them
         self._chunked = check is not None and backend.chunked_reads()
         self.on_layer_done = on_layer_done
+        # Whether the next layers will be wanted dense: the last acquire's answer. A prefetched
+        # layer decoded for a fused step is completed on the forward thread if the step wants it
+        # dense (the step after a prompt's prefill, say), so a wrong guess costs time, never output.
+        self._want_dense = True
         self._reader = ThreadPoolExecutor(1, thread_name_prefix="endor-read")
         self._decoder = ThreadPoolExecutor(1, thread_name_prefix="endor-decode")
         self._free: deque[int] = deque(range(depth))
@@ -97,7 +102,8 @@ class Pipeline:
         if self.check is not None:  # done as the pieces arrived where the reader reports them
             self.check.check(job.plan, lambda: self.backend.staging_view(job.plan, job.set),
                              lambda: self.backend.reread(job.plan, job.set), early=job.early)
-        self.backend.decode(job.plan, job.set)  # on a GPU this also moves a host-read extent over
+        # on a GPU this also moves a host-read extent over
+        job.dense = self.backend.decode(job.plan, job.set, dense=self._want_dense)
         job.times.decode_s = time.perf_counter() - t0
 
     def _submit_locked(self) -> None:
@@ -131,9 +137,12 @@ class Pipeline:
 
     # -- forward side (hooks) -------------------------------------------------------------------
 
-    def acquire(self, layer: int) -> dict[str, torch.Tensor]:
-        """Block until ``layer`` is ready; returns its tensors by relative name (valid until release)."""
+    def acquire(self, layer: int, dense: bool = True) -> dict[str, torch.Tensor]:
+        """Block until ``layer`` is ready; returns its tensors by relative name (valid until release).
+        ``dense=False``: the weights the backend multiplies fused may be left undecoded (their
+        tensors are then not to be used: the caller takes ``backend.fused_weights``)."""
         t0 = time.perf_counter()
+        self._want_dense = dense
         with self._lock:
             if self._closed:
                 raise EndorError("the streaming pipeline is closed")
@@ -147,6 +156,10 @@ class Pipeline:
             self._in_use = job
         try:
             job.ready.result()
+            if dense and not job.dense:  # decoded for a fused step, wanted dense: finish here
+                t1 = time.perf_counter()
+                job.dense = self.backend.decode(job.plan, job.set)
+                job.times.decode_s += time.perf_counter() - t1
             self.backend.wait_ready(job.plan, job.set)
         except BaseException:
             with self._lock:
@@ -160,6 +173,11 @@ class Pipeline:
         job.times.stall_s = time.perf_counter() - t0
         job.t_forward = time.perf_counter()
         return self.backend.tensors(job.plan, job.set)
+
+    def fused_weights(self) -> dict:
+        """The fused weights of the layer in use (acquired with ``dense=False``)."""
+        job = self._in_use
+        return {} if job is None else self.backend.fused_weights(job.plan, job.set)
 
     def release(self, layer: int) -> None:
         """The forward of ``layer`` is done with its tensors: recycle the set, start the next read."""

@@ -67,6 +67,7 @@ class StepStats:
     decode_s: float = 0.0
     compute_s: float = 0.0
     stall_s: float = 0.0  # time the forward waited for a layer to be ready
+    fused: int = 0  # streamed layers whose linear weights were multiplied from bitmap + values
 
     @property
     def overlap(self) -> float:
@@ -89,7 +90,7 @@ class StepRing:
     any length keeps the process's memory flat; iterating yields :class:`StepStats` objects.
     """
 
-    FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s")
+    FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "fused")
 
     def __init__(self, capacity: int = KEEP_STEPS):
         self._data = np.empty((capacity, len(self.FIELDS)))
@@ -112,7 +113,7 @@ class StepRing:
         cap = len(self._data)
         for k in range(max(0, self._count - cap), self._count):
             row = self._data[k % cap]
-            yield StepStats(**{f: (int(v) if f in ("step", "layers", "bytes_read") else float(v))
+            yield StepStats(**{f: (int(v) if f in ("step", "layers", "bytes_read", "fused") else float(v))
                                for f, v in zip(self.FIELDS, row)})
 
 
@@ -286,7 +287,11 @@ class StreamingRuntime:
         if self.device.type == "cuda":
             self.backend = CudaBackend(streamed, depth, self.device, self.reader, self.decoder, ram, self.check)
         else:
-            self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram, self.check)
+            # the portable path adds in the same order but is ~30x slower than decoding: only
+            # a CPU with the vector path multiplies fused
+            fused = {p.index: _fusable(layers_module[p.index], p) for p in streamed} \
+                if "fma" in self.decoder.features else {}
+            self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram, self.check, fused)
         self.ram_bytes = 0 if ram is None else ram.nbytes
 
         # resident tensors, then tied aliases, then resident layers
@@ -334,27 +339,39 @@ class StreamingRuntime:
             owner_path, _, leaf = rel.rpartition(".")
             params[rel] = (layer.get_submodule(owner_path) if owner_path else layer, leaf, p)
         pipeline = self.pipeline
-        cache: dict[int, list] = {}
+        # the linear layers that may multiply from bitmap + values: what each is to use this step
+        fusable = getattr(self.backend, "fused", {}).get(index, ())  # CpuBackend only
+        fused = {rel: _fuse_forward(params[rel][0], self.decoder) for rel in fusable}
+        cache: dict[tuple[int, bool], list] = {}
 
-        def pre(module, args):
-            tensors = pipeline.acquire(index)
-            swap = cache.get(id(tensors))
+        def pre(module, args, kwargs):
+            dense = not (fused and _fused_step(args, kwargs))
+            tensors = pipeline.acquire(index, dense)
+            swap = cache.get((id(tensors), dense))
             if swap is None:  # one Parameter per (layer, buffer set), built on first use
                 missing = set(params) - set(tensors)
                 if missing:
                     raise FormatError(f"layer {index} of {self.file.path} lacks {sorted(missing)}")
-                swap = cache[id(tensors)] = [(params[rel][0], params[rel][1],
-                                              nn.Parameter(t, requires_grad=False))
-                                             for rel, t in tensors.items() if rel in params]
+                # a fused weight keeps its meta placeholder: any use but the fused product fails
+                swap = cache[(id(tensors), dense)] = [
+                    (params[rel][0], params[rel][1], nn.Parameter(t, requires_grad=False))
+                    for rel, t in tensors.items() if rel in params and (dense or rel not in fused)]
             for owner, leaf, value in swap:
                 owner._parameters[leaf] = value
+            if not dense:
+                for rel, weight in pipeline.fused_weights().items():
+                    fused[rel][0] = weight
+                if self._step is not None:
+                    self._step.fused += 1
 
         def post(module, args, output):
             for owner, leaf, placeholder in params.values():
                 owner._parameters[leaf] = placeholder
+            for holder in fused.values():
+                holder[0] = None
             pipeline.release(index)
 
-        self._hooks.append(layer.register_forward_pre_hook(pre))
+        self._hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         self._hooks.append(layer.register_forward_hook(post))
 
     # -- statistics -----------------------------------------------------------------------------
@@ -375,6 +392,7 @@ class StreamingRuntime:
         cur = self._current
         cur.step, cur.wall_s, cur.layers, cur.bytes_read = self._nsteps, 0.0, 0, 0
         cur.read_s = cur.decode_s = cur.compute_s = cur.stall_s = 0.0
+        cur.fused = 0
         self._step = cur
         self._nsteps += 1
         self._t_step = time.perf_counter()
@@ -408,6 +426,19 @@ class StreamingRuntime:
         self.steps.clear()
         self._nsteps = 0
 
+    def fused_product(self) -> str:
+        """Whether streamed linear weights are multiplied from bitmap + values (``run``, ``bench``)."""
+        if self.device.type == "cuda":
+            return "off: the GPU decodes every layer"
+        if "fma" not in self.decoder.features:
+            return "off: this CPU lacks AVX2 + FMA + F16C (the fused product's vector path); every step decodes"
+        if not any(self.backend.fused.values()):
+            return "off: no streamed linear weight is bitmap-encoded"
+        if not defaults.get("fused"):
+            return "off (fused=False): every step decodes to dense, bit-identical to the in-memory model"
+        return (f"on for steps of at most {defaults.get('fused_max_rows')} rows (batch x sequence): their "
+                f"linear weights are multiplied from bitmap + values; larger steps decode to dense")
+
     def checked_reads(self) -> str:
         """How the bytes the model computes with are checked (printed by ``run`` and ``bench``)."""
         if self.check is None:
@@ -424,7 +455,7 @@ class StreamingRuntime:
             steps = steps[1:]  # step 0 is the prompt's prefill, not a generated token
         tot = StepStats(step=-1)
         for s in steps:
-            for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers"):
+            for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers", "fused"):
                 setattr(tot, f, getattr(tot, f) + getattr(s, f))
         n = max(len(steps), 1)
         return {
@@ -442,11 +473,13 @@ class StreamingRuntime:
             "budget_bytes": self.placement.budget,
             "decoder": repr(self.decoder),
             "checked_reads": self.checked_reads(),
+            "fused_product": self.fused_product(),
             "steps": self._nsteps,
             "per_token": {
                 "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
                 "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,
                 "stall_s": tot.stall_s / n, "overlap": tot.overlap, "gbps": tot.gbps,
+                "fused_layers": tot.fused / n,  # streamed layers multiplied from bitmap + values
                 "tokens_per_s": n / tot.wall_s if tot.wall_s > 0 else 0.0,
             },
             "step_stats": [s.as_dict() for s in self.steps],
@@ -474,6 +507,45 @@ class StreamingRuntime:
                 f"tier={self.tier} depth={self.depth} "
                 f"resident_layers={len(p.resident_layers) if p else '?'} "
                 f"streamed={len(p.streamed_layers) if p else '?'}>")
+
+
+def _fusable(layer: nn.Module, plan: LayerPlan) -> frozenset[str]:
+    """The layer's bitmap-encoded weights that the fused product can take: those of plain
+    ``nn.Linear`` modules (their forward is ``F.linear``, which the product replaces)."""
+    names = set()
+    for slot in plan.slots:
+        owner_path, _, leaf = slot.rel.rpartition(".")
+        if slot.arena_offset is None or leaf != "weight" or len(slot.entry.shape) != 2:
+            continue
+        owner = layer.get_submodule(owner_path) if owner_path else layer
+        if type(owner).forward is nn.Linear.forward:
+            names.add(slot.rel)
+    return frozenset(names)
+
+
+def _fuse_forward(linear: nn.Module, decoder: CpuDecoder) -> list:
+    """Make ``linear`` take the fused product whenever its holder (returned, ``[None]``) is given a
+    :class:`~endor_gds.decode.fused.FusedWeight`, and ``F.linear`` otherwise."""
+    holder: list = [None]
+    dense_forward = linear.forward
+
+    def forward(x):
+        weight = holder[0]
+        return dense_forward(x) if weight is None else weight(decoder, x, linear.bias)
+
+    linear.forward = forward
+    return holder
+
+
+def _fused_step(args, kwargs) -> bool:
+    """Whether a decoder layer's forward is small enough for the fused product: its hidden states
+    (the first argument) hold at most ``fused_max_rows`` rows (batch x sequence)."""
+    if not defaults.get("fused"):
+        return False
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
+        return False
+    return hidden.numel() // max(hidden.shape[-1], 1) <= defaults.get("fused_max_rows")
 
 
 def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:

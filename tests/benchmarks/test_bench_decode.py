@@ -19,7 +19,7 @@ def test_bench_decode_smoke(tmp_path):
     res = subprocess.run(
         [sys.executable, str(BENCH), "--shapes", "64x64,33x4097", "--sparsity", "0.5,0.7", "--dtype", "BF16",
          "--repeats", "2", "--warmup", "1", "--storage-bytes", "4MiB", "--storage-dir",
-         str(tmp_path), "--compare-source", str(KERNEL), "--json"],
+         str(tmp_path), "--fused-rows", "1,3", "--compare-source", str(KERNEL), "--json"],
         capture_output=True, text=True, timeout=300, check=False)
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
@@ -41,6 +41,15 @@ def test_bench_decode_smoke(tmp_path):
         assert abs(c["cpu_headroom"] - want) < 1e-9
         assert (c["expdict"] is None) == (c["codec"] == "raw")
     assert "CPU decoder  expdict" in res.stderr and "headroom" in res.stderr
+    # the fused product at 1 and 3 rows of x, beside torch's product and decode + that product
+    assert out["fused_rows"] == [1, 3] and "CPU fused    raw      3 row(s) of x: " in res.stderr
+    for c in out["cases"]:
+        for m, f in c["fused"].items():
+            assert f["rows"] == int(m) and f["gbps_in"] > 0 and f["gemv"]["gbps"] > 0
+            want = (c["cpu"]["median_s"] + f["gemv"]["median_s"]) / f["fused"]["median_s"]
+            assert abs(f["speedup"] - want) < 1e-9
+    assert all(set(r["fused"]) == {"1", "3"} and all(f["gbps_in"] > 0 and f["speedup"] > 0 for f in r["fused"].values())
+               for r in out["codecs"].values())
     assert out["storage"]["mode"] == "posix-direct" and out["cache"]["storage"] == "cold"
     assert abs(out["cpu_ratio_to_storage"] - out["cpu_gbps"] / out["storage_gbps"]) < 1e-9
     gpu_keys = ("gpu_gbps", "d2d_gbps", "gpu_ratio_to_d2d")

@@ -151,3 +151,23 @@ def test_batch_sweep_and_peak_rss(tmp_path):
     assert "batch sweep, tokens/s of generate (B sequences per step): endor-dense-batch3 " in text
     assert "endor-pruned-batch3-unchecked " in text  # a name with a suffix after the batch
     assert "peak RSS while streaming" in text
+
+
+@pytest.mark.fused
+def test_unfused_variants_measure_the_fused_product(tmp_path):
+    """--unfused runs every pruned variant again with fused=False, interleaved: the report's
+    fused_speedup is the unfused time over the fused one, and the steps say which path ran."""
+    rep = e2e.run_e2e("tiny", "float16", tokens=3, prompt_len=4, accelerate=False, cold=False,
+                      root=tmp_path, progress=False, log=lambda m: None, unfused=True)
+    by = {v["name"]: v for v in rep["variants"]}
+    assert set(by) == {"endor-dense", "endor-pruned", "endor-pruned-v2", "endor-pruned-unfused",
+                       "endor-pruned-v2-unfused"}  # the dense file has no bitmap weights to fuse
+    for name in ("endor-pruned", "endor-pruned-v2"):
+        st = by[name]["stats"]  # every decode step fused all its streamed layers
+        assert st["per_token"]["fused_layers"] == st["streamed_layers"] > 0
+        assert by[name + "-unfused"]["stats"]["per_token"]["fused_layers"] == 0
+        want = by[name + "-unfused"]["s_per_token_median"] / by[name]["s_per_token_median"]
+        assert rep["fused_speedup"][name] == pytest.approx(want)
+    text = e2e.format_report(rep)
+    assert "fused product vs decoding to dense (fused=False), speed: endor-pruned " in text
+    assert "fused product: on for steps of at most 8 rows" in text

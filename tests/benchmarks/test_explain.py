@@ -39,7 +39,7 @@ def test_a_read_bound_miss_says_the_disk_sets_the_pace_and_v2_names_its_decode()
                                                             "checked_cost <= 1.05 for every variant": False},
                                      device="cuda:0")))
     assert "reading is the slowest stage, so the disk sets the pace" in text
-    assert "v2 reads 1.20x fewer bytes, but its decode takes 600 ms per token against v1's 200 ms" in text
+    assert "v2 reads 1.20x fewer bytes, but its decode and compute take 900 ms per token against v1's 500 ms" in text
     assert "endor-pruned took 1.20x as long with its CRC-32C checks on: the checks run on the host CPU" in text
     assert "set for a GPU host" not in text
 

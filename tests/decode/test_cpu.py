@@ -1,6 +1,9 @@
+import re
+
 import numpy as np
 import pytest
 from bitgen import SIZES, random_bits
+from decode_cases import corrupt_cases, expdict_corrupt_cases
 
 from endor_gds.codec.bitmap import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
 from endor_gds.decode.cpu import CpuDecoder, cpu_features
@@ -240,3 +243,17 @@ def test_expdict_argument_checks(decoder, rng):
     for streams, match in cases:
         with pytest.raises(ValueError, match=match):
             decoder.decode([(bitmap, streams, offs, out)])
+
+
+@pytest.mark.parametrize("codec", ["raw", "expdict"])
+def test_kernel_corruptions_name_the_kernels_tile(rng, codec):
+    """Every corruption the CUDA kernel's tests report is a DecodeError here too, naming the tile
+    the kernel names; among them a table shifted by 3 and an escape table not starting at 0,
+    consistent tile by tile, which this decoder once decoded silently 3 values off."""
+    cases = corrupt_cases(rng, 2) if codec == "raw" else expdict_corrupt_cases(rng, "F16")
+    with CpuDecoder(1) as d:
+        for label, (t, key) in cases.items():
+            values = np.frombuffer(t.values, "<u2", count=t.nnz) if codec == "raw" else t.streams()
+            tile = (key >> 8) & 0xFFFFFFFF
+            with pytest.raises(DecodeError, match=rf"^{re.escape(label)}: tile {tile} "):
+                d.decode([(t.bitmap, values, t.offsets, np.zeros(t.n, "<u2"))], where=[label])

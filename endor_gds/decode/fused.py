@@ -1,0 +1,108 @@
+"""The fused product on the CPU: ``y = x · Wᵀ`` straight from a weight's bitmap + values.
+
+For a few rows of ``x`` (a decode step, a small batch) decoding ``W`` to dense first costs more
+than the product itself: the decoder writes the dense matrix and the matmul reads it back.
+``endor_matvec_rows`` in csrc/endor_cpu.c expands each group of 8 elements in a register and
+multiplies it into fp32 accumulators instead (codec raw and expdict; fp16, bf16, fp32), threads
+splitting the output rows. The order of additions is fixed by the shape (not the thread count)
+but is not the dense matmul's: results agree with ``x @ W.T`` to fp32 rounding, not bit for bit
+(tests measure torch's own error and hold this product to it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import numpy as np
+import torch
+
+from endor_gds.codec.bitmap import TILE_ELEMS
+from endor_gds.codec.expdict import Streams
+from endor_gds.decode.cpu import CpuDecoder, check_encoded, expdict_args, library
+from endor_gds.errors import DecodeError
+
+__all__ = ["FusedWeight", "MAX_ROWS", "reference_matmul"]
+
+MAX_ROWS = 16  # rows of x one call takes (MATVEC_MAX_M: an accumulator per row per output)
+_DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # DT_* in csrc/endor_cpu.c
+# A task of at least this many elements (~20 us at batch 1) keeps the ctypes call and thread
+# hand-off (a few us) small, while a 2048-wide projection still splits over the cores.
+_MIN_ELEMS_PER_TASK = 1 << 18
+
+
+class _MatvecArgs(ctypes.Structure):
+    """``endor_matvec`` in csrc/endor_cpu.c."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in ("bitmap", "tile_offsets", "values", "expdict", "x", "y")] + \
+        [(name, ctypes.c_uint64) for name in ("rows", "cols", "nnz")] + \
+        [(name, ctypes.c_uint32) for name in ("m", "dtype")]
+
+
+class FusedWeight:
+    """One bitmap-encoded 2-D weight (``shape = (out_features, in_features)``), checked once, ready
+    for any number of products; keeps the arrays its pointers point into alive."""
+
+    def __init__(self, bitmap: np.ndarray, values, tile_offsets: np.ndarray, shape: tuple[int, int],
+                 dtype: torch.dtype, where: str = "weight"):
+        if len(shape) != 2 or dtype not in _DTYPES:
+            raise ValueError(f"{where}: the fused product takes 2-D fp16/bf16/fp32 weights, got "
+                             f"{tuple(shape)} {dtype}")
+        self.rows, self.cols = int(shape[0]), int(shape[1])
+        self.dtype, self.where = dtype, where
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        check_encoded(bitmap, values, tile_offsets, self.rows * self.cols, itemsize, where)
+        self._expdict = None
+        if isinstance(values, Streams):
+            self._expdict = expdict_args(bitmap, values, tile_offsets, 0, self.rows * self.cols)
+            raw, nnz = None, values.nnz
+        else:
+            raw, nnz = values.ctypes.data, values.size
+        self._base = (bitmap.ctypes.data, tile_offsets.ctypes.data, raw,
+                      None if self._expdict is None else ctypes.addressof(self._expdict))
+        self._nnz = nnz
+        self._keep = (bitmap, values, tile_offsets)
+        self._ranges: dict[int, list[tuple[int, int]]] = {}  # row ranges, by thread count
+
+    def ranges(self, threads: int) -> list[tuple[int, int]]:
+        """Row ranges, one task per thread (at least ``_MIN_ELEMS_PER_TASK`` elements each): more,
+        smaller tasks measured slower (0.89 against 0.72 ms for 5632 x 2048 fp16 at 2 threads)."""
+        got = self._ranges.get(threads)
+        if got is None:
+            tasks = max(1, min(threads, self.rows * self.cols // _MIN_ELEMS_PER_TASK))
+            bounds = [self.rows * k // tasks for k in range(tasks + 1)]
+            got = self._ranges[threads] = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
+        return got
+
+    def __call__(self, decoder: CpuDecoder, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)`` with at most
+        :data:`MAX_ROWS` rows, in ``x``'s dtype, accumulated in fp32 on ``decoder``'s threads."""
+        lead = x.shape[:-1]
+        if x.shape[-1] != self.cols:
+            raise ValueError(f"{self.where}: x has {x.shape[-1]} features, the weight takes {self.cols}")
+        if x.dtype != self.dtype:  # as F.linear: the product takes x in the weight's dtype
+            raise ValueError(f"{self.where}: x is {x.dtype}, the weight {self.dtype}")
+        xs = x.reshape(-1, self.cols).contiguous()  # read as it is: widened in the kernel
+        m = xs.shape[0]
+        if not 1 <= m <= MAX_ROWS:
+            raise ValueError(f"{self.where}: the fused product takes 1 to {MAX_ROWS} rows of x, got {m}")
+        y = torch.empty((m, self.rows), dtype=torch.float32)
+        args = _MatvecArgs(*self._base, xs.data_ptr(), y.data_ptr(), self.rows, self.cols, self._nnz,
+                           m, _DTYPES[self.dtype])
+        lib, mask, ranges = library(), decoder.feature_mask, self.ranges(decoder.threads)
+        results = decoder.map(lib.endor_matvec_rows, [(ctypes.byref(args), r0, r1, mask) for r0, r1 in ranges])
+        for (r0, _r1), rc in zip(ranges, results):
+            if rc:
+                tile = rc - 1 if rc > 0 else r0 * self.cols // TILE_ELEMS
+                raise DecodeError(f"{self.where}: tile {tile} (elements {tile * TILE_ELEMS}..) disagrees "
+                                  f"with its tile offsets or bitmap (corrupted file? run `endor-gds verify`)")
+        if bias is not None:
+            y += bias
+        # .to(dtype=...): with the dtype as a positional argument, tensor.to keeps ~1 byte of
+        # Python memory per call in torch 2.13 (test_memory_flat_across_tokens)
+        return y.to(dtype=x.dtype).reshape(*lead, self.rows)
+
+
+def reference_matmul(x: np.ndarray, dense: np.ndarray) -> np.ndarray:
+    """What the fused product approximates, exactly: ``x @ W.T`` in float64 from the dense weight
+    (the reference decoders give it bit-exactly from bitmap + values)."""
+    return x.astype(np.float64) @ dense.astype(np.float64).T
