@@ -100,10 +100,15 @@ def _nonnegative_int(text) -> int:
     return value
 
 
-def _fused_rows(text) -> int:
-    value = _positive_int(text)
-    if value > 16:  # MAX_ROWS of endor_gds.decode.fused, an accumulator per row
-        raise ValueError(f"expected an integer from 1 to 16, got {text!r}")
+def _fused_rows(text) -> int | str:
+    if str(text).strip().lower() == "auto":
+        return "auto"
+    try:
+        value = _positive_int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 16:  # MAX_ROWS of endor_gds.decode.fused, an accumulator per row
+        raise ValueError(f"expected 'auto' or an integer from 1 to 16, got {text!r}")
     return value
 
 
@@ -150,9 +155,10 @@ _OPTIONS: dict[str, Option] = {
                "most fused_max_rows rows (the dense weights are never written; fp32 sums in another "
                "order, so outputs match the in-memory model to rounding); 0 decodes every step and "
                "is bit-identical to the in-memory model"),
-        Option("fused_max_rows", "ENDOR_FUSED_MAX_ROWS", 8, _fused_rows,
+        Option("fused_max_rows", "ENDOR_FUSED_MAX_ROWS", "auto", _fused_rows,
                "largest batch x sequence a step may have and still take the fused product (1-16); "
-               "larger steps (a prompt's prefill) decode to dense and use torch's matmul"),
+               "larger steps (a prompt's prefill) decode to dense and use torch's matmul. auto: 16 "
+               "for fp16, 8 for fp32, 1 for bf16 (where torch's own bf16 product is fast)"),
         Option("cache_dir", "ENDOR_CACHE_DIR", "~/.cache/endor_gds", str,
                "where the demo and benchmarks keep the random-init checkpoints they build"),
     ]

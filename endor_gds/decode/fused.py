@@ -21,9 +21,14 @@ from endor_gds.codec.expdict import Streams
 from endor_gds.decode.cpu import CpuDecoder, check_encoded, expdict_args, library
 from endor_gds.errors import DecodeError
 
-__all__ = ["FusedWeight", "MAX_ROWS", "reference_matmul"]
+__all__ = ["AUTO_MAX_ROWS", "FusedWeight", "MAX_ROWS", "reference_matmul"]
 
 MAX_ROWS = 16  # rows of x one call takes (MATVEC_MAX_M: an accumulator per row per output)
+# fused_max_rows="auto": up to how many rows of x the product beat decode + torch's own product
+# (bench_decode, Llama-7B shapes, 50 %, 2-core Zen 5: docs/performance.md). fp16: at every row
+# count up to 16 (torch's fp16 product is slow on CPUs); fp32: up to 8; bf16: at 1 row only, as
+# torch's bf16 product runs natively on CPUs with AVX512-BF16 (0.3-0.9x at 2-16 rows).
+AUTO_MAX_ROWS = {torch.float16: 16, torch.float32: 8, torch.bfloat16: 1}
 _DTYPES = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}  # DT_* in csrc/endor_cpu.c
 # A task of at least this many elements (~20 us at batch 1) keeps the ctypes call and thread
 # hand-off (a few us) small, while a 2048-wide projection still splits over the cores.

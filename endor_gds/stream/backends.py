@@ -19,6 +19,7 @@ import torch
 
 from endor_gds.codec.expdict import Streams
 from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.decode.fused import FusedWeight
 from endor_gds.errors import DecodeError
 from endor_gds.read.buffers import aligned_empty, host_buffer
 from endor_gds.read.readers import Reader
@@ -195,8 +196,6 @@ class CpuBackend(Backend):
         key = (plan.index, s)
         weights = self._fused.get(key)
         if weights is None:  # checked and built once per (layer, set), like the decode work
-            from endor_gds.decode.fused import FusedWeight  # noqa: PLC0415 - CPU hosts only
-
             staging, names = self.staging_view(plan, s), self.fused.get(plan.index, frozenset())
             weights = self._fused[key] = {
                 slot.rel: FusedWeight(*_encoded(staging, slot), slot.entry.shape, slot.entry.dtype.torch,

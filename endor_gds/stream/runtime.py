@@ -25,6 +25,7 @@ from torch import nn
 from endor_gds import defaults
 from endor_gds.container import EndorFile
 from endor_gds.decode.cpu import CpuDecoder
+from endor_gds.decode.fused import AUTO_MAX_ROWS
 from endor_gds.defaults import parse_bytes
 from endor_gds.errors import (
     ArgumentError,
@@ -266,6 +267,7 @@ class StreamingRuntime:
 
     def _build(self, model: nn.Module, max_memory) -> None:
         ef, recipe = self.file, self.recipe
+        self.dtype = model.dtype
         layers_module = get_submodule(model, recipe.layers)
         if len(layers_module) != len(ef.layers):
             raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
@@ -436,7 +438,9 @@ class StreamingRuntime:
             return "off: no streamed linear weight is bitmap-encoded"
         if not defaults.get("fused"):
             return "off (fused=False): every step decodes to dense, bit-identical to the in-memory model"
-        return (f"on for steps of at most {defaults.get('fused_max_rows')} rows (batch x sequence): their "
+        limit = defaults.get("fused_max_rows")
+        how = f" ({AUTO_MAX_ROWS[self.dtype]} for {self.dtype}: fused_max_rows='auto')" if limit == "auto" else ""
+        return (f"on for steps of at most {_max_rows(self.dtype)} rows (batch x sequence){how}: their "
                 f"linear weights are multiplied from bitmap + values; larger steps decode to dense")
 
     def checked_reads(self) -> str:
@@ -537,6 +541,12 @@ def _fuse_forward(linear: nn.Module, decoder: CpuDecoder) -> list:
     return holder
 
 
+def _max_rows(dtype: torch.dtype) -> int:
+    """The ``fused_max_rows`` option, ``"auto"`` resolved for ``dtype``."""
+    limit = defaults.get("fused_max_rows")
+    return AUTO_MAX_ROWS.get(dtype, 1) if limit == "auto" else limit
+
+
 def _fused_step(args, kwargs) -> bool:
     """Whether a decoder layer's forward is small enough for the fused product: its hidden states
     (the first argument) hold at most ``fused_max_rows`` rows (batch x sequence)."""
@@ -545,7 +555,7 @@ def _fused_step(args, kwargs) -> bool:
     hidden = args[0] if args else kwargs.get("hidden_states")
     if not isinstance(hidden, torch.Tensor) or hidden.dim() < 2:
         return False
-    return hidden.numel() // max(hidden.shape[-1], 1) <= defaults.get("fused_max_rows")
+    return hidden.numel() // max(hidden.shape[-1], 1) <= _max_rows(hidden.dtype)
 
 
 def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:

@@ -170,4 +170,4 @@ def test_unfused_variants_measure_the_fused_product(tmp_path):
         assert rep["fused_speedup"][name] == pytest.approx(want)
     text = e2e.format_report(rep)
     assert "fused product vs decoding to dense (fused=False), speed: endor-pruned " in text
-    assert "fused product: on for steps of at most 8 rows" in text
+    assert "fused product: on for steps of at most 16 rows (batch x sequence) (16 for torch.float16" in text

@@ -14,6 +14,15 @@ from endor_gds import defaults
 from endor_gds.benchmarks.models import FAMILIES
 
 pytestmark = pytest.mark.fused
+
+
+@pytest.fixture(autouse=True)
+def eight_rows():
+    """8 rows for every dtype here (the batch-of-4 and 7-row steps below are fused); the 'auto'
+    limits per dtype have their own test."""
+    with defaults.set(fused_max_rows=8):
+        yield
+
 LONG = torch.arange(3, 23).reshape(1, 20)  # a prefill of 20 rows: above fused_max_rows
 FOUR = torch.tensor([[5, 9, 22], [7, 101, 3], [1, 2, 3], [40, 41, 42]])  # decode steps of 4 rows
 
@@ -111,7 +120,7 @@ def test_options_give_back_bit_identity(packed, refs):
     ref = refs(path)[0]
     model = endor_gds.from_pretrained(path, device="cpu")
     try:
-        assert model.endor.fused_product().startswith("on for steps of at most 8 rows")
+        assert model.endor.fused_product().startswith("on for steps of at most 8 rows (batch x sequence):")
         assert model.endor.summary()["fused_product"] == model.endor.fused_product()
         with defaults.set(fused=False):
             assert model.endor.fused_product().startswith("off (fused=False)")
@@ -123,8 +132,26 @@ def test_options_give_back_bit_identity(packed, refs):
             model.endor.reset_stats()
             assert torch.equal(generate(model, PROMPT), generate(ref, PROMPT))
             assert _fused_counts(model) == [0] + [3] * 5
-        with pytest.raises(endor_gds.errors.ArgumentError, match="fused_max_rows.*from 1 to 16"):
-            defaults.set(fused_max_rows=17)
+        for bad in (17, 0, "many"):
+            with pytest.raises(endor_gds.errors.ArgumentError, match="'auto' or an integer from 1 to 16"):
+                defaults.set(fused_max_rows=bad)
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("dtype, rows", [(torch.float16, 16), (torch.float32, 8), (torch.bfloat16, 1)])
+def test_auto_limit_per_dtype(packed, dtype, rows):
+    """fused_max_rows='auto' (the default): as many rows as the product beat decode + torch's own
+    product in bench_decode for that dtype; a step of one more row decodes."""
+    model = endor_gds.from_pretrained(packed("llama", dtype, prune="magnitude"), device="cpu")
+    try:
+        with defaults.set(fused_max_rows="auto"):
+            assert model.endor.fused_product().startswith(
+                f"on for steps of at most {rows} rows (batch x sequence) ({rows} for {dtype}: fused_max_rows='auto')")
+            for n, fused in ((rows, True), (rows + 1, False)):
+                model.endor.reset_stats()
+                _logits(model, torch.arange(3, 3 + n).reshape(1, n))
+                assert _fused_counts(model) == [3 if fused else 0], (n, _fused_counts(model))
     finally:
         model.endor.close()
 
