@@ -655,6 +655,7 @@ def _ok(value, test):
 
 def format_report(rep: dict) -> str:
     s = rep["system"]
+    width = max([26] + [len(v["name"]) for v in rep["variants"]])  # "endor-pruned-v2-batch4-unfused"
     lines = [
         f"endor_gds end-to-end: {rep['config']} {rep['dtype']}, device {rep['device']}, "
         f"{rep['tokens']} tokens, {rep['cache']}",
@@ -669,7 +670,7 @@ def format_report(rep: dict) -> str:
                                   if v["name"].startswith("endor-pruned") and not v["name"].endswith("-unfused")
                                   and (v.get("stats") or {}).get("fused_product")), "-"),
         "",
-        f"{'variant':<26} {'s/token':>8} {'fastest-slowest':>15} {'MB read/token':>13} {'read GB/s':>9} "
+        f"{'variant':<{width}} {'s/token':>8} {'fastest-slowest':>15} {'MB read/token':>13} {'read GB/s':>9} "
         f"{'disk alone GB/s':>15} {'vs disk alone':>13} {'I/O hidden':>10} {'reader':>14}",
     ]
     for v in rep["variants"]:
@@ -677,7 +678,7 @@ def format_report(rep: dict) -> str:
         ov = st.get("per_token", {}).get("overlap")
         spread = f"{v['s_per_token_min'] or 0:.3f}-{v['s_per_token_max'] or 0:.3f}"
         lines.append(
-            f"{v['name']:<26} {v['s_per_token_median']:>8.3f} {spread:>15} "
+            f"{v['name']:<{width}} {v['s_per_token_median']:>8.3f} {spread:>15} "
             f"{v['bytes_per_token'] / 1e6:>13.1f} {v['gbps'] or 0:>9.2f} "
             f"{format(statistics.median(v['read_gbps']), '.2f') if v['read_gbps'] else '-':>15} "
             f"{format(v['time_over_read_floor'], '.2f') if v['time_over_read_floor'] else '-':>13} "
