@@ -569,10 +569,11 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
  * Order of additions: per output row and piece (the part of the row inside one tile; a row that
  * crosses a tile boundary has two), elements before the piece's first multiple of 8 one by one,
  * then 8 lanes in two chains (even and odd groups of 8) summed lane-wise and then across lanes,
- * then the rest one by one; the pieces of a row are added in order. The portable path adds element
- * by element. The order depends on the shape alone, never on the thread split (a task owns whole
- * rows), so results are reproducible; it is not the dense matmul's order, which is why the runtime
- * keeps the decode path for bit-identical output (docs/design.md).
+ * then the rest one by one; the pieces of a row are added in order. The portable path adds in the
+ * same order (it differs only by FMA's single rounding). The order depends on the shape alone,
+ * never on the thread split (a task owns whole rows) or the other rows of x, so results are
+ * reproducible; it is not the dense matmul's order, which is why the runtime keeps the decode path
+ * for bit-identical output (docs/design.md).
  *
  * Safety: as the decoder. Vector loads read 16 values past the cursor only while they lie below
  * the readable end, the scalar path checks the tile's end before each value, and every tile that
@@ -746,26 +747,37 @@ FMA_GROUPS(fma_f32, widen_f32, x8_f32)
 
 #endif
 
-/* The portable groups: the vector path's order of additions, lane by lane (8 lanes, two chains,
- * lanes 0-3 + 4-7, then 0-1 + 2-3, then 0 + 1), so that both paths add the same way; they differ
- * only in FMA's single rounding. A running sum instead was 2-4x less accurate than torch on fp32. */
+/* One group of 8 elements at p (column c) into the lanes of `chain`, one value per set bit. */
+static uint64_t scalar_group(const endor_matvec *a, const value_cursor *cur, uint64_t v, uint64_t p,
+                             uint64_t c, float acc[MATVEC_MAX_M][8]) {
+    unsigned b = ((const uint8_t *)a->bitmap)[p / 8];
+    for (int k = 0; k < 8; k++) {
+        if (!((b >> k) & 1u)) continue;
+        float w = elem_float(cur->vals, v++, a->dtype);
+        for (uint32_t j = 0; j < a->m; j++) acc[j][k] += w * elem_float(a->x, j * a->cols + c + k, a->dtype);
+    }
+    return v;
+}
+
+/* The portable groups: the vector path's steps and order of additions, lane by lane (16 elements
+ * per step into two chains of 8 lanes while 16 values are readable, one more group into the first
+ * chain, then chains added lane-wise, lanes 0-3 + 4-7, 0-1 + 2-3, 0 + 1), so that both paths add
+ * the same way and differ only in FMA's single rounding. A running sum instead was 2-4x less
+ * accurate than torch on fp32. */
 static uint64_t scalar_groups(const endor_matvec *a, value_cursor *cur, uint64_t p, uint64_t q,
                               uint64_t c, float *sums) {
     float acc[2][MATVEC_MAX_M][8];
-    const uint32_t m = a->m;
     memset(acc, 0, sizeof acc);
-    const uint8_t *bm = (const uint8_t *)a->bitmap;
     uint64_t v = cur->v;
-    for (int chain = 0; p + 8 <= q && v + 8 <= cur->avail; p += 8, c += 8, chain ^= 1) {
-        unsigned b = bm[p / 8];
-        for (int k = 0; k < 8; k++) {
-            if (!((b >> k) & 1u)) continue;
-            float w = elem_float(cur->vals, v++, a->dtype);
-            for (uint32_t j = 0; j < m; j++)
-                acc[chain][j][k] += w * elem_float(a->x, j * a->cols + c + k, a->dtype);
-        }
+    for (; p + 16 <= q && v + 16 <= cur->avail; p += 16, c += 16) {
+        v = scalar_group(a, cur, v, p, c, acc[0]);
+        v = scalar_group(a, cur, v, p + 8, c + 8, acc[1]);
     }
-    for (uint32_t j = 0; j < m; j++) {
+    if (p + 8 <= q && v + 8 <= cur->avail) {
+        v = scalar_group(a, cur, v, p, c, acc[0]);
+        p += 8;
+    }
+    for (uint32_t j = 0; j < a->m; j++) {
         float l[8];
         for (int k = 0; k < 8; k++) l[k] = acc[0][j][k] + acc[1][j][k];
         for (int k = 0; k < 4; k++) l[k] += l[k + 4];

@@ -78,9 +78,11 @@ class FusedWeight:
             got = self._ranges[threads] = [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]
         return got
 
-    def __call__(self, decoder: CpuDecoder, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def __call__(self, decoder: CpuDecoder, x: torch.Tensor, bias: torch.Tensor | None = None, *,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
         """``x @ W.T (+ bias)`` for ``x`` of shape ``(..., in_features)`` with at most
-        :data:`MAX_ROWS` rows, in ``x``'s dtype, accumulated in fp32 on ``decoder``'s threads."""
+        :data:`MAX_ROWS` rows, accumulated in fp32 on ``decoder``'s threads, returned in ``x``'s
+        dtype (or ``out_dtype``: ``torch.float32`` gives the sums before rounding)."""
         lead = x.shape[:-1]
         if x.shape[-1] != self.cols:
             raise ValueError(f"{self.where}: x has {x.shape[-1]} features, the weight takes {self.cols}")
@@ -104,7 +106,7 @@ class FusedWeight:
             y += bias
         # .to(dtype=...): with the dtype as a positional argument, tensor.to keeps ~1 byte of
         # Python memory per call in torch 2.13 (test_memory_flat_across_tokens)
-        return y.to(dtype=x.dtype).reshape(*lead, self.rows)
+        return y.to(dtype=out_dtype or x.dtype).reshape(*lead, self.rows)
 
 
 def reference_matmul(x: np.ndarray, dense: np.ndarray) -> np.ndarray:

@@ -132,3 +132,20 @@ def test_inconsistent_input_is_decode_error(rng, codec, threads):
             w = FusedWeight(t.bitmap, values, t.offsets, (103, 199), torch.float16, label)
             with pytest.raises(DecodeError, match=rf"{re.escape(label)}: tile \d+ .*disagrees"):
                 w(d, x)
+
+
+@pytest.mark.skipif("fma" not in cpu_features(), reason="this CPU has no vector path to compare with")
+@pytest.mark.parametrize("dtype", ["F16", "BF16"])
+@pytest.mark.parametrize("codec", ["raw", "expdict"])
+def test_portable_path_adds_in_the_vector_paths_order(rng, dtype, codec):
+    """The product of two fp16 (or bf16) numbers is exact in fp32, so an FMA rounds exactly as a
+    multiply then an add: the portable and the vector path give the same bits iff they add in the
+    same order, which is what this checks on the fp32 sums (odd widths: scalar heads and tails;
+    1-16 rows)."""
+    with CpuDecoder(2) as fma, CpuDecoder(2, simd=False) as portable:
+        for shape in ((33, 5632), (103, 199), (300, 1000), (5, 4097)):
+            w, _ = _weight(rng, *shape, dtype, 0.5, codec)
+            for m in (1, 3, 4, 5, 16):
+                x = torch.randn(m, shape[1]).to(TORCH[dtype])
+                sums = [w(d, x, out_dtype=torch.float32) for d in (fma, portable)]
+                assert sums[0].dtype == torch.float32 and torch.equal(*sums), (shape, m)
