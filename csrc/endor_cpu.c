@@ -702,24 +702,27 @@ __attribute__((target(FMA_TARGET))) static inline float hsum8(__m256 s) {
         __m256 acc0[4], acc1[4];                                                               \
         for (uint32_t j = 0; j < m; j++) acc0[j] = acc1[j] = _mm256_setzero_ps();              \
         const uint8_t *bm = (const uint8_t *)a->bitmap; /* little-endian words: byte p / 8 */ \
-        uint64_t v = cur->v, cols = a->cols, xrow = j0 * cols;                                 \
-        for (; p + 16 <= q && v + 16 <= cur->avail; p += 16, c += 16) {                       \
+        /* locals: read through a and cur, the loop reloaded them every step (aliasing) */     \
+        const void *vals = cur->vals, *x = a->x;                                               \
+        const uint64_t avail = cur->avail, cols = a->cols, xrow = j0 * cols;                   \
+        uint64_t v = cur->v;                                                                   \
+        for (; p + 16 <= q && v + 16 <= avail; p += 16, c += 16) {                            \
             unsigned b0 = bm[p / 8], b1 = bm[p / 8 + 1];                                       \
-            __m256 w0 = WIDEN(cur->vals, v, b0);                                               \
+            __m256 w0 = WIDEN(vals, v, b0);                                                    \
             v += POP8[b0];                                                                     \
-            __m256 w1 = WIDEN(cur->vals, v, b1);                                               \
+            __m256 w1 = WIDEN(vals, v, b1);                                                    \
             v += POP8[b1];                                                                     \
             for (uint32_t j = 0; j < m; j++) {                                                 \
-                acc0[j] = _mm256_fmadd_ps(w0, X8(a->x, xrow + j * cols + c), acc0[j]);        \
-                acc1[j] = _mm256_fmadd_ps(w1, X8(a->x, xrow + j * cols + c + 8), acc1[j]);    \
+                acc0[j] = _mm256_fmadd_ps(w0, X8(x, xrow + j * cols + c), acc0[j]);           \
+                acc1[j] = _mm256_fmadd_ps(w1, X8(x, xrow + j * cols + c + 8), acc1[j]);       \
             }                                                                                  \
         }                                                                                      \
-        if (p + 8 <= q && v + 8 <= cur->avail) {                                               \
+        if (p + 8 <= q && v + 8 <= avail) {                                                    \
             unsigned b0 = bm[p / 8];                                                           \
-            __m256 w0 = WIDEN(cur->vals, v, b0);                                               \
+            __m256 w0 = WIDEN(vals, v, b0);                                                    \
             v += POP8[b0];                                                                     \
             for (uint32_t j = 0; j < m; j++)                                                   \
-                acc0[j] = _mm256_fmadd_ps(w0, X8(a->x, xrow + j * cols + c), acc0[j]);        \
+                acc0[j] = _mm256_fmadd_ps(w0, X8(x, xrow + j * cols + c), acc0[j]);           \
             p += 8;                                                                            \
         }                                                                                      \
         for (uint32_t j = 0; j < m; j++) sums[j0 + j] += hsum8(_mm256_add_ps(acc0[j], acc1[j])); \
