@@ -161,7 +161,7 @@ class Streams:
 # Choosing the dictionary
 
 
-def _split(values: np.ndarray, layout: FloatLayout) -> tuple[np.ndarray, np.ndarray]:
+def split_values(values: np.ndarray, layout: FloatLayout) -> tuple[np.ndarray, np.ndarray]:
     """(exponent, residual) of each value, as uint32 (4 bytes a value: encoding a 70B-shaped
     matrix, 117 M values, stays at a few GB of temporaries)."""
     v = values.astype(np.uint32)
@@ -249,7 +249,7 @@ def encode_values(values: np.ndarray, tile_offsets: np.ndarray, params: ExpDict)
     params.check()
     layout = params.layout
     values = np.ascontiguousarray(values).reshape(-1)
-    exp, res = _split(values, layout)
+    exp, res = split_values(values, layout)
     index_of = np.full(1 << layout.exp_bits, 255, dtype=np.uint8)  # 255: not in the dictionary
     index_of[list(params.exponents)] = np.arange(len(params.exponents))
     idx = index_of[exp].astype(np.uint32)
