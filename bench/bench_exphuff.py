@@ -20,6 +20,11 @@ bytes a file holds for those tensors, every segment padded to a page, per elemen
 
 The exphuff size is the one :func:`exphuff.stored_nbytes` computes from the exponent histogram,
 which tests/codec/test_exphuff.py checks against what the encoder writes.
+
+``--decode``: also the CPU decoders' speed on one layer's weights (dense bytes out per second, all
+threads, inputs in RAM; v1 raw, v2 expdict and exphuff, each tensor decoded ``--repeats`` times,
+medians summed), against a cold O_DIRECT read of a temporary file in ``--storage-dir`` measured in
+the same run (bench_decode's): the issue's target is exphuff's rate >= 2 x storage for bf16.
 """
 
 from __future__ import annotations
@@ -81,6 +86,51 @@ def run(dtype: str, sparsity: float, layers: int, seed: int) -> dict:
             "exponent_entropy": entropy, "bits_per_element": out, "bound": bound}
 
 
+def decode_rates(dtype: str, sparsity: float, repeats: int, seed: int) -> dict:
+    """Dense GB/s of the CPU decoder per codec over one TinyLlama layer's seven weights."""
+    import time  # noqa: PLC0415
+
+    from endor_gds.codec.bitmap import encode_bitmap  # noqa: PLC0415
+    from endor_gds.codec.expdict import best_expdict, encode_values  # noqa: PLC0415
+    from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
+
+    layout, gen = LAYOUTS[dtype], torch.Generator().manual_seed(seed)
+    seconds, dense = {"v1": 0.0, "v2": 0.0, "exphuff": 0.0}, 0
+    with CpuDecoder() as dec:
+        for shape in SHAPES:
+            w = (torch.randn(shape, generator=gen) * 0.02).to(TORCH[dtype])
+            if sparsity > 0:
+                w = magnitude_prune(w, sparsity)
+            bits = w.view(torch.int16 if layout.itemsize == 2 else torch.int32).numpy().view(layout.bits).reshape(-1)
+            enc, out = encode_bitmap(bits), np.empty(bits.size, dtype=layout.bits)
+            hist = exponent_histogram(enc.values, layout)
+            items = {"v1": (enc.bitmap, enc.values, enc.tile_offsets, out),
+                     "v2": (enc.bitmap, encode_values(enc.values, enc.tile_offsets,
+                                                      best_expdict(hist, bits.size, layout)[0]),
+                            enc.tile_offsets, out)}
+            if sparsity > 0:
+                items["exphuff"] = (enc.bitmap, exphuff.encode_values(
+                    enc.values, enc.tile_offsets, exphuff.best_exphuff(hist, layout)), enc.tile_offsets, out)
+            else:  # no bitmap: every element a value
+                offs = exphuff.dense_tile_offsets(bits.size)
+                items["exphuff"] = (None, exphuff.encode_values(
+                    bits, offs, exphuff.best_exphuff(exponent_histogram(bits, layout), layout)), None, out)
+            for codec, item in items.items():
+                prepared = dec.prepare([item])
+                dec.run(prepared)
+                if not np.array_equal(out, bits):
+                    raise SystemExit(f"{codec} decoded {shape} wrongly: refusing to time it")
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    dec.run(prepared)
+                    times.append(time.perf_counter() - t0)
+                seconds[codec] += float(np.median(times))
+            dense += out.nbytes
+        threads = dec.threads
+    return {"threads": threads, "dense_gbps": {k: dense / v / 1e9 for k, v in seconds.items()}}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dtypes", default="BF16,F16", help="comma list of BF16, F16, F32")
@@ -88,8 +138,21 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=2, help="TinyLlama layers (22 in the model; default 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--decode", action="store_true", help="also time the CPU decoders (one layer)")
+    ap.add_argument("--repeats", type=int, default=5, help="decodes per tensor and codec (--decode)")
+    ap.add_argument("--storage-dir", default=".", help="where the storage reference file goes (--decode)")
+    ap.add_argument("--storage-bytes", default="512MiB", help="its size (--decode)")
     args = ap.parse_args(argv)
     rows = []
+    storage = None
+    if args.decode:
+        from bench_decode import measure_storage  # noqa: PLC0415 - the same storage figure as bench_decode
+
+        from endor_gds.defaults import parse_bytes  # noqa: PLC0415
+
+        storage = measure_storage(args.storage_dir, parse_bytes(args.storage_bytes), 3, 1,
+                                  lambda m: print(m, file=sys.stderr))
+        print(f"storage: {storage['mode']} {storage['gbps']:.2f} GB/s", file=sys.stderr)
     print(f"{'dtype':>5} {'pruned':>6} {'H(exp)':>6} {'v1':>6} {'v2':>6} {'exphuff':>7} {'bound':>6}  "
           f"bits per element, {args.layers} TinyLlama layers", file=sys.stderr)
     for dtype in args.dtypes.split(","):
@@ -98,6 +161,12 @@ def main(argv=None) -> int:
             b = r["bits_per_element"]
             print(f"{dtype:>5} {sparsity:>6.0%} {r['exponent_entropy']:>6.3f} {b['v1']:>6.3f} {b['v2']:>6.3f} "
                   f"{b['exphuff']:>7.3f} {r['bound']:>6.3f}", file=sys.stderr)
+            if storage is not None:
+                r["decode"] = decode_rates(dtype.strip(), sparsity, args.repeats, args.seed)
+                r["decode"]["storage_gbps"] = storage["gbps"]
+                print("      decode, dense GB/s out (x storage): " + ", ".join(
+                    f"{k} {v:.2f} ({v / storage['gbps']:.2f}x)" for k, v in r["decode"]["dense_gbps"].items())
+                    + f"; {r['decode']['threads']} threads", file=sys.stderr)
             rows.append(r)
     if args.json:
         print(json.dumps(rows, indent=1))

@@ -558,6 +558,219 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
     return rc;
 }
 
+/* ---- Codec exphuff (issue 22, not yet in any file format): entropy-coded exponents ----
+ *
+ * Value k: its residual's low residual_bytes bytes at residuals + k*rb; in the MSB-first `bits`
+ * stream, from tile_bits[t] for the first value of tile t, the canonical Huffman code of its
+ * exponent (at most HUFF_BITS bits, found by one lookup on the next HUFF_BITS bits), then the
+ * residual's high bits (fp16: 3). Reference: endor_gds/codec/exphuff.py. A dense tensor has no
+ * bitmap: every element is a value, tile t holds elements [t*TILE_ELEMS, ...). */
+
+#define HUFF_BITS 12 /* exphuff.MAX_CODE_BITS */
+#define HUFF_WAYS 4  /* tiles decoded side by side */
+
+typedef struct { /* mirrored by cpu_decode._ExpHuffArgs (ctypes) */
+    const uint32_t *bitmap;       /* NULL: a dense tensor */
+    const uint32_t *tile_offsets; /* the bitmap's (ignored for a dense tensor) */
+    const uint8_t *residuals;     /* nnz * residual_bytes */
+    const uint8_t *bits;          /* bits_nbytes */
+    const uint32_t *tile_bits;    /* ntiles + 1 */
+    void *out;                    /* n elements */
+    uint64_t n, nnz, bits_nbytes;
+    uint32_t elem_bytes, man_bits, exp_bits, reserved;
+    uint8_t lengths[256];         /* code length per exponent (2^exp_bits used), 0 = no code */
+} endor_exphuff;
+
+/* The decode table: for each value of the next HUFF_BITS bits, exponent << 4 | code length
+ * (0: no code starts with those bits). Canonical order: by (length, exponent). -1 when the
+ * lengths over-subscribe the code space or exceed HUFF_BITS. */
+static int build_huff_table(const endor_exphuff *a, uint16_t *table) {
+    uint32_t nsym = 1u << a->exp_bits, code = 0, prev = 0;
+    memset(table, 0, sizeof(uint16_t) << HUFF_BITS);
+    for (uint32_t s = 0; s < nsym; s++)
+        if (a->lengths[s] > HUFF_BITS) return -1;
+    for (uint32_t len = 1; len <= HUFF_BITS; len++) {
+        for (uint32_t s = 0; s < nsym; s++) {
+            if (a->lengths[s] != len) continue;
+            code <<= len - prev;
+            prev = len;
+            if (code >= (1u << len)) return -1;
+            uint32_t lo = code << (HUFF_BITS - len), span = 1u << (HUFF_BITS - len);
+            for (uint32_t i = 0; i < span; i++) table[lo + i] = (uint16_t)(s << 4 | len);
+            code++;
+        }
+    }
+    return 0;
+}
+
+/* An MSB-first bit reader: the next `have` bits of the stream at the top of `acc`, bytes from
+ * `byte` on not yet loaded. Refilled to 56-63 bits with one 8-byte load where 8 bytes remain
+ * (Giesen's "variant 4"), byte by byte near the end of the stream. */
+typedef struct {
+    uint64_t acc, byte;
+    int have;
+} huff_reader;
+
+static inline void huff_refill(const uint8_t *bits, uint64_t nbytes, huff_reader *r) {
+    if (r->byte + 8 <= nbytes) {
+        uint64_t w;
+        memcpy(&w, bits + r->byte, 8);
+        r->acc |= __builtin_bswap64(w) >> r->have;
+        r->byte += (uint64_t)((63 - r->have) >> 3);
+        r->have |= 56;
+    } else {
+        while (r->have <= 56 && r->byte < nbytes) {
+            r->acc |= (uint64_t)bits[r->byte++] << (56 - r->have);
+            r->have += 8;
+        }
+    }
+}
+
+/* A reader at bit `pos` of the stream. */
+static inline void huff_seek(const uint8_t *bits, uint64_t nbytes, huff_reader *r, uint64_t pos) {
+    r->acc = 0;
+    r->have = 0;
+    r->byte = pos / 8;
+    huff_refill(bits, nbytes, r);
+    r->acc <<= pos % 8;
+    r->have -= (int)(pos % 8);
+}
+
+/* The bit position a reader has reached. */
+static inline uint64_t huff_pos(const huff_reader *r) { return r->byte * 8 - (uint64_t)r->have; }
+
+/* The stream, read-only, in locals: the decode loops read nothing else through pointers (read
+ * through the argument struct, the fields were reloaded for every value: stores to the output
+ * may alias them). */
+typedef struct {
+    const uint16_t *table;
+    const uint8_t *bits, *residuals;
+    uint64_t nbytes;
+} huff_stream;
+
+/* Value k from reader r into out[i], the float layout fixed at compile time (T the element type,
+ * M mantissa bits, RB residual bytes, HB high residual bits in the stream): 0, or -1 when no code
+ * matches or the stream ends. A code and its high bits are at most 15 bits, so a refill before
+ * each value (to 56+ bits, or all that is left) has enough wherever the stream does. */
+#define HUFF_VALUE(NAME, T, M, RB, HB)                                                         \
+    static inline __attribute__((always_inline)) int NAME(const huff_stream *s, huff_reader *r, \
+                                                          uint64_t k, T *out, uint64_t i,      \
+                                                          int refill) {                        \
+        if (refill && r->have < HUFF_BITS + 3) huff_refill(s->bits, s->nbytes, r);             \
+        uint16_t e = s->table[r->acc >> (64 - HUFF_BITS)];                                     \
+        int len = e & 15;                                                                      \
+        if (len == 0 || len + (HB) > r->have) return -1;                                       \
+        r->acc <<= len;                                                                        \
+        uint32_t high = (HB) ? (uint32_t)(r->acc >> (64 - ((HB) ? (HB) : 1))) : 0;            \
+        r->acc <<= (HB);                                                                       \
+        r->have -= len + (HB);                                                                 \
+        const uint8_t *rp = s->residuals + k * (RB);                                           \
+        uint32_t res = (RB) == 1 ? rp[0] : (uint32_t)rp[0] | (uint32_t)rp[1] << 8 | (uint32_t)rp[2] << 16; \
+        res |= high << (8 * (RB));                                                             \
+        out[i] = (T)((res >> (M)) << (8 * sizeof(T) - 1) | (uint32_t)(e >> 4) << (M) |        \
+                     (res & ((1u << (M)) - 1)));                                               \
+        return 0;                                                                              \
+    }
+HUFF_VALUE(huff_bf16, uint16_t, 7, 1, 0)
+HUFF_VALUE(huff_f16, uint16_t, 10, 1, 3)
+HUFF_VALUE(huff_f32, uint32_t, 23, 3, 0)
+
+/* The values of g tiles (value range [lo[j], lo[j] + cnt[j]) into dst[j]): HUFF_WAYS of them side
+ * by side while all have values, then each tile's rest; bad[j] is set for a tile whose stream
+ * fails. Decoding a value is a chain of dependent steps (lookup, shift by its length): tiles side
+ * by side give the core independent chains. */
+#define HUFF_TILES(NAME, T, VALUE)                                                             \
+    static void NAME(const huff_stream *s, int g, huff_reader *r, const uint64_t *lo,          \
+                     const uint64_t *cnt, void *const *dst, int *bad) {                        \
+        uint64_t common = 0;                                                                   \
+        if (g == HUFF_WAYS) {                                                                  \
+            common = cnt[0];                                                                   \
+            for (int j = 1; j < g; j++) common = cnt[j] < common ? cnt[j] : common;            \
+            huff_reader r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];                            \
+            T *o0 = (T *)dst[0], *o1 = (T *)dst[1], *o2 = (T *)dst[2], *o3 = (T *)dst[3];      \
+            int e0 = 0, e1 = 0, e2 = 0, e3 = 0;                                                \
+            /* three values per refill: 56+ bits after one hold three of at most 15 */         \
+            common -= common % 3;                                                              \
+            for (uint64_t i = 0; i < common; i += 3) {                                         \
+                huff_refill(s->bits, s->nbytes, &r0);                                          \
+                huff_refill(s->bits, s->nbytes, &r1);                                          \
+                huff_refill(s->bits, s->nbytes, &r2);                                          \
+                huff_refill(s->bits, s->nbytes, &r3);                                          \
+                for (uint64_t q = i; q < i + 3; q++) {                                         \
+                    e0 |= VALUE(s, &r0, lo[0] + q, o0, q, 0);                                  \
+                    e1 |= VALUE(s, &r1, lo[1] + q, o1, q, 0);                                  \
+                    e2 |= VALUE(s, &r2, lo[2] + q, o2, q, 0);                                  \
+                    e3 |= VALUE(s, &r3, lo[3] + q, o3, q, 0);                                  \
+                }                                                                              \
+            }                                                                                  \
+            r[0] = r0, r[1] = r1, r[2] = r2, r[3] = r3;                                        \
+            bad[0] |= e0, bad[1] |= e1, bad[2] |= e2, bad[3] |= e3;                            \
+        }                                                                                      \
+        for (int j = 0; j < g; j++)                                                            \
+            for (uint64_t i = common; i < cnt[j] && !bad[j]; i++)                              \
+                bad[j] |= VALUE(s, &r[j], lo[j] + i, (T *)dst[j], i, 1);                       \
+    }
+HUFF_TILES(huff_tiles_bf16, uint16_t, huff_bf16)
+HUFF_TILES(huff_tiles_f16, uint16_t, huff_f16)
+HUFF_TILES(huff_tiles_f32, uint32_t, huff_f32)
+
+/* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles). Returns 0, t + 1
+ * for the first tile t whose tile offsets, tile bits, codes or bitmap are inconsistent (of the
+ * HUFF_WAYS tiles decoded together, the first), -1 for bad arguments. */
+int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t t1, int features) {
+    if (!tables_ready) build_tables();
+    uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
+    uint16_t table[1 << HUFF_BITS];
+    int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
+    int f32 = a->elem_bytes == 4 && a->man_bits == 23;
+    if (t0 > t1 || t1 > ntiles || !(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) ||
+        (!a->bitmap && a->nnz != a->n) || build_huff_table(a, table))
+        return -1;
+    const huff_stream s = {table, a->bits, a->residuals, a->bits_nbytes};
+    int simd = (features & cpu_features & FEAT_SSSE3) != 0;
+    uint32_t buf32[HUFF_WAYS][TILE_BUF] __attribute__((aligned(16)));
+    if (a->bitmap) memset(buf32, 0, sizeof buf32); /* the SIMD expand reads past a tile's values */
+    const uint64_t end_bit = a->bits_nbytes * 8;
+    for (uint64_t t = t0; t < t1; t += HUFF_WAYS) {
+        const int g = t1 - t < HUFF_WAYS ? (int)(t1 - t) : HUFF_WAYS;
+        uint64_t lo[HUFF_WAYS], cnt[HUFF_WAYS], start[HUFF_WAYS], end[HUFF_WAYS], b1[HUFF_WAYS];
+        void *dst[HUFF_WAYS];
+        huff_reader r[HUFF_WAYS];
+        int bad[HUFF_WAYS] = {0};
+        for (int j = 0; j < g; j++) {
+            uint64_t tj = t + (uint64_t)j, hi;
+            start[j] = tj * TILE_ELEMS;
+            end[j] = start[j] + TILE_ELEMS < a->n ? start[j] + TILE_ELEMS : a->n;
+            if (a->bitmap) {
+                if (!tile_range(a->tile_offsets, tj, a->n, a->nnz, &lo[j], &hi, &start[j], &end[j]))
+                    return (int64_t)tj + 1;
+            } else {
+                lo[j] = start[j];
+                hi = end[j];
+            }
+            uint64_t b0 = a->tile_bits[tj];
+            b1[j] = a->tile_bits[tj + 1];
+            if (b0 > b1[j] || b1[j] > end_bit || (tj == 0 && b0 != 0)) return (int64_t)tj + 1;
+            cnt[j] = hi - lo[j];
+            dst[j] = a->bitmap ? (void *)buf32[j] : (void *)((uint8_t *)a->out + start[j] * a->elem_bytes);
+            huff_seek(a->bits, a->bits_nbytes, &r[j], b0);
+        }
+        (bf16 ? huff_tiles_bf16 : f16 ? huff_tiles_f16 : huff_tiles_f32)(&s, g, r, lo, cnt, dst, bad);
+        for (int j = 0; j < g; j++) {
+            if (bad[j] || huff_pos(&r[j]) != b1[j]) return (int64_t)(t + (uint64_t)j) + 1;
+            if (a->bitmap) {
+                int wrong = a->elem_bytes == 2
+                    ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32[j], 0, cnt[j], TILE_BUF,
+                                      (uint16_t *)a->out, start[j], end[j], simd, 0)
+                    : expand_uint32_t(a->bitmap, buf32[j], 0, cnt[j], TILE_BUF, (uint32_t *)a->out,
+                                      start[j], end[j], simd, 0);
+                if (wrong) return (int64_t)(t + (uint64_t)j) + 1;
+            }
+        }
+    }
+    return 0;
+}
+
 /* ---- Fused product y = x · Wᵀ straight from bitmap + values (CPU hosts, few rows of x) ----
  *
  * Why: at batch 1 every weight is used once per token. Decoding first writes the dense matrix

@@ -1,9 +1,12 @@
 """A value codec with entropy-coded exponents (``exphuff``): the reference, in plain numpy.
 
-Issue 22's first part; not yet written by the packer or read by the runtime (no decoder in C or
-CUDA yet). The exponent of trained or randomly initialised weights carries ~2.6 bits, which the
-expdict codec (format v2) stores as a fixed-width dictionary index of 1-4 bits (plus escapes), and
-a dense tensor pays a bitmap besides. Here a value is stored as
+Issue 22's first part; not yet written by the packer or read by the runtime. The C decoder
+(``endor_decode_exphuff_tiles``, through :class:`endor_gds.decode.cpu.CpuDecoder`) is tested
+bit-exactly against :func:`decode_values_reference`; no CUDA kernel yet.
+
+The exponent of trained or randomly initialised weights carries ~2.6 bits, which the expdict codec
+(format v2) stores as a fixed-width dictionary index of 1-4 bits (plus escapes), and a dense tensor
+pays a bitmap besides. Here a value is stored as
 
 * its **residual** ``sign << M | mantissa``: the low ``8 * residual_bytes`` bits in the
   ``residuals`` stream (bf16 1 byte, fp16 1, fp32 3), as in expdict, and

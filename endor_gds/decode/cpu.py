@@ -21,6 +21,7 @@ import numpy as np
 from endor_gds import defaults
 from endor_gds.codec.bitmap import TILE_ELEMS, WORD_BITS, num_tiles
 from endor_gds.codec.expdict import Streams
+from endor_gds.codec.exphuff import HuffStreams
 from endor_gds.errors import DecodeError, MissingDependencyError
 
 __all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
@@ -49,6 +50,16 @@ class _ExpDictArgs(ctypes.Structure):
         [("exponents", ctypes.c_uint8 * 16)]
 
 
+class _ExpHuffArgs(ctypes.Structure):
+    """``endor_exphuff`` in csrc/endor_cpu.c: one exphuff tensor's streams and code lengths."""
+
+    _fields_ = [(name, ctypes.c_void_p) for name in (
+        "bitmap", "tile_offsets", "residuals", "bits", "tile_bits", "out")] + \
+        [(name, ctypes.c_uint64) for name in ("n", "nnz", "bits_nbytes")] + \
+        [(name, ctypes.c_uint32) for name in ("elem_bytes", "man_bits", "exp_bits", "reserved")] + \
+        [("lengths", ctypes.c_uint8 * 256)]
+
+
 def library() -> ctypes.CDLL:
     """The compiled decoder library (built by ``pip install``), loaded once."""
     global _lib
@@ -66,6 +77,8 @@ def library() -> ctypes.CDLL:
         lib.endor_decode_tiles.argtypes = [p, p, u64, p, p, u64, ctypes.c_uint32, u64, u64, ctypes.c_int]
         lib.endor_decode_expdict_tiles.restype = ctypes.c_int64
         lib.endor_decode_expdict_tiles.argtypes = [ctypes.POINTER(_ExpDictArgs), u64, u64, ctypes.c_int]
+        lib.endor_decode_exphuff_tiles.restype = ctypes.c_int64
+        lib.endor_decode_exphuff_tiles.argtypes = [ctypes.POINTER(_ExpHuffArgs), u64, u64, ctypes.c_int]
         lib.endor_matvec_rows.restype = ctypes.c_int64
         lib.endor_matvec_rows.argtypes = [p, u64, u64, ctypes.c_int]
         lib.endor_cpu_features.restype = ctypes.c_int
@@ -111,8 +124,12 @@ def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, 
     """The checks on one bitmap-encoded tensor of ``n`` elements of ``itemsize`` bytes (raw values,
     or codec expdict :class:`Streams`) before any pointer into it reaches C: the decoder's and the
     fused product's, in one place."""
+    if isinstance(values, HuffStreams):
+        _check_huff(values, bitmap, tile_offsets, n, itemsize, where)
+        if bitmap is None:
+            return
     arrays = {"bitmap": bitmap, "tile_offsets": tile_offsets}
-    if not isinstance(values, Streams):  # an expdict tensor's streams are checked below
+    if not isinstance(values, (Streams, HuffStreams)):  # the codecs' streams are checked above/below
         arrays["values"] = values
     for label, arr in arrays.items():
         if not arr.flags.c_contiguous:
@@ -122,6 +139,8 @@ def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, 
                          f"(supported: 2 = fp16/bf16, 4 = fp32)")
     if isinstance(values, Streams):
         _check_streams(values, n, itemsize, where)
+    elif isinstance(values, HuffStreams):
+        pass
     elif values.dtype.itemsize != itemsize:
         raise ValueError(f"{where}: values are {values.dtype.itemsize}-byte, out is {itemsize}-byte")
     if bitmap.dtype.itemsize != 4 or bitmap.size != -(-n // WORD_BITS):
@@ -130,6 +149,25 @@ def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, 
     if tile_offsets.dtype.itemsize != 4 or tile_offsets.size != num_tiles(n) + 1:
         raise ValueError(f"{where}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
                          f"got {tile_offsets.size} of {tile_offsets.dtype}")
+
+
+def _check_huff(s: HuffStreams, bitmap, tile_offsets, n: int, itemsize: int, where: str) -> None:
+    """What endor_decode_exphuff_tiles takes for granted about an exphuff tensor's streams (what
+    only a decode can tell, the codes and offsets against the bitmap, the C code checks)."""
+    layout = s.params.layout
+    s.params.check()
+    for kind in ("residuals", "bits", "tile_bits"):
+        if not getattr(s, kind).flags.c_contiguous:
+            raise ValueError(f"{where}: {kind} must be C-contiguous")
+    if layout.itemsize != itemsize:
+        raise ValueError(f"{where}: exphuff values of {layout.name} ({layout.itemsize}-byte), out is {itemsize}-byte")
+    if s.residuals.dtype.itemsize != 1 or s.bits.dtype.itemsize != 1 or s.residuals.size % layout.residual_bytes:
+        raise ValueError(f"{where}: residuals and bits must be bytes, residuals a multiple of {layout.residual_bytes}")
+    if s.tile_bits.dtype.itemsize != 4 or s.tile_bits.size != num_tiles(n) + 1:
+        raise ValueError(f"{where}: tile_bits must be {num_tiles(n) + 1} uint32 for n={n}")
+    if bitmap is None and (tile_offsets is not None or s.nnz != n):
+        raise ValueError(f"{where}: a dense exphuff tensor (no bitmap) stores all {n} elements, has "
+                         f"{s.nnz} residuals, and no tile offsets")
 
 
 def _check(bitmap: np.ndarray, values, tile_offsets: np.ndarray, out: np.ndarray,
@@ -151,6 +189,15 @@ def expdict_args(bitmap, s: Streams, offs, out: int, n: int) -> _ExpDictArgs:
                      n, s.nnz, s.codes.size, p.escapes, p.layout.itemsize,
                      p.layout.man_bits, p.index_bits, 0)
     a.exponents[: len(p.exponents)] = p.exponents
+    return a
+
+
+def _exphuff_args(bitmap, s: HuffStreams, offs, out) -> _ExpHuffArgs:
+    layout = s.params.layout
+    a = _ExpHuffArgs(0 if bitmap is None else bitmap.ctypes.data, 0 if offs is None else offs.ctypes.data,
+                     s.residuals.ctypes.data, s.bits.ctypes.data, s.tile_bits.ctypes.data, out.ctypes.data,
+                     out.size, s.nnz, s.bits.size, layout.itemsize, layout.man_bits, layout.exp_bits, 0)
+    a.lengths[: len(s.params.lengths)] = s.params.lengths
     return a
 
 
@@ -221,6 +268,8 @@ class CpuDecoder:
             step = max(_MIN_TILES_PER_TASK, -(-ntiles // (2 * self.threads)))
             if isinstance(values, Streams):
                 args = expdict_args(bitmap, values, offs, out.ctypes.data, out.size)
+            elif isinstance(values, HuffStreams):
+                args = _exphuff_args(bitmap, values, offs, out)
             else:
                 args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
                         out.ctypes.data, out.size, out.dtype.itemsize)
@@ -230,6 +279,8 @@ class CpuDecoder:
     def _run(self, args, t0: int, t1: int) -> int:
         if isinstance(args, _ExpDictArgs):
             return self._lib.endor_decode_expdict_tiles(ctypes.byref(args), t0, t1, self.feature_mask)
+        if isinstance(args, _ExpHuffArgs):
+            return self._lib.endor_decode_exphuff_tiles(ctypes.byref(args), t0, t1, self.feature_mask)
         return self._lib.endor_decode_tiles(*args, t0, t1, self.feature_mask)
 
     def run(self, prepared: "Prepared") -> None:

@@ -2,7 +2,7 @@ import re
 
 import numpy as np
 import pytest
-from bitgen import SIZES, random_bits
+from bitgen import SIZES, random_bits, weight_bits
 from decode_cases import corrupt_cases, expdict_corrupt_cases
 
 from endor_gds.codec.bitmap import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
@@ -257,3 +257,67 @@ def test_kernel_corruptions_name_the_kernels_tile(rng, codec):
             tile = (key >> 8) & 0xFFFFFFFF
             with pytest.raises(DecodeError, match=rf"^{re.escape(label)}: tile {tile} "):
                 d.decode([(t.bitmap, values, t.offsets, np.zeros(t.n, "<u2"))], where=[label])
+
+
+# -- codec exphuff (issue 22: the C decoder of the reference in codec/exphuff.py) ----------------
+
+
+def _exphuff_case(rng, n, dtype, density):
+    """(bitmap or None, streams, tile offsets or None, the bit patterns): a dense tensor when
+    ``density`` is 1, else bitmap + non-zeros; weights with outliers and every special pattern."""
+    from endor_gds.codec import exphuff  # noqa: PLC0415 - this section's module
+    from endor_gds.codec.expdict import LAYOUTS, exponent_histogram  # noqa: PLC0415
+
+    layout = LAYOUTS[dtype]
+    bits = weight_bits(rng, n, dtype, density, outliers=True) if n else np.zeros(0, layout.bits)
+    if density == 1.0:
+        values, offsets, bitmap = bits, exphuff.dense_tile_offsets(n), None
+    else:
+        enc = encode_bitmap(bits)
+        values, offsets, bitmap = enc.values, enc.tile_offsets, enc.bitmap
+    params = exphuff.best_exphuff(exponent_histogram(values, layout), layout)
+    return bitmap, exphuff.encode_values(values, offsets, params), (None if bitmap is None else offsets), bits
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.02])
+@pytest.mark.parametrize("n", [1, 4097, 3 * TILE_ELEMS, 9 * TILE_ELEMS + 5])
+def test_exphuff_bit_exact(decoder, rng, dtype, density, n):
+    """Fewer tiles than are decoded side by side, a multiple of them, and tails; dense tensors
+    (no bitmap) and sparse ones: the same bits as the numpy reference's input."""
+    bitmap, streams, offsets, bits = _exphuff_case(rng, n, dtype, density)
+    out = _poisoned(n, bits.dtype)
+    decoder.decode([(bitmap, streams, offsets, out)])
+    np.testing.assert_array_equal(out, bits)
+
+
+def test_exphuff_inconsistent_input_is_decode_error(rng):
+    """Tables that disagree with the stream, and a stream cut short, are DecodeErrors and nothing
+    is read out of bounds. (Flipped bits inside the stream can decode to other values of the same
+    total length, the prefix code resynchronising: that is the CRC's to catch, not the decoder's.)"""
+    from endor_gds.codec.exphuff import HuffStreams  # noqa: PLC0415
+
+    n = 9 * TILE_ELEMS + 5
+    with CpuDecoder(2) as d:
+        for density in (1.0, 0.5):
+            bitmap, s, offsets, bits = _exphuff_case(rng, n, "F16", density)
+            cases = {}
+            tb = s.tile_bits.copy()
+            tb[3] += 1
+            cases["tile bits +1"] = HuffStreams(s.params, s.residuals, s.bits, tb)
+            tb = s.tile_bits.copy()
+            tb[5] = 0xFFFFFFFF  # far past the stream: must not be read
+            cases["tile bits huge"] = HuffStreams(s.params, s.residuals, s.bits, tb)
+            cases["bits cut short"] = HuffStreams(s.params, s.residuals, s.bits[: s.bits.size * 2 // 3].copy(),
+                                                  s.tile_bits)
+            for label, bad in cases.items():
+                out = np.zeros(n, dtype=bits.dtype)
+                with pytest.raises(DecodeError, match="disagrees"):
+                    d.decode([(bitmap, bad, offsets, out)], where=[label])
+            with pytest.raises(ValueError, match="tile_bits must be"):
+                d.decode([(bitmap, HuffStreams(s.params, s.residuals, s.bits, s.tile_bits[:-1]), offsets,
+                           np.zeros(n, dtype=bits.dtype))])
+        with pytest.raises(ValueError, match="a dense exphuff tensor"):  # residuals of fewer values
+            bitmap, s, offsets, bits = _exphuff_case(rng, n, "BF16", 1.0)
+            d.decode([(None, HuffStreams(s.params, s.residuals[:-1], s.bits, s.tile_bits), None,
+                       np.zeros(n, dtype=bits.dtype))])

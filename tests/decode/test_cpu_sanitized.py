@@ -4,8 +4,9 @@ csrc/endor_cpu.c parses file data. The fenced buffers of test_fuzz.py catch an o
 access, the comparisons with the reference a wrong value; neither sees undefined behaviour that
 happens to work today (a shift by the type's width, signed overflow, a misaligned typed access)
 and that another compiler version may turn into a wrong result. Here the library is rebuilt with
-``-fsanitize=undefined`` (fatal on the first report) and tests/decode/test_cpu.py runs on it, every
-SIMD path included, in a child process that loads it in place of the installed one.
+``-fsanitize=undefined`` (fatal on the first report) and tests/decode/test_cpu.py (the decoders) and
+test_fused.py (the fused product) run on it, every SIMD path included, in a child process that
+loads it in place of the installed one.
 """
 
 from __future__ import annotations
@@ -61,7 +62,8 @@ def sanitized_library(tmp_path_factory):
 def test_decoder_tests_pass_under_ubsan(sanitized_library, tmp_path):
     lib, runtime = sanitized_library
     env = {**os.environ, "LD_PRELOAD": runtime}
-    res = subprocess.run([sys.executable, "-c", _CHILD, str(lib), "tests/decode/test_cpu.py"],
+    res = subprocess.run([sys.executable, "-c", _CHILD, str(lib), "tests/decode/test_cpu.py",
+                          "tests/decode/test_fused.py"],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900, check=False)
     report = res.stdout[-3000:] + res.stderr[-3000:]
     assert res.returncode == 0, f"decoder tests failed on the sanitized build:\n{report}"
