@@ -567,7 +567,6 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
  * bitmap: every element is a value, tile t holds elements [t*TILE_ELEMS, ...). */
 
 #define HUFF_BITS 12 /* exphuff.MAX_CODE_BITS */
-#define HUFF_WAYS 4  /* tiles decoded side by side */
 
 typedef struct { /* mirrored by cpu_decode._ExpHuffArgs (ctypes) */
     const uint32_t *bitmap;       /* NULL: a dense tensor */
@@ -639,133 +638,133 @@ static inline void huff_seek(const uint8_t *bits, uint64_t nbytes, huff_reader *
 /* The bit position a reader has reached. */
 static inline uint64_t huff_pos(const huff_reader *r) { return r->byte * 8 - (uint64_t)r->have; }
 
-/* The stream, read-only, in locals: the decode loops read nothing else through pointers (read
- * through the argument struct, the fields were reloaded for every value: stores to the output
- * may alias them). */
-typedef struct {
-    const uint16_t *table;
-    const uint8_t *bits, *residuals;
-    uint64_t nbytes;
-} huff_stream;
-
-/* Value k from reader r into out[i], the float layout fixed at compile time (T the element type,
- * M mantissa bits, RB residual bytes, HB high residual bits in the stream): 0, or -1 when no code
- * matches or the stream ends. A code and its high bits are at most 15 bits, so a refill before
- * each value (to 56+ bits, or all that is left) has enough wherever the stream does. */
-#define HUFF_VALUE(NAME, T, M, RB, HB)                                                         \
-    static inline __attribute__((always_inline)) int NAME(const huff_stream *s, huff_reader *r, \
-                                                          uint64_t k, T *out, uint64_t i,      \
-                                                          int refill) {                        \
-        if (refill && r->have < HUFF_BITS + 3) huff_refill(s->bits, s->nbytes, r);             \
-        uint16_t e = s->table[r->acc >> (64 - HUFF_BITS)];                                     \
-        int len = e & 15;                                                                      \
-        if (len == 0 || len + (HB) > r->have) return -1;                                       \
-        r->acc <<= len;                                                                        \
-        uint32_t high = (HB) ? (uint32_t)(r->acc >> (64 - ((HB) ? (HB) : 1))) : 0;            \
-        r->acc <<= (HB);                                                                       \
-        r->have -= len + (HB);                                                                 \
-        const uint8_t *rp = s->residuals + k * (RB);                                           \
-        uint32_t res = (RB) == 1 ? rp[0] : (uint32_t)rp[0] | (uint32_t)rp[1] << 8 | (uint32_t)rp[2] << 16; \
-        res |= high << (8 * (RB));                                                             \
-        out[i] = (T)((res >> (M)) << (8 * sizeof(T) - 1) | (uint32_t)(e >> 4) << (M) |        \
-                     (res & ((1u << (M)) - 1)));                                               \
-        return 0;                                                                              \
+/* The multi-unit table: for each value of the next HUFF_BITS bits, the units (a unit: an
+ * exponent's code, then the value's high residual bits) that lie whole within them, up to three:
+ * byte u = unit u as exponent | high << exp_bits, bits 24-25 their count (0: the first unit does
+ * not fit, decode it alone), bits 26-29 the bits they take. The common exponents have 2-3-bit
+ * codes, so one lookup yields two or three values: one lookup per value (table, then a shift by
+ * its length, each waiting for the last) ran at ~0.5 G values/s per core. */
+static void build_unit_table(const endor_exphuff *a, const uint16_t *table, uint32_t *units) {
+    const uint32_t hb = (a->man_bits + 1) % 8, mask = (1u << HUFF_BITS) - 1;
+    for (uint32_t w = 0; w <= mask; w++) {
+        uint32_t packed = 0, n = 0, used = 0;
+        while (n < 3) {
+            uint16_t e = table[(w << used) & mask]; /* zeros shifted in: checked to lie within w */
+            uint32_t len = e & 15;
+            if (len == 0 || used + len + hb > HUFF_BITS) break;
+            uint32_t high = hb ? (w >> (HUFF_BITS - used - len - hb)) & ((1u << hb) - 1) : 0;
+            packed |= ((uint32_t)(e >> 4) | high << a->exp_bits) << (8 * n);
+            n++;
+            used += len + hb;
+        }
+        units[w] = packed | n << 24 | used << 26;
     }
-HUFF_VALUE(huff_bf16, uint16_t, 7, 1, 0)
-HUFF_VALUE(huff_f16, uint16_t, 10, 1, 3)
-HUFF_VALUE(huff_f32, uint32_t, 23, 3, 0)
+}
 
-/* The values of g tiles (value range [lo[j], lo[j] + cnt[j]) into dst[j]): HUFF_WAYS of them side
- * by side while all have values, then each tile's rest; bad[j] is set for a tile whose stream
- * fails. Decoding a value is a chain of dependent steps (lookup, shift by its length): tiles side
- * by side give the core independent chains. */
-#define HUFF_TILES(NAME, T, VALUE)                                                             \
-    static void NAME(const huff_stream *s, int g, huff_reader *r, const uint64_t *lo,          \
-                     const uint64_t *cnt, void *const *dst, int *bad) {                        \
-        uint64_t common = 0;                                                                   \
-        if (g == HUFF_WAYS) {                                                                  \
-            common = cnt[0];                                                                   \
-            for (int j = 1; j < g; j++) common = cnt[j] < common ? cnt[j] : common;            \
-            huff_reader r0 = r[0], r1 = r[1], r2 = r[2], r3 = r[3];                            \
-            T *o0 = (T *)dst[0], *o1 = (T *)dst[1], *o2 = (T *)dst[2], *o3 = (T *)dst[3];      \
-            int e0 = 0, e1 = 0, e2 = 0, e3 = 0;                                                \
-            /* three values per refill: 56+ bits after one hold three of at most 15 */         \
-            common -= common % 3;                                                              \
-            for (uint64_t i = 0; i < common; i += 3) {                                         \
-                huff_refill(s->bits, s->nbytes, &r0);                                          \
-                huff_refill(s->bits, s->nbytes, &r1);                                          \
-                huff_refill(s->bits, s->nbytes, &r2);                                          \
-                huff_refill(s->bits, s->nbytes, &r3);                                          \
-                for (uint64_t q = i; q < i + 3; q++) {                                         \
-                    e0 |= VALUE(s, &r0, lo[0] + q, o0, q, 0);                                  \
-                    e1 |= VALUE(s, &r1, lo[1] + q, o1, q, 0);                                  \
-                    e2 |= VALUE(s, &r2, lo[2] + q, o2, q, 0);                                  \
-                    e3 |= VALUE(s, &r3, lo[3] + q, o3, q, 0);                                  \
-                }                                                                              \
-            }                                                                                  \
-            r[0] = r0, r[1] = r1, r[2] = r2, r[3] = r3;                                        \
-            bad[0] |= e0, bad[1] |= e1, bad[2] |= e2, bad[3] |= e3;                            \
+/* The units of one tile's cnt values from reader r into syms (one byte each: exponent | high <<
+ * exp_bits), cnt <= TILE_ELEMS, syms holding TILE_ELEMS + 4 bytes. -1 when a code is missing or
+ * the stream ends. */
+static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint32_t *units,
+                      huff_reader *r, uint64_t cnt, uint8_t *syms) {
+    const uint8_t *bits = a->bits;
+    const uint64_t nbytes = a->bits_nbytes;
+    const int hb = (int)((a->man_bits + 1) % 8), eb = (int)a->exp_bits;
+    uint64_t acc = r->acc, i = 0;
+    int have = r->have;
+    while (i < cnt) {
+        if (have < HUFF_BITS + 3) {
+            r->acc = acc, r->have = have;
+            huff_refill(bits, nbytes, r);
+            acc = r->acc, have = r->have;
+        }
+        uint32_t u = units[acc >> (64 - HUFF_BITS)];
+        uint32_t n = (u >> 24) & 3, used = u >> 26;
+        if (n && cnt - i >= 3 && (int)used <= have) { /* two or three values at once */
+            memcpy(syms + i, &u, 4); /* the fourth byte is overwritten by the next step */
+            i += n;
+            acc <<= used;
+            have -= (int)used;
+            continue;
+        }
+        uint16_t e = table[acc >> (64 - HUFF_BITS)]; /* one unit: the tile's last, or a long code */
+        int len = e & 15;
+        if (len == 0 || len + hb > have) return -1;
+        acc <<= len;
+        uint32_t high = hb ? (uint32_t)(acc >> (64 - (hb ? hb : 1))) : 0;
+        acc <<= hb;
+        have -= len + hb;
+        syms[i++] = (uint8_t)((uint32_t)(e >> 4) | high << eb);
+    }
+    r->acc = acc, r->have = have;
+    return 0;
+}
+
+/* Values from units and residuals: out[i] for value lo + i, the layout fixed at compile time (T
+ * the element type, M mantissa bits, RB residual bytes, EB exponent bits): a loop the compiler
+ * vectorises. */
+#define HUFF_ASSEMBLE(NAME, T, M, RB, EB)                                                      \
+    static void NAME(const uint8_t *restrict syms, const uint8_t *restrict residuals,         \
+                     uint64_t lo, uint64_t cnt, T *restrict out) {                             \
+        const uint8_t *rp = residuals + lo * (RB);                                             \
+        for (uint64_t i = 0; i < cnt; i++) {                                                   \
+            uint32_t res = (RB) == 1 ? rp[i]                                                   \
+                : (uint32_t)rp[3 * i] | (uint32_t)rp[3 * i + 1] << 8 | (uint32_t)rp[3 * i + 2] << 16; \
+            uint32_t sym = syms[i], exp = sym & ((1u << (EB)) - 1);                            \
+            res |= (sym >> (EB)) << (8 * (RB));                                                \
+            out[i] = (T)((res >> (M)) << (8 * sizeof(T) - 1) | exp << (M) | (res & ((1u << (M)) - 1))); \
         }                                                                                      \
-        for (int j = 0; j < g; j++)                                                            \
-            for (uint64_t i = common; i < cnt[j] && !bad[j]; i++)                              \
-                bad[j] |= VALUE(s, &r[j], lo[j] + i, (T *)dst[j], i, 1);                       \
     }
-HUFF_TILES(huff_tiles_bf16, uint16_t, huff_bf16)
-HUFF_TILES(huff_tiles_f16, uint16_t, huff_f16)
-HUFF_TILES(huff_tiles_f32, uint32_t, huff_f32)
+HUFF_ASSEMBLE(huff_assemble_bf16, uint16_t, 7, 1, 8)
+HUFF_ASSEMBLE(huff_assemble_f16, uint16_t, 10, 1, 5)
+HUFF_ASSEMBLE(huff_assemble_f32, uint32_t, 23, 3, 8)
 
-/* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles). Returns 0, t + 1
- * for the first tile t whose tile offsets, tile bits, codes or bitmap are inconsistent (of the
- * HUFF_WAYS tiles decoded together, the first), -1 for bad arguments. */
+/* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles): per tile, the
+ * units from the stream (huff_units), then the values from units and residuals, then, for a
+ * sparse tensor, the bitmap expand. Returns 0, t + 1 for the first tile t whose tile offsets,
+ * tile bits, codes or bitmap are inconsistent, -1 for bad arguments. */
 int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t t1, int features) {
     if (!tables_ready) build_tables();
     uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
     uint16_t table[1 << HUFF_BITS];
+    uint32_t units[1 << HUFF_BITS];
     int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
     int f32 = a->elem_bytes == 4 && a->man_bits == 23;
     if (t0 > t1 || t1 > ntiles || !(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) ||
         (!a->bitmap && a->nnz != a->n) || build_huff_table(a, table))
         return -1;
-    const huff_stream s = {table, a->bits, a->residuals, a->bits_nbytes};
+    build_unit_table(a, table, units);
     int simd = (features & cpu_features & FEAT_SSSE3) != 0;
-    uint32_t buf32[HUFF_WAYS][TILE_BUF] __attribute__((aligned(16)));
+    uint8_t syms[TILE_ELEMS + 4];
+    uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
     if (a->bitmap) memset(buf32, 0, sizeof buf32); /* the SIMD expand reads past a tile's values */
     const uint64_t end_bit = a->bits_nbytes * 8;
-    for (uint64_t t = t0; t < t1; t += HUFF_WAYS) {
-        const int g = t1 - t < HUFF_WAYS ? (int)(t1 - t) : HUFF_WAYS;
-        uint64_t lo[HUFF_WAYS], cnt[HUFF_WAYS], start[HUFF_WAYS], end[HUFF_WAYS], b1[HUFF_WAYS];
-        void *dst[HUFF_WAYS];
-        huff_reader r[HUFF_WAYS];
-        int bad[HUFF_WAYS] = {0};
-        for (int j = 0; j < g; j++) {
-            uint64_t tj = t + (uint64_t)j, hi;
-            start[j] = tj * TILE_ELEMS;
-            end[j] = start[j] + TILE_ELEMS < a->n ? start[j] + TILE_ELEMS : a->n;
-            if (a->bitmap) {
-                if (!tile_range(a->tile_offsets, tj, a->n, a->nnz, &lo[j], &hi, &start[j], &end[j]))
-                    return (int64_t)tj + 1;
-            } else {
-                lo[j] = start[j];
-                hi = end[j];
-            }
-            uint64_t b0 = a->tile_bits[tj];
-            b1[j] = a->tile_bits[tj + 1];
-            if (b0 > b1[j] || b1[j] > end_bit || (tj == 0 && b0 != 0)) return (int64_t)tj + 1;
-            cnt[j] = hi - lo[j];
-            dst[j] = a->bitmap ? (void *)buf32[j] : (void *)((uint8_t *)a->out + start[j] * a->elem_bytes);
-            huff_seek(a->bits, a->bits_nbytes, &r[j], b0);
+    for (uint64_t t = t0; t < t1; t++) {
+        uint64_t lo, hi, start = t * TILE_ELEMS, end = start + TILE_ELEMS < a->n ? start + TILE_ELEMS : a->n;
+        if (a->bitmap) {
+            if (!tile_range(a->tile_offsets, t, a->n, a->nnz, &lo, &hi, &start, &end)) return (int64_t)t + 1;
+        } else {
+            lo = start;
+            hi = end;
         }
-        (bf16 ? huff_tiles_bf16 : f16 ? huff_tiles_f16 : huff_tiles_f32)(&s, g, r, lo, cnt, dst, bad);
-        for (int j = 0; j < g; j++) {
-            if (bad[j] || huff_pos(&r[j]) != b1[j]) return (int64_t)(t + (uint64_t)j) + 1;
-            if (a->bitmap) {
-                int wrong = a->elem_bytes == 2
-                    ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32[j], 0, cnt[j], TILE_BUF,
-                                      (uint16_t *)a->out, start[j], end[j], simd, 0)
-                    : expand_uint32_t(a->bitmap, buf32[j], 0, cnt[j], TILE_BUF, (uint32_t *)a->out,
-                                      start[j], end[j], simd, 0);
-                if (wrong) return (int64_t)(t + (uint64_t)j) + 1;
-            }
+        uint64_t b0 = a->tile_bits[t], b1 = a->tile_bits[t + 1];
+        if (b0 > b1 || b1 > end_bit || (t == 0 && b0 != 0)) return (int64_t)t + 1;
+        huff_reader r;
+        huff_seek(a->bits, a->bits_nbytes, &r, b0);
+        if (huff_units(a, table, units, &r, hi - lo, syms) || huff_pos(&r) != b1) return (int64_t)t + 1;
+        void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start * a->elem_bytes);
+        if (bf16)
+            huff_assemble_bf16(syms, a->residuals, lo, hi - lo, (uint16_t *)dst);
+        else if (f16)
+            huff_assemble_f16(syms, a->residuals, lo, hi - lo, (uint16_t *)dst);
+        else
+            huff_assemble_f32(syms, a->residuals, lo, hi - lo, (uint32_t *)dst);
+        if (a->bitmap) {
+            int wrong = a->elem_bytes == 2
+                ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, hi - lo, TILE_BUF,
+                                  (uint16_t *)a->out, start, end, simd, 0)
+                : expand_uint32_t(a->bitmap, buf32, 0, hi - lo, TILE_BUF, (uint32_t *)a->out, start,
+                                  end, simd, 0);
+            if (wrong) return (int64_t)t + 1;
         }
     }
     return 0;
