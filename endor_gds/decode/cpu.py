@@ -121,9 +121,9 @@ def _check_streams(s: Streams, n: int, itemsize: int, where: str) -> None:
 
 def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, itemsize: int,
                   where: str) -> None:
-    """The checks on one bitmap-encoded tensor of ``n`` elements of ``itemsize`` bytes (raw values,
-    or codec expdict :class:`Streams`) before any pointer into it reaches C: the decoder's and the
-    fused product's, in one place."""
+    """The checks on one encoded tensor of ``n`` elements of ``itemsize`` bytes (raw values, codec
+    expdict :class:`Streams`, or codec exphuff :class:`HuffStreams`, whose dense form has no bitmap)
+    before any pointer into it reaches C: the decoder's and the fused product's, in one place."""
     if isinstance(values, HuffStreams):
         _check_huff(values, bitmap, tile_offsets, n, itemsize, where)
         if bitmap is None:

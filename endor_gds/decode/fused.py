@@ -49,6 +49,9 @@ class FusedWeight:
 
     def __init__(self, bitmap: np.ndarray, values, tile_offsets: np.ndarray, shape: tuple[int, int],
                  dtype: torch.dtype, where: str = "weight"):
+        if not isinstance(values, (np.ndarray, Streams)):
+            raise ValueError(f"{where}: the fused product takes codec raw or expdict values, got "
+                             f"{type(values).__name__}")
         if len(shape) != 2 or dtype not in _DTYPES:
             raise ValueError(f"{where}: the fused product takes 2-D fp16/bf16/fp32 weights, got "
                              f"{tuple(shape)} {dtype}")

@@ -116,6 +116,8 @@ def test_leading_dimensions_and_argument_checks(rng):
         FusedWeight(enc.bitmap, enc.values, enc.tile_offsets, (100,), torch.float16)
     with pytest.raises(ValueError, match="bitmap must be"):
         FusedWeight(enc.bitmap, enc.values, enc.tile_offsets, (10, 20), torch.float16)
+    with pytest.raises(ValueError, match="takes codec raw or expdict values, got list"):
+        FusedWeight(enc.bitmap, list(enc.values), enc.tile_offsets, (10, 10), torch.float16)
 
 
 @pytest.mark.parametrize("codec", ["raw", "expdict"])
