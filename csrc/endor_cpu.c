@@ -639,32 +639,33 @@ static inline void huff_seek(const uint8_t *bits, uint64_t nbytes, huff_reader *
 static inline uint64_t huff_pos(const huff_reader *r) { return r->byte * 8 - (uint64_t)r->have; }
 
 /* The multi-unit table: for each value of the next HUFF_BITS bits, the units (a unit: an
- * exponent's code, then the value's high residual bits) that lie whole within them, up to three:
- * byte u = unit u as exponent | high << exp_bits, bits 24-25 their count (0: the first unit does
- * not fit, decode it alone), bits 26-29 the bits they take. The common exponents have 2-3-bit
+ * exponent's code, then the value's high residual bits) that lie whole within them, up to four:
+ * byte u = unit u as exponent | high << exp_bits, bits 32-34 their count (0: the first unit does
+ * not fit, decode it alone), bits 40-43 the bits they take. The common exponents have 2-3-bit
  * codes, so one lookup yields two or three values: one lookup per value (table, then a shift by
  * its length, each waiting for the last) ran at ~0.5 G values/s per core. */
-static void build_unit_table(const endor_exphuff *a, const uint16_t *table, uint32_t *units) {
+static void build_unit_table(const endor_exphuff *a, const uint16_t *table, uint64_t *units) {
     const uint32_t hb = (a->man_bits + 1) % 8, mask = (1u << HUFF_BITS) - 1;
     for (uint32_t w = 0; w <= mask; w++) {
-        uint32_t packed = 0, n = 0, used = 0;
-        while (n < 3) {
+        uint64_t packed = 0;
+        uint32_t n = 0, used = 0;
+        while (n < 4) {
             uint16_t e = table[(w << used) & mask]; /* zeros shifted in: checked to lie within w */
             uint32_t len = e & 15;
             if (len == 0 || used + len + hb > HUFF_BITS) break;
             uint32_t high = hb ? (w >> (HUFF_BITS - used - len - hb)) & ((1u << hb) - 1) : 0;
-            packed |= ((uint32_t)(e >> 4) | high << a->exp_bits) << (8 * n);
+            packed |= (uint64_t)((uint32_t)(e >> 4) | high << a->exp_bits) << (8 * n);
             n++;
             used += len + hb;
         }
-        units[w] = packed | n << 24 | used << 26;
+        units[w] = packed | (uint64_t)n << 32 | (uint64_t)used << 40;
     }
 }
 
 /* The units of one tile's cnt values from reader r into syms (one byte each: exponent | high <<
  * exp_bits), cnt <= TILE_ELEMS, syms holding TILE_ELEMS + 4 bytes. -1 when a code is missing or
  * the stream ends. */
-static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint32_t *units,
+static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
                       huff_reader *r, uint64_t cnt, uint8_t *syms) {
     const uint8_t *bits = a->bits;
     const uint64_t nbytes = a->bits_nbytes;
@@ -677,10 +678,10 @@ static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint3
             huff_refill(bits, nbytes, r);
             acc = r->acc, have = r->have;
         }
-        uint32_t u = units[acc >> (64 - HUFF_BITS)];
-        uint32_t n = (u >> 24) & 3, used = u >> 26;
-        if (n && cnt - i >= 3 && (int)used <= have) { /* two or three values at once */
-            memcpy(syms + i, &u, 4); /* the fourth byte is overwritten by the next step */
+        uint64_t u = units[acc >> (64 - HUFF_BITS)];
+        uint32_t n = (uint32_t)(u >> 32) & 7, used = (uint32_t)(u >> 40);
+        if (n && cnt - i >= 4 && (int)used <= have) { /* up to four values at once */
+            memcpy(syms + i, &u, 4); /* bytes past the n-th: overwritten by the next step */
             i += n;
             acc <<= used;
             have -= (int)used;
@@ -726,7 +727,7 @@ int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t
     if (!tables_ready) build_tables();
     uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
     uint16_t table[1 << HUFF_BITS];
-    uint32_t units[1 << HUFF_BITS];
+    uint64_t units[1 << HUFF_BITS];
     int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
     int f32 = a->elem_bytes == 4 && a->man_bits == 23;
     if (t0 > t1 || t1 > ntiles || !(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) ||
