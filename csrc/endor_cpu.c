@@ -666,11 +666,11 @@ static void build_unit_table(const endor_exphuff *a, const uint16_t *table, uint
  * exp_bits), cnt <= TILE_ELEMS, syms holding TILE_ELEMS + 4 bytes. -1 when a code is missing or
  * the stream ends. */
 static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
-                      huff_reader *r, uint64_t cnt, uint8_t *syms) {
+                      huff_reader *r, uint64_t i, uint64_t cnt, uint8_t *syms) {
     const uint8_t *bits = a->bits;
     const uint64_t nbytes = a->bits_nbytes;
     const int hb = (int)((a->man_bits + 1) % 8), eb = (int)a->exp_bits;
-    uint64_t acc = r->acc, i = 0;
+    uint64_t acc = r->acc;
     int have = r->have;
     while (i < cnt) {
         if (have < HUFF_BITS + 3) {
@@ -697,6 +697,32 @@ static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint6
         syms[i++] = (uint8_t)((uint32_t)(e >> 4) | high << eb);
     }
     r->acc = acc, r->have = have;
+    return 0;
+}
+
+/* Two tiles' units in lockstep while both take the fast path (four units per lookup at most),
+ * then each tile's rest alone: two independent lookup-and-shift chains for the core. */
+static int huff_units2(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
+                       huff_reader *r0, uint64_t cnt0, uint8_t *s0, int *bad0,
+                       huff_reader *r1, uint64_t cnt1, uint8_t *s1, int *bad1) {
+    const uint8_t *bits = a->bits;
+    const uint64_t nbytes = a->bits_nbytes;
+    uint64_t i0 = 0, i1 = 0;
+    while (i0 + 4 <= cnt0 && i1 + 4 <= cnt1) {
+        if (r0->have < HUFF_BITS + 3) huff_refill(bits, nbytes, r0);
+        if (r1->have < HUFF_BITS + 3) huff_refill(bits, nbytes, r1);
+        uint64_t u0 = units[r0->acc >> (64 - HUFF_BITS)], u1 = units[r1->acc >> (64 - HUFF_BITS)];
+        uint32_t n0 = (uint32_t)(u0 >> 32) & 7, used0 = (uint32_t)(u0 >> 40);
+        uint32_t n1 = (uint32_t)(u1 >> 32) & 7, used1 = (uint32_t)(u1 >> 40);
+        if (!n0 || !n1 || (int)used0 > r0->have || (int)used1 > r1->have) break;
+        memcpy(s0 + i0, &u0, 4);
+        memcpy(s1 + i1, &u1, 4);
+        i0 += n0, i1 += n1;
+        r0->acc <<= used0, r1->acc <<= used1;
+        r0->have -= (int)used0, r1->have -= (int)used1;
+    }
+    *bad0 = huff_units(a, table, units, r0, i0, cnt0, s0);
+    *bad1 = huff_units(a, table, units, r1, i1, cnt1, s1);
     return 0;
 }
 
@@ -735,37 +761,54 @@ int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t
         return -1;
     build_unit_table(a, table, units);
     int simd = (features & cpu_features & FEAT_SSSE3) != 0;
-    uint8_t syms[TILE_ELEMS + 4];
+    uint8_t syms[2][TILE_ELEMS + 4];
     uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
     if (a->bitmap) memset(buf32, 0, sizeof buf32); /* the SIMD expand reads past a tile's values */
     const uint64_t end_bit = a->bits_nbytes * 8;
-    for (uint64_t t = t0; t < t1; t++) {
-        uint64_t lo, hi, start = t * TILE_ELEMS, end = start + TILE_ELEMS < a->n ? start + TILE_ELEMS : a->n;
-        if (a->bitmap) {
-            if (!tile_range(a->tile_offsets, t, a->n, a->nnz, &lo, &hi, &start, &end)) return (int64_t)t + 1;
-        } else {
-            lo = start;
-            hi = end;
+    for (uint64_t t = t0; t < t1; t += 2) {
+        const int g = t + 1 < t1 ? 2 : 1;
+        uint64_t lo[2], hi[2], start[2], end[2], b1[2];
+        huff_reader r[2];
+        int bad[2] = {0, 0};
+        for (int j = 0; j < g; j++) {
+            uint64_t tj = t + (uint64_t)j;
+            start[j] = tj * TILE_ELEMS;
+            end[j] = start[j] + TILE_ELEMS < a->n ? start[j] + TILE_ELEMS : a->n;
+            if (a->bitmap) {
+                if (!tile_range(a->tile_offsets, tj, a->n, a->nnz, &lo[j], &hi[j], &start[j], &end[j]))
+                    return (int64_t)tj + 1;
+            } else {
+                lo[j] = start[j];
+                hi[j] = end[j];
+            }
+            uint64_t b0 = a->tile_bits[tj];
+            b1[j] = a->tile_bits[tj + 1];
+            if (b0 > b1[j] || b1[j] > end_bit || (tj == 0 && b0 != 0)) return (int64_t)tj + 1;
+            huff_seek(a->bits, a->bits_nbytes, &r[j], b0);
         }
-        uint64_t b0 = a->tile_bits[t], b1 = a->tile_bits[t + 1];
-        if (b0 > b1 || b1 > end_bit || (t == 0 && b0 != 0)) return (int64_t)t + 1;
-        huff_reader r;
-        huff_seek(a->bits, a->bits_nbytes, &r, b0);
-        if (huff_units(a, table, units, &r, hi - lo, syms) || huff_pos(&r) != b1) return (int64_t)t + 1;
-        void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start * a->elem_bytes);
-        if (bf16)
-            huff_assemble_bf16(syms, a->residuals, lo, hi - lo, (uint16_t *)dst);
-        else if (f16)
-            huff_assemble_f16(syms, a->residuals, lo, hi - lo, (uint16_t *)dst);
+        if (g == 2)
+            huff_units2(a, table, units, &r[0], hi[0] - lo[0], syms[0], &bad[0], &r[1], hi[1] - lo[1],
+                        syms[1], &bad[1]);
         else
-            huff_assemble_f32(syms, a->residuals, lo, hi - lo, (uint32_t *)dst);
-        if (a->bitmap) {
-            int wrong = a->elem_bytes == 2
-                ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, hi - lo, TILE_BUF,
-                                  (uint16_t *)a->out, start, end, simd, 0)
-                : expand_uint32_t(a->bitmap, buf32, 0, hi - lo, TILE_BUF, (uint32_t *)a->out, start,
-                                  end, simd, 0);
-            if (wrong) return (int64_t)t + 1;
+            bad[0] = huff_units(a, table, units, &r[0], 0, hi[0] - lo[0], syms[0]);
+        for (int j = 0; j < g; j++) {
+            uint64_t tj = t + (uint64_t)j, cnt = hi[j] - lo[j];
+            if (bad[j] || huff_pos(&r[j]) != b1[j]) return (int64_t)tj + 1;
+            void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start[j] * a->elem_bytes);
+            if (bf16)
+                huff_assemble_bf16(syms[j], a->residuals, lo[j], cnt, (uint16_t *)dst);
+            else if (f16)
+                huff_assemble_f16(syms[j], a->residuals, lo[j], cnt, (uint16_t *)dst);
+            else
+                huff_assemble_f32(syms[j], a->residuals, lo[j], cnt, (uint32_t *)dst);
+            if (a->bitmap) {
+                int wrong = a->elem_bytes == 2
+                    ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, cnt, TILE_BUF,
+                                      (uint16_t *)a->out, start[j], end[j], simd, 0)
+                    : expand_uint32_t(a->bitmap, buf32, 0, cnt, TILE_BUF, (uint32_t *)a->out, start[j],
+                                      end[j], simd, 0);
+                if (wrong) return (int64_t)tj + 1;
+            }
         }
     }
     return 0;
