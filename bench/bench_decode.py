@@ -58,7 +58,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from endor_gds.codec.bitmap import encode_bitmap
+from endor_gds.codec.bitmap import DTYPES, encode_bitmap
 from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram
 from endor_gds.decode import gpu as kernels
 from endor_gds.decode.cpu import CpuDecoder
@@ -268,7 +268,7 @@ def run_fused_case(cpu, bitmap, values, offsets, shape, dtype: str, out, m: int,
                    warmup: int, decode_s: float, rng) -> dict:
     """The fused product against torch's GEMV on the decoded weight (``out``), interleaved run by
     run; the product's result is checked against the GEMV's first (fp32 sums: to 1e-2)."""
-    tdtype = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32}[dtype]
+    tdtype = DTYPES[dtype].torch
     weight = FusedWeight(bitmap, values, offsets, shape, tdtype, "bench")
     dense = torch.from_numpy(out.view(np.uint8)).view(tdtype).reshape(shape)
     x = torch.from_numpy(rng.standard_normal((m, shape[1]), dtype=np.float32)).to(tdtype)

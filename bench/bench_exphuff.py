@@ -43,7 +43,6 @@ from endor_gds.packing.policy import choose_storage
 from endor_gds.packing.prune import magnitude_prune
 
 SHAPES = [(2048, 2048), (256, 2048), (256, 2048), (2048, 2048), (5632, 2048), (5632, 2048), (2048, 5632)]
-TORCH = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
 
 
 def tensor_sizes(bits: np.ndarray, shape, dtype: str) -> dict:
@@ -68,7 +67,7 @@ def run(dtype: str, sparsity: float, layers: int, seed: int) -> dict:
     hist, n, nnz = np.zeros(1 << layout.exp_bits, dtype=np.int64), 0, 0
     for _ in range(layers):
         for shape in SHAPES:
-            w = (torch.randn(shape, generator=gen) * 0.02).to(TORCH[dtype])
+            w = (torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype].torch)
             if sparsity > 0:
                 w = magnitude_prune(w, sparsity)
             bits = w.view(torch.int16 if layout.itemsize == 2 else torch.int32).numpy() \
@@ -90,23 +89,23 @@ def decode_rates(dtype: str, sparsity: float, repeats: int, seed: int) -> dict:
     """Dense GB/s of the CPU decoder per codec over one TinyLlama layer's seven weights."""
     import time  # noqa: PLC0415
 
+    from bench_decode import codec_values  # noqa: PLC0415 - v2 encoded as bench_decode encodes it
+
     from endor_gds.codec.bitmap import encode_bitmap  # noqa: PLC0415
-    from endor_gds.codec.expdict import best_expdict, encode_values  # noqa: PLC0415
     from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
 
     layout, gen = LAYOUTS[dtype], torch.Generator().manual_seed(seed)
     seconds, dense = {"v1": 0.0, "v2": 0.0, "exphuff": 0.0}, 0
     with CpuDecoder() as dec:
         for shape in SHAPES:
-            w = (torch.randn(shape, generator=gen) * 0.02).to(TORCH[dtype])
+            w = (torch.randn(shape, generator=gen) * 0.02).to(DTYPES[dtype].torch)
             if sparsity > 0:
                 w = magnitude_prune(w, sparsity)
             bits = w.view(torch.int16 if layout.itemsize == 2 else torch.int32).numpy().view(layout.bits).reshape(-1)
             enc, out = encode_bitmap(bits), np.empty(bits.size, dtype=layout.bits)
             hist = exponent_histogram(enc.values, layout)
             items = {"v1": (enc.bitmap, enc.values, enc.tile_offsets, out),
-                     "v2": (enc.bitmap, encode_values(enc.values, enc.tile_offsets,
-                                                      best_expdict(hist, bits.size, layout)[0]),
+                     "v2": (enc.bitmap, codec_values("expdict", enc.values, enc.tile_offsets, bits.size, dtype),
                             enc.tile_offsets, out)}
             if sparsity > 0:
                 items["exphuff"] = (enc.bitmap, exphuff.encode_values(

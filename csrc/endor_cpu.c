@@ -702,9 +702,9 @@ static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint6
 
 /* Two tiles' units in lockstep while both take the fast path (four units per lookup at most),
  * then each tile's rest alone: two independent lookup-and-shift chains for the core. */
-static int huff_units2(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
-                       huff_reader *r0, uint64_t cnt0, uint8_t *s0, int *bad0,
-                       huff_reader *r1, uint64_t cnt1, uint8_t *s1, int *bad1) {
+static void huff_units2(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
+                        huff_reader *r0, uint64_t cnt0, uint8_t *s0, int *bad0,
+                        huff_reader *r1, uint64_t cnt1, uint8_t *s1, int *bad1) {
     const uint8_t *bits = a->bits;
     const uint64_t nbytes = a->bits_nbytes;
     uint64_t i0 = 0, i1 = 0;
@@ -723,7 +723,6 @@ static int huff_units2(const endor_exphuff *a, const uint16_t *table, const uint
     }
     *bad0 = huff_units(a, table, units, r0, i0, cnt0, s0);
     *bad1 = huff_units(a, table, units, r1, i1, cnt1, s1);
-    return 0;
 }
 
 /* Values from units and residuals: out[i] for value lo + i, the layout fixed at compile time (T

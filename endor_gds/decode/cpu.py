@@ -139,9 +139,7 @@ def check_encoded(bitmap: np.ndarray, values, tile_offsets: np.ndarray, n: int, 
                          f"(supported: 2 = fp16/bf16, 4 = fp32)")
     if isinstance(values, Streams):
         _check_streams(values, n, itemsize, where)
-    elif isinstance(values, HuffStreams):
-        pass
-    elif values.dtype.itemsize != itemsize:
+    elif not isinstance(values, HuffStreams) and values.dtype.itemsize != itemsize:
         raise ValueError(f"{where}: values are {values.dtype.itemsize}-byte, out is {itemsize}-byte")
     if bitmap.dtype.itemsize != 4 or bitmap.size != -(-n // WORD_BITS):
         raise ValueError(f"{where}: bitmap must be {-(-n // WORD_BITS)} uint32 words for n={n}, "

@@ -57,8 +57,7 @@ class FusedWeight:
                              f"{tuple(shape)} {dtype}")
         self.rows, self.cols = int(shape[0]), int(shape[1])
         self.dtype, self.where = dtype, where
-        itemsize = torch.empty(0, dtype=dtype).element_size()
-        check_encoded(bitmap, values, tile_offsets, self.rows * self.cols, itemsize, where)
+        check_encoded(bitmap, values, tile_offsets, self.rows * self.cols, dtype.itemsize, where)
         self._expdict = None
         if isinstance(values, Streams):
             self._expdict = expdict_args(bitmap, values, tile_offsets, 0, self.rows * self.cols)

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import torch
@@ -51,6 +53,9 @@ class Backend(ABC):
         """Decoder thread: host bytes of the staged extent (its checksums are checked there)."""
 
     ram: RamImage | None = None  # the RAM tier, when the streamed extents are held in host memory
+    # per layer, the weights the forward may multiply fused (fused_weights); none unless a backend
+    # sets its own (CpuBackend), and never changed in place
+    fused: Mapping[int, frozenset[str]] = MappingProxyType({})
 
     def reread(self, plan: LayerPlan, s: int) -> None:
         """Decoder thread: read the extent again from storage, where ``staging_view`` sees it

@@ -342,8 +342,7 @@ class StreamingRuntime:
             params[rel] = (layer.get_submodule(owner_path) if owner_path else layer, leaf, p)
         pipeline = self.pipeline
         # the linear layers that may multiply from bitmap + values: what each is to use this step
-        fusable = getattr(self.backend, "fused", {}).get(index, ())  # CpuBackend only
-        fused = {rel: _fuse_forward(params[rel][0], self.decoder) for rel in fusable}
+        fused = {rel: _fuse_forward(params[rel][0], self.decoder) for rel in self.backend.fused.get(index, ())}
         cache: dict[tuple[int, bool], list] = {}
 
         def pre(module, args, kwargs):
@@ -439,8 +438,9 @@ class StreamingRuntime:
         if not defaults.get("fused"):
             return "off (fused=False): every step decodes to dense, bit-identical to the in-memory model"
         limit = defaults.get("fused_max_rows")
-        how = f" ({AUTO_MAX_ROWS[self.dtype]} for {self.dtype}: fused_max_rows='auto')" if limit == "auto" else ""
-        return (f"on for steps of at most {_max_rows(self.dtype)} rows (batch x sequence){how}: their "
+        rows = _max_rows(self.dtype)
+        how = f" ({rows} for {self.dtype}: fused_max_rows='auto')" if limit == "auto" else ""
+        return (f"on for steps of at most {rows} rows (batch x sequence){how}: their "
                 f"linear weights are multiplied from bitmap + values; larger steps decode to dense")
 
     def checked_reads(self) -> str:
