@@ -5,13 +5,16 @@
     python bench/bench_decode.py --shapes llama-7b --sparsity 0.5 --json
     python bench/bench_decode.py --shapes 4096x4096,1000x33 --repeats 3 --storage-bytes 64MiB
     python bench/bench_decode.py --dtype BF16 --codecs raw,expdict   # format v1 and v2 rows
+    python bench/bench_decode.py --dtype BF16 --sparsity 0,0.5 --codecs raw,expdict,exphuff  # + v3
     git show REV:cuda/endor_decode.cu > /tmp/old.cu
     python bench/bench_decode.py --dtype BF16 --compare-source /tmp/old.cu   # this kernel vs REV's
 
 Inputs: weights as transformers initialises them (N(0, 0.02)) in ``--dtype``, the smallest
 ``sparsity`` of each 16 M-element chunk zeroed (magnitude pruning), encoded with each codec of
-``--codecs``: ``raw`` (format v1: the values as they are) and ``expdict`` (format v2: residuals,
-exponent-dictionary codes, escapes; index width chosen as the packer does).
+``--codecs``: ``raw`` (format v1: the values as they are), ``expdict`` (format v2: residuals,
+exponent-dictionary codes, escapes; index width chosen as the packer does) and ``exphuff`` (format
+v3: residuals and Huffman-coded exponents; a tensor with no zeros, ``--sparsity 0``, is stored
+dense, without bitmap or tile offsets, as the packer stores unpruned weights).
 
 CPU: dense output bytes per second of ``endor_gds.decode.cpu.CpuDecoder`` (inputs warm in RAM),
 and the ratio to the sequential O_DIRECT read bandwidth of a temporary file of ``--storage-bytes``
@@ -30,7 +33,8 @@ kernel file and times it in the same runs, interleaved with the packaged kernel 
 ``speedup_vs_compare`` per case, ``gpu_speedup_vs_compare`` per codec (a kernel change proven
 against its predecessor in one process).
 
-CPU fused product (``--fused-rows 1,4,8``, default 1: a decode step; 0 skips it): ``y = x · Wᵀ``
+CPU fused product (``--fused-rows 1,4,8``, default 1: a decode step; 0 skips it; raw and expdict
+only, the fused product does not read exphuff): ``y = x · Wᵀ``
 for M rows of x straight from bitmap + values (``endor_gds.decode.fused``), as GB/s of *stored*
 bytes in, beside torch's product on the dense weight (dense bytes per second) and the path the
 fused product replaces, decode + that product, in the same run: ``speedup`` = (decode + dense
@@ -58,6 +62,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from endor_gds.codec import exphuff
 from endor_gds.codec.bitmap import DTYPES, encode_bitmap
 from endor_gds.codec.expdict import LAYOUTS, best_expdict, encode_values, exponent_histogram
 from endor_gds.decode import gpu as kernels
@@ -128,19 +133,32 @@ def make_encoded(rng, n: int, sparsity: float, dtype: str):
 
 
 def codec_values(codec: str, values: np.ndarray, offsets: np.ndarray, n: int, dtype: str):
-    """The values argument of the decoders for ``codec``: the array (raw) or expdict Streams."""
+    """The values argument of the decoders for ``codec``: the array (raw), expdict Streams or
+    exphuff HuffStreams (tiles as ``offsets`` says: the bitmap's, or a dense tensor's)."""
     if codec == "raw":
         return values
     layout = LAYOUTS[dtype]
+    if codec == "exphuff":
+        params = exphuff.best_exphuff(exponent_histogram(values, layout), layout)
+        return exphuff.encode_values(values, offsets, params)
     params, _ = best_expdict(exponent_histogram(values, layout), n, layout)
     return encode_values(values, offsets, params)
 
 
+def codec_inputs(codec: str, bitmap, values, offsets, n: int, dtype: str) -> tuple:
+    """(bitmap, values, tile offsets) of the decoders for ``codec``. Exphuff stores a tensor with
+    no zeros dense: every element a value, no bitmap and no tile offsets (None, as the file has)."""
+    if codec == "exphuff" and values.size == n:
+        return None, codec_values(codec, values, exphuff.dense_tile_offsets(n), n, dtype), None
+    return bitmap, codec_values(codec, values, offsets, n, dtype), offsets
+
+
 def stored_bytes(bitmap, values, offsets) -> int:
-    """Bytes of the segments (unpadded) the decoders read."""
+    """Bytes of the segments (unpadded) the decoders read (a dense exphuff tensor: its streams)."""
+    index = 0 if bitmap is None else int(bitmap.nbytes + offsets.nbytes)
     if isinstance(values, np.ndarray):
-        return int(bitmap.nbytes + values.nbytes + offsets.nbytes)
-    return int(bitmap.nbytes + offsets.nbytes + sum(a.nbytes for a in values.segments().values()))
+        return index + int(values.nbytes)
+    return index + sum(int(a.nbytes) for a in values.segments().values())
 
 
 def stats(seconds: list[float], nbytes: int) -> dict:
@@ -207,15 +225,17 @@ def ram_gib() -> float:
 
 
 def gpu_item(cp, bitmap, values, offsets, out):
-    """A GpuItem over device copies of the inputs (raw values or expdict streams) and the device
-    array ``out``; returns it and the copies (which must outlive its launches)."""
-    b, o = cp.asarray(bitmap), cp.asarray(offsets)
+    """A GpuItem over device copies of the inputs (raw values, expdict or exphuff streams; no
+    bitmap and tile offsets for a dense exphuff tensor) and the device array ``out``; returns it
+    and the copies (which must outlive its launches)."""
+    b, o = (None, None) if bitmap is None else (cp.asarray(bitmap), cp.asarray(offsets))
     if isinstance(values, np.ndarray):
         v = cp.asarray(values)
         return kernels.GpuItem.from_arrays(b, v, o, out, label="bench"), (b, v, o)
-    # expdict streams; a tensor without escapes has empty escape arrays (pointer 0, never read)
+    # the codec's streams; a tensor without escapes has empty escape arrays (pointer 0, never read)
     v = {k: cp.asarray(a) for k, a in values.segments().items()}
-    return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", expdict=values.params), (b, v, o)
+    codec = {"exphuff": values.params} if isinstance(values, exphuff.HuffStreams) else {"expdict": values.params}
+    return kernels.GpuItem.from_arrays(b, v, o, out, label="bench", **codec), (b, v, o)
 
 
 def run_gpu_case(cp, decoders, stream, flush, bitmap, values, offsets, n, itemsize, cpu_out,
@@ -297,7 +317,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", default="F16", choices=sorted(kernels.ELEM_BYTES),
                     help="element type (raw decoding moves bits: F16 and BF16 time the same)")
     ap.add_argument("--codecs", default="raw,expdict",
-                    help="comma list of value codecs: raw (format v1), expdict (format v2)")
+                    help="comma list of value codecs: raw (format v1), expdict (format v2), exphuff "
+                         "(format v3; dense where --sparsity is 0)")
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per case (default 7)")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     ap.add_argument("--fused-rows", default="1",
@@ -328,8 +349,8 @@ def main(argv=None) -> int:
     if args.repeats < 1 or args.warmup < 0:
         ap.error("--repeats must be >= 1 and --warmup >= 0")
     codecs = [c.strip() for c in args.codecs.split(",") if c.strip()]
-    if not codecs or any(c not in ("raw", "expdict") for c in codecs):
-        ap.error(f"--codecs takes raw and/or expdict, got {args.codecs!r}")
+    if not codecs or any(c not in ("raw", "expdict", "exphuff") for c in codecs):
+        ap.error(f"--codecs takes raw, expdict and/or exphuff, got {args.codecs!r}")
     itemsize = kernels.ELEM_BYTES[args.dtype]
     compare_source = None
     if args.compare_source is not None:
@@ -397,9 +418,9 @@ def main(argv=None) -> int:
             bitmap, raw_values, offsets = make_encoded(rng, n, sparsity, args.dtype)
             out = np.empty(n, dtype=bits_dtype)
             for codec in codecs:
-                values = codec_values(codec, raw_values, offsets, n, args.dtype)
+                bm, values, offs = codec_inputs(codec, bitmap, raw_values, offsets, n, args.dtype)
                 # checked and split into tasks once, as the runtime does per (layer, set)
-                prepared = cpu.prepare([(bitmap, values, offsets, out)])
+                prepared = cpu.prepare([(bm, values, offs, out)])
                 times = []
                 for i in range(args.warmup + args.repeats):
                     t0 = time.perf_counter()
@@ -408,10 +429,10 @@ def main(argv=None) -> int:
                     if i >= args.warmup:
                         times.append(dt)
                 c = stats(times, out.nbytes)
-                stored = stored_bytes(bitmap, values, offsets)
-                fused = {str(m): run_fused_case(cpu, bitmap, values, offsets, (rows, cols), args.dtype, out,
+                stored = stored_bytes(bm, values, offs)
+                fused = {str(m): run_fused_case(cpu, bm, values, offs, (rows, cols), args.dtype, out,
                                                 m, args.repeats, args.warmup, c["median_s"], rng)
-                         for m in fused_rows}
+                         for m in (fused_rows if codec != "exphuff" else [])}
                 for f in fused.values():
                     f["gbps_in"] = stored / f["fused"]["median_s"] / 1e9
                 # dense bytes storage delivers per second when reading this codec's segments
@@ -419,14 +440,16 @@ def main(argv=None) -> int:
                 case = {"shape": [rows, cols], "sparsity": sparsity, "dtype": args.dtype,
                         "codec": codec, "dense_bytes": out.nbytes, "nnz": int(raw_values.size),
                         "stored_bytes": stored, "bits_per_element": 8 * stored / n,
-                        "expdict": None if codec == "raw" else values.params.manifest(),
+                        "expdict": values.params.manifest() if codec == "expdict" else None,
+                        "exphuff": values.params.manifest() if codec == "exphuff" else None,
+                        "dense_codec": bm is None,
                         "cpu": c, "cpu_ratio_to_storage": c["gbps"] / storage["gbps"],
                         "cpu_headroom": c["gbps"] / need, "fused": fused, "gpu": None}
                 tot = totals[codec]
                 tot["cpu_bytes"] += out.nbytes
                 tot["cpu_time"] += c["median_s"]
                 tot["stored"] += stored
-                for m in fused_rows:
+                for m in fused_rows if fused else []:
                     tot["fused_time"][m] += fused[str(m)]["fused"]["median_s"]
                     tot["gemv_time"][m] += fused[str(m)]["gemv"]["median_s"]
                 line = (f"{rows:>6}x{cols:<6} {sparsity:>8.2f} {codec:>7} {8 * stored / n:>7.3f} "
@@ -439,8 +462,11 @@ def main(argv=None) -> int:
                     line += (f" | {first['gbps_in']:>13.2f} {first['gemv']['gbps']:>9.2f} "
                              + " ".join(f"{f['speedup']:.2f}x" for f in fused.values()))
                 if gpu:
-                    g = run_gpu_case(gpu["cp"], gpu["decoders"], gpu["stream"], gpu["flush"], bitmap,
-                                     values, offsets, n, itemsize, out, args.repeats, args.warmup)
+                    # a compared kernel file from before codec exphuff would decode it as raw values
+                    decoders = {k: d for k, d in gpu["decoders"].items() if codec != "exphuff" or k == "kernel"
+                                or "kExpHuff" in (d.source or "")}
+                    g = run_gpu_case(gpu["cp"], decoders, gpu["stream"], gpu["flush"], bm,
+                                     values, offs, n, itemsize, out, args.repeats, args.warmup)
                     case["gpu"] = g
                     tot["gpu_bytes"] += g["traffic_bytes"]
                     tot["gpu_time"] += g["kernel"]["median_s"]
@@ -468,12 +494,12 @@ def main(argv=None) -> int:
             "fused": {str(m): {"gbps_in": tot["stored"] / tot["fused_time"][m] / 1e9,
                                "gemv_gbps": tot["cpu_bytes"] / tot["gemv_time"][m] / 1e9,
                                "speedup": (tot["cpu_time"] + tot["gemv_time"][m]) / tot["fused_time"][m]}
-                      for m in fused_rows},
+                      for m in fused_rows if tot["fused_time"][m] > 0},
             "gpu_gbps": tot["gpu_bytes"] / tot["gpu_time"] / 1e9 if gpu else None,
             "d2d_gbps": tot["gpu_bytes"] / tot["d2d_time"] / 1e9 if gpu else None,
             "gpu_ratio_to_d2d": tot["d2d_time"] / tot["gpu_time"] if gpu else None,
             "gpu_speedup_vs_compare": (tot["compare_time"] / tot["gpu_time"]
-                                       if gpu and compare_source is not None else None),
+                                       if gpu and tot["compare_time"] > 0 else None),
         }
     first = per_codec[codecs[0]]
     cpu_gbps = first["cpu_gbps"]

@@ -12,14 +12,14 @@ bytes a file holds for those tensors, every segment padded to a page, per elemen
 * ``v1``: bitmap + raw values, or dense (format v1's rule);
 * ``v2``: the packer's choice (``packing.policy.choose_storage``, codec auto: dense, raw or
   expdict, dictionaries counted);
-* ``exphuff``: entropy-coded exponents (``codec/exphuff.py``, no decoder outside numpy yet): the
-  smaller of every element coded without a bitmap (a zero is just exponent 0) and bitmap +
-  non-zeros;
+* ``exphuff``: entropy-coded exponents (format v3, ``codec/exphuff.py``): the packer's choice
+  with ``codec="exphuff"``, the smaller of every element coded without a bitmap (a zero is just
+  exponent 0) and bitmap + non-zeros;
 * ``bound``: ``1 + mantissa + H(exponent)`` bits per stored value (H over the whole set), plus
   one bitmap bit per element when pruned (the bitmap uncompressed), as the issue states it.
 
-The exphuff size is the one :func:`exphuff.stored_nbytes` computes from the exponent histogram,
-which tests/codec/test_exphuff.py checks against what the encoder writes.
+Sizes are the packer's own (``policy.Storage.nbytes``, from the exponent histograms), which
+tests/codec/test_exphuff.py checks against what the encoder writes.
 
 ``--decode``: also the CPU decoders' speed on one layer's weights (dense bytes out per second, all
 threads, inputs in RAM; v1 raw, v2 expdict and exphuff, each tensor decoded ``--repeats`` times,
@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from endor_gds.codec import exphuff
-from endor_gds.codec.bitmap import DTYPES, stored_nbytes
+from endor_gds.codec.bitmap import DTYPES
 from endor_gds.codec.expdict import LAYOUTS, exponent_histogram
 from endor_gds.packing.policy import choose_storage
 from endor_gds.packing.prune import magnitude_prune
@@ -49,15 +49,11 @@ def tensor_sizes(bits: np.ndarray, shape, dtype: str) -> dict:
     """Stored bytes of one weight (bit patterns ``bits``) in each codec, and its exponent counts."""
     d, layout, n = DTYPES[dtype], LAYOUTS[dtype], bits.size
     nnz = int(np.count_nonzero(bits))
-    v1 = choose_storage(d, shape, bits, "raw")
-    v2 = choose_storage(d, shape, bits, "auto")
-    sizes = {"v1": stored_nbytes(v1.encoding, n, nnz, d.itemsize),
-             "v2": stored_nbytes(v2.encoding, n, nnz, d.itemsize, v2.expdict)
-             + (len(v2.expdict.exponents) if v2.expdict is not None else 0)}
-    # the smaller of every element coded (a zero is exponent 0: no bitmap) and bitmap + non-zeros
-    dense_hist, hist = exponent_histogram(bits, layout), exponent_histogram(bits[bits != 0], layout)
-    sizes["exphuff"] = min(exphuff.stored_nbytes(exphuff.best_exphuff(dense_hist, layout), dense_hist, n, bitmap=False),
-                           exphuff.stored_nbytes(exphuff.best_exphuff(hist, layout), hist, n, bitmap=True))
+    # each codec as the packer sizes it (policy.Storage.nbytes: pages and parameters counted);
+    # v2 is format v2's choice, the smaller of v1's and bitmap + expdict
+    size = {c: choose_storage(d, shape, bits, c).nbytes(n, nnz, d.itemsize) for c in ("raw", "expdict", "exphuff")}
+    sizes = {"v1": size["raw"], "v2": min(size["raw"], size["expdict"]), "exphuff": size["exphuff"]}
+    hist = exponent_histogram(bits[bits != 0], layout)  # the non-zeros': the bound's entropy
     return {"sizes": sizes, "hist": hist, "n": n, "nnz": nnz}
 
 

@@ -558,15 +558,19 @@ int64_t endor_decode_expdict_tiles(const endor_expdict *a, uint64_t t0, uint64_t
     return rc;
 }
 
-/* ---- Codec exphuff (issue 22, not yet in any file format): entropy-coded exponents ----
+/* ---- Codec exphuff (format v3): entropy-coded exponents ----
  *
  * Value k: its residual's low residual_bytes bytes at residuals + k*rb; in the MSB-first `bits`
  * stream, from tile_bits[t] for the first value of tile t, the canonical Huffman code of its
  * exponent (at most HUFF_BITS bits, found by one lookup on the next HUFF_BITS bits), then the
- * residual's high bits (fp16: 3). Reference: endor_gds/codec/exphuff.py. A dense tensor has no
- * bitmap: every element is a value, tile t holds elements [t*TILE_ELEMS, ...). */
+ * residual's high bits (fp16: 3). Chunk c (values [512c, 512c + 512) of the tile, c = 1..7)
+ * starts chunk_bits[7t + c - 1] bits after the tile; chunks are decoded two at a time, each from
+ * its own offset, and each must end where the next starts. Reference: endor_gds/codec/exphuff.py.
+ * A dense tensor has no bitmap: every element is a value, tile t holds elements [t*TILE_ELEMS, ...). */
 
 #define HUFF_BITS 12 /* exphuff.MAX_CODE_BITS */
+#define HUFF_CHUNK 512 /* exphuff.CHUNK_VALUES */
+#define HUFF_CHUNKS (TILE_ELEMS / HUFF_CHUNK)
 
 typedef struct { /* mirrored by cpu_decode._ExpHuffArgs (ctypes) */
     const uint32_t *bitmap;       /* NULL: a dense tensor */
@@ -574,9 +578,10 @@ typedef struct { /* mirrored by cpu_decode._ExpHuffArgs (ctypes) */
     const uint8_t *residuals;     /* nnz * residual_bytes */
     const uint8_t *bits;          /* bits_nbytes */
     const uint32_t *tile_bits;    /* ntiles + 1 */
+    const uint16_t *chunk_bits;   /* (HUFF_CHUNKS - 1) * ntiles, from each tile's start */
     void *out;                    /* n elements */
     uint64_t n, nnz, bits_nbytes;
-    uint32_t elem_bytes, man_bits, exp_bits, reserved;
+    uint32_t elem_bytes, man_bits, exp_bits, nbits; /* nbits: the stream's length in bits */
     uint8_t lengths[256];         /* code length per exponent (2^exp_bits used), 0 = no code */
 } endor_exphuff;
 
@@ -745,9 +750,10 @@ HUFF_ASSEMBLE(huff_assemble_f16, uint16_t, 10, 1, 5)
 HUFF_ASSEMBLE(huff_assemble_f32, uint32_t, 23, 3, 8)
 
 /* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles): per tile, the
- * units from the stream (huff_units), then the values from units and residuals, then, for a
- * sparse tensor, the bitmap expand. Returns 0, t + 1 for the first tile t whose tile offsets,
- * tile bits, codes or bitmap are inconsistent, -1 for bad arguments. */
+ * units of its chunks from the stream, two chunks in lockstep (huff_units2), then the values from
+ * units and residuals, then, for a sparse tensor, the bitmap expand. Returns 0, t + 1 for the
+ * first tile t whose tile offsets, tile or chunk bits, codes or bitmap are inconsistent, -1 for
+ * bad arguments. */
 int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t t1, int features) {
     if (!tables_ready) build_tables();
     uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
@@ -756,58 +762,70 @@ int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t
     int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
     int f32 = a->elem_bytes == 4 && a->man_bits == 23;
     if (t0 > t1 || t1 > ntiles || !(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) ||
-        (!a->bitmap && a->nnz != a->n) || build_huff_table(a, table))
+        (!a->bitmap && a->nnz != a->n) || a->nbits > a->bits_nbytes * 8 || build_huff_table(a, table))
         return -1;
     build_unit_table(a, table, units);
     int simd = (features & cpu_features & FEAT_SSSE3) != 0;
-    uint8_t syms[2][TILE_ELEMS + 4];
+    uint8_t syms[TILE_ELEMS + 4];
     uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
     if (a->bitmap) memset(buf32, 0, sizeof buf32); /* the SIMD expand reads past a tile's values */
-    const uint64_t end_bit = a->bits_nbytes * 8;
-    for (uint64_t t = t0; t < t1; t += 2) {
-        const int g = t + 1 < t1 ? 2 : 1;
-        uint64_t lo[2], hi[2], start[2], end[2], b1[2];
-        huff_reader r[2];
-        int bad[2] = {0, 0};
-        for (int j = 0; j < g; j++) {
-            uint64_t tj = t + (uint64_t)j;
-            start[j] = tj * TILE_ELEMS;
-            end[j] = start[j] + TILE_ELEMS < a->n ? start[j] + TILE_ELEMS : a->n;
-            if (a->bitmap) {
-                if (!tile_range(a->tile_offsets, tj, a->n, a->nnz, &lo[j], &hi[j], &start[j], &end[j]))
-                    return (int64_t)tj + 1;
-            } else {
-                lo[j] = start[j];
-                hi[j] = end[j];
-            }
-            uint64_t b0 = a->tile_bits[tj];
-            b1[j] = a->tile_bits[tj + 1];
-            if (b0 > b1[j] || b1[j] > end_bit || (tj == 0 && b0 != 0)) return (int64_t)tj + 1;
-            huff_seek(a->bits, a->bits_nbytes, &r[j], b0);
+    const uint64_t end_bit = a->nbits;
+    for (uint64_t t = t0; t < t1; t++) {
+        uint64_t lo, hi, start = t * TILE_ELEMS, end = start + TILE_ELEMS < a->n ? start + TILE_ELEMS : a->n;
+        if (a->bitmap) {
+            if (!tile_range(a->tile_offsets, t, a->n, a->nnz, &lo, &hi, &start, &end)) return (int64_t)t + 1;
+        } else {
+            lo = start;
+            hi = end;
         }
-        if (g == 2)
-            huff_units2(a, table, units, &r[0], hi[0] - lo[0], syms[0], &bad[0], &r[1], hi[1] - lo[1],
-                        syms[1], &bad[1]);
-        else
-            bad[0] = huff_units(a, table, units, &r[0], 0, hi[0] - lo[0], syms[0]);
-        for (int j = 0; j < g; j++) {
-            uint64_t tj = t + (uint64_t)j, cnt = hi[j] - lo[j];
-            if (bad[j] || huff_pos(&r[j]) != b1[j]) return (int64_t)tj + 1;
-            void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start[j] * a->elem_bytes);
-            if (bf16)
-                huff_assemble_bf16(syms[j], a->residuals, lo[j], cnt, (uint16_t *)dst);
-            else if (f16)
-                huff_assemble_f16(syms[j], a->residuals, lo[j], cnt, (uint16_t *)dst);
-            else
-                huff_assemble_f32(syms[j], a->residuals, lo[j], cnt, (uint32_t *)dst);
-            if (a->bitmap) {
-                int wrong = a->elem_bytes == 2
-                    ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, cnt, TILE_BUF,
-                                      (uint16_t *)a->out, start[j], end[j], simd, 0)
-                    : expand_uint32_t(a->bitmap, buf32, 0, cnt, TILE_BUF, (uint32_t *)a->out, start[j],
-                                      end[j], simd, 0);
-                if (wrong) return (int64_t)tj + 1;
+        /* edge[c]: where chunk c starts, edge[HUFF_CHUNKS] where the tile ends; an empty chunk
+         * (past the tile's values) starts at the tile's end */
+        uint64_t edge[HUFF_CHUNKS + 1], cnt = hi - lo;
+        edge[0] = a->tile_bits[t];
+        edge[HUFF_CHUNKS] = a->tile_bits[t + 1];
+        /* the stream starts with tile 0, ends with the last tile, and a tile without values
+         * spans no bits (chunk 0 is checked by its decode only when it has values) */
+        if (edge[0] > edge[HUFF_CHUNKS] || edge[HUFF_CHUNKS] > end_bit || (t == 0 && edge[0] != 0) ||
+            (t + 1 == ntiles && edge[HUFF_CHUNKS] != end_bit) || (cnt == 0 && edge[0] != edge[HUFF_CHUNKS]))
+            return (int64_t)t + 1;
+        for (int c = 1; c < HUFF_CHUNKS; c++) {
+            edge[c] = edge[0] + a->chunk_bits[(uint64_t)(HUFF_CHUNKS - 1) * t + (uint64_t)(c - 1)];
+            if (edge[c] < edge[c - 1] || edge[c] > edge[HUFF_CHUNKS] ||
+                ((uint64_t)c * HUFF_CHUNK >= cnt && edge[c] != edge[HUFF_CHUNKS]))
+                return (int64_t)t + 1;
+        }
+        uint64_t nchunks = (cnt + HUFF_CHUNK - 1) / HUFF_CHUNK;
+        for (uint64_t c = 0; c < nchunks; c += 2) {
+            const int g = c + 1 < nchunks ? 2 : 1;
+            huff_reader r[2];
+            uint64_t n[2];
+            int bad[2] = {0, 0};
+            for (int j = 0; j < g; j++) {
+                uint64_t first = (c + (uint64_t)j) * HUFF_CHUNK;
+                n[j] = cnt - first < HUFF_CHUNK ? cnt - first : HUFF_CHUNK;
+                huff_seek(a->bits, a->bits_nbytes, &r[j], edge[c + (uint64_t)j]);
             }
+            if (g == 2)
+                huff_units2(a, table, units, &r[0], n[0], syms + c * HUFF_CHUNK, &bad[0], &r[1], n[1],
+                            syms + (c + 1) * HUFF_CHUNK, &bad[1]);
+            else
+                bad[0] = huff_units(a, table, units, &r[0], 0, n[0], syms + c * HUFF_CHUNK);
+            for (int j = 0; j < g; j++)
+                if (bad[j] || huff_pos(&r[j]) != edge[c + (uint64_t)j + 1]) return (int64_t)t + 1;
+        }
+        void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start * a->elem_bytes);
+        if (bf16)
+            huff_assemble_bf16(syms, a->residuals, lo, cnt, (uint16_t *)dst);
+        else if (f16)
+            huff_assemble_f16(syms, a->residuals, lo, cnt, (uint16_t *)dst);
+        else
+            huff_assemble_f32(syms, a->residuals, lo, cnt, (uint32_t *)dst);
+        if (a->bitmap) {
+            int wrong = a->elem_bytes == 2
+                ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, cnt, TILE_BUF,
+                                  (uint16_t *)a->out, start, end, simd, 0)
+                : expand_uint32_t(a->bitmap, buf32, 0, cnt, TILE_BUF, (uint32_t *)a->out, start, end, simd, 0);
+            if (wrong) return (int64_t)t + 1;
         }
     }
     return 0;

@@ -1,6 +1,7 @@
 /*
  * endor_decode.cu: rebuild dense fp16 / bf16 / fp32 weights on the GPU from bitmap + tile offsets
- * + values, the values raw (format v1) or codec expdict (format v2). The format: docs/format.md,
+ * + values, the values raw (format v1), codec expdict (format v2) or codec exphuff (format v3,
+ * entropy-coded exponents; a dense exphuff tensor has no bitmap at all). The format: docs/format.md,
  * section 1; this kernel step by step, and why: docs/format.md, "How the GPU kernel decodes a
  * layer". The launcher: endor_gds/decode/gpu.py (NVRTC, options gpu.NVRTC_OPTIONS; the table is
  * built by gpu.GpuDecoder.make_table). No header is included: NVRTC has no system headers.
@@ -10,10 +11,12 @@
  * 128 threads, one bitmap word each; dynamic shared memory: the table's largest smem_bytes().
  *
  * Contract. The host guarantees each descriptor (sizes within the segments' capacities, elem_bytes
- * 2 or 4, index_bits 1..4, alignments: bitmap, tile_offsets, escape_offsets 4 bytes; values, codes,
- * out 16; escape_positions 2; escape_values elem_bytes; outputs not overlapping inputs). The file
- * is untrusted: the kernel checks everything that comes from it (tile and escape offsets, bits
- * past n, popcounts, escape positions), reads only inside each segment and writes only out[0..n).
+ * 2 or 4, index_bits 1..4, exphuff code lengths a prefix code of at most 12 bits and its decode
+ * table built from them, alignments: bitmap, tile_offsets, escape_offsets, tile_bits 4 bytes;
+ * values, codes, bits, huff_table, out 16; escape_positions, chunk_bits 2; escape_values
+ * elem_bytes; outputs not overlapping inputs). The file is untrusted: the kernel checks everything
+ * that comes from it (tile, escape and bit offsets, bits past n, popcounts, escape positions,
+ * exponent codes), reads only inside each segment and writes only out[0..n).
  * Error word: the host sets *error to ~0 before the launch; a bad tile writes nothing and
  * atomicMin's desc << 40 | tile << 8 | reason (Reason below) into it, so the first bad tile in
  * table order is reported. Any error makes the whole launch's outputs invalid.
@@ -53,17 +56,21 @@ constexpr u32 kWarps = kThreads / 32;          // warps per block
 constexpr u32 kChunk = 16;                     // bytes per vector load / store
 constexpr u32 kStageSlack = kChunk;            // staging window = values + alignment, see stage_bytes
 constexpr u32 kMaxIndexBits = 4;               // expdict.MAX_INDEX_BITS: 16 dictionary entries
+constexpr u32 kHuffBits = 12;                  // exphuff.MAX_CODE_BITS: one lookup per exponent code
+constexpr u32 kHuffChunk = 512;                // exphuff.CHUNK_VALUES: values decoded by one thread
+constexpr u32 kHuffChunks = kTileElems / kHuffChunk;  // 8 chunks (decoding threads) per tile
 // Resident blocks per SM the kernel is built for: 16 x 128 = 2048 threads, full occupancy on
 // sm_80/sm_90, to hide DRAM latency in this memory-bound kernel. It caps registers at 32 per
 // thread, which the kernel fits without spilling (tests/decode/test_cuda_compile.py fails on any spill).
 // Shared memory per block is 9.2 KB for fp16/bf16 tables (+1 KB the driver reserves): 16 blocks
 // fit an sm_90 SM (228 KB), about 15 an sm_80 SM (164 KB); a table holding fp32 (17.4 KB a block)
-// runs about 12 and 8, and expdict tables (docs/format.md) 14 / 10 (bf16) and 7 / 5 (fp32).
+// runs about 12 and 8, expdict tables (docs/format.md) 14 / 10 (bf16) and 7 / 5 (fp32), exphuff
+// tables 9 / 6 (bf16, 22.2 KB a block), 8 / 6 (fp16, 23.7 KB) and 5 / 4 (fp32, 38.2 KB).
 constexpr u32 kMinBlocksPerSM = 16;
 static_assert(kTileElems == 4096, "the block layout (128 threads, one word each) assumes 4096-element tiles");
 static_assert(kThreads % 32 == 0 && kWarps <= 32, "the scan keeps one total per warp");
 
-enum Codec : u32 { kRaw = 0, kExpDict = 1 };
+enum Codec : u32 { kRaw = 0, kExpDict = 1, kExpHuff = 2 };
 
 // One bitmap tensor of the layer (built and uploaded once by gpu.GpuDecoder.make_table; the
 // byte layout is gpu.DESC_DTYPE, and the emulation test checks the two agree).
@@ -87,13 +94,29 @@ struct Desc {
   u32 index_bits;           // 1..4: dictionary of 2^index_bits exponents
   u32 man_bits;             // mantissa bits: 7 (bf16), 10 (fp16), 23 (fp32)
   u8 exponents[16];         // the dictionary: index i -> exponent field exponents[i]
+  // exphuff fields (0 for the other codecs; man_bits above is used too). A dense exphuff tensor
+  // has bitmap == tile_offsets == nullptr and nnz == n: tile t holds values [4096t, 4096t + len).
+  // Appended after the expdict fields, so a kernel of the previous layout still reads a
+  // one-descriptor table of raw or expdict tensors (bench_decode --compare-source).
+  const u8* bits;           // MSB-first stream: per value its exponent's code, then its high bits; 16-byte aligned
+  u64 bits_capacity;        // bytes readable at bits, >= ceil(nbits / 8)
+  const u32* tile_bits;     // ntiles+1 entries: bit offset of each tile's first value
+  const u16* chunk_bits;    // 7 per tile: chunk c = 1..7 starts chunk_bits[7t + c - 1] bits after the tile
+  const u16* huff_table;    // 4096 entries, next 12 bits -> exponent << 4 | code length (0: no code); 16-byte aligned
+  u64 nbits;                // bits in the stream: tile_bits must end there
+  u32 exp_bits;             // exponent bits: 8 (bf16, fp32) or 5 (fp16)
+  u32 reserved;             // 0
 };
-static_assert(sizeof(Desc) == 144, "Desc must match kernels.DESC_DTYPE");
+static_assert(sizeof(Desc) == 200, "Desc must match kernels.DESC_DTYPE");
 
 // The byte layout of a value in the expdict streams, from the descriptor.
 ENDOR_HD u32 residual_bytes(const Desc& d) { return (d.man_bits + 1) / 8; }
 ENDOR_HD u32 field_bits(const Desc& d) { return d.index_bits + (d.man_bits + 1) % 8; }
 ENDOR_HD u32 max_field_bits(const Desc& d) { return kMaxIndexBits + (d.man_bits + 1) % 8; }
+// exphuff: the residual bits the bits stream holds after each code (fp16: 3), and the most bits a
+// value takes there (the longest code, then those bits).
+ENDOR_HD u32 high_bits(const Desc& d) { return (d.man_bits + 1) % 8; }
+ENDOR_HD u32 max_unit_bits(const Desc& d) { return kHuffBits + high_bits(d); }
 
 // A rebuilt value is the OR of two disjoint parts (docs/format.md: residual r = low bytes | the
 // field's high bits << 8*rb, value = r >> man_bits << (8*eb - 1) | exponent << man_bits |
@@ -132,7 +155,22 @@ ENDOR_HD u32 codes_offset(const Desc& d) {
 ENDOR_HD u32 field_table_offset(const Desc& d) {
   return codes_offset(d) + kTileElems / 8 * max_field_bits(d) + 2 * kChunk;
 }
+// Exphuff: the rebuilt values (4096*eb; until they are rebuilt, the decode table's 4096 u16 sit
+// there: it is read only while decoding, so it costs no memory of its own), the residual window
+// (as expdict), the bits window where expdict has its codes window: the tile spans at most
+// 4096 * max_unit_bits bits (open_tile checks it), the window that plus 32 bytes of alignment,
+// plus 16 bytes the bit readers may read past its end (read_bits), then the decoded units.
+// Units: chunk c's at c * kUnitStride, one byte per value (exponent | high bits << exp_bits). The
+// stride is 512 + 16 bytes, not 512, so that the 8 decoding threads' 4-byte stores fall in 8
+// different banks (512-byte strides would put all eight in one bank: an 8-way conflict per store).
+constexpr u32 kUnitStride = kHuffChunk + kChunk;
+constexpr u32 kUnitsBytes = kHuffChunks * kUnitStride;
+static_assert((1u << kHuffBits) * 2 <= kTileElems * 2, "the decode table fits the values area");
+ENDOR_HD u32 units_offset(const Desc& d) {
+  return codes_offset(d) + kTileElems / 8 * max_unit_bits(d) + 3 * kChunk;
+}
 ENDOR_HD u32 smem_bytes(const Desc& d) {
+  if (d.codec == kExpHuff) return units_offset(d) + kUnitsBytes;
   if (d.codec != kExpDict) return stage_bytes(d.elem_bytes);
   return field_table_offset(d) + (1u << max_field_bits(d)) * d.elem_bytes;
 }
@@ -146,6 +184,8 @@ enum Reason : u32 {
   kBitsPastEnd = 2,    // a bit at a position >= n is set in the tensor's last word
   kCountMismatch = 3,  // the tile's popcount differs from hi - lo
   kBadEscapes = 4,     // expdict: escape offsets out of range, or a bad escape position
+  kBadBits = 5,        // exphuff: tile or chunk bit offsets out of range, a missing code, or a
+                       // chunk whose codes do not end where the next chunk starts
 };
 
 ENDOR_HD u64 error_key(u32 desc, u64 tile, u32 reason) {
@@ -255,9 +295,9 @@ struct Tile {
   u64 e0;         // first element of the tile
   u64 lo, hi;     // the tile's values are values[lo, hi) (trusted only when reason == kOk)
   u64 esc_lo, esc_hi;  // expdict: the tile's escapes (trusted only when reason == kOk)
-  Window vals;    // raw: the values; expdict: the residuals (head in bytes)
-  Window codes;   // expdict: the fields (head in bits)
-  u32 reason;     // kOk, or kBadOffsets / kBadEscapes: then nothing is read through them
+  Window vals;    // raw: the values; expdict, exphuff: the residuals (head in bytes)
+  Window codes;   // expdict: the fields; exphuff: the bits stream (head in bits)
+  u32 reason;     // kOk, or kBadOffsets / kBadEscapes / kBadBits: then nothing is read through them
 };
 
 // Phase 1a (every thread): find the tensor, read and check the tile's offsets (and, for expdict,
@@ -272,8 +312,13 @@ ENDOR_HD Tile open_tile(const Desc* descs, u32 ndesc, u64 g) {
   tl.e0 = tl.t * kTileElems;
   const u64 left = d.n - tl.e0;
   tl.len = left < kTileElems ? static_cast<u32>(left) : kTileElems;
-  tl.lo = load_broadcast(d.tile_offsets + tl.t);
-  tl.hi = load_broadcast(d.tile_offsets + tl.t + 1);
+  if (d.tile_offsets == nullptr) {  // a dense exphuff tensor: every element is a value (nnz == n)
+    tl.lo = tl.e0;
+    tl.hi = tl.e0 + tl.len;
+  } else {
+    tl.lo = load_broadcast(d.tile_offsets + tl.t);
+    tl.hi = load_broadcast(d.tile_offsets + tl.t + 1);
+  }
   // lo <= hi <= nnz and hi - lo <= 4096 keep every read below inside values and shared memory.
   // The table must also start at 0 and end at nnz (tile t's hi is tile t+1's lo, the same entry),
   // so an accepted launch uses every value exactly once: the kernel accepts exactly the inputs
@@ -292,10 +337,26 @@ ENDOR_HD Tile open_tile(const Desc* descs, u32 ndesc, u64 g) {
                         (!last || tl.esc_hi == d.escapes);
     tl.reason = esc_ok ? kOk : kBadEscapes;
   }
+  const bool exphuff = d.codec == kExpHuff;
+  u64 b0 = 0, b1 = 0;  // exphuff: the tile's bits [b0, b1) of the stream
+  if (exphuff && ok) {
+    // The tile starts at 0 in tile 0 and the last one ends at nbits (tile t's end is tile t+1's
+    // start, the same entry), and no tile spans more than its values' longest units: that bounds
+    // the bits window staged below. Whether the codes really fill [b0, b1) only the decode tells.
+    b0 = load_broadcast(d.tile_bits + tl.t);
+    b1 = load_broadcast(d.tile_bits + tl.t + 1);
+    const bool bits_ok = b0 <= b1 && b1 <= d.nbits && (tl.t != 0 || b0 == 0) &&
+                         (!last || b1 == d.nbits) && b1 - b0 <= (tl.hi - tl.lo) * max_unit_bits(d);
+    tl.reason = bits_ok ? kOk : kBadBits;
+  }
   const bool empty = tl.reason != kOk || tl.hi == tl.lo;
-  const u64 vb = expdict ? residual_bytes(d) : d.elem_bytes;  // bytes per value in `values`
+  const u64 vb = d.codec == kRaw ? d.elem_bytes : residual_bytes(d);  // bytes per value in `values`
   tl.vals = window_of(tl.lo * vb * 8, tl.hi * vb * 8, empty);
-  tl.codes = window_of(tl.lo * field_bits(d), tl.hi * field_bits(d), empty || !expdict);
+  if (exphuff) {
+    tl.codes = window_of(b0, b1, empty);
+  } else {
+    tl.codes = window_of(tl.lo * field_bits(d), tl.hi * field_bits(d), empty || !expdict);
+  }
   return tl;
 }
 
@@ -318,7 +379,8 @@ ENDOR_HD void stage_chunk(const u8* src, u64 capacity, const Window& w, u32 c, u
 }
 
 // Rounds of 128 chunks covering the largest window: raw fp32 values, 4096 * 4 + 16 bytes (the
-// expdict windows are smaller: 3 * 4096 + 16 residual bytes, 512 * 7 + 32 code bytes).
+// expdict windows are smaller: 3 * 4096 + 16 residual bytes, 512 * 7 + 32 code bytes; exphuff's
+// bits window at most 512 * 15 + 32 bytes, its decode table 8 KB).
 constexpr u32 kMaxStageRounds = (kTileElems * 4 + kStageSlack) / kChunk / kThreads + 1;  // 9
 
 // Consecutive threads, consecutive 16-byte chunks. Unrolled, so a thread's loads of all its
@@ -331,12 +393,32 @@ ENDOR_HD void stage_window(const u8* src, u64 capacity, const Window& w, u32 tid
   }
 }
 
+// Phase 1c, exphuff: the residuals as expdict's, the tile's bits where expdict has its codes,
+// and the tensor's decode table (4096 u16, the same for every tile of the tensor: it comes from
+// L2 after the first tile) over the values area, which is free until the values are rebuilt.
+ENDOR_HD void stage_huff(const Tile& tl, u32 tid, u8* smem) {
+  const Desc& d = *tl.d;
+  ENDOR_INVARIANT(residuals_offset(d) + tl.vals.chunks * kChunk <= codes_offset(d));
+  ENDOR_INVARIANT(codes_offset(d) + tl.codes.chunks * kChunk + kChunk <= units_offset(d));
+  stage_window(d.values, d.values_capacity, tl.vals, tid, smem + residuals_offset(d));
+  stage_window(d.bits, d.bits_capacity, tl.codes, tid, smem + codes_offset(d));
+  Window table;
+  table.win0 = 0;
+  table.chunks = (1u << kHuffBits) * 2 / kChunk;
+  table.head_bits = 0;
+  stage_window(reinterpret_cast<const u8*>(d.huff_table), (1u << kHuffBits) * 2, table, tid, smem);
+}
+
 // Phase 1c: stage the tile's streams. Raw: the values at smem. Expdict: the residuals and the
 // codes in their regions (smem_bytes), and field_part of every field value into the field table
 // (one entry per thread; 2-byte entries for fp16/bf16, so 128 of them span the 32 banks only twice).
 ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem) {
   const Desc& d = *tl.d;
   ENDOR_INVARIANT(tl.reason == kOk);
+  if (d.codec == kExpHuff) {
+    stage_huff(tl, tid, smem);
+    return;
+  }
   if (d.codec != kExpDict) {
     ENDOR_INVARIANT(tl.vals.chunks * kChunk <= stage_bytes(d.elem_bytes));
     stage_window(d.values, d.values_capacity, tl.vals, tid, smem);
@@ -358,11 +440,14 @@ ENDOR_HD void stage_values(const Tile& tl, u32 tid, u8* smem) {
 
 // Phase 1b (thread tid): bitmap word tid of the tile, 0 past the tile's end (nothing is read
 // there). In the tensor's last, partial word, bits at positions >= n must be clear.
+// A dense exphuff tensor has no bitmap: its word is all ones up to the tile's end, so the scan
+// and step 4 treat it as a tensor whose every element is a value, with no special case.
 ENDOR_HD u32 load_word(const Tile& tl, u32 tid, u32* reason) {
   const u32 first = tid * kWordBits;
   if (first >= tl.len) return 0;
-  const u32 word = load_once(tl.d->bitmap + tl.e0 / kWordBits + tid);
   const u32 valid = tl.len - first;
+  if (tl.d->bitmap == nullptr) return valid < kWordBits ? (1u << valid) - 1 : ~0u;
+  const u32 word = load_once(tl.d->bitmap + tl.e0 / kWordBits + tid);
   if (valid < kWordBits && (word >> valid) != 0 && *reason == kOk) *reason = kBitsPastEnd;
   return word;
 }
@@ -470,33 +555,27 @@ struct alignas(8) Pair8 {
   u32 x, y;
 };
 
-// Values i0 .. i0 + 3 (i0 a multiple of 4; all four below the tile's count), the rebuild's step:
-// the four share one read of their fields (4 x at most 7 bits) and of their residuals (4 or 12
-// bytes), and one 8- or 16-byte store, where one value a step would read a byte for every field
-// and residual byte and store each value alone. The residual bytes of every group start at the
-// same offset mod 4 (a group has 4*rb bytes), so whether they straddle a word is the same for the
-// whole block.
+// The residual bytes of four consecutive values, the first at bit `rbit` of the staged residual
+// window: one or three 32-bit reads (plus one where they straddle a word) for the group.
 template <u32 EB>
-ENDOR_HD void rebuild_group(const Rebuild& p, u32 i0, const typename BitsOf<EB>::T* table, u8* smem) {
-  typedef typename BitsOf<EB>::T T;
+ENDOR_HD void group_lows(const u8* res_words, u32 rbit, u32 low[4]) {
   constexpr u32 kRb = EB == 2 ? 1 : 3;  // residual bytes: (7 or 10 + 1) / 8, (23 + 1) / 8
   constexpr u32 kLowBits = 8 * kRb;
-  ENDOR_INVARIANT(p.rb == kRb && i0 % 4 == 0 && 4 * p.w <= 32);
-  const u32 fields = bits_at(p.codes, p.head + i0 * p.w, 4 * p.w);
   u32 r[kRb];  // the group's 4*kRb residual bytes, little-endian
-  const u32 rbit = p.res_head + i0 * kLowBits;
 #pragma unroll
-  for (u32 k = 0; k < kRb; ++k) r[k] = bits_at(p.res_words, rbit + 32 * k, 32);
-  T v[4];
+  for (u32 k = 0; k < kRb; ++k) r[k] = bits_at(res_words, rbit + 32 * k, 32);
 #pragma unroll
   for (u32 j = 0; j < 4; ++j) {
     const u32 q = kLowBits * j, k = q / 32, s = q % 32;  // constants once unrolled
-    u32 low = r[k] >> s;
-    if (s + kLowBits > 32) low |= r[k + 1] << (32 - s);
-    low &= (1u << kLowBits) - 1;
-    const u32 field = (fields >> (j * p.w)) & ((1u << p.w) - 1);
-    v[j] = static_cast<T>(table[field] | low_part<EB>(low, p.m));
+    u32 x = r[k] >> s;
+    if (s + kLowBits > 32) x |= r[k + 1] << (32 - s);
+    low[j] = x & ((1u << kLowBits) - 1);
   }
+}
+
+// Values i0 .. i0 + 3 into the rebuilt array at smem: one 8- or 16-byte store.
+template <u32 EB>
+ENDOR_HD void store_group(u8* smem, u32 i0, const typename BitsOf<EB>::T v[4]) {
   if constexpr (EB == 2) {
     Pair8 o;
     o.x = v[0] | static_cast<u32>(v[1]) << 16;
@@ -510,6 +589,29 @@ ENDOR_HD void rebuild_group(const Rebuild& p, u32 i0, const typename BitsOf<EB>:
     o.w = v[3];
     *reinterpret_cast<Chunk16*>(smem + 4 * i0) = o;
   }
+}
+
+// Values i0 .. i0 + 3 (i0 a multiple of 4; all four below the tile's count), the rebuild's step:
+// the four share one read of their fields (4 x at most 7 bits) and of their residuals (4 or 12
+// bytes), and one 8- or 16-byte store, where one value a step would read a byte for every field
+// and residual byte and store each value alone. The residual bytes of every group start at the
+// same offset mod 4 (a group has 4*rb bytes), so whether they straddle a word is the same for the
+// whole block.
+template <u32 EB>
+ENDOR_HD void rebuild_group(const Rebuild& p, u32 i0, const typename BitsOf<EB>::T* table, u8* smem) {
+  typedef typename BitsOf<EB>::T T;
+  constexpr u32 kLowBits = EB == 2 ? 8 : 24;
+  ENDOR_INVARIANT(p.rb == kLowBits / 8 && i0 % 4 == 0 && 4 * p.w <= 32);
+  const u32 fields = bits_at(p.codes, p.head + i0 * p.w, 4 * p.w);
+  u32 low[4];
+  group_lows<EB>(p.res_words, p.res_head + i0 * kLowBits, low);
+  T v[4];
+#pragma unroll
+  for (u32 j = 0; j < 4; ++j) {
+    const u32 field = (fields >> (j * p.w)) & ((1u << p.w) - 1);
+    v[j] = static_cast<T>(table[field] | low_part<EB>(low[j], p.m));
+  }
+  store_group<EB>(smem, i0, v);
 }
 
 // Phase 3b (thread tid), expdict: rebuild the tile's values into the start of smem: groups
@@ -561,6 +663,168 @@ ENDOR_HD u32 patch_escapes(const Tile& tl, u32 tid, u8* smem) {
     }
   }
   return reason;
+}
+
+// ---- Codec exphuff (format v3): phases 3a and 3b ----
+//
+// Value k's exponent is a canonical Huffman code of at most 12 bits in the MSB-first `bits`
+// stream, then its fp16 high residual bits; the tile's values are 8 chunks of 512, each starting
+// at its own bit offset (tile_bits, chunk_bits). A code's length is only known once it is looked
+// up, so each chunk is one serial chain: table lookup -> length -> shift -> next lookup. The format
+// gives 8 independent chains per tile; they run on 8 threads of the block (3a), each into a byte
+// per value, and then the whole block rebuilds the values from those bytes and the residuals (3b),
+// as expdict does from its fields. The serial chains, not DRAM, bound this codec's kernel.
+
+// Thread kHuffStride * c decodes chunk c: two chains per warp, in all four warps, so that the 8
+// chains issue from four warp schedulers and only two lanes of a warp diverge on a refill.
+constexpr u32 kHuffStride = kThreads / kHuffChunks;
+static_assert(kHuffStride * kHuffChunks == kThreads && kHuffChunk % 4 == 0, "8 chunks of whole groups");
+
+// Word k of a 4-byte aligned shared array, read as 32 stream bits (MSB first: big-endian).
+ENDOR_HD u32 stream_word(const u8* base, u32 k) {
+  const u32 x = reinterpret_cast<const u32*>(base)[k];
+#ifdef __CUDA_ARCH__
+  return __byte_perm(x, 0, 0x0123);
+#else
+  return __builtin_bswap32(x);
+#endif
+}
+
+// An MSB-first reader over the staged bits window: the next `have` bits at the top of `acc`, the
+// window's words from `next` on not loaded yet (next * 32 == the bit position + have). One 64-bit
+// shift per value and one shared load per 32 bits, where reading each code's bytes anew would
+// put a shared load into every step of the chain.
+struct BitReader {
+  u64 acc;
+  u32 have;
+  u32 next;
+};
+
+ENDOR_HD BitReader reader_at(const u8* win, u32 bit) {
+  BitReader r;
+  r.acc = static_cast<u64>(stream_word(win, bit / 32)) << (32 + bit % 32);
+  r.have = 32 - bit % 32;
+  r.next = bit / 32 + 1;
+  return r;
+}
+
+// At least max_unit_bits (<= 15) bits in acc for the next value: one more word when fewer are
+// left. It may read up to 6 bytes past the chunk's last bit (a word holding bits < end + 47),
+// so the bits window has 16 bytes of slack (units_offset); bits past the end never decide a
+// value: the table gives the same entry for every continuation of a code, and a code or high
+// bits reaching past the end are rejected.
+ENDOR_HD void refill(BitReader& r, const u8* win, u32 window_words) {
+  if (r.have < kHuffBits + 3) {
+    ENDOR_INVARIANT(r.next < window_words);
+    r.acc |= static_cast<u64>(stream_word(win, r.next)) << (32 - r.have);
+    r.next += 1;
+    r.have += 32;
+  }
+}
+
+// Where value i's unit is in the units area (chunks kUnitStride bytes apart).
+ENDOR_HD u32 unit_offset(u32 i) { return i / kHuffChunk * kUnitStride + i % kHuffChunk; }
+
+// Phase 3a (one thread per chunk c), exphuff: check chunk c's edges (non-decreasing, within the
+// tile; a chunk past the tile's values starts at the tile's end) and decode its values' units
+// (exponent | high bits << exp_bits) into the units area, four to a 4-byte store. Returns
+// kBadBits for a bad edge, a missing code, a unit past the chunk's end, or a chunk whose codes
+// do not end exactly where the next chunk starts: the checks of endor_decode_exphuff_tiles
+// (csrc/endor_cpu.c) and exphuff.decode_values_reference.
+ENDOR_HD u32 decode_chunk(const Tile& tl, u32 c, u8* smem) {
+  const Desc& d = *tl.d;
+  ENDOR_INVARIANT(tl.reason == kOk && c < kHuffChunks);
+  const u32 count = static_cast<u32>(tl.hi - tl.lo);
+  // tile_bits[t], tile_bits[t+1] were checked in open_tile: span <= count * max_unit_bits
+  const u32 span = static_cast<u32>(load_broadcast(d.tile_bits + tl.t + 1) -
+                                    load_broadcast(d.tile_bits + tl.t));
+  const u16* edges = d.chunk_bits + tl.t * (kHuffChunks - 1);  // chunks 1..7, from the tile start
+  const u32 start = c == 0 ? 0u : edges[c - 1];
+  const u32 end = c + 1 == kHuffChunks ? span : edges[c];
+  if (start > end || end > span) return kBadBits;
+  const u32 first = c * kHuffChunk;
+  if (first >= count) return start == span ? kOk : kBadBits;
+  const u32 n = count - first < kHuffChunk ? count - first : kHuffChunk;
+  const u8* win = smem + codes_offset(d);
+  const u32 window_words = (units_offset(d) - codes_offset(d)) / 4;
+  const u16* table = reinterpret_cast<const u16*>(smem);  // staged over the values area
+  u32* units = reinterpret_cast<u32*>(smem + units_offset(d) + c * kUnitStride);
+  const u32 hb = high_bits(d), eb = d.exp_bits;
+  u32 pos = tl.codes.head_bits + start;  // bit position in the window
+  const u32 stop = tl.codes.head_bits + end;
+  BitReader r = reader_at(win, pos);
+  u32 packed = 0;  // the last four units, the newest in the top byte
+#pragma unroll 1
+  for (u32 i = 0; i < n; ++i) {
+    refill(r, win, window_words);
+    const u32 e = table[r.acc >> (64 - kHuffBits)];
+    const u32 len = e & 15, w = len + hb;  // the code, then the high bits
+    if (len == 0 || pos + w > stop) return kBadBits;
+    const u32 high = static_cast<u32>(r.acc >> (64 - w)) & ((1u << hb) - 1);  // w >= 1
+    r.acc <<= w;
+    r.have -= w;
+    pos += w;
+    packed = packed >> 8 | ((e >> 4) | high << eb) << 24;
+    if (i % 4 == 3) units[i / 4] = packed;
+  }
+  if (n % 4) units[n / 4] = packed >> (8 * (4 - n % 4));
+  return pos == stop ? kOk : kBadBits;
+}
+
+// Phase 3a for the whole block: the chunk threads decode, the others have nothing to do.
+ENDOR_HD u32 huff_decode(const Tile& tl, u32 tid, u8* smem) {
+  return tid % kHuffStride == 0 ? decode_chunk(tl, tid / kHuffStride, smem) : kOk;
+}
+
+// A value from its unit (exponent | high << eb) and its residual's low bytes (8 * rb bits):
+// residual r = low | high << 8*rb = sign << m | mantissa.
+template <u32 EB>
+ENDOR_HD typename BitsOf<EB>::T huff_value(u32 unit, u32 low, u32 m, u32 eb) {
+  constexpr u32 kLowBits = EB == 2 ? 8 : 24;
+  const u32 r = low | (unit >> eb) << kLowBits;
+  return static_cast<typename BitsOf<EB>::T>(((r >> m) << (8 * EB - 1)) |
+                                             (unit & ((1u << eb) - 1)) << m | (r & ((1u << m) - 1)));
+}
+
+// Phase 3b (thread tid), exphuff: rebuild the tile's values into the start of smem (over the
+// decode table, no longer read), as expdict's rebuild_chunk: groups 4*tid, 4*(tid + 128), ...
+// (one 4-byte read of their units, the residuals as expdict), then the last count % 4 values.
+template <u32 EB>
+ENDOR_HD void assemble_chunk(const Tile& tl, u32 tid, u8* smem) {
+  typedef typename BitsOf<EB>::T T;
+  constexpr u32 kRb = EB == 2 ? 1 : 3;
+  const Desc& d = *tl.d;
+  const u8* res = smem + residuals_offset(d);
+  const u8* units = smem + units_offset(d);
+  const u32 head = tl.vals.head_bits, m = d.man_bits, eb = d.exp_bits;
+  const u32 count = static_cast<u32>(tl.hi - tl.lo);
+  const u32 grouped = count / 4 * 4;
+#pragma unroll 1
+  for (u32 i0 = 4 * tid; i0 < grouped; i0 += 4 * kThreads) {
+    const u32 u = *reinterpret_cast<const u32*>(units + unit_offset(i0));  // a group is in one chunk
+    u32 low[4];
+    group_lows<EB>(res, head + i0 * 8 * kRb, low);
+    T v[4];
+#pragma unroll
+    for (u32 j = 0; j < 4; ++j) v[j] = huff_value<EB>((u >> (8 * j)) & 0xFF, low[j], m, eb);
+    store_group<EB>(smem, i0, v);
+  }
+  T* out = reinterpret_cast<T*>(smem);
+#pragma unroll 1
+  for (u32 i = grouped + tid; i < count; i += kThreads) {
+    const u8* r = res + head / 8 + i * kRb;
+    u32 low = r[0];
+    if (EB == 4) low |= static_cast<u32>(r[1]) << 8 | static_cast<u32>(r[2]) << 16;
+    out[i] = huff_value<EB>(units[unit_offset(i)], low, m, eb);
+  }
+}
+
+ENDOR_HD void assemble_values(const Tile& tl, u32 tid, u8* smem) {
+  if (tl.d->elem_bytes == 4) {
+    assemble_chunk<4>(tl, tid, smem);
+  } else {
+    assemble_chunk<2>(tl, tid, smem);
+  }
 }
 
 // Phase 4 (thread tid), for elements of EB bytes: write the tile's 16-byte output chunks
@@ -619,7 +883,7 @@ ENDOR_HD void write_chunks(const Tile& tl, u32 tid, const u32* words, const u32*
 // Phase 4: the values to expand are the staged raw values (from their head) or the rebuilt ones.
 ENDOR_HD void write_outputs(const Tile& tl, u32 tid, const u32* words, const u32* prefix,
                             const u8* smem) {
-  const u8* vals = tl.d->codec == kExpDict ? smem : smem + tl.vals.head_bits / 8;
+  const u8* vals = tl.d->codec != kRaw ? smem : smem + tl.vals.head_bits / 8;
   if (tl.d->elem_bytes == 4) {
     write_chunks<4>(tl, tid, words, prefix, vals);
   } else {
@@ -669,6 +933,16 @@ extern "C" __global__ void __launch_bounds__(endor::kThreads, endor::kMinBlocksP
   if (__syncthreads_or(reason != kOk)) {
     if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
     return;
+  }
+  if (tl.d->codec == kExpHuff) {  // uniform in the block, as the codec tests below
+    reason = huff_decode(tl, tid, smem);
+    // Every unit is decoded and every chunk checked before a value is rebuilt over the table.
+    if (__syncthreads_or(reason != kOk)) {
+      if (reason != kOk) report_error(error, error_key(tl.desc, tl.t, reason));
+      return;
+    }
+    assemble_values(tl, tid, smem);
+    __syncthreads();  // every value is rebuilt before a chunk of step 4 reads it
   }
   if (tl.d->codec == kExpDict) {  // uniform in the block: no divergence at the barriers
     rebuild_values(tl, tid, smem);

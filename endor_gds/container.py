@@ -66,6 +66,9 @@ from endor_gds.codec.expdict import (
     check_escapes,
     decode_values_reference,
 )
+from endor_gds.codec.exphuff import MAX_CODE_BITS, ExpHuff, HuffStreams, check_bit_offsets, dense_tile_offsets
+from endor_gds.codec.exphuff import STREAM_KINDS as HUFF_KINDS
+from endor_gds.codec.exphuff import decode_values_reference as huff_values_reference
 from endor_gds.errors import ArgumentError, ChecksumError, FormatError
 from endor_gds.read.readers import read_fully
 
@@ -83,11 +86,12 @@ __all__ = [
 ]
 
 MAGIC = b"ENDORGDS"
-FORMAT_VERSION = 2  # the newest version this code writes
-SUPPORTED_VERSIONS = (1, 2)
+FORMAT_VERSION = 3  # the newest version this code writes
+SUPPORTED_VERSIONS = (1, 2, 3)
 # Codecs each version may hold. A file is written as the lowest version that holds its codecs, so
-# files without expdict tensors stay readable by version-1 readers.
-VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict")}
+# files without expdict tensors stay readable by version-1 readers, and without exphuff tensors by
+# version-2 readers.
+VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict"), 3: ("raw", "expdict", "exphuff")}
 # magic, version, flags, manifest offset, manifest length, file length, manifest CRC; then the
 # header's own CRC over these 44 bytes.
 _HEADER = struct.Struct("<8sIIQQQI")
@@ -131,11 +135,31 @@ class TensorEntry:
     shape: tuple[int, ...]
     dtype: DType
     encoding: str  # "dense" | "bitmap"
-    codec: str  # "raw" (format v1) | "expdict" (format v2, bitmap only)
+    codec: str  # "raw" (format v1) | "expdict" (format v2, bitmap only) | "exphuff" (format v3)
     nnz: int
     extent: str
     segments: dict[str, Segment]
     expdict: ExpDict | None = None  # the codec's parameters when codec == "expdict"
+    exphuff: ExpHuff | None = None  # the codec's parameters when codec == "exphuff"
+
+    @property
+    def needs_decode(self) -> bool:
+        """Whether the tensor's bytes must be decoded (anything but dense raw data)."""
+        return self.encoding == "bitmap" or self.codec != "raw"
+
+    @property
+    def params(self) -> ExpDict | ExpHuff | None:
+        """The value codec's parameters (None for codec raw)."""
+        return self.expdict if self.expdict is not None else self.exphuff
+
+    def values(self, segs: dict):
+        """The stored values over the tensor's segment bytes (kind -> uint8 array, no copies): raw
+        bit patterns, or the codec's streams."""
+        if self.expdict is not None:
+            return Streams.from_bytes(self.expdict, segs)
+        if self.exphuff is not None:
+            return HuffStreams.from_bytes(self.exphuff, segs)
+        return segs["values" if self.encoding == "bitmap" else "data"].view(self.dtype.bits)
 
     @property
     def numel(self) -> int:
@@ -261,7 +285,7 @@ def _check_prune(path, prune: dict) -> None:
             check_fraction(path, "prune.detected_sparsity_range item", v)
 
 
-_SEGMENT_KINDS = ("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS
+_SEGMENT_KINDS = tuple(dict.fromkeys(("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS + HUFF_KINDS))
 
 
 def _check_not_a_checkpoint(path: str) -> None:
@@ -453,6 +477,8 @@ class EndorFile:
                     self.tile_offsets(entry.name)
                 if entry.expdict is not None:
                     self._check_escapes(entry)
+                if entry.exphuff is not None:
+                    self._check_bit_offsets(entry)
 
     def _segment(self, s, where: str, kinds=_SEGMENT_KINDS) -> Segment:
         p = self.path
@@ -481,7 +507,7 @@ class EndorFile:
         encoding = check_choice(p, f"tensor {name} encoding", t.get("encoding"), ("dense", "bitmap"))
         codec = check_choice(p, f"tensor {name} codec", t.get("codec", "raw"),
                         VERSION_CODECS[self.format_version])
-        if codec != "raw" and encoding != "bitmap":
+        if codec == "expdict" and encoding != "bitmap":
             raise fail(p, f"tensor {name}: codec {codec} needs encoding 'bitmap', got {encoding!r}")
         if encoding == "bitmap" and not dtype.sparse:
             raise fail(p, f"tensor {name}: dtype {dtype.name} cannot be bitmap-encoded")
@@ -489,11 +515,16 @@ class EndorFile:
             raise fail(p, f"tensor {name}: a bitmap-encoded tensor holds at most {MAX_SPARSE_ELEMS} "
                            f"elements (uint32 tile offsets), shape {list(shape)} has {numel}")
         nnz = check_int(p, f"tensor {name} nnz", t.get("nnz"), 0, numel)
-        expdict = None
+        if codec == "exphuff" and encoding == "dense" and nnz != numel:
+            raise fail(p, f"tensor {name}: a dense exphuff tensor stores all {numel} elements, nnz is {nnz}")
+        expdict = exphuff = None
+        for key in ("expdict", "exphuff"):
+            if key in t and codec != key:
+                raise fail(p, f"tensor {name}: {key} parameters given for codec {codec!r}")
         if codec == "expdict":
             expdict = self._expdict(name, t.get("expdict"), dtype, nnz)
-        elif "expdict" in t:
-            raise fail(p, f"tensor {name}: expdict parameters given for codec {codec!r}")
+        elif codec == "exphuff":
+            exphuff = self._exphuff(name, t.get("exphuff"), dtype, numel)
         extent = check_str(p, f"tensor {name} extent", t.get("extent"))
         segs: dict[str, Segment] = {}
         for j, s in enumerate(check_list(p, f"tensor {name} segments", t.get("segments"), 8)):
@@ -501,12 +532,12 @@ class EndorFile:
             if seg.kind in segs:
                 raise fail(p, f"tensor {name} has two {seg.kind} segments")
             segs[seg.kind] = seg
-        expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize, expdict)
+        expected = segment_nbytes(encoding, numel, nnz, dtype.itemsize, expdict or exphuff)
         got = {k: s.nbytes for k, s in segs.items()}
         if got != expected:
             raise fail(p, f"tensor {name} ({encoding}/{codec}, shape {list(shape)}, {dtype.name}, "
                            f"nnz={nnz}) needs segments {expected}, manifest has {got}")
-        return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs, expdict)
+        return TensorEntry(name, shape, dtype, encoding, codec, nnz, extent, segs, expdict, exphuff)
 
     def _expdict(self, name: str, raw, dtype: DType, nnz: int) -> ExpDict:
         """The checked ``expdict`` object of a tensor (see docs/format.md, codec expdict)."""
@@ -525,6 +556,27 @@ class EndorFile:
                            f"(index_bits={b}), got {len(exps)} with {len(set(exps))} distinct")
         escapes = check_int(p, f"tensor {name} expdict escapes", raw.get("escapes"), 0, nnz)
         return ExpDict(layout, b, exps, escapes)
+
+    def _exphuff(self, name: str, raw, dtype: DType, numel: int) -> ExpHuff:
+        """The checked ``exphuff`` object of a tensor (see docs/format.md, codec exphuff)."""
+        p = self.path
+        raw = check_dict(p, f"tensor {name} exphuff", raw)
+        layout = LAYOUTS.get(dtype.name)
+        if layout is None:
+            raise fail(p, f"tensor {name}: dtype {dtype.name} cannot use codec exphuff "
+                           f"(supported: {', '.join(LAYOUTS)})")
+        if numel > MAX_SPARSE_ELEMS:
+            raise fail(p, f"tensor {name}: an exphuff tensor holds at most {MAX_SPARSE_ELEMS} elements")
+        count = 1 << layout.exp_bits
+        lengths = check_list(p, f"tensor {name} exphuff code_lengths", raw.get("code_lengths"), count)
+        lengths = tuple(check_int(p, f"tensor {name} exphuff code length", x, 0, MAX_CODE_BITS) for x in lengths)
+        nbits = check_int(p, f"tensor {name} exphuff bits", raw.get("bits"), 0, (1 << 32) - 1)
+        params = ExpHuff(layout, lengths, nbits)
+        try:
+            params.check()
+        except ValueError as exc:
+            raise fail(p, f"tensor {name} exphuff: {exc} (code_lengths must be {count} integers)") from None
+        return params
 
     # -- reading ------------------------------------------------------------------------------
 
@@ -571,30 +623,46 @@ class EndorFile:
             self._tile_offsets[entry.name] = cached
         return cached
 
+    def _tables(self, entry: TensorEntry, kinds: tuple[str, ...]) -> dict[str, np.ndarray]:
+        """The tensor's segments of ``kinds``, read (and checked), its other segments empty: what a
+        check of its tables needs, never its large value streams (an open reads no weights)."""
+        empty = np.zeros(0, dtype=np.uint8)
+        return {k: self.read_segment(s, label=f"{entry.name}:{k}") if k in kinds else empty
+                for k, s in entry.segments.items()}
+
     def _check_escapes(self, entry: TensorEntry) -> None:
         """Escape offsets and positions of an expdict tensor, checked at open (DecodeError)."""
-        segs = {k: self.read_segment(entry.segments[k], label=f"{entry.name}:{k}")
-                for k in STREAM_KINDS}
-        check_escapes(Streams.from_bytes(entry.expdict, segs), self.tile_offsets(entry.name),
-                      f"{self.path}: tensor {entry.name}")
+        segs = self._tables(entry, ("escape_offsets", "escape_positions", "escape_values"))
+        check_escapes(entry.values(segs), self.tile_offsets(entry.name), f"{self.path}: tensor {entry.name}")
+
+    def _check_bit_offsets(self, entry: TensorEntry) -> None:
+        """Tile and chunk bit offsets of an exphuff tensor, checked at open (DecodeError)."""
+        segs = self._tables(entry, ("tile_bits", "chunk_bits"))
+        check_bit_offsets(entry.values(segs), self.value_tiles(entry.name), f"{self.path}: tensor {entry.name}")
+
+    def value_tiles(self, name: str) -> np.ndarray:
+        """Where each tile's values start among a tensor's stored values: the validated tile offsets
+        of a bitmap tensor, every element's place for a dense one."""
+        entry = self.resolve(name)
+        return self.tile_offsets(name) if entry.encoding == "bitmap" else dense_tile_offsets(entry.numel)
 
     def read_tensor_bits(self, name: str, *, verify: bool | None = None) -> np.ndarray:
-        """Flat numpy array of the tensor's bit patterns, through the reference decoder."""
+        """Flat numpy array of the tensor's bit patterns, through the reference decoders."""
         entry = self.resolve(name)
-        d = entry.dtype
-        if entry.encoding == "dense":
-            return self.read_segment(entry.segments["data"], verify=verify,
-                                     label=f"{entry.name}:data").view(d.bits)
         verify = self._verify(verify)
         segs = {k: self.read_segment(s, verify=verify, label=f"{entry.name}:{k}")
                 for k, s in entry.segments.items()}
+        if not entry.needs_decode:
+            return entry.values(segs)
         where = f"{self.path}: tensor {entry.name}"
-        offsets = self.tile_offsets(entry.name)
-        if entry.expdict is None:
-            values = segs["values"].view(d.bits)
-        else:
-            streams = Streams.from_bytes(entry.expdict, segs)
-            values = decode_values_reference(streams, offsets, entry.nnz, where)
+        offsets = self.value_tiles(entry.name)
+        values = entry.values(segs)
+        if entry.expdict is not None:
+            values = decode_values_reference(values, offsets, entry.nnz, where)
+        elif entry.exphuff is not None:
+            values = huff_values_reference(values, offsets, entry.nnz, where)
+        if entry.encoding == "dense":
+            return values
         return decode_bitmap_reference(segs["bitmap"].view("<u4"), values, offsets, entry.numel,
                                        where=where)
 
@@ -665,7 +733,8 @@ class EndorFile:
     def summary(self) -> dict:
         """What ``endor-gds inspect --json`` prints."""
         tensors, layers = [], []
-        dense_total = stored_total = sparse_dense = sparse_stored = sparse_numel = 0
+        dense_total = stored_total = 0
+        by_codec: dict[str, list[int]] = {}  # codec -> [tensors, dense bytes, stored bytes, elements]
         for e in self.tensors.values():
             tensors.append({
                 "name": e.name, "shape": list(e.shape), "dtype": e.dtype.name,
@@ -675,15 +744,17 @@ class EndorFile:
                 # stored bits per element: every segment with its page padding
                 "bits_per_element": 8 * e.stored_nbytes / e.numel if e.numel else 0.0,
                 "expdict": e.expdict.manifest() if e.expdict is not None else None,
+                "exphuff": e.exphuff.manifest() if e.exphuff is not None else None,
                 "segments": [{"kind": s.kind, "offset": s.offset, "length": s.length,
                               "nbytes": s.nbytes} for s in e.segments.values()],
             })
             dense_total += e.dense_nbytes
             stored_total += e.stored_nbytes
-            if e.encoding == "bitmap":
-                sparse_dense += e.dense_nbytes
-                sparse_stored += e.stored_nbytes
-                sparse_numel += e.numel
+            if e.needs_decode:
+                acc = by_codec.setdefault(e.codec, [0, 0, 0, 0])
+                for i, x in enumerate((1, e.dense_nbytes, e.stored_nbytes, e.numel)):
+                    acc[i] += x
+        encoded_dense, encoded_stored, encoded_numel = (sum(a[i] for a in by_codec.values()) for i in (1, 2, 3))
         for ext in self.layers:
             entries = [self.tensors[n] for n in ext.tensors]
             dense = sum(e.dense_nbytes for e in entries)
@@ -711,12 +782,13 @@ class EndorFile:
                 "dense_bytes": dense_total,
                 "stored_bytes": stored_total,
                 "ratio": dense_total / stored_total if stored_total else 0.0,
-                "sparse_dense_bytes": sparse_dense,
-                "sparse_stored_bytes": sparse_stored,
-                "sparse_ratio": sparse_dense / sparse_stored if sparse_stored else None,
-                "sparse_bits_per_element": 8 * sparse_stored / sparse_numel if sparse_numel else None,
-                "codecs": {c: sum(e.codec == c for e in self.tensors.values() if e.encoding == "bitmap")
-                           for c in VERSION_CODECS[self.format_version]},
+                # the tensors stored encoded (bitmap, or dense entropy-coded): all but plain data
+                "encoded_dense_bytes": encoded_dense,
+                "encoded_stored_bytes": encoded_stored,
+                "encoded_ratio": encoded_dense / encoded_stored if encoded_stored else None,
+                "encoded_bits_per_element": 8 * encoded_stored / encoded_numel if encoded_numel else None,
+                "codecs": {c: by_codec.get(c, [0])[0] for c in VERSION_CODECS[self.format_version]},
+                "codec_bits_per_element": {c: 8 * a[2] / a[3] for c, a in by_codec.items() if a[3]},
             },
         }
 

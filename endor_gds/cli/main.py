@@ -74,18 +74,20 @@ def cmd_inspect(args) -> int:
               f"{'density':>8} {'bits/el':>7} {'stored':>11}")
         for e in s["tensors"]:
             shape = "x".join(map(str, e["shape"]))
-            codec = "-" if e["encoding"] == "dense" else e["codec"]
+            codec = e["codec"] if e["encoding"] == "bitmap" or e["codec"] != "raw" else "-"
             if e["expdict"]:  # index width and escapes: what the dictionary costs
                 codec += f" b{e['expdict']['index_bits']}"
+            if e["exphuff"]:  # the longest exponent code
+                codec += f" <={max(e['exphuff']['code_lengths'])}b"
             print(f"{e['name']:<56} {shape:<14} {e['dtype']:<5} {e['encoding']:<8} {codec:<12} "
                   f"{e['density']:>8.3f} {e['bits_per_element']:>7.3f} {format_bytes(e['stored_bytes']):>11}")
-    sparse = ""
-    if t["sparse_ratio"]:
-        codecs = ", ".join(f"{n} {c}" for c, n in t["codecs"].items() if n)
-        sparse = (f", sparse tensors {t['sparse_ratio']:.3f}x = {t['sparse_bits_per_element']:.3f} "
-                  f"bits per element (tensors by codec: {codecs})")
+    encoded = ""
+    if t["encoded_ratio"]:
+        codecs = ", ".join(f"{n} {c} at {t['codec_bits_per_element'][c]:.3f}" for c, n in t["codecs"].items() if n)
+        encoded = (f", encoded tensors {t['encoded_ratio']:.3f}x = {t['encoded_bits_per_element']:.3f} "
+                   f"bits per element (tensors by codec, bits per element: {codecs})")
     print(f"total: dense {format_bytes(t['dense_bytes'])}, stored {format_bytes(t['stored_bytes'])}, "
-          f"ratio {t['ratio']:.3f}x{sparse}")
+          f"ratio {t['ratio']:.3f}x{encoded}")
     return 0
 
 
@@ -135,9 +137,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--calib-device", default="cpu",
                    help="wanda: torch device holding one layer + the activations (cpu, cuda, cuda:1)")
     p.add_argument("--codec", choices=CODECS, default="auto",
-                   help="values of bitmap tensors: auto = per tensor the smallest of dense, raw "
-                        "(format v1) and expdict (format v2, lossless exponent dictionary); raw; "
-                        "expdict (forced for every linear weight)")
+                   help="how linear weights' values are stored, all lossless: auto = per tensor the "
+                        "smallest of dense, raw (format v1), expdict (format v2, exponent dictionary) "
+                        "and exphuff (format v3, Huffman-coded exponents, also without a bitmap); raw; "
+                        "expdict or exphuff (forced for every linear weight; on CPU hosts the fused "
+                        "product reads raw and expdict only)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 

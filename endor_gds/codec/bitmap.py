@@ -210,29 +210,27 @@ def decode_bitmap_reference(
     return out
 
 
-def segment_nbytes(encoding: str, n: int, nnz: int, itemsize: int, expdict=None) -> dict[str, int]:
+def segment_nbytes(encoding: str, n: int, nnz: int, itemsize: int, params=None) -> dict[str, int]:
     """Unpadded byte length of each segment of a tensor with this encoding, in file order.
 
-    ``expdict``: the :class:`~endor_gds.codec.expdict.ExpDict` parameters of a bitmap tensor with codec
-    ``expdict`` (its streams replace ``values``), None for codec ``raw``.
+    ``params``: the value codec's parameters (:class:`~endor_gds.codec.expdict.ExpDict` of a bitmap
+    tensor, :class:`~endor_gds.codec.exphuff.ExpHuff` of a bitmap or a dense one), whose streams
+    replace ``values`` (``data`` for a dense tensor); None for codec ``raw``.
     """
+    if encoding not in ("dense", "bitmap"):
+        raise ValueError(f"unknown encoding {encoding!r}")
+    positions = {"bitmap": 4 * -(-n // WORD_BITS), "tile_offsets": 4 * (num_tiles(n) + 1)} \
+        if encoding == "bitmap" else {}
+    if params is not None:  # a dense tensor's stored values are all its elements
+        return {**positions, **params.segment_nbytes(n, nnz if encoding == "bitmap" else n)}
     if encoding == "dense":
         return {"data": n * itemsize}
-    if encoding == "bitmap" and expdict is not None:
-        return {"bitmap": 4 * -(-n // WORD_BITS), "tile_offsets": 4 * (num_tiles(n) + 1),
-                **expdict.segment_nbytes(n, nnz)}
-    if encoding == "bitmap":
-        return {
-            "bitmap": 4 * -(-n // WORD_BITS),
-            "values": nnz * itemsize,
-            "tile_offsets": 4 * (num_tiles(n) + 1),
-        }
-    raise ValueError(f"unknown encoding {encoding!r}")
+    return {"bitmap": positions["bitmap"], "values": nnz * itemsize, "tile_offsets": positions["tile_offsets"]}
 
 
-def stored_nbytes(encoding: str, n: int, nnz: int, itemsize: int, expdict=None) -> int:
+def stored_nbytes(encoding: str, n: int, nnz: int, itemsize: int, params=None) -> int:
     """Bytes the tensor occupies in the file: its segments, each padded to a page."""
-    return sum(pad_to_page(b) for b in segment_nbytes(encoding, n, nnz, itemsize, expdict).values())
+    return sum(pad_to_page(b) for b in segment_nbytes(encoding, n, nnz, itemsize, params).values())
 
 
 def choose_encoding(dtype: DType, shape: tuple[int, ...], nnz: int) -> str:

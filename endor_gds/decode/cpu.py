@@ -21,7 +21,7 @@ import numpy as np
 from endor_gds import defaults
 from endor_gds.codec.bitmap import TILE_ELEMS, WORD_BITS, num_tiles
 from endor_gds.codec.expdict import Streams
-from endor_gds.codec.exphuff import HuffStreams
+from endor_gds.codec.exphuff import CHUNKS_PER_TILE, STREAM_KINDS, HuffStreams
 from endor_gds.errors import DecodeError, MissingDependencyError
 
 __all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
@@ -54,9 +54,9 @@ class _ExpHuffArgs(ctypes.Structure):
     """``endor_exphuff`` in csrc/endor_cpu.c: one exphuff tensor's streams and code lengths."""
 
     _fields_ = [(name, ctypes.c_void_p) for name in (
-        "bitmap", "tile_offsets", "residuals", "bits", "tile_bits", "out")] + \
+        "bitmap", "tile_offsets", "residuals", "bits", "tile_bits", "chunk_bits", "out")] + \
         [(name, ctypes.c_uint64) for name in ("n", "nnz", "bits_nbytes")] + \
-        [(name, ctypes.c_uint32) for name in ("elem_bytes", "man_bits", "exp_bits", "reserved")] + \
+        [(name, ctypes.c_uint32) for name in ("elem_bytes", "man_bits", "exp_bits", "nbits")] + \
         [("lengths", ctypes.c_uint8 * 256)]
 
 
@@ -154,15 +154,19 @@ def _check_huff(s: HuffStreams, bitmap, tile_offsets, n: int, itemsize: int, whe
     only a decode can tell, the codes and offsets against the bitmap, the C code checks)."""
     layout = s.params.layout
     s.params.check()
-    for kind in ("residuals", "bits", "tile_bits"):
+    for kind in STREAM_KINDS:
         if not getattr(s, kind).flags.c_contiguous:
             raise ValueError(f"{where}: {kind} must be C-contiguous")
     if layout.itemsize != itemsize:
         raise ValueError(f"{where}: exphuff values of {layout.name} ({layout.itemsize}-byte), out is {itemsize}-byte")
     if s.residuals.dtype.itemsize != 1 or s.bits.dtype.itemsize != 1 or s.residuals.size % layout.residual_bytes:
         raise ValueError(f"{where}: residuals and bits must be bytes, residuals a multiple of {layout.residual_bytes}")
+    if s.params.nbits is None or s.params.nbits > 8 * s.bits.size:
+        raise ValueError(f"{where}: bits holds {s.bits.size} bytes, the code is bound to {s.params.nbits} bits")
     if s.tile_bits.dtype.itemsize != 4 or s.tile_bits.size != num_tiles(n) + 1:
         raise ValueError(f"{where}: tile_bits must be {num_tiles(n) + 1} uint32 for n={n}")
+    if s.chunk_bits.dtype.itemsize != 2 or s.chunk_bits.size != (CHUNKS_PER_TILE - 1) * num_tiles(n):
+        raise ValueError(f"{where}: chunk_bits must be {(CHUNKS_PER_TILE - 1) * num_tiles(n)} uint16 for n={n}")
     if bitmap is None and (tile_offsets is not None or s.nnz != n):
         raise ValueError(f"{where}: a dense exphuff tensor (no bitmap) stores all {n} elements, has "
                          f"{s.nnz} residuals, and no tile offsets")
@@ -193,8 +197,10 @@ def expdict_args(bitmap, s: Streams, offs, out: int, n: int) -> _ExpDictArgs:
 def _exphuff_args(bitmap, s: HuffStreams, offs, out) -> _ExpHuffArgs:
     layout = s.params.layout
     a = _ExpHuffArgs(0 if bitmap is None else bitmap.ctypes.data, 0 if offs is None else offs.ctypes.data,
-                     s.residuals.ctypes.data, s.bits.ctypes.data, s.tile_bits.ctypes.data, out.ctypes.data,
-                     out.size, s.nnz, s.bits.size, layout.itemsize, layout.man_bits, layout.exp_bits, 0)
+                     s.residuals.ctypes.data, s.bits.ctypes.data, s.tile_bits.ctypes.data,
+                     s.chunk_bits.ctypes.data, out.ctypes.data,
+                     out.size, s.nnz, s.bits.size, layout.itemsize, layout.man_bits, layout.exp_bits,
+                     s.params.nbits)
     a.lengths[: len(s.params.lengths)] = s.params.lengths
     return a
 

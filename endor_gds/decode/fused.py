@@ -21,7 +21,9 @@ from endor_gds.codec.expdict import Streams
 from endor_gds.decode.cpu import CpuDecoder, check_encoded, expdict_args, library
 from endor_gds.errors import DecodeError
 
-__all__ = ["AUTO_MAX_ROWS", "FusedWeight", "MAX_ROWS", "reference_matmul"]
+__all__ = ["AUTO_MAX_ROWS", "CODECS", "FusedWeight", "MAX_ROWS", "reference_matmul"]
+
+CODECS = ("raw", "expdict")  # the value codecs of bitmap weights the product reads (exphuff: decoded)
 
 MAX_ROWS = 16  # rows of x one call takes (MATVEC_MAX_M: an accumulator per row per output)
 # fused_max_rows="auto": up to how many rows of x the product beat decode + torch's own product

@@ -11,7 +11,9 @@ launches it for every token::
 
 A :class:`GpuItem` is raw device pointers (the layer's segments inside a read buffer, and the
 dense output buffer) plus sizes, and for a tensor with the expdict codec (format v2) a
-:class:`GpuExpDict` with its streams and dictionary; raw and expdict items mix in one table.
+:class:`GpuExpDict` with its streams and dictionary, for one with the exphuff codec (format v3) a
+:class:`GpuExpHuff` with its streams and code lengths (a dense exphuff tensor has no bitmap and no
+tile offsets: both pointers 0); items of all codecs mix in one table.
 :meth:`GpuItem.from_arrays` builds one from CuPy arrays or torch CUDA tensors and checks their
 sizes. Outputs are ordinary device memory: allocate them as torch
 tensors and launch on ``torch.cuda.current_stream()`` (a ``torch.cuda.Stream`` is accepted as
@@ -33,6 +35,7 @@ import numpy as np
 from endor_gds._resources import data_dir
 from endor_gds.codec.bitmap import DTYPES, MAX_SPARSE_ELEMS, TILE_ELEMS, WORD_BITS, num_tiles
 from endor_gds.codec.expdict import MAX_INDEX_BITS, ExpDict
+from endor_gds.codec.exphuff import CHUNKS_PER_TILE, MAX_CODE_BITS, ExpHuff, canonical_codes
 from endor_gds.errors import DecodeError, MissingDependencyError
 
 __all__ = [
@@ -50,6 +53,9 @@ __all__ = [
     "REASONS",
     "GpuItem",
     "GpuExpDict",
+    "GpuExpHuff",
+    "huff_table",
+    "huff_tables",
     "smem_bytes",
     "check_items",
     "pack_descriptors",
@@ -89,10 +95,13 @@ _MAX_GRID = (1 << 31) - 1  # gridDim.x limit: one block per tile of the table
 # Pointer alignment the kernel relies on (bytes): 4-byte word loads for bitmap, tile and escape
 # offsets, 16-byte vector loads of values and codes (never starting before the segment), 16-byte
 # output stores, element loads of escape positions (2) and escape values (elem_bytes, None here).
+# Exphuff: tile bits 4, chunk bits 2, the bits stream and the decode table 16 (staged like values).
 ALIGNMENT: dict[str, int | None] = {"bitmap": 4, "values": 16, "tile_offsets": 4, "out": 16,
                                     "codes": 16, "escape_offsets": 4, "escape_positions": 2,
-                                    "escape_values": None}
-CODEC_IDS = {"raw": 0, "expdict": 1}  # endor::Codec
+                                    "escape_values": None, "bits": 16, "tile_bits": 4,
+                                    "chunk_bits": 2, "huff_tables": 16}
+CODEC_IDS = {"raw": 0, "expdict": 1, "exphuff": 2}  # endor::Codec
+HUFF_TABLE_ENTRIES = 1 << MAX_CODE_BITS  # endor decode table: one u16 per value of the next 12 bits
 
 # Byte layout of `struct endor::Desc` (cuda/endor_decode.cu); the emulation test compares it with
 # the compiled struct's offsetof/sizeof.
@@ -116,6 +125,14 @@ DESC_DTYPE = np.dtype([
     ("index_bits", "<u4"),
     ("man_bits", "<u4"),
     ("exponents", "u1", (16,)),
+    ("bits", "<u8"),
+    ("bits_capacity", "<u8"),
+    ("tile_bits", "<u8"),
+    ("chunk_bits", "<u8"),
+    ("huff_table", "<u8"),
+    ("nbits", "<u8"),
+    ("exp_bits", "<u4"),
+    ("reserved", "<u4"),
 ])
 
 NO_ERROR = (1 << 64) - 1  # the error word before a launch, and after one where every tile passed
@@ -127,6 +144,9 @@ REASONS: dict[int, str] = {
     3: "its number of set bits differs from its tile offsets",
     4: "its escape table is out of range (need non-decreasing escape offsets from 0 to escapes, "
        "at most one escape per value, positions strictly increasing below the tile's value count)",
+    5: "its exponent codes do not decode (need tile bit offsets from 0 to the stream's length, "
+       "chunk offsets non-decreasing within the tile, empty chunks at its end, every code in the "
+       "code table, and each chunk's codes ending where the next chunk starts)",
 }
 
 
@@ -181,45 +201,62 @@ class GpuExpDict:
 
 
 @dataclass(frozen=True)
-class GpuItem:
-    """One bitmap tensor to decode: device pointers and sizes (see docs/format.md, section 1)."""
+class GpuExpHuff:
+    """The exphuff streams of a :class:`GpuItem` (whose ``values_ptr`` points at the residuals)."""
 
-    bitmap_ptr: int  # ceil(n/32) uint32 words; 4-byte aligned
-    values_ptr: int  # raw: packed values; expdict: residuals; 16-byte aligned (0 if capacity 0)
+    params: ExpHuff  # float layout, code length per exponent, stream length in bits (bound: not None)
+    bits_ptr: int  # the MSB-first code stream; 16-byte aligned (0 allowed when capacity is 0)
+    bits_capacity: int  # bytes readable at bits_ptr, >= ceil(params.nbits / 8)
+    tile_bits_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned
+    chunk_bits_ptr: int  # 7 * ceil(n/4096) uint16; 2-byte aligned
+
+
+@dataclass(frozen=True)
+class GpuItem:
+    """One tensor to decode: device pointers and sizes (see docs/format.md, section 1)."""
+
+    bitmap_ptr: int  # ceil(n/32) uint32 words; 4-byte aligned (0: a dense exphuff tensor)
+    values_ptr: int  # raw: packed values; expdict, exphuff: residuals; 16-byte aligned (0 if capacity 0)
     values_capacity: int  # bytes readable at values_ptr (padded segment): >= nnz * elem_bytes
-    tile_offsets_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned
+    tile_offsets_ptr: int  # ceil(n/4096) + 1 uint32; 4-byte aligned (0: a dense exphuff tensor)
     out_ptr: int  # n * elem_bytes dense output; 16-byte aligned, not overlapping any input
     n: int  # elements, 1 <= n <= 2^32 - 1
     nnz: int  # packed values, <= n
     elem_bytes: int  # 2 (fp16, bf16) or 4 (fp32); see elem_bytes()
     label: str = "tensor"  # named in errors (the tensor's name in the manifest)
     expdict: GpuExpDict | None = None  # codec expdict (format v2); None: raw values
+    exphuff: GpuExpHuff | None = None  # codec exphuff (format v3); at most one of the two
+
+    @property
+    def dense(self) -> bool:
+        """A dense exphuff tensor: no bitmap, no tile offsets, every element a value."""
+        return self.exphuff is not None and self.bitmap_ptr == 0 and self.tile_offsets_ptr == 0
 
     @classmethod
     def from_arrays(cls, bitmap, values, tile_offsets, out, *, label: str = "tensor",
-                    expdict: ExpDict | None = None) -> GpuItem:
+                    expdict: ExpDict | None = None, exphuff: ExpHuff | None = None) -> GpuItem:
         """An item over CuPy arrays / torch CUDA tensors, with their sizes checked.
 
         ``out`` holds the ``n`` elements (its element size decides the path), ``values`` the
         ``nnz`` packed values of the same element size, ``bitmap`` and ``tile_offsets`` 4-byte
         words. With ``expdict`` (the tensor's parameters), ``values`` is a dict of its five
-        streams (``expdict.STREAM_KINDS`` -> array). All must be C-contiguous device memory.
+        streams (``expdict.STREAM_KINDS`` -> array); with ``exphuff`` (its bound parameters), a
+        dict of its four (``exphuff.STREAM_KINDS``: residuals and bits bytes, tile_bits uint32,
+        chunk_bits uint16), and ``bitmap`` and ``tile_offsets`` are both None for a dense tensor.
+        All must be C-contiguous device memory.
         """
-        b, o, y = (_array_info(a, f"{label}: {name}") for a, name in
-                   ((bitmap, "bitmap"), (tile_offsets, "tile_offsets"), (out, "out")))
+        y = _array_info(out, f"{label}: out")
         n, eb = y["size"], y["itemsize"]
         if eb not in (2, 4):
             raise ValueError(f"{label}: out has {eb}-byte elements; bitmap decoding supports 2 "
                              f"(fp16/bf16) and 4 (fp32)")
         if y["readonly"]:
             raise ValueError(f"{label}: out is read-only")
-        words = -(-n // WORD_BITS)
-        if b["itemsize"] != 4 or b["size"] != words:
-            raise ValueError(f"{label}: bitmap must be {words} uint32 words for n={n}, got "
-                             f"{b['size']} of {b['itemsize']} bytes")
-        if o["itemsize"] != 4 or o["size"] != num_tiles(n) + 1:
-            raise ValueError(f"{label}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
-                             f"got {o['size']} of {o['itemsize']} bytes")
+        if exphuff is not None:
+            return cls._from_huff_arrays(bitmap, values, tile_offsets, y, label, exphuff)
+        b, o = (_array_info(a, f"{label}: {name}") for a, name in
+                ((bitmap, "bitmap"), (tile_offsets, "tile_offsets")))
+        _check_bitmap_arrays(label, b, o, n)
         common = dict(bitmap_ptr=b["ptr"], tile_offsets_ptr=o["ptr"], out_ptr=y["ptr"], n=n,
                       elem_bytes=eb, label=label)
         if expdict is None:
@@ -243,6 +280,46 @@ class GpuItem:
                         s["escape_positions"]["ptr"], s["escape_values"]["ptr"])
         return cls(values_ptr=s["residuals"]["ptr"], values_capacity=s["residuals"]["size"],
                    nnz=nnz, expdict=ed, **common)
+
+    @classmethod
+    def _from_huff_arrays(cls, bitmap, values, tile_offsets, y: dict, label: str,
+                          params: ExpHuff) -> GpuItem:
+        n, eb = y["size"], y["itemsize"]
+        if (bitmap is None) != (tile_offsets is None):
+            raise ValueError(f"{label}: a dense exphuff tensor has neither bitmap nor tile_offsets; "
+                             f"a sparse one both")
+        bptr = optr = 0
+        if bitmap is not None:
+            b, o = (_array_info(a, f"{label}: {name}") for a, name in
+                    ((bitmap, "bitmap"), (tile_offsets, "tile_offsets")))
+            _check_bitmap_arrays(label, b, o, n)
+            bptr, optr = b["ptr"], o["ptr"]
+        s = {k: _array_info(a, f"{label}: {k}") for k, a in values.items()}
+        want = {"residuals": 1, "bits": 1, "tile_bits": 4, "chunk_bits": 2}
+        for k, size in want.items():
+            if k not in s or s[k]["itemsize"] != size:
+                raise ValueError(f"{label}: exphuff stream {k} must be an array of {size}-byte items")
+        ntiles = num_tiles(n)
+        if s["tile_bits"]["size"] != ntiles + 1 or s["chunk_bits"]["size"] != (CHUNKS_PER_TILE - 1) * ntiles:
+            raise ValueError(f"{label}: tile_bits must be {ntiles + 1} entries, chunk_bits "
+                             f"{(CHUNKS_PER_TILE - 1) * ntiles} for n={n}")
+        eh = GpuExpHuff(params, s["bits"]["ptr"], s["bits"]["size"], s["tile_bits"]["ptr"],
+                        s["chunk_bits"]["ptr"])
+        return cls(bitmap_ptr=bptr, values_ptr=s["residuals"]["ptr"],
+                   values_capacity=s["residuals"]["size"], tile_offsets_ptr=optr, out_ptr=y["ptr"],
+                   n=n, nnz=s["residuals"]["size"] // params.layout.residual_bytes, elem_bytes=eb,
+                   label=label, exphuff=eh)
+
+
+def _check_bitmap_arrays(label: str, b: dict, o: dict, n: int) -> None:
+    """``bitmap`` and ``tile_offsets`` (as _array_info gives them) fit a tensor of ``n`` elements."""
+    words = -(-n // WORD_BITS)
+    if b["itemsize"] != 4 or b["size"] != words:
+        raise ValueError(f"{label}: bitmap must be {words} uint32 words for n={n}, got "
+                         f"{b['size']} of {b['itemsize']} bytes")
+    if o["itemsize"] != 4 or o["size"] != num_tiles(n) + 1:
+        raise ValueError(f"{label}: tile_offsets must be {num_tiles(n) + 1} uint32 for n={n}, "
+                         f"got {o['size']} of {o['itemsize']} bytes")
 
 
 def _array_info(a, what: str) -> dict:
@@ -279,6 +356,8 @@ def smem_bytes(item: GpuItem) -> int:
     """Dynamic shared memory a tile of ``item`` needs (endor::smem_bytes): raw, its values window;
     expdict, the rebuilt values, the residual window, the codes window (widest field) and the
     field table (one element per field value of the widest field)."""
+    if item.exphuff is not None:
+        return _huff_smem_bytes(item)
     if item.expdict is None:
         return stage_bytes(item.elem_bytes)
     layout = item.expdict.params.layout
@@ -286,6 +365,38 @@ def smem_bytes(item: GpuItem) -> int:
     codes_offset = TILE_ELEMS * item.elem_bytes + TILE_ELEMS * layout.residual_bytes + STAGE_SLACK
     table_offset = codes_offset + TILE_ELEMS // 8 * max_field_bits + 2 * 16
     return table_offset + (1 << max_field_bits) * item.elem_bytes
+
+
+def _huff_smem_bytes(item: GpuItem) -> int:
+    """Exphuff (endor::smem_bytes): the rebuilt values (the decode table before them), the residual
+    window, the bits window (the longest units of 4096 values, 32 bytes of alignment, 16 bytes the
+    bit readers may read past it), the units (8 chunks of 512 bytes, 16 apart)."""
+    layout = item.exphuff.params.layout
+    bits_offset = TILE_ELEMS * item.elem_bytes + TILE_ELEMS * layout.residual_bytes + STAGE_SLACK
+    units_offset = bits_offset + TILE_ELEMS // 8 * (MAX_CODE_BITS + layout.high_bits) + 3 * 16
+    return units_offset + CHUNKS_PER_TILE * (TILE_ELEMS // CHUNKS_PER_TILE + 16)
+
+
+def huff_table(params: ExpHuff) -> np.ndarray:
+    """The kernel's decode table of an exphuff code: for each value of the next 12 bits of the
+    stream, ``exponent << 4 | code length`` (0 where no code starts with those bits), uint16[4096].
+    Canonical codes (exphuff.canonical_codes); ``ValueError`` unless ``params.check()`` passes."""
+    params.check()
+    lengths = np.asarray(params.lengths, dtype=np.int64)
+    codes = canonical_codes(lengths)
+    table = np.zeros(HUFF_TABLE_ENTRIES, dtype="<u2")
+    for sym in np.flatnonzero(lengths):
+        free = MAX_CODE_BITS - int(lengths[sym])  # bits after the code: every continuation
+        lo = int(codes[sym]) << free
+        table[lo:lo + (1 << free)] = sym << 4 | int(lengths[sym])
+    return table
+
+
+def huff_tables(items: Sequence[GpuItem]) -> np.ndarray:
+    """The decode tables of the exphuff items, in table order (uint16 ``[k, 4096]``): uploaded
+    by make_table, whose address pack_descriptors writes into their descriptors."""
+    tables = [huff_table(it.exphuff.params) for it in items if it.exphuff is not None]
+    return np.stack(tables) if tables else np.zeros((0, HUFF_TABLE_ENTRIES), dtype="<u2")
 
 
 def _check_pointers(where: str, ptrs: dict[str, tuple[int, int]], elem_bytes: int) -> None:
@@ -326,6 +437,37 @@ def _check_expdict(where: str, it: GpuItem) -> None:
                             "escape_values": (ed.escape_values_ptr, p.escapes)}, it.elem_bytes)
 
 
+def _check_exphuff(where: str, it: GpuItem) -> None:
+    eh = it.exphuff
+    if not isinstance(eh, GpuExpHuff):
+        raise TypeError(f"{where}: exphuff must be a GpuExpHuff, got {type(eh).__name__}")
+    if it.expdict is not None:
+        raise ValueError(f"{where}: an item has one value codec: expdict or exphuff, not both")
+    p = eh.params
+    try:
+        p.check()
+    except ValueError as exc:
+        raise ValueError(f"{where}: {exc}") from None
+    if p.nbits is None:
+        raise ValueError(f"{where}: the exphuff code is bound to no stream (nbits is None)")
+    if p.layout.itemsize != it.elem_bytes:
+        raise ValueError(f"{where}: exphuff values of {p.layout.name} are {p.layout.itemsize}-byte, "
+                         f"elem_bytes={it.elem_bytes}")
+    residuals, bits = it.nnz * p.layout.residual_bytes, -(-p.nbits // 8)
+    if it.values_capacity < residuals or eh.bits_capacity < bits:
+        raise ValueError(f"{where}: {it.nnz} values need {residuals} residual bytes and the "
+                         f"{p.nbits}-bit stream {bits} bytes, got capacities {it.values_capacity} "
+                         f"and {eh.bits_capacity}")
+    if (it.bitmap_ptr == 0) != (it.tile_offsets_ptr == 0):
+        raise ValueError(f"{where}: a dense exphuff tensor has neither bitmap_ptr nor "
+                         f"tile_offsets_ptr (both 0); a sparse one both")
+    if it.dense and it.nnz != it.n:
+        raise ValueError(f"{where}: a dense exphuff tensor (no bitmap) stores all n={it.n} "
+                         f"elements, got nnz={it.nnz}")
+    _check_pointers(where, {"bits": (eh.bits_ptr, eh.bits_capacity), "tile_bits": (eh.tile_bits_ptr, 1),
+                            "chunk_bits": (eh.chunk_bits_ptr, 1)}, it.elem_bytes)
+
+
 def check_items(items: Sequence[GpuItem]) -> None:
     """Every check of a table's arguments, in one place (``ValueError`` naming item and limit).
 
@@ -348,11 +490,15 @@ def check_items(items: Sequence[GpuItem]) -> None:
             raise ValueError(f"{where}: n={it.n} must be between 1 and {MAX_SPARSE_ELEMS}")
         if not 0 <= it.nnz <= it.n:
             raise ValueError(f"{where}: nnz={it.nnz} must be between 0 and n={it.n}")
-        if it.expdict is None and it.values_capacity < it.nnz * it.elem_bytes:
+        raw = it.expdict is None and it.exphuff is None
+        if raw and it.values_capacity < it.nnz * it.elem_bytes:
             raise ValueError(f"{where}: values_capacity={it.values_capacity} bytes is less than "
                              f"nnz * elem_bytes = {it.nnz * it.elem_bytes}")
-        _check_pointers(where, {"bitmap": (it.bitmap_ptr, 1), "values": (it.values_ptr, it.values_capacity),
-                                "tile_offsets": (it.tile_offsets_ptr, 1), "out": (it.out_ptr, 1)},
+        if it.exphuff is not None:  # first: whether bitmap and tile offsets may be null
+            _check_exphuff(where, it)
+        sparse = 0 if it.dense else 1  # bytes behind bitmap and tile offsets: none when dense
+        _check_pointers(where, {"bitmap": (it.bitmap_ptr, sparse), "values": (it.values_ptr, it.values_capacity),
+                                "tile_offsets": (it.tile_offsets_ptr, sparse), "out": (it.out_ptr, 1)},
                         it.elem_bytes)
         if it.expdict is not None:
             _check_expdict(where, it)
@@ -362,11 +508,18 @@ def check_items(items: Sequence[GpuItem]) -> None:
                          f"got {total}")
 
 
-def pack_descriptors(items: Sequence[GpuItem]) -> np.ndarray:
-    """The checked items as the kernel's descriptor array (``DESC_DTYPE``, table order)."""
+def pack_descriptors(items: Sequence[GpuItem], huff_tables_ptr: int = 0) -> np.ndarray:
+    """The checked items as the kernel's descriptor array (``DESC_DTYPE``, table order).
+
+    ``huff_tables_ptr``: the device address of :func:`huff_tables` ``(items)`` (16-byte aligned);
+    the k-th exphuff item's descriptor points at its table, ``huff_tables_ptr + 8192 * k``. 0
+    leaves those pointers null: only for looking at descriptors, never for a launch.
+    """
     check_items(items)
+    if huff_tables_ptr % ALIGNMENT["huff_tables"] or huff_tables_ptr < 0:
+        raise ValueError(f"huff_tables_ptr={huff_tables_ptr:#x} must be a 16-byte aligned device address")
     descs = np.zeros(len(items), dtype=DESC_DTYPE)
-    first = 0
+    first, huff = 0, 0
     for d, it in zip(descs, items):
         d["bitmap"], d["values"], d["values_capacity"] = it.bitmap_ptr, it.values_ptr, it.values_capacity
         d["tile_offsets"], d["out"] = it.tile_offsets_ptr, it.out_ptr
@@ -379,6 +532,13 @@ def pack_descriptors(items: Sequence[GpuItem]) -> np.ndarray:
             d["escape_values"], d["escapes"] = ed.escape_values_ptr, p.escapes
             d["index_bits"], d["man_bits"] = p.index_bits, p.layout.man_bits
             d["exponents"][: len(p.exponents)] = p.exponents
+        if it.exphuff is not None:
+            eh, p = it.exphuff, it.exphuff.params
+            d["codec"], d["man_bits"], d["exp_bits"] = CODEC_IDS["exphuff"], p.layout.man_bits, p.layout.exp_bits
+            d["bits"], d["bits_capacity"], d["nbits"] = eh.bits_ptr, eh.bits_capacity, p.nbits
+            d["tile_bits"], d["chunk_bits"] = eh.tile_bits_ptr, eh.chunk_bits_ptr
+            d["huff_table"] = huff_tables_ptr + 2 * HUFF_TABLE_ENTRIES * huff if huff_tables_ptr else 0
+            huff += 1
         first += num_tiles(it.n)
     return descs
 
@@ -394,9 +554,9 @@ def error_message(items: Sequence[GpuItem], key: int) -> str:
     it = items[desc]
     first = tile * TILE_ELEMS
     last = min(it.n, first + TILE_ELEMS) - 1
-    return (f"{it.label}: tile {tile} (elements {first}..{last}) disagrees with its tile offsets "
-            f"or bitmap: {REASONS[reason]} (corrupted file? run `endor-gds verify`); the outputs "
-            f"of this launch must not be used")
+    what = "cannot be decoded" if reason == 5 else "disagrees with its tile offsets or bitmap"
+    return (f"{it.label}: tile {tile} (elements {first}..{last}) {what}: {REASONS[reason]} "
+            f"(corrupted file? run `endor-gds verify`); the outputs of this launch must not be used")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -476,6 +636,7 @@ class DecodeTable:
     args: tuple = field(repr=False)  # kernel arguments, built once
     pinned: Any = field(repr=False)  # the pinned allocation behind host_error (kept alive here)
     launched: bool = False  # whether check() has a launch to look at
+    huff_tables: Any = field(repr=False, default=None)  # cupy uint16 [k, 4096]: exphuff decode tables
 
     def __repr__(self) -> str:
         return (f"<DecodeTable device={self.device} tensors={len(self.items)} "
@@ -510,9 +671,12 @@ class GpuDecoder:
     def make_table(self, items: Sequence[GpuItem]) -> DecodeTable:
         """Check ``items`` and upload their descriptors (slow-ish: once per layer and buffer set)."""
         items = tuple(items)
-        descs = pack_descriptors(items)  # all argument checks happen here
+        check_items(items)  # all argument checks happen here
         cp = self._cp
         with cp.cuda.Device(self.device):
+            tables = huff_tables(items)  # the exphuff codes' decode tables, 8 KB each
+            d_tables = cp.asarray(tables) if len(tables) else None
+            descs = pack_descriptors(items, 0 if d_tables is None else d_tables.data.ptr)
             d_descs = cp.asarray(descs.view(np.uint8))
             error = cp.asarray(np.array([NO_ERROR], dtype=np.uint64))
             pinned = cp.cuda.alloc_pinned_memory(8)
@@ -525,7 +689,7 @@ class GpuDecoder:
         args = (d_descs, np.uint32(len(items)), error)
         return DecodeTable(device=self.device, items=items, total_tiles=total, smem_bytes=smem,
                            descs=d_descs, error=error, host_error=host_error, done=done, args=args,
-                           pinned=pinned)
+                           pinned=pinned, huff_tables=d_tables)
 
     def _stream(self, handle: int):
         s = self._streams.get(handle)

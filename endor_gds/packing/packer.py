@@ -1,10 +1,10 @@
 """checkpoint folder → one .endor file, one tensor at a time, atomically.
 
 The packer reads each tensor with ``pread`` (never mapping a whole shard), optionally prunes it,
-encodes it (per linear weight the smallest of dense, bitmap + raw values and bitmap + expdict
-values, see ``format.choose_storage``; everything else dense), writes its page-aligned segments
+encodes it (per linear weight the smallest of dense, bitmap + raw values, bitmap + expdict values
+and exphuff, dense or bitmap: ``policy.choose_storage``; everything else dense), writes its page-aligned segments
 and drops it before reading the next, so peak memory stays near the largest tensor, not the model.
-The file is format version 1 unless a tensor uses the expdict codec (version 2).
+The file is the lowest format version that holds its codecs: 1 (raw), 2 (expdict), 3 (exphuff).
 
 Atomicity: everything is written to a temporary file beside the destination, flushed and
 ``fsync``-ed, then renamed over the destination (``os.replace`` is atomic on POSIX) and the
@@ -32,8 +32,8 @@ import torch
 from tqdm.auto import tqdm
 
 from endor_gds._version import __version__
+from endor_gds.codec import expdict, exphuff
 from endor_gds.codec.bitmap import TILE_ELEMS, bits_view, dtype_of, encode_bitmap
-from endor_gds.codec.expdict import encode_values
 from endor_gds.container import Writer, format_version_for
 from endor_gds.errors import ArgumentError, CalibrationError, PackError, ReadError
 from endor_gds.modeling import check_tensors, model_dtype, model_for
@@ -85,11 +85,13 @@ class _ZeroCount:
         numel = t.numel()
         # -0.0 is a zero value but not the all-zero bit pattern, so the bitmap keeps it (the
         # round trip is bit-exact); count it apart to tell the user why such zeros cost space.
-        neg = 0
+        # (a dense exphuff tensor stores its zeros too: its nnz counts every element)
+        neg, nonzero = 0, entry["nnz"]
         if t.is_floating_point():
             bits = bits_view(t)
             neg = int(np.count_nonzero(bits == bits.dtype.type(1 << (8 * bits.itemsize - 1))))
-        zeros = numel - entry["nnz"] + neg
+            nonzero = int(np.count_nonzero(bits))
+        zeros = numel - nonzero + neg
         self.zeros += zeros
         self.numel += numel
         self.negative_zeros += neg
@@ -132,18 +134,25 @@ def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok:
     store = choose_storage(d, shape, bits, codec) if sparse_ok else Storage("dense")
     entry = {"name": name, "shape": list(shape), "dtype": d.name, "encoding": store.encoding,
              "codec": store.codec}
-    if store.encoding == "dense":
-        segments = [w.write_segment("data", bits)]
+    if store.encoding == "dense" and store.exphuff is None:
+        arrays = {"data": bits}
         entry["nnz"] = int(np.count_nonzero(bits))
+    elif store.encoding == "dense":  # every element a value, tiles of TILE_ELEMS elements
+        arrays = exphuff.encode_values(bits, exphuff.dense_tile_offsets(bits.size), store.exphuff).segments()
+        entry["nnz"] = int(bits.size)
     else:
         enc = encode_bitmap(bits)
         arrays = enc.segments()
         if store.expdict is not None:  # the codec's streams replace the raw values
             arrays = {"bitmap": enc.bitmap, "tile_offsets": enc.tile_offsets,
-                      **encode_values(enc.values, enc.tile_offsets, store.expdict).segments()}
-            entry["expdict"] = store.expdict.manifest()
-        segments = [w.write_segment(kind, arr) for kind, arr in arrays.items()]
+                      **expdict.encode_values(enc.values, enc.tile_offsets, store.expdict).segments()}
+        elif store.exphuff is not None:
+            arrays = {"bitmap": enc.bitmap, "tile_offsets": enc.tile_offsets,
+                      **exphuff.encode_values(enc.values, enc.tile_offsets, store.exphuff).segments()}
         entry["nnz"] = enc.nnz
+    if store.params is not None:
+        entry[store.codec] = store.params.manifest()
+    segments = [w.write_segment(kind, arr) for kind, arr in arrays.items()]
     entry.update(extent=extent, segments=[s.as_dict() for s in segments])
     return entry
 
@@ -201,10 +210,11 @@ def pack(
     file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.packing.wanda`).
     Embeddings, norms, biases and lm_head are never pruned.
 
-    ``codec``: how the non-zero values of bitmap tensors are stored. ``auto`` takes per linear
-    weight the smallest of dense, bitmap + ``raw`` values (format v1) and bitmap + ``expdict``
-    values (format v2: exponent dictionary, lossless); ``raw`` never uses expdict (a version-1
-    file); ``expdict`` uses it for every linear weight (see ``format.choose_storage``).
+    ``codec``: how the linear weights' values are stored, all lossless. ``auto`` takes per linear
+    weight the smallest of dense, bitmap + ``raw`` values (format v1), bitmap + ``expdict`` values
+    (format v2: exponent dictionary) and ``exphuff`` (format v3: Huffman-coded exponents, dense or
+    bitmap); ``raw`` uses neither codec (a version-1 file); ``expdict`` and ``exphuff`` use that
+    codec for every linear weight (see ``policy.choose_storage``).
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:

@@ -19,7 +19,6 @@ from types import MappingProxyType
 import numpy as np
 import torch
 
-from endor_gds.codec.expdict import Streams
 from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.decode.fused import FusedWeight
 from endor_gds.errors import DecodeError
@@ -132,12 +131,13 @@ def _segment_bytes(staging, slot) -> dict:
 
 
 def _encoded(staging: np.ndarray, slot) -> tuple:
-    """A bitmap slot's (bitmap, values, tile offsets) over its staged bytes: raw values, or the
-    expdict streams (no copies)."""
+    """A decoded slot's (bitmap, values, tile offsets) over its staged bytes, no copies: raw
+    values or a codec's streams; a dense exphuff tensor has neither bitmap nor tile offsets."""
     e = slot.entry
     segs = _segment_bytes(staging, slot)
-    values = segs["values"].view(e.dtype.bits) if e.expdict is None else Streams.from_bytes(e.expdict, segs)
-    return segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4")
+    if e.encoding != "bitmap":
+        return None, e.values(segs), None
+    return segs["bitmap"].view("<u4"), e.values(segs), segs["tile_offsets"].view("<u4")
 
 
 class CpuBackend(Backend):
@@ -242,22 +242,25 @@ class CpuBackend(Backend):
 
 
 def _gpu_item(slot, base: int, out: int, label: str):
-    """The kernel's view of a bitmap slot whose extent is staged at device address ``base``:
-    segment pointers and padded lengths (the readable capacity) and, for codec expdict, its
-    streams and dictionary."""
-    from endor_gds.decode.gpu import GpuExpDict, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
+    """The kernel's view of a decoded slot whose extent is staged at device address ``base``:
+    segment pointers and padded lengths (the readable capacity) and, for codecs expdict and
+    exphuff, their streams and parameters; a dense exphuff tensor has no bitmap nor tile offsets."""
+    from endor_gds.decode.gpu import GpuExpDict, GpuExpHuff, GpuItem  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
 
     e = slot.entry
     ptr = {k: base + off for k, off in slot.segments.items()}
-    expdict, values = None, "values"
+    expdict = exphuff = None
+    values = "values" if e.params is None else "residuals"  # the stream the kernel stages per value
     if e.expdict is not None:
-        values = "residuals"  # the value stream the kernel stages, residual_bytes per value
         expdict = GpuExpDict(e.expdict, ptr["codes"], e.segments["codes"].length,
                              ptr["escape_offsets"], ptr["escape_positions"], ptr["escape_values"])
-    return GpuItem(bitmap_ptr=ptr["bitmap"], values_ptr=ptr[values],
-                   values_capacity=e.segments[values].length, tile_offsets_ptr=ptr["tile_offsets"],
+    if e.exphuff is not None:
+        exphuff = GpuExpHuff(e.exphuff, ptr["bits"], e.segments["bits"].length, ptr["tile_bits"],
+                             ptr["chunk_bits"])
+    return GpuItem(bitmap_ptr=ptr.get("bitmap", 0), values_ptr=ptr[values],
+                   values_capacity=e.segments[values].length, tile_offsets_ptr=ptr.get("tile_offsets", 0),
                    out_ptr=out, n=e.numel, nnz=e.nnz, elem_bytes=e.dtype.itemsize, label=label,
-                   expdict=expdict)
+                   expdict=expdict, exphuff=exphuff)
 
 
 class CudaBackend(Backend):

@@ -28,7 +28,7 @@ class Slot:
     rel: str  # name relative to the layer module, e.g. "self_attn.q_proj.weight"
     entry: TensorEntry
     segments: dict[str, int]  # kind -> byte offset relative to the extent's start
-    arena_offset: int | None  # bitmap tensors: byte offset of the dense output in the arena
+    arena_offset: int | None  # tensors decoded: byte offset of the dense output in the arena
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,8 @@ class LayerPlan:
 
 
 def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:
-    """Lay out one layer: segment offsets inside its extent, arena offsets of its bitmap tensors."""
+    """Lay out one layer: segment offsets inside its extent, arena offsets of the tensors it
+    decodes (bitmap, or entropy-coded)."""
     slots, arena = [], 0
     for name in extent.tensors:
         entry = ef.tensors[name]
@@ -61,7 +62,7 @@ def plan_layer(ef: EndorFile, extent: Extent, prefix: str) -> LayerPlan:
             raise EndorError(f"tensor {name} in extent {extent.name} is not under {prefix}")
         segs = {k: s.offset - extent.offset for k, s in entry.segments.items()}
         arena_offset = None
-        if entry.encoding == "bitmap":
+        if entry.needs_decode:
             arena_offset = arena
             arena += -(-entry.dense_nbytes // ARENA_ALIGN) * ARENA_ALIGN
         slots.append(Slot(name[len(prefix):], entry, segs, arena_offset))

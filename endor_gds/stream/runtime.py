@@ -26,6 +26,7 @@ from endor_gds import defaults
 from endor_gds.container import EndorFile
 from endor_gds.decode.cpu import CpuDecoder
 from endor_gds.decode.fused import AUTO_MAX_ROWS
+from endor_gds.decode.fused import CODECS as FUSED_CODECS
 from endor_gds.defaults import parse_bytes
 from endor_gds.errors import (
     ArgumentError,
@@ -434,7 +435,8 @@ class StreamingRuntime:
         if "fma" not in self.decoder.features:
             return "off: this CPU lacks AVX2 + FMA + F16C (the fused product's vector path); every step decodes"
         if not any(self.backend.fused.values()):
-            return "off: no streamed linear weight is bitmap-encoded"
+            return (f"off: no streamed linear weight is bitmap-encoded with a codec it reads "
+                    f"({', '.join(FUSED_CODECS)}; pack with --codec expdict for it)")
         if not defaults.get("fused"):
             return "off (fused=False): every step decodes to dense, bit-identical to the in-memory model"
         limit = defaults.get("fused_max_rows")
@@ -515,11 +517,13 @@ class StreamingRuntime:
 
 def _fusable(layer: nn.Module, plan: LayerPlan) -> frozenset[str]:
     """The layer's bitmap-encoded weights that the fused product can take: those of plain
-    ``nn.Linear`` modules (their forward is ``F.linear``, which the product replaces)."""
+    ``nn.Linear`` modules (their forward is ``F.linear``, which the product replaces) whose values
+    are in a codec it reads."""
     names = set()
     for slot in plan.slots:
         owner_path, _, leaf = slot.rel.rpartition(".")
-        if slot.arena_offset is None or leaf != "weight" or len(slot.entry.shape) != 2:
+        e = slot.entry
+        if e.encoding != "bitmap" or e.codec not in FUSED_CODECS or leaf != "weight" or len(e.shape) != 2:
             continue
         owner = layer.get_submodule(owner_path) if owner_path else layer
         if type(owner).forward is nn.Linear.forward:

@@ -25,6 +25,7 @@ import pytest
 
 from endor_gds.codec.bitmap import WORD_BITS, num_tiles
 from endor_gds.codec.expdict import Streams
+from endor_gds.codec.exphuff import CHUNKS_PER_TILE, HuffStreams
 from endor_gds.decode import gpu as kernels
 from endor_gds.decode.cpu import CpuDecoder
 
@@ -115,10 +116,17 @@ class HostDecoder:
         for it in table:
             words, tiles = -(-it.n // WORD_BITS), num_tiles(it.n)
             bits = "<u2" if it.elem_bytes == 2 else "<u4"
-            bitmap = _host(it.bitmap_ptr, 4 * words).view("<u4")
-            offsets = _host(it.tile_offsets_ptr, 4 * (tiles + 1)).view("<u4")
+            bitmap = None if it.dense else _host(it.bitmap_ptr, 4 * words).view("<u4")
+            offsets = None if it.dense else _host(it.tile_offsets_ptr, 4 * (tiles + 1)).view("<u4")
             out = _host(it.out_ptr, it.n * it.elem_bytes).view(bits)
-            if it.expdict is None:
+            if it.exphuff is not None:
+                h = it.exphuff
+                values = HuffStreams.from_bytes(h.params, {
+                    "residuals": _host(it.values_ptr, it.nnz * h.params.layout.residual_bytes),
+                    "bits": _host(h.bits_ptr, -(-h.params.nbits // 8)),
+                    "tile_bits": _host(h.tile_bits_ptr, 4 * (tiles + 1)),
+                    "chunk_bits": _host(h.chunk_bits_ptr, 2 * (CHUNKS_PER_TILE - 1) * tiles)})
+            elif it.expdict is None:
                 values = _host(it.values_ptr, it.values_capacity).view(bits)[: it.nnz]
             else:
                 e, layout = it.expdict, it.expdict.params.layout
@@ -174,6 +182,44 @@ def test_gpu_branch_times_both_kernels_and_the_copy(bench, tmp_path, capsys, dty
     for r in out["codecs"].values():
         assert r["gpu_speedup_vs_compare"] == pytest.approx(1.0) and r["gpu_ratio_to_d2d"] == 1.0
     assert out["gpu_ratio_to_d2d"] == out["codecs"]["raw"]["gpu_ratio_to_d2d"]
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16"])
+def test_gpu_branch_times_exphuff_dense_and_pruned(bench, tmp_path, capsys, dtype):
+    """Codec exphuff beside the others: unpruned weights as a dense exphuff tensor (no bitmap, no
+    tile offsets), 50 %-pruned ones under a bitmap; both kernels timed (the compared file knows
+    exphuff), the fused product skipped (it does not read exphuff)."""
+    args = [*ARGS, "--sparsity", "0,0.5", "--codecs", "raw,expdict,exphuff", "--dtype", dtype,
+            "--storage-dir", str(tmp_path)]
+    assert bench.main(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    kernel, compare = HostDecoder.made
+    assert kernel.launches == compare.launches == 2 * 2 * 3 * (1 + 1 + 3)  # shapes x sparsities x codecs
+    huff = [c for c in out["cases"] if c["codec"] == "exphuff"]
+    assert [c["dense_codec"] for c in huff] == [True, False, True, False]
+    assert all(c["exphuff"]["code_lengths"] and c["fused"] == {} for c in huff)
+    assert all(not c["dense_codec"] for c in out["cases"] if c["codec"] != "exphuff")
+    for c in huff:
+        assert c["gpu"]["traffic_bytes"] == c["stored_bytes"] + c["dense_bytes"]
+        assert c["gpu"]["speedup_vs_compare"] == pytest.approx(1.0)
+    r = out["codecs"]["exphuff"]
+    assert r["gpu_ratio_to_d2d"] == 1.0 and r["gpu_speedup_vs_compare"] == pytest.approx(1.0)
+    assert r["fused"] == {} and out["codecs"]["raw"]["fused"]
+
+
+def test_gpu_branch_compares_exphuff_only_with_a_kernel_that_has_it(bench, tmp_path, capsys):
+    old = tmp_path / "old.cu"  # a kernel file from before codec exphuff
+    old.write_text((REPO / "cuda" / kernels.KERNEL_FILE).read_text().replace("kExpHuff", "kOther"))
+    args = [a if a != ARGS[-1] else str(old) for a in ARGS]
+    storage = tmp_path / "storage"
+    storage.mkdir()
+    assert bench.main([*args, "--sparsity", "0.5", "--codecs", "expdict,exphuff", "--dtype", "BF16",
+                       "--storage-dir", str(storage)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    kernel, compare = HostDecoder.made
+    assert compare.launches == 2 * (1 + 1 + 3) and kernel.launches == 4 * (1 + 1 + 3)
+    assert all((c["gpu"]["compare"] is None) == (c["codec"] == "exphuff") for c in out["cases"])
+    assert out["codecs"]["exphuff"]["gpu_speedup_vs_compare"] is None
 
 
 def test_gpu_branch_refuses_to_time_a_wrong_kernel(bench, tmp_path, monkeypatch):

@@ -31,8 +31,9 @@ from endor_gds.codec.expdict import (
     encode_values,
     exponent_histogram,
 )
+from endor_gds.container import format_version_for
 from endor_gds.errors import DecodeError, FormatError
-from endor_gds.packing.policy import choose_storage
+from endor_gds.packing.policy import CODECS, Storage, choose_storage
 
 DTYPE_NAMES = tuple(LAYOUTS)  # BF16, F16, F32
 
@@ -142,26 +143,46 @@ def test_best_index_width_is_the_smallest_on_disk(rng):
             + len(best.exponents)  # the dictionary's bytes
 
 
+def _sizes(dtype, shape, bits) -> dict:
+    """Each codec's choice for ``bits`` and its size, page padding and parameters counted."""
+    nnz = int(np.count_nonzero(bits))
+    out = {}
+    for codec in CODECS:
+        store = choose_storage(dtype, shape, bits, codec)
+        out[codec] = (store, store.nbytes(bits.size, nnz, dtype.itemsize))
+    return out
+
+
 def test_choose_storage(rng):
+    """``auto`` is the smallest of every codec's choice (on a tie the simpler); the forced codecs
+    use their codec whatever the size."""
     bf16, f16 = DTYPES["BF16"], DTYPES["F16"]
     shape = (256, 1024)
     weights = weight_bits(rng, 256 * 1024, "BF16", 0.5)
-    assert choose_storage(bf16, shape, weights, "auto").codec == "expdict"
-    raw = choose_storage(bf16, shape, weights, "raw")
-    assert (raw.encoding, raw.codec) == ("bitmap", "raw")
-    # exponents spread uniformly: the dictionary would escape most values, raw wins
-    spread = random_bits(rng, 256 * 1024, 2, 0.5)
-    assert choose_storage(f16, shape, spread, "auto").codec == "raw"
-    forced = choose_storage(f16, shape, spread, "expdict")
-    assert (forced.encoding, forced.codec) == ("bitmap", "expdict") and forced.expdict.escapes > 0
-    # an unpruned bf16 matrix still shrinks: bitmap 1 + residual 8 + index 3 bits + escapes
-    dense = weight_bits(rng, 256 * 1024, "BF16", 1.0)
-    got = choose_storage(bf16, shape, dense, "auto")
-    assert got.codec == "expdict"
-    assert stored_nbytes("bitmap", dense.size, dense.size, 2, got.expdict) < 13 / 16 * dense.nbytes
+    spread = random_bits(rng, 256 * 1024, 2, 0.5)  # exponents spread uniformly
+    dense = weight_bits(rng, 256 * 1024, "BF16", 1.0)  # unpruned
+    for dtype, bits in ((bf16, weights), (f16, spread), (bf16, dense)):
+        sizes = _sizes(dtype, shape, bits)
+        assert sizes["auto"][1] == min(size for _, size in sizes.values())
+        assert sizes["raw"][0].codec == "raw" and sizes["expdict"][0].codec == "expdict"
+        assert sizes["exphuff"][0].codec == "exphuff"
+    # 50 %-pruned weights: each codec smaller than the last; exphuff keeps the bitmap
+    sizes = _sizes(bf16, shape, weights)
+    assert sizes["exphuff"][1] < sizes["expdict"][1] < sizes["raw"][1]
+    assert (sizes["auto"][0].encoding, sizes["auto"][0].codec) == ("bitmap", "exphuff")
+    # exponents spread uniformly: the dictionary escapes most values and loses to raw
+    sizes = _sizes(f16, shape, spread)
+    assert sizes["expdict"][1] > sizes["raw"][1] and sizes["expdict"][0].expdict.escapes > 0
+    # unpruned: expdict still shrinks it (bitmap 1 + residual 8 + index 3 bits + escapes), and
+    # exphuff, with no bitmap at all, more
+    sizes = _sizes(bf16, shape, dense)
+    assert sizes["expdict"][1] < 13 / 16 * dense.nbytes
+    assert sizes["exphuff"][1] < 11 / 16 * dense.nbytes and sizes["exphuff"][0].encoding == "dense"
+    assert (sizes["auto"][0].encoding, sizes["auto"][0].codec) == ("dense", "exphuff")
     # what can never be bitmap-encoded stays dense, whatever the codec
-    assert choose_storage(bf16, (4096,), weights[:4096], "expdict").encoding == "dense"
-    assert choose_storage(DTYPES["I16"], shape, weights, "expdict").encoding == "dense"
+    for codec in ("expdict", "exphuff"):
+        assert choose_storage(bf16, (4096,), weights[:4096], codec) == Storage("dense")
+        assert choose_storage(DTYPES["I16"], shape, weights, codec) == Storage("dense")
     with pytest.raises(ValueError, match="unknown codec 'zstd'"):
         choose_storage(bf16, shape, weights, "zstd")
 
@@ -180,13 +201,15 @@ def test_pack_versions_and_codecs(bf16_model, tmp_path):
     for codec in ("raw", "auto", "expdict"):
         files[codec] = tmp_path / f"{codec}.endor"
         endor_gds.pack(bf16_model, files[codec], prune="magnitude", codec=codec, progress=False)
+    # auto takes the smallest codec, exphuff (format v3) among them: the same weights, read below
     with endor_gds.open(files["raw"]) as raw, endor_gds.open(files["expdict"]) as ed, \
             endor_gds.open(files["auto"]) as auto:
         assert raw.format_version == 1 and {e.codec for e in raw.tensors.values()} == {"raw"}
-        assert ed.format_version == 2 and auto.format_version == 2
+        assert ed.format_version == 2
+        assert auto.format_version == format_version_for(e.codec for e in auto.tensors.values()) >= 2
         linear = [n for n, e in ed.tensors.items() if e.encoding == "bitmap"]
         assert linear and all(ed.tensors[n].codec == "expdict" for n in linear)
-        assert auto.summary()["totals"]["sparse_stored_bytes"] < raw.summary()["totals"]["sparse_stored_bytes"]
+        assert auto.summary()["totals"]["encoded_stored_bytes"] < raw.summary()["totals"]["encoded_stored_bytes"]
         for name in raw.tensors:
             want = raw.read_tensor(name).view(torch.uint8)
             assert torch.equal(ed.read_tensor(name).view(torch.uint8), want), name
@@ -209,7 +232,7 @@ def test_inspect_shows_codec_and_bits(bf16_model, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "format v2" in out and "bits/el" in out
     assert any("q_proj" in line and "expdict b" in line for line in out.splitlines())
-    assert "bits per element (" in out and "expdict)" in out
+    assert "bits per element (tensors by codec, bits per element: " in out and " expdict at " in out
 
 
 def _manifest_edit(path, edit, tmp_path):
@@ -289,14 +312,14 @@ def test_bad_escape_table_is_refused_at_open(bf16_model, tmp_path):
 def test_bits_per_element_tinyllama_bf16(tmp_path):
     """Issue 9's figure: a 50 %-pruned bf16 model with N(0, 0.02) weights at TinyLlama-1.1B layer
     shapes (hidden 2048, MLP 5632, 4 KV heads of 64: k/v 256x2048), two layers, packed with
-    codec auto. Bits per element over the sparse tensors, counting everything the file holds for
+    codec expdict. Bits per element over the sparse tensors, counting everything the file holds for
     them: every segment with its page padding (bitmap, tile offsets, residuals, codes, escape
     offsets, positions and values) plus the expdict objects of the manifest (the dictionaries)."""
     src = build_model(tmp_path / "tl", "llama", torch.bfloat16, hidden_size=2048,
                       intermediate_size=5632, num_attention_heads=32, num_key_value_heads=4,
                       num_hidden_layers=2, vocab_size=1024, tokenizer=False)
     dst = tmp_path / "tl.endor"
-    endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False)
+    endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False, codec="expdict")
     with endor_gds.open(dst) as f:
         sparse = [e for e in f.tensors.values() if e.encoding == "bitmap"]
         assert len(sparse) == 14 and all(e.codec == "expdict" for e in sparse)
@@ -310,7 +333,7 @@ def test_bits_per_element_tinyllama_bf16(tmp_path):
         print(f"\nTinyLlama shapes, bf16, 50 % magnitude, 2 layers: {bits:.4f} bits per element over "
               f"the sparse tensors (index widths {widths}, {escapes} escapes in {numel} elements)")
         assert bits <= 6.6
-        assert f.summary()["totals"]["sparse_bits_per_element"] == pytest.approx(bits, abs=1e-3)
+        assert f.summary()["totals"]["encoded_bits_per_element"] == pytest.approx(bits, abs=1e-3)
         for name in ("model.layers.1.mlp.down_proj.weight", "model.layers.0.self_attn.k_proj.weight"):
             got = f.read_tensor(name)
             assert (got != 0).float().mean().item() == pytest.approx(0.5, abs=1e-3)

@@ -1,4 +1,5 @@
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -304,20 +305,37 @@ def test_exphuff_inconsistent_input_is_decode_error(rng):
             cases = {}
             tb = s.tile_bits.copy()
             tb[3] += 1
-            cases["tile bits +1"] = HuffStreams(s.params, s.residuals, s.bits, tb)
+            cases["tile bits +1"] = HuffStreams(s.params, s.residuals, s.bits, tb, s.chunk_bits)
             tb = s.tile_bits.copy()
             tb[5] = 0xFFFFFFFF  # far past the stream: must not be read
-            cases["tile bits huge"] = HuffStreams(s.params, s.residuals, s.bits, tb)
-            cases["bits cut short"] = HuffStreams(s.params, s.residuals, s.bits[: s.bits.size * 2 // 3].copy(),
-                                                  s.tile_bits)
+            cases["tile bits huge"] = HuffStreams(s.params, s.residuals, s.bits, tb, s.chunk_bits)
+            short = s.bits[: s.bits.size * 2 // 3].copy()  # the stream (and its length) cut short
+            cases["bits cut short"] = HuffStreams(replace(s.params, nbits=8 * short.size), s.residuals, short,
+                                                  s.tile_bits, s.chunk_bits)
+            tb = s.tile_bits.copy()
+            tb[-1] -= 1  # the last tile ends a bit before the stream does
+            cases["last tile short"] = HuffStreams(s.params, s.residuals, s.bits, tb, s.chunk_bits)
+            for where, delta in ((0, 1), (1, -1), (6, 1), (7 * 4 + 2, 5)):
+                cb = s.chunk_bits.copy()  # a chunk offset off by a few bits, up or down
+                cb[where] = (int(cb[where]) + delta) % 65536
+                cases[f"chunk bits {where} {delta:+d}"] = HuffStreams(s.params, s.residuals, s.bits, s.tile_bits, cb)
+            cb = s.chunk_bits.copy()
+            cb[7 * 9 + 6] = 0xFFFF  # last tile: an empty chunk must start at the tile's end
+            cases["empty chunk elsewhere"] = HuffStreams(s.params, s.residuals, s.bits, s.tile_bits, cb)
             for label, bad in cases.items():
                 out = np.zeros(n, dtype=bits.dtype)
                 with pytest.raises(DecodeError, match="disagrees"):
                     d.decode([(bitmap, bad, offsets, out)], where=[label])
             with pytest.raises(ValueError, match="tile_bits must be"):
-                d.decode([(bitmap, HuffStreams(s.params, s.residuals, s.bits, s.tile_bits[:-1]), offsets,
-                           np.zeros(n, dtype=bits.dtype))])
+                d.decode([(bitmap, HuffStreams(s.params, s.residuals, s.bits, s.tile_bits[:-1], s.chunk_bits),
+                           offsets, np.zeros(n, dtype=bits.dtype))])
+            with pytest.raises(ValueError, match="the code is bound to"):
+                d.decode([(bitmap, HuffStreams(s.params, s.residuals, s.bits[:-1], s.tile_bits, s.chunk_bits),
+                           offsets, np.zeros(n, dtype=bits.dtype))])
+            with pytest.raises(ValueError, match="chunk_bits must be"):
+                d.decode([(bitmap, HuffStreams(s.params, s.residuals, s.bits, s.tile_bits, s.chunk_bits[:-1]),
+                           offsets, np.zeros(n, dtype=bits.dtype))])
         with pytest.raises(ValueError, match="a dense exphuff tensor"):  # residuals of fewer values
             bitmap, s, offsets, bits = _exphuff_case(rng, n, "BF16", 1.0)
-            d.decode([(None, HuffStreams(s.params, s.residuals[:-1], s.bits, s.tile_bits), None,
+            d.decode([(None, HuffStreams(s.params, s.residuals[:-1], s.bits, s.tile_bits, s.chunk_bits), None,
                        np.zeros(n, dtype=bits.dtype))])

@@ -4,8 +4,9 @@ tests/support/endor_decode_emulate.cu includes cuda/endor_decode.cu and runs its
 every thread of every block in the kernel's phase order; the harness allocates every buffer the
 kernel touches on its own, with guard pages and canaries, and the same inputs also run under
 valgrind; it is built with the undefined-behaviour sanitizer (UBSAN below). Descriptors are built
-by endor_gds.decode.gpu.pack_descriptors, as on a GPU. Raw values (format v1) and the expdict codec
-(format v2) are covered, alone and mixed in one launch.
+by endor_gds.decode.gpu.pack_descriptors, as on a GPU. Raw values (format v1), the expdict codec
+(format v2) and the exphuff codec (format v3, dense and sparse) are covered, alone and mixed in one
+launch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,12 @@ from decode_cases import (
     key,
     make_expdict_tensor,
     make_tensor,
+)
+from exphuff_cases import (
+    HuffTensor,
+    deep_code_tensor,
+    exphuff_corrupt_cases,
+    make_exphuff_tensor,
 )
 from nvcc_tools import REPO, STRICT, require_nvcc, run_nvcc
 
@@ -52,9 +59,16 @@ def harness(tmp_path_factory):
     return exe
 
 
-def gpu_item(t: Tensor, k: int) -> kernels.GpuItem:
+def gpu_item(t: Tensor | HuffTensor, k: int) -> kernels.GpuItem:
     """A GpuItem for ``t`` at fake, aligned device addresses (the harness substitutes its own)."""
     base = 0x1000000 * (k + 1)
+    if isinstance(t, HuffTensor):
+        eh = kernels.GpuExpHuff(t.params, base + 0x500000, len(t.bits), base + 0x600000, base + 0x700000)
+        sparse = 0 if t.dense else 1
+        return kernels.GpuItem(bitmap_ptr=sparse * (base + 0x100000), values_ptr=base + 0x200000,
+                               values_capacity=len(t.residuals), tile_offsets_ptr=sparse * (base + 0x300000),
+                               out_ptr=base + 0x400000, n=t.n, nnz=t.nnz, elem_bytes=t.elem_bytes,
+                               label=t.label, exphuff=eh)
     expdict = None
     if t.expdict is not None:
         expdict = kernels.GpuExpDict(t.expdict, base + 0x500000, len(t.codes), base + 0x600000,
@@ -70,7 +84,18 @@ def _input_bytes(tables: list[list[Tensor]]) -> bytes:
     for table in tables:
         items = [gpu_item(t, k) for k, t in enumerate(table)]
         parts += [struct.pack("<I", len(table)), kernels.pack_descriptors(items).tobytes()]
+        tables_16 = kernels.huff_tables(items)  # the decode tables make_table uploads
         for t in table:
+            if isinstance(t, HuffTensor):
+                if not t.dense:
+                    parts.append(t.bitmap.astype("<u4").tobytes())
+                parts.append(t.residuals)
+                if not t.dense:
+                    parts.append(t.offsets.astype("<u4").tobytes())
+                parts += [t.bits, t.tile_bits.astype("<u4").tobytes(), t.chunk_bits.astype("<u2").tobytes(),
+                          tables_16[0].tobytes()]
+                tables_16 = tables_16[1:]
+                continue
             parts += [t.bitmap.astype("<u4").tobytes(), t.values, t.offsets.astype("<u4").tobytes()]
             if t.expdict is not None:
                 parts += [t.codes, t.escape_offsets.astype("<u4").tobytes(),
@@ -125,6 +150,12 @@ def test_descriptor_layout_matches_kernels_py(harness):
         item = kernels.GpuItem(16, 16, 0, 16, 16, 1, 0, layout.itemsize,
                                expdict=kernels.GpuExpDict(p, 16, 0, 16, 0, 0))
         assert int(got[f"smem_1_{layout.itemsize}_{layout.man_bits}"]) == kernels.smem_bytes(item)
+        from endor_gds.codec.exphuff import ExpHuff  # noqa: PLC0415
+
+        h = ExpHuff(layout, (1, 1) + (0,) * ((1 << layout.exp_bits) - 2), 1)
+        item = kernels.GpuItem(0, 16, 0, 0, 16, 1, 1, layout.itemsize,
+                               exphuff=kernels.GpuExpHuff(h, 16, 1, 16, 16))
+        assert int(got[f"smem_2_{layout.itemsize}_{layout.man_bits}"]) == kernels.smem_bytes(item)
 
 
 def _valid_tables(rng) -> list[list[Tensor]]:
@@ -143,7 +174,7 @@ def _valid_tables(rng) -> list[list[Tensor]]:
              for n, eb, cap in [(5000, 2, "exact"), (33, 4, "page"), (70_001, 2, "exact"),
                                 (1, 2, "page"), (4097, 4, "exact"), (12289, 4, "exact")]]
     tables.append(mixed)
-    return tables + _expdict_tables(rng)
+    return tables + _expdict_tables(rng) + _exphuff_tables(rng)
 
 
 def _expdict_tables(rng) -> list[list[Tensor]]:
@@ -169,6 +200,51 @@ def _expdict_tables(rng) -> list[list[Tensor]]:
     return tables
 
 
+def _exphuff_tables(rng) -> list[list]:
+    """Codec exphuff: every dtype; dense tensors (no bitmap) of every size of bitgen.SIZES and
+    sparse ones at densities 1, 0.5 and 0.02, exact and page-padded segments; codes of up to 12
+    bits, dense and sparse; weights with outliers (specials: NaN, inf, -0.0, subnormals); then one
+    launch mixing raw, expdict and exphuff tensors of all element sizes."""
+    tables = []
+    for dtype in ("BF16", "F16", "F32"):
+        table = []
+        for i, n in enumerate(SIZES):
+            cap = ("exact", "page")[i % 2]
+            table.append(make_exphuff_tensor(rng, n, dtype, 1.0, cap, f"{dtype}-n{n}-dense"))
+            for density in (1.0, 0.5, 0.02):
+                table.append(make_exphuff_tensor(rng, n, dtype, density, cap, f"{dtype}-n{n}-d{density}",
+                                                 dense=False, outliers=i % 3 == 0))
+        table += [deep_code_tensor(rng, dtype), deep_code_tensor(rng, dtype, dense=False, capacity="page"),
+                  make_exphuff_tensor(rng, 70_001, dtype, 0.5, "page", f"{dtype}-70001", outliers=True)]
+        tables.append(table)
+        tables.append([make_exphuff_tensor(rng, 1, dtype, 1.0)])  # one element, one tile, alone
+    mixed = [make_exphuff_tensor(rng, 5000, "BF16", 1.0), make_tensor(rng, 33, 4, 0.5, "page"),
+             make_expdict_tensor(rng, 70_001, "F16", 0.3, "page"), make_exphuff_tensor(rng, 4097, "F16", 0.5),
+             make_exphuff_tensor(rng, 12289, "F32", 1.0, "page"), make_tensor(rng, 4097, 2, 0.7),
+             make_expdict_tensor(rng, 12289, "F32", 0.5, kind="weights"),
+             make_exphuff_tensor(rng, 8191, "F32", 0.02), make_exphuff_tensor(rng, 1, "BF16", 1.0)]
+    tables.append(mixed)
+    return tables
+
+
+def test_exphuff_decodes_exactly_as_the_cpu_decoder(rng):
+    """The inputs the kernel is compared on are the ones the C decoder accepts too (the same
+    reference, seen from the other decoder)."""
+    from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
+
+    cpu = CpuDecoder(1)
+    try:
+        for t in [make_exphuff_tensor(rng, 12289, "F16", 1.0), deep_code_tensor(rng, "BF16", dense=False)]:
+            out = np.empty(t.n, LAYOUTS_BITS[t.elem_bytes])
+            cpu.decode([(t.bitmap, t.streams(), t.offsets, out)])
+            np.testing.assert_array_equal(out, t.reference())
+    finally:
+        cpu.close()
+
+
+LAYOUTS_BITS = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
+
+
 def _check_valid(tables, results):
     for table, (error, outs) in zip(tables, results):
         assert error == NO_ERROR
@@ -186,10 +262,13 @@ def _corrupt_tables(rng):
     cases = [(f"eb{eb} {name}", case) for eb in (2, 4) for name, case in corrupt_cases(rng, eb).items()]
     cases += [(f"{dtype} {name}", case) for dtype in ("BF16", "F16", "F32")
               for name, case in expdict_corrupt_cases(rng, dtype).items()]
+    cases += [(f"{dtype} exphuff {name}", case) for dtype in ("BF16", "F16", "F32")
+              for name, case in exphuff_corrupt_cases(rng, dtype).items()]
     for name, (bad, want) in cases:
-        # desc 0 and 2 are good (one raw, one expdict): the error must name desc 1
+        # desc 0, 2 and 3 are good (raw, expdict, exphuff): the error must name desc 1
         tables.append([make_tensor(rng, 9000, 2, 0.5, "page", "good0"), bad,
-                       make_expdict_tensor(rng, 4097, "F32", 0.3, "exact", "good2")])
+                       make_expdict_tensor(rng, 4097, "F32", 0.3, "exact", "good2"),
+                       make_exphuff_tensor(rng, 5000, "F16", 1.0, "page", "good3")])
         expected.append((name, want))
     return tables, expected
 
@@ -204,6 +283,7 @@ def test_corrupt_input_sets_error_word_without_overrun(harness, rng, tmp_path):
         # the good tensors of the same launch decode correctly all the same
         np.testing.assert_array_equal(outs[0], table[0].reference())
         np.testing.assert_array_equal(outs[2], table[2].reference())
+        np.testing.assert_array_equal(outs[3], table[3].reference())
 
 
 def test_first_bad_tile_in_table_order_is_reported(harness, rng, tmp_path):
@@ -323,6 +403,46 @@ def test_expdict_random_corruptions_rejected_exactly_when_the_reference_rejects(
     assert accepted > 5 and rejected > 40  # both sides of the decision were exercised
 
 
+def _mutate_exphuff(rng, t: HuffTensor) -> None:
+    """One random change to an exphuff tensor's tile or chunk bit offsets, bit stream, bitmap or
+    tile offsets, keeping what the host guarantees (capacities, array sizes, the code) true."""
+    what = int(rng.integers(0, 5))
+    if what == 0:
+        j = int(rng.integers(0, t.tile_bits.size))
+        t.tile_bits[j] = (int(t.tile_bits[j]) + int(rng.integers(-3, 4))) % (1 << 32) \
+            if rng.random() < 0.8 else int(rng.integers(0, 1 << 32))
+    elif what == 1 and t.chunk_bits.size:
+        j = int(rng.integers(0, t.chunk_bits.size))
+        t.chunk_bits[j] = (int(t.chunk_bits[j]) + int(rng.integers(-3, 4))) % 65536 \
+            if rng.random() < 0.8 else int(rng.integers(0, 65536))
+    elif what == 2 and t.params.nbits:  # a bit of the stream: may still decode, to other values
+        bits = bytearray(t.bits)
+        b = int(rng.integers(0, t.params.nbits))
+        bits[b // 8] ^= 0x80 >> (b % 8)
+        t.bits = bytes(bits)
+    elif what == 3 and not t.dense:
+        w = int(rng.integers(0, t.bitmap.size))
+        t.bitmap[w] ^= np.uint32(1 << int(rng.integers(0, 32)))
+    elif what == 4 and not t.dense:
+        j = int(rng.integers(0, t.offsets.size))
+        t.offsets[j] = (int(t.offsets[j]) + int(rng.integers(-3, 4))) % (1 << 32)
+
+
+def test_exphuff_random_corruptions_rejected_exactly_when_the_reference_rejects(harness, rng, tmp_path):
+    """The same fuzz for codec exphuff, dense and sparse: bit offsets, stream bits, bitmap."""
+    tables = []
+    for i in range(120):
+        dtype = ("BF16", "F16", "F32")[i % 3]
+        n = int(rng.choice([1, 33, 4096, 4097, 3 * TILE_ELEMS + 5]))
+        density = float(rng.choice([1.0, 0.5, rng.random()]))
+        t = make_exphuff_tensor(rng, n, dtype, density, ("exact", "page")[i % 3 == 0])
+        for _ in range(int(rng.integers(1, 3))):
+            _mutate_exphuff(rng, t)
+        tables.append([t])
+    accepted, rejected = _judge_like_the_reference(harness, tables, tmp_path)
+    assert accepted > 5 and rejected > 40  # both sides of the decision were exercised
+
+
 def test_valid_and_corrupt_inputs_under_valgrind(harness, rng, tmp_path):
     """Byte-exact memory checking: every buffer is an exact-size heap block (--malloc)."""
     if shutil.which("valgrind") is None:
@@ -335,32 +455,45 @@ def test_valid_and_corrupt_inputs_under_valgrind(harness, rng, tmp_path):
         assert error == want, name
 
 
-def test_cuda_backend_items_of_a_packed_file(harness, packed, tmp_path):
-    """The CUDA backend's descriptors for real layers (backends._gpu_item: which segment each
-    pointer names, and its capacity), of a format v2 file mixing raw and expdict tensors, decode
-    in emulation exactly as the reference reads the file."""
-    import torch  # noqa: PLC0415
+def _huff_tensor_at(it: kernels.GpuItem, at) -> HuffTensor:
+    """The exphuff tensor a GpuItem points at, its segments read through ``at(ptr, size)``."""
+    eh, ntiles = it.exphuff, -(-it.n // TILE_ELEMS)
+    sparse = not it.dense
+    return HuffTensor(eh.params.layout.name, it.n,
+                      np.frombuffer(at(it.bitmap_ptr, 4 * -(-it.n // 32)), "<u4").copy() if sparse else None,
+                      np.frombuffer(at(it.tile_offsets_ptr, 4 * (ntiles + 1)), "<u4").copy() if sparse else None,
+                      it.nnz, eh.params, at(it.values_ptr, it.values_capacity), at(eh.bits_ptr, eh.bits_capacity),
+                      np.frombuffer(at(eh.tile_bits_ptr, 4 * (ntiles + 1)), "<u4").copy(),
+                      np.frombuffer(at(eh.chunk_bits_ptr, 2 * 7 * ntiles), "<u2").copy(), it.label)
 
+
+def _backend_tables(path) -> tuple[list[list], list[list[np.ndarray]], set[str]]:
+    """Per layer of the file at ``path``: the tensors backends._gpu_item points the kernel at
+    (read back through its pointers and capacities), what the reference reads for each, and the
+    codecs seen."""
     from endor_gds.container import EndorFile  # noqa: PLC0415
     from endor_gds.stream.backends import _gpu_item  # noqa: PLC0415
     from endor_gds.stream.plan import plan_layer  # noqa: PLC0415
 
-    path = packed("llama", torch.bfloat16, prune="magnitude", codec="auto")
     base, out = 1 << 40, 1 << 41  # fake device addresses: only differences are used
+    tables, refs = [], []
     with EndorFile(path) as f:
-        tables, refs = [], []
         for ext in f.layers:
             plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
             staging = f._pread(ext.offset, ext.length).tobytes()
-            table = []
+
+            def at(ptr, size, staging=staging):
+                return staging[ptr - base:ptr - base + size]
+
+            table, ref = [], []
             for slot in plan.slots:
                 if slot.arena_offset is None:
                     continue
                 it = _gpu_item(slot, base, out + slot.arena_offset, slot.entry.name)
-
-                def at(ptr, size):
-                    return staging[ptr - base:ptr - base + size]
-
+                ref.append(f.read_tensor_bits(slot.entry.name))
+                if it.exphuff is not None:
+                    table.append(_huff_tensor_at(it, at))
+                    continue
                 ntiles = -(-it.n // TILE_ELEMS)
                 t = Tensor(it.elem_bytes, it.n,
                            np.frombuffer(at(it.bitmap_ptr, 4 * -(-it.n // 32)), "<u4").copy(),
@@ -375,12 +508,27 @@ def test_cuda_backend_items_of_a_packed_file(harness, packed, tmp_path):
                     t.escape_values = np.frombuffer(at(ed.escape_values_ptr, it.elem_bytes * p.escapes),
                                                     p.layout.bits).copy()
                 table.append(t)
-                refs.append(f.read_tensor_bits(slot.entry.name))
             tables.append(table)
+            refs.append(ref)
         codecs = {f.tensors[t.label].codec for table in tables for t in table}
-    assert codecs == {"raw", "expdict"}, codecs  # both kinds of descriptor in one launch
-    outs = [o for error, table_outs in emulate(harness, tables, tmp_path) for o in table_outs
-            if error == NO_ERROR]
+    return tables, refs, codecs
+
+
+def test_cuda_backend_items_of_packed_files(harness, packed, tmp_path):
+    """The CUDA backend's descriptors for real layers (backends._gpu_item: which segment each
+    pointer names, and its capacity), of files with exphuff (forced), the packer's choice and raw
+    tensors, one launch per layer mixing them, decode in emulation exactly as the reference reads
+    the files."""
+    import torch  # noqa: PLC0415
+
+    files = [_backend_tables(packed("llama", torch.bfloat16, prune="magnitude", codec=codec))
+             for codec in ("exphuff", "auto", "raw")]
+    assert set().union(*(codecs for _, _, codecs in files)) >= {"raw", "exphuff"}, [c for _, _, c in files]
+    tables = [sum(layer, []) for layer in zip(*(t for t, _, _ in files))]
+    refs = [r for layer in zip(*(r for _, r, _ in files)) for refs in layer for r in refs]
+    results = emulate(harness, tables, tmp_path)
+    assert all(error == NO_ERROR for error, _ in results)
+    outs = [o for _, table_outs in results for o in table_outs]
     assert len(outs) == len(refs)
     for got, want in zip(outs, refs):
         np.testing.assert_array_equal(got, want)

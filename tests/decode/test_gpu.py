@@ -1,5 +1,6 @@
 """The CUDA decode kernel on a GPU, bit-exact against the numpy reference (marker ``gpu``), for
-raw values (format v1) and the expdict codec (format v2), and v1/v2 files streamed on CUDA.
+raw values (format v1), the expdict codec (format v2) and the exphuff codec (format v3, dense and
+sparse), and v1/v2 files streamed on CUDA.
 
 Every output is poisoned before each launch, twice with different patterns, so an element the
 kernel forgets to write fails whatever its expected value (the specials include 0xFFFF).
@@ -14,6 +15,7 @@ import pytest
 import torch
 from bitgen import SIZES
 from decode_cases import corrupt_cases, expdict_corrupt_cases, make_expdict_tensor, make_tensor
+from exphuff_cases import HuffTensor, deep_code_tensor, exphuff_corrupt_cases, make_exphuff_tensor
 
 from endor_gds.codec.bitmap import TILE_ELEMS, encode_bitmap
 from endor_gds.decode.cpu import CpuDecoder
@@ -41,22 +43,37 @@ def _bits_dtype(eb):
 
 
 class Dev:
-    """A decode_cases.Tensor on the device, with a poisonable output."""
+    """A decode_cases.Tensor or exphuff_cases.HuffTensor on the device, with a poisonable output."""
 
     def __init__(self, cp, t, out=None):
         self.t = t
+        self.out = cp.empty(t.n, dtype=_bits_dtype(t.elem_bytes)) if out is None else out
+        if isinstance(t, HuffTensor):
+            self.bitmap = None if t.dense else cp.asarray(t.bitmap)
+            self.offsets = None if t.dense else cp.asarray(t.offsets)
+            self.streams = {"residuals": _bytes(cp, t.residuals), "bits": _bytes(cp, t.bits),
+                            "tile_bits": cp.asarray(t.tile_bits), "chunk_bits": cp.asarray(t.chunk_bits)}
+            return
         self.bitmap = cp.asarray(t.bitmap)
         self.values = _bytes(cp, t.values)
         self.offsets = cp.asarray(t.offsets)
-        self.out = cp.empty(t.n, dtype=_bits_dtype(t.elem_bytes)) if out is None else out
         if t.expdict is not None:
             self.codes = _bytes(cp, t.codes)
             self.escapes = [cp.asarray(a) if a.size else cp.empty(1, a.dtype) for a in
                             (t.escape_offsets, t.escape_positions, t.escape_values)]
 
     def item(self):
-        from endor_gds.decode.gpu import GpuExpDict, GpuItem  # noqa: PLC0415
+        from endor_gds.decode.gpu import GpuExpDict, GpuExpHuff, GpuItem  # noqa: PLC0415
 
+        if isinstance(self.t, HuffTensor):  # capacities may hold page padding: nnz given, as backends does
+            s = self.streams
+            eh = GpuExpHuff(self.t.params, s["bits"].data.ptr, s["bits"].nbytes, s["tile_bits"].data.ptr,
+                            s["chunk_bits"].data.ptr)
+            return GpuItem(bitmap_ptr=0 if self.t.dense else self.bitmap.data.ptr,
+                           values_ptr=s["residuals"].data.ptr, values_capacity=s["residuals"].nbytes,
+                           tile_offsets_ptr=0 if self.t.dense else self.offsets.data.ptr,
+                           out_ptr=_ptr(self.out), n=self.t.n, nnz=self.t.nnz,
+                           elem_bytes=self.t.elem_bytes, label=self.t.label, exphuff=eh)
         expdict = None
         if self.t.expdict is not None:
             expdict = GpuExpDict(self.t.expdict, self.codes.data.ptr, self.codes.nbytes,
@@ -309,3 +326,55 @@ def test_v1_and_v2_files_stream_on_cuda(packed, codec):
             assert torch.equal(model(PROMPT.cuda()).logits, ref(PROMPT.cuda()).logits)
     finally:
         model.endor.close()
+
+
+# -- codec exphuff (format v3) ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+@pytest.mark.parametrize("n", SIZES + (300_001,))
+def test_exphuff_bit_exact_against_reference(cp, decoder, rng, dtype, n):
+    tensors = [make_exphuff_tensor(rng, n, dtype, 1.0, "page"),  # dense: no bitmap
+               make_exphuff_tensor(rng, n, dtype, 1.0, dense=False, outliers=True),
+               make_exphuff_tensor(rng, n, dtype, 0.5, "page"), make_exphuff_tensor(rng, n, dtype, 0.02)]
+    devs = [Dev(cp, t) for t in tensors]
+    for outs in _decode_poisoned(cp, decoder, devs):
+        for d, out in zip(devs, outs):
+            np.testing.assert_array_equal(out, d.t.reference(), err_msg=d.t.label)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_exphuff_twelve_bit_codes(cp, decoder, rng, dtype):
+    devs = [Dev(cp, deep_code_tensor(rng, dtype)), Dev(cp, deep_code_tensor(rng, dtype, dense=False))]
+    for outs in _decode_poisoned(cp, decoder, devs):
+        for d, out in zip(devs, outs):
+            np.testing.assert_array_equal(out, d.t.reference())
+
+
+def test_exphuff_expdict_and_raw_in_one_launch(cp, decoder, rng):
+    tensors = [make_exphuff_tensor(rng, 5000, "BF16", 1.0), make_tensor(rng, 33, 4, 0.5, "page"),
+               make_expdict_tensor(rng, 70_001, "F16", 0.3, "page"), make_exphuff_tensor(rng, 4097, "F16", 0.5),
+               make_exphuff_tensor(rng, 12289, "F32", 1.0, "page"), make_tensor(rng, 4097, 2, 0.7),
+               make_exphuff_tensor(rng, 1, "BF16", 1.0)]
+    devs = [Dev(cp, t) for t in tensors]
+    for outs in _decode_poisoned(cp, decoder, devs):
+        for d, out in zip(devs, outs):
+            np.testing.assert_array_equal(out, d.t.reference(), err_msg=d.t.label)
+
+
+@pytest.mark.parametrize("dtype", ["BF16", "F16", "F32"])
+def test_exphuff_corrupt_tables_raise_decode_error(cp, decoder, rng, dtype):
+    from endor_gds.decode.gpu import decode_error_key  # noqa: PLC0415
+
+    for name, (bad, want) in exphuff_corrupt_cases(rng, dtype).items():
+        bad.label = f"layers.0.{name}"
+        devs = [Dev(cp, make_tensor(rng, 9000, 2, 0.5, "page", "good0")), Dev(cp, bad),
+                Dev(cp, make_exphuff_tensor(rng, 4097, "F32", 1.0, "exact", "good2"))]
+        table = decoder.make_table([d.item() for d in devs])
+        decoder.launch(table, cp.cuda.get_current_stream())
+        _, tile, _ = decode_error_key(want)
+        with pytest.raises(DecodeError, match=rf"^{re.escape(bad.label)}: tile {tile} \(elements "):
+            decoder.check(table)
+        assert int(table.host_error[0]) == want, name
+        np.testing.assert_array_equal(devs[0].host(), devs[0].t.reference())
+        np.testing.assert_array_equal(devs[2].host(), devs[2].t.reference())

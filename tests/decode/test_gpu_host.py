@@ -67,7 +67,7 @@ def test_descriptors_pack_in_table_order_with_first_tiles():
     items = [_item(n=1, nnz=1), _item(n=4097, elem_bytes=4, nnz=3, values_capacity=12),
              _item(n=4096 * 3)]
     d = pack_descriptors(items)
-    assert d.dtype == kernels.DESC_DTYPE and d.dtype.itemsize == 144
+    assert d.dtype == kernels.DESC_DTYPE and d.dtype.itemsize == 200
     assert d["first_tile"].tolist() == [0, 1, 3]
     assert d["elem_bytes"].tolist() == [2, 4, 2]
     assert d["n"].tolist() == [1, 4097, 4096 * 3]
@@ -215,10 +215,10 @@ def test_stream_handles():
 
 def test_from_arrays_needs_device_memory():
     x = torch.zeros(4, dtype=torch.float16)
-    with pytest.raises(ValueError, match="w: bitmap is a CPU tensor"):
+    with pytest.raises(ValueError, match="w: out is a CPU tensor"):  # out first: it decides the path
         GpuItem.from_arrays(x, x, x, x, label="w")
-    with pytest.raises(TypeError, match="must be a CuPy array or a torch CUDA tensor, got list"):
-        GpuItem.from_arrays([1], x, x, x, label="w")
+    with pytest.raises(TypeError, match="w: bitmap must be a CuPy array or a torch CUDA tensor, got list"):
+        GpuItem.from_arrays([1], x, x, FakeDeviceArray(0x4000, (4,), "<u2"), label="w")
 
 
 def test_items_are_immutable():
@@ -295,3 +295,166 @@ def test_from_arrays_expdict_without_escapes(rng):
     padded = dict(v, escape_positions=FakeDeviceArray(0x90000, (1,), np.dtype("<u2").str))
     with pytest.raises(ValueError, match="escape positions and values 0"):
         GpuItem.from_arrays(args[0], padded, args[1], args[2], label="w", expdict=streams.params)
+
+
+# -- codec exphuff (format v3) -------------------------------------------------------------------
+
+
+def _exphuff_params(dtype="BF16", nbits=5000):
+    from endor_gds.codec.expdict import LAYOUTS  # noqa: PLC0415
+    from endor_gds.codec.exphuff import ExpHuff  # noqa: PLC0415
+
+    layout = LAYOUTS[dtype]
+    lengths = [0] * (1 << layout.exp_bits)
+    for e, ln in zip((15, 14, 16, 13) if dtype == "F16" else (120, 121, 119, 122), (1, 2, 3, 3)):
+        lengths[e] = ln
+    return ExpHuff(layout, tuple(lengths), nbits)
+
+
+def _exphuff_item(dtype="BF16", dense=False, nbits=5000, **kw) -> GpuItem:
+    p = _exphuff_params(dtype, nbits)
+    eh = dict(params=p, bits_ptr=0x5000, bits_capacity=-(-nbits // 8), tile_bits_ptr=0x6000,
+              chunk_bits_ptr=0x7000)
+    eh.update({k: kw.pop(k) for k in list(kw) if k in eh})
+    base = dict(values_capacity=2000 * p.layout.residual_bytes, elem_bytes=p.layout.itemsize)
+    if dense:
+        base.update(bitmap_ptr=0, tile_offsets_ptr=0, n=2000)
+    base.update(kw)
+    return _item(exphuff=kernels.GpuExpHuff(**eh), **base)
+
+
+def test_exphuff_descriptors():
+    items = [_item(n=1, nnz=1), _exphuff_item("F16", n=4097), _exphuff_item("F32", dense=True),
+             _expdict_item(), _exphuff_item("BF16", dense=True, n=2000, nbits=3)]
+    d = pack_descriptors(items, huff_tables_ptr=0x100000)
+    assert d.dtype.itemsize == 200
+    assert d["codec"].tolist() == [0, 2, 2, 1, 2]
+    assert d["first_tile"].tolist() == [0, 1, 3, 4, 6]
+    assert d["bitmap"].tolist() == [0x1000, 0x1000, 0, 0x1000, 0]
+    assert d["tile_offsets"].tolist() == [0x3000, 0x3000, 0, 0x3000, 0]
+    assert d["man_bits"].tolist() == [0, 10, 23, 7, 7] and d["exp_bits"].tolist() == [0, 5, 8, 0, 8]
+    assert d["nbits"].tolist() == [0, 5000, 5000, 0, 3]
+    assert d["bits"].tolist() == [0, 0x5000, 0x5000, 0, 0x5000]
+    assert d["bits_capacity"].tolist() == [0, 625, 625, 0, 1]
+    assert d["tile_bits"].tolist() == [0, 0x6000, 0x6000, 0, 0x6000]
+    assert d["chunk_bits"].tolist() == [0, 0x7000, 0x7000, 0, 0x7000]
+    # the k-th exphuff item's table: 8 KB each, in table order; the expdict item has none
+    assert d["huff_table"].tolist() == [0, 0x100000, 0x102000, 0, 0x104000]
+    assert (pack_descriptors(items)["huff_table"] == 0).all()  # host-side look only
+    tables = kernels.huff_tables(items)
+    assert tables.shape == (3, 4096) and tables.dtype == "<u2"
+    # values (the decode table until they are rebuilt), residuals, bits window (longest units of
+    # 4096 values + 48), units (8 chunks of 512, 16 apart)
+    assert kernels.smem_bytes(items[4]) == 4096 * 2 + 4096 + 16 + 512 * 12 + 48 + 8 * 528 == 22720
+    assert kernels.smem_bytes(items[1]) == 4096 * 2 + 4096 + 16 + 512 * 15 + 48 + 8 * 528 == 24256
+    assert kernels.smem_bytes(items[2]) == 4096 * 4 + 3 * 4096 + 16 + 512 * 12 + 48 + 8 * 528 == 39104
+
+
+def test_huff_table_is_the_canonical_code():
+    """Every 12-bit window starting with a symbol's canonical code gives (symbol, length); the
+    rest of the code space (a code that is not complete) gives length 0."""
+    from endor_gds.codec.exphuff import canonical_codes  # noqa: PLC0415
+
+    p = _exphuff_params("BF16")
+    table = kernels.huff_table(p)
+    codes = canonical_codes(__import__("numpy").asarray(p.lengths))
+    for sym, ln in ((120, 1), (121, 2), (119, 3), (122, 3)):
+        lo = int(codes[sym]) << (12 - ln)
+        assert (table[lo:lo + (1 << (12 - ln))] == sym << 4 | ln).all()
+    assert (table != 0).all()  # 1/2 + 1/4 + 1/8 + 1/8: complete
+    lengths = list(p.lengths)
+    lengths[122] = 0  # the last code (111) dropped: a hole
+    from dataclasses import replace  # noqa: PLC0415
+
+    holed = kernels.huff_table(replace(p, lengths=tuple(lengths)))
+    assert (holed[0b111 << 9:] == 0).all() and (holed[: 0b111 << 9] != 0).all()
+    with pytest.raises(ValueError, match="over-subscribe"):
+        lengths[122] = 1
+        kernels.huff_table(replace(p, lengths=tuple(lengths)))
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(bits_ptr=0x5008), r"bits_ptr=0x5008 must be 16-byte aligned"),
+    (dict(tile_bits_ptr=0x6002), r"tile_bits_ptr=0x6002 must be 4-byte aligned"),
+    (dict(chunk_bits_ptr=0x7001), r"chunk_bits_ptr=0x7001 must be 2-byte aligned"),
+    (dict(bits_ptr=0), r"bits_ptr is null"),
+    (dict(tile_bits_ptr=0), r"tile_bits_ptr is null"),
+    (dict(chunk_bits_ptr=0), r"chunk_bits_ptr is null"),
+    (dict(bits_capacity=624), r"2000 values need 2000 residual bytes and the 5000-bit stream 625 "
+                              r"bytes, got capacities 2000 and 624"),
+    (dict(values_capacity=1999), r"2000 values need 2000 residual bytes .* got capacities 1999"),
+    (dict(elem_bytes=4), r"exphuff values of BF16 are 2-byte, elem_bytes=4"),
+    (dict(nbits=None), r"the exphuff code is bound to no stream \(nbits is None\)"),
+    (dict(bitmap_ptr=0), r"a dense exphuff tensor has neither bitmap_ptr nor tile_offsets_ptr"),
+    (dict(tile_offsets_ptr=0), r"a dense exphuff tensor has neither bitmap_ptr nor tile_offsets_ptr"),
+    (dict(dense=True, nnz=1999), r"a dense exphuff tensor \(no bitmap\) stores all n=2000 elements, got nnz=1999"),
+    (dict(expdict="x"), r"an item has one value codec: expdict or exphuff, not both"),
+])
+def test_every_exphuff_argument_check(change, match):
+    if change.get("nbits", 0) is None:
+        from dataclasses import replace  # noqa: PLC0415
+
+        it = _exphuff_item()
+        it = replace(it, exphuff=replace(it.exphuff, params=replace(it.exphuff.params, nbits=None)))
+    else:
+        it = _exphuff_item(**change)
+    with pytest.raises(ValueError, match=r"item 1 \(layer.0.q_proj\): " + match):
+        check_items([_item(label="ok"), it])
+
+
+def test_exphuff_code_lengths_are_checked():
+    from dataclasses import replace  # noqa: PLC0415
+
+    it = _exphuff_item()
+    lengths = list(it.exphuff.params.lengths)
+    for bad, match in (([1, 1, 1] + lengths[3:], "over-subscribe"), (lengths[:-1], "lengths must be 256"),
+                       ([13] + lengths[1:], r"integers in \[0, 12\]")):
+        p = replace(it.exphuff.params, lengths=tuple(bad))
+        with pytest.raises(ValueError, match=r"item 0 \(layer.0.q_proj\): .*" + match):
+            check_items([replace(it, exphuff=replace(it.exphuff, params=p))])
+    with pytest.raises(TypeError, match="exphuff must be a GpuExpHuff, got dict"):
+        check_items([replace(it, exphuff={})])
+    with pytest.raises(ValueError, match="huff_tables_ptr=0x8 must be a 16-byte aligned"):
+        pack_descriptors([it], huff_tables_ptr=8)
+
+
+def test_exphuff_nulls_allowed_only_where_nothing_is_read():
+    check_items([_exphuff_item(dense=True)])  # no bitmap, no tile offsets
+    check_items([_exphuff_item(nbits=0, bits_ptr=0, bits_capacity=0, nnz=0, values_ptr=0,
+                               values_capacity=0)])
+    with pytest.raises(ValueError, match="bitmap_ptr is null"):  # only exphuff may be dense
+        check_items([_item(bitmap_ptr=0, tile_offsets_ptr=0)])
+
+
+def test_error_message_of_bad_bits():
+    items = [_exphuff_item(dense=True, label="model.layers.0.mlp.up_proj.weight")]
+    msg = kernels.error_message(items, 0 << 40 | 0 << 8 | 5)
+    assert msg.startswith("model.layers.0.mlp.up_proj.weight: tile 0 (elements 0..1999) cannot be "
+                          "decoded: its exponent codes do not decode")
+
+
+@pytest.mark.parametrize("dense", [False, True])
+def test_from_arrays_exphuff(rng, dense):
+    """What bench_decode passes: the four exphuff streams, with bitmap and tile offsets for a
+    sparse tensor, None for both for a dense one."""
+    from bitgen import weight_bits  # noqa: PLC0415
+    from exphuff_cases import huff_tensor  # noqa: PLC0415
+
+    n = 10_000
+    t = huff_tensor(rng, weight_bits(rng, n, "F16", 1.0 if dense else 0.5), "F16", dense=dense)
+    s = t.streams()
+    v = {k: _fake(a, 0x10000 * (i + 1)) for i, (k, a) in enumerate(s.segments().items())}
+    out = FakeDeviceArray(0x4000, (n,), "<u2")
+    b, o = (None, None) if dense else (_fake(t.bitmap, 0x1000), _fake(t.offsets, 0x3000))
+    it = GpuItem.from_arrays(b, v, o, out, label="w", exphuff=s.params)
+    assert it.dense == dense and it.nnz == t.nnz and it.exphuff.bits_capacity == s.bits.size
+    assert (it.bitmap_ptr, it.tile_offsets_ptr) == ((0, 0) if dense else (0x1000, 0x3000))
+    check_items([it])
+    with pytest.raises(ValueError, match="w: a dense exphuff tensor has neither bitmap nor tile_offsets"):
+        GpuItem.from_arrays(None, v, _fake(t.tile_bits, 0x3000), out, label="w", exphuff=s.params)
+    short = dict(v, chunk_bits=FakeDeviceArray(0x90000, (3,), "<u2"))
+    with pytest.raises(ValueError, match="w: tile_bits must be 4 entries, chunk_bits 21 for n=10000"):
+        GpuItem.from_arrays(b, short, o, out, label="w", exphuff=s.params)
+    wrong = dict(v, tile_bits=FakeDeviceArray(0x90000, (4,), "<u2"))
+    with pytest.raises(ValueError, match="w: exphuff stream tile_bits must be an array of 4-byte items"):
+        GpuItem.from_arrays(b, wrong, o, out, label="w", exphuff=s.params)

@@ -82,7 +82,7 @@ def test_layout_pages_and_extents_via_inspect_json(packed, capsys):
     s = json.loads(capsys.readouterr().out)
     for key in ("format_version", "architecture", "layers", "tensors", "totals"):
         assert key in s
-    for key in ("dense_bytes", "stored_bytes", "ratio", "sparse_ratio"):
+    for key in ("dense_bytes", "stored_bytes", "ratio", "encoded_ratio"):
         assert key in s["totals"]
     layers = {f"layer.{layer['index']}": layer for layer in s["layers"]}
     assert len(layers) == 3
@@ -396,5 +396,5 @@ def test_sparse_ratio_realistic_shapes(tmp_path):
     endor_gds.pack(src, dst, prune="magnitude", sparsity=0.5, progress=False, codec="raw")
     with endor_gds.open(dst) as f:
         totals = f.summary()["totals"]
-    assert totals["sparse_ratio"] >= 1.76, totals
-    assert totals["sparse_ratio"] <= 16 / 9
+    assert totals["encoded_ratio"] >= 1.76, totals
+    assert totals["encoded_ratio"] <= 16 / 9

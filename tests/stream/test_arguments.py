@@ -88,7 +88,7 @@ PACK_BAD = [
     (dict(prune="magnitude", sparsity="half"), r"sparsity must be .* got 'half'"),
     (dict(prune="none", sparsity=2.0), r"sparsity must be .* got 2\.0"),
     (dict(prune="l1"), r"prune must be one of none, magnitude, wanda, got 'l1'"),
-    (dict(codec="zstd"), r"codec must be one of auto, raw, expdict, got 'zstd'"),
+    (dict(codec="zstd"), r"codec must be one of auto, raw, expdict, exphuff, got 'zstd'"),
 ]
 
 

@@ -37,15 +37,32 @@ def test_bit_identical_to_in_memory_model(packed, refs, family):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
+@pytest.mark.parametrize("codec", ["raw", "expdict", "exphuff"])
 def test_format_versions_stream_bit_identically(packed, refs, dtype, codec):
-    """Format v1 (codec raw) and v2 (codec expdict on every linear weight) files stream
-    bit-identically to the in-memory model decoded by the numpy reference."""
+    """Format v1 (codec raw), v2 (codec expdict on every linear weight) and v3 (codec exphuff)
+    files stream bit-identically to the in-memory model decoded by the numpy reference."""
     path = packed("llama", dtype, prune="magnitude", codec=codec)
     with endor_gds.open(path) as f:
-        assert f.format_version == (2 if codec == "expdict" else 1)
-        assert {e.codec for e in f.tensors.values() if e.encoding == "bitmap"} == {codec}
+        assert f.format_version == {"raw": 1, "expdict": 2, "exphuff": 3}[codec]
+        assert {e.codec for e in f.tensors.values() if e.needs_decode} == {codec}
     model = endor_gds.from_pretrained(path, device="cpu")
+    try:
+        assert_same(model, refs(path))
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("tier", ["ssd", "ram"])
+def test_unpruned_exphuff_streams_bit_identically(packed, refs, dtype, tier):
+    """An unpruned model packed with codec exphuff: every linear weight is entropy-coded without a
+    bitmap (encoding dense, codec exphuff) and streams bit for bit as the in-memory model."""
+    path = packed("llama", dtype, prune="none", codec="exphuff")
+    with endor_gds.open(path) as f:
+        linear = [e for e in f.tensors.values() if e.codec == "exphuff"]
+        assert linear and {e.encoding for e in linear} == {"dense"}
+        assert all(e.nnz == e.numel and "bitmap" not in e.segments for e in linear)
+    model = endor_gds.from_pretrained(path, device="cpu", tier=tier)
     try:
         assert_same(model, refs(path))
     finally:

@@ -78,7 +78,7 @@ def test_same_tokens_close_logits(packed, refs, family, codec):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_other_dtypes(packed, refs, dtype):
-    path = packed("llama", dtype, prune="magnitude")
+    path = packed("llama", dtype, prune="magnitude", codec="expdict")
     model = endor_gds.from_pretrained(path, device="cpu")
     try:
         assert_close(model, refs(path), PROMPT)
@@ -116,7 +116,7 @@ def test_tiers_depths_and_the_switch_between_paths(packed, refs, depth, tier):
 
 
 def test_options_give_back_bit_identity(packed, refs):
-    path = packed("mistral", torch.float16, prune="magnitude")
+    path = packed("mistral", torch.float16, prune="magnitude", codec="expdict")
     ref = refs(path)[0]
     model = endor_gds.from_pretrained(path, device="cpu")
     try:
@@ -143,7 +143,7 @@ def test_options_give_back_bit_identity(packed, refs):
 def test_auto_limit_per_dtype(packed, dtype, rows):
     """fused_max_rows='auto' (the default): as many rows as the product beat decode + torch's own
     product in bench_decode for that dtype; a step of one more row decodes."""
-    model = endor_gds.from_pretrained(packed("llama", dtype, prune="magnitude"), device="cpu")
+    model = endor_gds.from_pretrained(packed("llama", dtype, prune="magnitude", codec="expdict"), device="cpu")
     try:
         with defaults.set(fused_max_rows="auto"):
             assert model.endor.fused_product().startswith(
@@ -159,7 +159,7 @@ def test_auto_limit_per_dtype(packed, dtype, rows):
 def test_a_weight_used_outside_the_product_fails_loudly(packed):
     """In a fused step a fused weight keeps its meta placeholder: code reaching for the dense
     weight fails instead of reading another layer's (or no) values."""
-    path = packed("llama", torch.float16, prune="magnitude")
+    path = packed("llama", torch.float16, prune="magnitude", codec="expdict")
     model = endor_gds.from_pretrained(path, device="cpu")
     seen = {}
 
@@ -180,7 +180,7 @@ def test_a_cpu_without_the_vector_path_decodes(packed, monkeypatch):
     """The portable product adds in the same order but runs ~30x slower than decoding: a CPU
     without AVX2 + FMA + F16C decodes every step (bit-identical) instead."""
     monkeypatch.setattr("endor_gds.decode.cpu.cpu_features", lambda: ("ssse3", "avx2"))
-    model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude"), device="cpu")
+    model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude", codec="expdict"), device="cpu")
     try:
         assert model.endor.fused_product().startswith("off: this CPU lacks AVX2 + FMA + F16C")
         _logits(model, PROMPT)
@@ -189,15 +189,18 @@ def test_a_cpu_without_the_vector_path_decodes(packed, monkeypatch):
         model.endor.close()
 
 
-def test_dense_files_and_resident_layers_are_not_fused(packed):
+def test_dense_files_exphuff_and_resident_layers_are_not_fused(packed):
     unpruned = endor_gds.from_pretrained(packed("opt", torch.float16, prune="none", codec="raw"), device="cpu")
+    huff = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude", codec="exphuff"), device="cpu")
     resident = endor_gds.from_pretrained(packed("llama", torch.float16), device="cpu", max_memory="1GiB")
     try:
-        assert unpruned.endor.fused_product().startswith("off: no streamed linear weight is bitmap-encoded")
-        _logits(unpruned, PROMPT)
-        assert _fused_counts(unpruned) == [0]
+        for model in (unpruned, huff):  # exphuff values are always decoded to dense first
+            assert model.endor.fused_product().startswith(
+                "off: no streamed linear weight is bitmap-encoded with a codec it reads (raw, expdict")
+            _logits(model, PROMPT)
+            assert _fused_counts(model) == [0]
         assert resident.endor.pipeline is None
         assert resident.endor.fused_product().startswith("off: no streamed linear weight")
     finally:
-        unpruned.endor.close()
-        resident.endor.close()
+        for model in (unpruned, huff, resident):
+            model.endor.close()

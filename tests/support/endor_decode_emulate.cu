@@ -7,15 +7,18 @@
 //   endor_decode_emulate layout              sizeof/offsetof of endor::Desc, one "name value" a line
 //   endor_decode_emulate run IN OUT [--malloc]
 //
-// IN  (little-endian): "EMU2", u32 ntables, then per table: u32 ndesc, ndesc 144-byte Desc
-//     records (pointers ignored, every other field used), then per descriptor its bitmap
-//     (4*ceil(n/32) bytes), values (values_capacity bytes), tile offsets (4*(ntiles+1) bytes),
-//     and for codec expdict its codes (codes_capacity bytes), escape offsets (4*(ntiles+1)),
-//     escape positions (2*escapes) and escape values (elem_bytes*escapes).
+// IN  (little-endian): "EMU2", u32 ntables, then per table: u32 ndesc, ndesc 200-byte Desc
+//     records (pointers ignored except whether bitmap and tile_offsets are null, every other
+//     field used), then per descriptor its bitmap (4*ceil(n/32) bytes; none when null), values
+//     (values_capacity bytes), tile offsets (4*(ntiles+1) bytes; none when null), for codec
+//     expdict its codes (codes_capacity bytes), escape offsets (4*(ntiles+1)), escape positions
+//     (2*escapes) and escape values (elem_bytes*escapes), for codec exphuff its bits
+//     (bits_capacity bytes), tile bits (4*(ntiles+1)), chunk bits (2*7*ntiles) and decode table
+//     (8192 bytes).
 // OUT: per table: u64 error word, then per descriptor its n*elem_bytes output bytes.
 //
 // Memory checking: every buffer the kernel touches (descriptors, bitmap, values, offsets, codes,
-// escape tables, output, shared memory) is its own allocation of exactly its size. Default: mmap with an inaccessible
+// escape tables, bits, tile and chunk bits, decode table, output, shared memory) is its own allocation of exactly its size. Default: mmap with an inaccessible
 // page on each side, the buffer placed against the trailing guard page (as close as 16-byte
 // alignment allows) and the slack filled with a canary that is verified afterwards, so an
 // overrun faults or is reported. --malloc: plain posix_memalign, for running under valgrind,
@@ -119,7 +122,18 @@ u32 read_u32(FILE* f) {
 
 struct Tensor {
   Buffer bitmap, values, offsets, out, codes, escape_offsets, escape_positions, escape_values;
+  Buffer bits, tile_bits, chunk_bits, huff_table;  // exphuff
 };
+
+// Every buffer of a tensor that was allocated (a dense tensor has no bitmap and no offsets).
+std::vector<Buffer*> buffers(Tensor& t) {
+  std::vector<Buffer*> all;
+  for (Buffer* b : {&t.bitmap, &t.values, &t.offsets, &t.out, &t.codes, &t.escape_offsets,
+                    &t.escape_positions, &t.escape_values, &t.bits, &t.tile_bits, &t.chunk_bits,
+                    &t.huff_table})
+    if (b->p) all.push_back(b);
+  return all;
+}
 
 // One launch of the kernel, emulated: grid = total tiles, block = kThreads, dynamic shared
 // memory = the largest smem_bytes of the table (as kernels.py passes it) + the static arrays.
@@ -175,6 +189,20 @@ u64 emulate_launch(const Desc* descs, u32 ndesc, u64 total_tiles, u32 smem_size)
         if (reason[tid] != kOk) report_error(&error, error_key(tl[tid].desc, tl[tid].t, reason[tid]));
       continue;
     }
+    if (tl[0].d->codec == kExpHuff) {
+      // Phase 3a: the chunk threads decode; __syncthreads_or(reason != kOk); phase 3b: rebuild;
+      // __syncthreads().
+      for (u32 tid = 0; tid < kThreads; ++tid) {
+        reason[tid] = huff_decode(tl[tid], tid, staged.p);
+        any_bad = any_bad || reason[tid] != kOk;
+      }
+      if (any_bad) {
+        for (u32 tid = 0; tid < kThreads; ++tid)
+          if (reason[tid] != kOk) report_error(&error, error_key(tl[tid].desc, tl[tid].t, reason[tid]));
+        continue;
+      }
+      for (u32 tid = 0; tid < kThreads; ++tid) assemble_values(tl[tid], tid, staged.p);
+    }
     if (tl[0].d->codec == kExpDict) {
       // Phase 3b: rebuild; __syncthreads(); phase 3c, in a tile with escapes: escapes;
       // __syncthreads_or(reason != kOk).
@@ -222,13 +250,19 @@ int run(const char* in_path, const char* out_path) {
     for (u32 k = 0; k < ndesc; ++k) {
       Desc& d = descs[k];
       const u64 ntiles = (d.n + endor::kTileElems - 1) / endor::kTileElems;
-      const bool expdict = d.codec == endor::kExpDict;
+      const bool expdict = d.codec == endor::kExpDict, exphuff = d.codec == endor::kExpHuff;
+      const bool dense = d.bitmap == nullptr;
       // Preconditions the host side guarantees (kernels.check_items / pack_descriptors).
-      const u64 value_bytes = expdict ? endor::residual_bytes(d) : d.elem_bytes;
+      const u64 value_bytes = d.codec == endor::kRaw ? d.elem_bytes : endor::residual_bytes(d);
       if (d.n == 0 || d.nnz > d.n || d.nnz * value_bytes > d.values_capacity ||
           (d.elem_bytes != 2 && d.elem_bytes != 4) || d.first_tile != total_tiles ||
-          (d.codec != endor::kRaw && !expdict))
+          (d.codec != endor::kRaw && !expdict && !exphuff) || dense != (d.tile_offsets == nullptr) ||
+          (dense && (!exphuff || d.nnz != d.n)))
         die("descriptor breaks the host-side preconditions");
+      if (exphuff && ((d.elem_bytes == 2) != (d.man_bits == 7 || d.man_bits == 10) ||
+                      (d.elem_bytes == 4) != (d.man_bits == 23) ||
+                      d.exp_bits != (d.man_bits == 10 ? 5u : 8u) || (d.nbits + 7) / 8 > d.bits_capacity))
+        die("exphuff descriptor breaks the host-side preconditions");
       if (expdict && (d.index_bits < 1 || d.index_bits > endor::kMaxIndexBits ||
                       (d.elem_bytes == 2) != (d.man_bits == 7 || d.man_bits == 10) ||
                       (d.elem_bytes == 4) != (d.man_bits == 23) || d.escapes > d.nnz ||
@@ -237,13 +271,27 @@ int run(const char* in_path, const char* out_path) {
       total_tiles += ntiles;
       smem_size = endor::smem_bytes(d) > smem_size ? endor::smem_bytes(d) : smem_size;
       Tensor& t = ts[k];
-      t.bitmap = alloc((d.n + 31) / 32 * 4);
+      if (!dense) t.bitmap = alloc((d.n + 31) / 32 * 4);
       t.values = alloc(d.values_capacity);
-      t.offsets = alloc((ntiles + 1) * 4);
+      if (!dense) t.offsets = alloc((ntiles + 1) * 4);
       t.out = alloc(d.n * d.elem_bytes);
       read_exact(in, t.bitmap.p, t.bitmap.size);
       read_exact(in, t.values.p, t.values.size);
       read_exact(in, t.offsets.p, t.offsets.size);
+      if (exphuff) {
+        t.bits = alloc(d.bits_capacity);
+        t.tile_bits = alloc((ntiles + 1) * 4);
+        t.chunk_bits = alloc(ntiles * (endor::kHuffChunks - 1) * 2);
+        t.huff_table = alloc((1u << endor::kHuffBits) * 2);
+        read_exact(in, t.bits.p, t.bits.size);
+        read_exact(in, t.tile_bits.p, t.tile_bits.size);
+        read_exact(in, t.chunk_bits.p, t.chunk_bits.size);
+        read_exact(in, t.huff_table.p, t.huff_table.size);
+        d.bits = t.bits.p;
+        d.tile_bits = reinterpret_cast<const u32*>(t.tile_bits.p);
+        d.chunk_bits = reinterpret_cast<const endor::u16*>(t.chunk_bits.p);
+        d.huff_table = reinterpret_cast<const endor::u16*>(t.huff_table.p);
+      }
       if (expdict) {
         t.codes = alloc(d.codes_capacity);
         t.escape_offsets = alloc((ntiles + 1) * 4);
@@ -259,7 +307,7 @@ int run(const char* in_path, const char* out_path) {
         d.escape_values = t.escape_values.p;
       }
       std::memset(t.out.p, kPoison, t.out.size);
-      d.bitmap = reinterpret_cast<const u32*>(t.bitmap.p);
+      d.bitmap = reinterpret_cast<const u32*>(t.bitmap.p);  // null for a dense tensor
       d.values = t.values.p;
       d.tile_offsets = reinterpret_cast<const u32*>(t.offsets.p);
       d.out = t.out.p;
@@ -269,18 +317,9 @@ int run(const char* in_path, const char* out_path) {
     bool ok = intact(desc_buf);
     for (Tensor& t : ts) {
       std::fwrite(t.out.p, 1, t.out.size, out);
-      ok = ok && intact(t.bitmap) && intact(t.values) && intact(t.offsets) && intact(t.out);
-      release(t.bitmap);
-      release(t.values);
-      release(t.offsets);
-      release(t.out);
-      if (t.codes.map || t.codes.p) {  // expdict buffers
-        ok = ok && intact(t.codes) && intact(t.escape_offsets) && intact(t.escape_positions) &&
-             intact(t.escape_values);
-        release(t.codes);
-        release(t.escape_offsets);
-        release(t.escape_positions);
-        release(t.escape_values);
+      for (Buffer* b : buffers(t)) {
+        ok = ok && intact(*b);
+        release(*b);
       }
     }
     release(desc_buf);
@@ -308,10 +347,16 @@ int main(int argc, char** argv) {
     std::printf("escape_values %zu\nescapes %zu\nindex_bits %zu\nman_bits %zu\nexponents %zu\n",
                 offsetof(Desc, escape_values), offsetof(Desc, escapes), offsetof(Desc, index_bits),
                 offsetof(Desc, man_bits), offsetof(Desc, exponents));
+    std::printf("bits %zu\nbits_capacity %zu\ntile_bits %zu\nchunk_bits %zu\nhuff_table %zu\n",
+                offsetof(Desc, bits), offsetof(Desc, bits_capacity), offsetof(Desc, tile_bits),
+                offsetof(Desc, chunk_bits), offsetof(Desc, huff_table));
+    std::printf("nbits %zu\nexp_bits %zu\nreserved %zu\n", offsetof(Desc, nbits),
+                offsetof(Desc, exp_bits), offsetof(Desc, reserved));
     std::printf("stage_bytes_2 %u\nstage_bytes_4 %u\nthreads %u\n", endor::stage_bytes(2),
                 endor::stage_bytes(4), endor::kThreads);
     // smem_bytes of each (codec, element bytes, mantissa bits) the format has
-    const unsigned combos[][3] = {{0, 2, 0}, {0, 4, 0}, {1, 2, 7}, {1, 2, 10}, {1, 4, 23}};
+    const unsigned combos[][3] = {{0, 2, 0}, {0, 4, 0}, {1, 2, 7}, {1, 2, 10}, {1, 4, 23},
+                                  {2, 2, 7}, {2, 2, 10}, {2, 4, 23}};
     for (const auto& c : combos) {
       Desc d{};
       d.codec = c[0];
