@@ -3,12 +3,14 @@
 
     python bench/fuzz_format.py --cases 10000 --seed 1
     python bench/fuzz_format.py --seed 1 --case 4711 --save /tmp/case   # replay one case
+    python bench/fuzz_format.py --cases 2000 --bases exphuff --ops json.exphuff,segment.  # narrowed
 
 Case ``i`` of seed ``S`` is a pure function of ``(S, i)`` and the corpus (endor_gds/fuzz/fuzzlib.py), so
-any escape is replayed with ``--case i``. Cases run in worker processes; a worker that dies
-(segfault in the C decoder, say) or outlives ``--case-timeout`` is replaced and its case is
-counted as an escape (``crash`` / ``hang``). Prints a system header, the outcome histogram (by
-outcome, and by mutation op) and every escape; exits 1 if there was any escape.
+any escape is replayed with ``--case i`` (and the same ``--bases`` and ``--ops``, if any). Cases
+run in worker processes; a worker that dies (segfault in the C decoder, say) or outlives
+``--case-timeout`` is replaced and its case is counted as an escape (``crash`` / ``hang``).
+Prints a system header, the outcome histogram (by outcome, and by mutation op) and every escape;
+exits 1 if there was any escape.
 """
 
 from __future__ import annotations
@@ -26,7 +28,16 @@ from multiprocessing.connection import wait
 from pathlib import Path
 
 
-def _worker(conn, corpus_paths, seed, case_timeout, workdir):
+def _select(items, wanted, key):
+    """The items whose ``key`` contains one of the comma-separated words of ``wanted`` (all: None)."""
+    words = [w for w in (wanted or "").split(",") if w]
+    chosen = [x for x in items if not words or any(w in key(x) for w in words)]
+    if not chosen:
+        raise SystemExit(f"nothing matches {wanted!r} among {', '.join(map(key, items))}")
+    return chosen
+
+
+def _worker(conn, corpus_paths, seed, case_timeout, workdir, ops):
     from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
     from endor_gds.fuzz import fuzzcheck, fuzzlib  # noqa: PLC0415 - heavy imports only in the worker
 
@@ -37,7 +48,7 @@ def _worker(conn, corpus_paths, seed, case_timeout, workdir):
         index = conn.recv()
         if index is None:
             return
-        base, mutant = fuzzlib.make_case(bases, seed, index)
+        base, mutant = fuzzlib.make_case(bases, seed, index, ops)
         r = fuzzcheck.run_case(base, mutant, workdir, decoder, time_limit=case_timeout)
         conn.send(("done", (index, base.name, mutant.op, mutant.detail, r.outcome, r.escape,
                             r.peak_bytes, r.seconds)))
@@ -46,15 +57,16 @@ def _worker(conn, corpus_paths, seed, case_timeout, workdir):
 class Pool:
     """Worker processes handing out one case at a time, so a dead worker names its case."""
 
-    def __init__(self, n, corpus, seed, case_timeout, root):
+    def __init__(self, n, corpus, seed, case_timeout, root, ops):
         self.args = (corpus, seed, case_timeout)
+        self.ops = ops
         self.ctx = mp.get_context("spawn")  # a fresh interpreter: no state shared with us
         self.root = root
         self.slots = [self._start(i) for i in range(n)]
 
     def _start(self, i):
         parent, child = self.ctx.Pipe()
-        proc = self.ctx.Process(target=_worker, args=(child, *self.args, str(self.root / f"w{i}")),
+        proc = self.ctx.Process(target=_worker, args=(child, *self.args, str(self.root / f"w{i}"), self.ops),
                                 daemon=True)
         proc.start()
         child.close()
@@ -93,15 +105,16 @@ def system_header(args) -> str:
     return (f"# fuzz_format: endor_gds {endor_gds.__version__}, Python {platform.python_version()}, "
             f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} CPUs\n"
             f"# seed={args.seed} cases={args.cases} workers={args.workers} "
-            f"case_timeout={args.case_timeout}s time_limit={args.time_limit or 'none'}")
+            f"case_timeout={args.case_timeout}s time_limit={args.time_limit or 'none'}"
+            f"{f' bases={args.bases}' if args.bases else ''}{f' ops={args.ops}' if args.ops else ''}")
 
 
-def replay(args, corpus) -> int:
+def replay(args, corpus, ops) -> int:
     from endor_gds.decode.cpu import CpuDecoder  # noqa: PLC0415
     from endor_gds.fuzz import fuzzcheck, fuzzlib  # noqa: PLC0415 - heavy imports after argument parsing
 
     bases = [fuzzlib.load_base(p) for p in corpus]
-    base, mutant = fuzzlib.make_case(bases, args.seed, args.case)
+    base, mutant = fuzzlib.make_case(bases, args.seed, args.case, ops)
     print(f"case {args.case}: {base.name} {mutant.op}: {mutant.detail} (hostile={mutant.hostile})")
     workdir = Path(tempfile.mkdtemp(prefix="endor-fuzz-replay-"))
     r = fuzzcheck.run_case(base, mutant, workdir, CpuDecoder(1), time_limit=args.case_timeout)
@@ -130,6 +143,10 @@ def main(argv=None) -> int:
     ap.add_argument("--case", type=int, default=None, help="replay this one case in-process")
     ap.add_argument("--save", default=None, help="with --case: write the mutated file here")
     ap.add_argument("--json", type=Path, default=None, help="also write the summary as JSON here")
+    ap.add_argument("--bases", default=None,
+                    help="only corpus files whose name contains one of these comma-separated words")
+    ap.add_argument("--ops", default=None,
+                    help="only mutation ops whose name contains one of these comma-separated words")
     args = ap.parse_args(argv)
 
     from endor_gds.fuzz import fuzzlib  # noqa: PLC0415
@@ -141,12 +158,14 @@ def main(argv=None) -> int:
 
     root = Path(tempfile.mkdtemp(prefix="endor-fuzz-"))
     corpus = [str(p) for p in fuzzlib.build_corpus(args.corpus or root / "corpus", build_model)]
+    corpus = _select(corpus, args.bases, lambda p: Path(p).stem)
+    ops = tuple(_select(list(fuzzlib.OPS), args.ops, str))
     if args.case is not None:
-        return replay(args, corpus)
+        return replay(args, corpus, ops)
 
     print(system_header(args), flush=True)
     t0 = time.perf_counter()
-    pool = Pool(args.workers, corpus, args.seed, args.case_timeout, root)
+    pool = Pool(args.workers, corpus, args.seed, args.case_timeout, root, ops)
     print(f"# corpus: {', '.join(Path(p).stem for p in corpus)} ({time.perf_counter() - t0:.1f} s "
           f"to start {args.workers} workers)", flush=True)
     outcomes, by_op, escapes = collections.Counter(), collections.defaultdict(collections.Counter), []

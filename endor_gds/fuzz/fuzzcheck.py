@@ -9,12 +9,14 @@ A case keeps every promise when it ends in one of:
 * ``ok: valid, different`` — only for *hostile* mutants (the mutator recomputed the CRCs over
   its change, as a crafted file would): the file reads without error but holds other data. It
   is accepted only if every structural invariant of docs/format.md holds, checked here by
-  :func:`spec_violations`, an implementation of the spec independent of layout.py.
+  :func:`spec_violations`, an implementation of the spec independent of container.py and
+  the codec modules.
 
 and, in every case: every error is an ``EndorError`` whose message names the file (and is at
 most 2000 characters); the reference decoder (``read_tensor``) and the C decoder
 (``CpuDecoder``, run on buffers fenced by inaccessible pages so that any out-of-bounds access
-is a segfault) agree bit for bit, or both raise ``DecodeError``; a tensor read with
+is a segfault) agree bit for bit on every tensor that needs decoding (bitmap, or a value codec:
+dense exphuff too), or both raise ``DecodeError``; a tensor read with
 ``verify=True`` raises ``ChecksumError`` exactly when ``verify()`` reports one of its segments;
 a non-hostile change to the bytes is always noticed (every byte of a packed file is covered by
 a CRC or must be zero); ``extract_files`` writes exactly the embedded files into its folder and
@@ -42,8 +44,7 @@ import numpy as np
 import torch
 
 from endor_gds.cli.main import main as cli_main
-from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
-from endor_gds.codec.expdict import Streams
+from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, pad_to_page
 from endor_gds.container import EndorFile, crc32c
 from endor_gds.errors import ChecksumError, DecodeError, EndorError
 from endor_gds.fuzz.fence import fenced_copy, fenced_empty
@@ -78,14 +79,17 @@ def alloc_limit(file_bytes: int) -> int:
 
 
 # ---------------------------------------------------------------------------------------------
-# The spec, checked independently of layout.py
+# The spec, checked independently of container.py and the codecs
 
 
 _DT = {"F16": (2, True), "BF16": (2, True), "F32": (4, True), "F64": (8, False),
        "I64": (8, False), "I32": (4, False), "I16": (2, False), "I8": (1, False),
        "U8": (1, False), "BOOL": (1, False)}
-# codec expdict (format v2): (exponent bits, residual bytes, residual bits left for the field)
+# codecs expdict (format v2) and exphuff (v3): (exponent bits, residual bytes, residual bits left
+# for the field / after the code)
 _EXPDICT = {"F16": (5, 1, 3), "BF16": (8, 1, 0), "F32": (8, 3, 0)}
+_MAX_CODE = 12  # exphuff: longest code, in bits
+_CHUNK = 512  # exphuff: values per chunk; 4096 / 512 = 8 chunks per tile, 7 stored offsets
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
 
 
@@ -104,7 +108,7 @@ def spec_violations(data: bytes, m) -> list[str]:
 
     magic, version, flags, moff, mlen, flen, mcrc = HEADER.unpack_from(data)
     need(magic == b"ENDORGDS", "magic")
-    need(version in (1, 2) and flags == 0, f"version {version} / flags {flags}")
+    need(version in (1, 2, 3) and flags == 0, f"version {version} / flags {flags}")
     need(crc32c(data[:44]) == struct.unpack_from("<I", data, 44)[0], "header CRC")
     need(not any(data[48:PAGE]), "header page is not zero after the fields")
     need(flen == len(data), "file length")
@@ -182,14 +186,18 @@ def spec_violations(data: bytes, m) -> list[str]:
         if not need(dt is not None and enc in ("dense", "bitmap") and _is_int(nnz)
                     and 0 <= nnz <= numel, f"tensor {name} dtype/encoding/nnz"):
             continue
-        # version 1: codec raw only; version 2: expdict too, for bitmap tensors only
-        if not need(codec == "raw" or (codec == "expdict" and version == 2 and enc == "bitmap"),
+        # version 1: codec raw only; version 2: expdict too, for bitmap tensors only; version 3:
+        # exphuff too, for bitmap and dense tensors
+        if not need(codec == "raw" or (codec == "expdict" and version >= 2 and enc == "bitmap")
+                    or (codec == "exphuff" and version >= 3),
                     f"tensor {name} codec {codec!r:.40} (version {version}, {enc})"):
             continue
-        need(codec == "expdict" or "expdict" not in t, f"tensor {name}: expdict object on codec raw")
+        for key in ("expdict", "exphuff"):
+            need(codec == key or key not in t, f"tensor {name}: {key} object on codec {codec}")
         ed = t.get("expdict") if codec == "expdict" else None
+        eh = t.get("exphuff") if codec == "exphuff" else None
+        layout = _EXPDICT.get(t["dtype"])
         if codec == "expdict":
-            layout = _EXPDICT.get(t["dtype"])
             b = ed.get("index_bits") if type(ed) is dict else None
             ex = ed.get("exponents") if type(ed) is dict else None
             if not need(layout is not None and _is_int(b) and 1 <= b <= 4 and type(ex) is list
@@ -197,17 +205,33 @@ def spec_violations(data: bytes, m) -> list[str]:
                         and len(set(ex)) == len(ex) and _is_int(ed.get("escapes"))
                         and 0 <= ed["escapes"] <= nnz, f"tensor {name}: expdict parameters"):
                 continue
+        if codec == "exphuff":
+            cl = eh.get("code_lengths") if type(eh) is dict else None
+            nbits = eh.get("bits") if type(eh) is dict else None
+            # 2^E lengths in 0..12 whose Kraft sum (in units of 2^-12) is at most 1
+            if not need(layout is not None and numel < 1 << 32 and type(cl) is list
+                        and len(cl) == 1 << layout[0] and all(_is_int(x) and 0 <= x <= _MAX_CODE for x in cl)
+                        and sum(1 << (_MAX_CODE - x) for x in cl if x) <= 1 << _MAX_CODE
+                        and _is_int(nbits) and 0 <= nbits < 1 << 32, f"tensor {name}: exphuff parameters"):
+                continue
+            need(enc == "bitmap" or nnz == numel, f"tensor {name}: dense exphuff with nnz {nnz} of {numel}")
+        ntiles = -(-numel // TILE_ELEMS)
         if enc == "bitmap":
             need(dt[1] and numel < 1 << 32, f"tensor {name}: bitmap needs F16/BF16/F32, < 2^32 elements")
             want = {"bitmap": 4 * -(-numel // WORD_BITS), "values": nnz * dt[0],
-                    "tile_offsets": 4 * (num_tiles(numel) + 1)}
-            if ed is not None:
-                del want["values"]
-                want.update(residuals=nnz * layout[1], codes=-(-nnz * (b + layout[2]) // 8),
-                            escape_offsets=4 * (num_tiles(numel) + 1),
-                            escape_positions=2 * ed["escapes"], escape_values=dt[0] * ed["escapes"])
+                    "tile_offsets": 4 * (ntiles + 1)}
         else:
             want = {"data": numel * dt[0]}
+        if ed is not None:
+            del want["values"]
+            want.update(residuals=nnz * layout[1], codes=-(-nnz * (b + layout[2]) // 8),
+                        escape_offsets=4 * (ntiles + 1),
+                        escape_positions=2 * ed["escapes"], escape_values=dt[0] * ed["escapes"])
+        if eh is not None:
+            want.pop("values", None)
+            want.pop("data", None)
+            want.update(residuals=nnz * layout[1], bits=-(-nbits // 8), tile_bits=4 * (ntiles + 1),
+                        chunk_bits=2 * 7 * ntiles)
         ext = extents.get(t.get("extent")) if type(t.get("extent")) is str else None
         need(ext is not None and ext.get("kind") in ("resident", "layer"), f"tensor {name} extent")
         segs = t.get("segments") if type(t.get("segments")) is list else []
@@ -219,14 +243,20 @@ def spec_violations(data: bytes, m) -> list[str]:
                 got[s["kind"]] = s
         need({k: s["nbytes"] for k, s in got.items()} == want and len(segs) == len(want),
              f"tensor {name}: segment sizes")
-        if enc == "bitmap" and "tile_offsets" in got and not bad:
+        if bad or (enc == "dense" and eh is None):  # tables are read only where sizes and places are right
+            continue
+        offs = np.minimum(np.arange(ntiles + 1, dtype=np.int64) * TILE_ELEMS, numel)  # dense exphuff
+        if enc == "bitmap":
             s = got["tile_offsets"]
             offs = np.frombuffer(data, "<u4", count=s["nbytes"] // 4, offset=s["offset"]).astype(np.int64)
             steps = np.diff(offs)
-            if need(offs.size == num_tiles(numel) + 1 and offs[0] == 0 and offs[-1] == nnz
-                    and (steps >= 0).all() and (steps <= TILE_ELEMS).all(),
-                    f"tensor {name}: tile offsets") and ed is not None:
-                _escape_rules(data, got, offs, ed["escapes"], f"tensor {name}", need)
+            if not need(offs.size == ntiles + 1 and offs[0] == 0 and offs[-1] == nnz
+                        and (steps >= 0).all() and (steps <= TILE_ELEMS).all(), f"tensor {name}: tile offsets"):
+                continue
+        if ed is not None:
+            _escape_rules(data, got, offs, ed["escapes"], f"tensor {name}", need)
+        if eh is not None:
+            _bit_rules(data, got, offs, cl, nbits, layout[2], f"tensor {name}", need)
 
     files = m.get("files", [])
     need(type(files) is list and len(files) <= 64, "files")
@@ -267,6 +297,32 @@ def _escape_rules(data: bytes, got: dict, offs: np.ndarray, nesc: int, label: st
                                                                       f"of tile {t}")
 
 
+def _bit_rules(data: bytes, got: dict, offs: np.ndarray, lengths: list, nbits: int, high: int,
+               label: str, need) -> None:
+    """docs/format.md, codec exphuff: tile_bits runs from 0 to bits, non-decreasing; the values of
+    each tile (``offs``) are cut into chunks of 512, chunk c > 0 starting ``chunk_bits[7t + c - 1]``
+    bits after the tile, the last ending where the next tile starts; every chunk spans between
+    its value count times the shortest and times the longest unit (a code, then ``high`` bits)."""
+    s, c = got["tile_bits"], got["chunk_bits"]
+    tb = np.frombuffer(data, "<u4", count=s["nbytes"] // 4, offset=s["offset"]).astype(np.int64)
+    cb = np.frombuffer(data, "<u2", count=c["nbytes"] // 2, offset=c["offset"]).astype(np.int64)
+    ntiles = offs.size - 1
+    if not need(tb.size == ntiles + 1 and tb[0] == 0 and tb[-1] == nbits and (np.diff(tb) >= 0).all()
+                and cb.size == 7 * ntiles, f"{label}: tile bits"):
+        return
+    codes = [x for x in lengths if x]
+    shortest = (min(codes) if codes else 0) + high  # no code at all: only decoding can refuse
+    longest = (max(codes) if codes else 0) + high
+    starts = np.concatenate([tb[:-1, None], tb[:-1, None] + cb.reshape(ntiles, 7), tb[1:, None]], axis=1)
+    spans = np.diff(starts, axis=1)  # [ntiles, 8]
+    counts = np.clip(np.diff(offs)[:, None] - _CHUNK * np.arange(8), 0, _CHUNK)
+    wrong = np.argwhere((spans < counts * shortest) | (spans > counts * longest))
+    if wrong.size:
+        t, k = (int(x) for x in wrong[0])
+        need(False, f"{label}: tile {t} chunk {k} spans {int(spans[t, k])} bits for "
+                    f"{int(counts[t, k])} values of {shortest}-{longest} bits")
+
+
 # ---------------------------------------------------------------------------------------------
 # One case
 
@@ -294,13 +350,12 @@ def _bits(t: torch.Tensor) -> bytes:
 def _c_decode(f: EndorFile, entry, decoder, path: Path) -> bytes:
     """The C decoder on the file's raw segments (no CRC check), fenced on every side."""
     segs = {k: fenced_copy(f.read_segment(s, verify=False)) for k, s in entry.segments.items()}
-    bits = entry.dtype.bits
     out = fenced_empty(entry.numel * entry.dtype.itemsize)
     out.fill(0xA5)  # an element the decoder forgets to write shows up as a mismatch
-    values = segs["values"].view(bits) if entry.expdict is None else \
-        Streams.from_bytes(entry.expdict, segs)
-    decoder.decode([(segs["bitmap"].view("<u4"), values, segs["tile_offsets"].view("<u4"),
-                     out.view(bits))], where=[f"{path}: tensor {entry.name}"])
+    # raw values, expdict Streams or exphuff HuffStreams; a dense exphuff tensor has no bitmap
+    bitmap, offs = (segs[k].view("<u4") if k in segs else None for k in ("bitmap", "tile_offsets"))
+    decoder.decode([(bitmap, entry.values(segs), offs, out.view(entry.dtype.bits))],
+                   where=[f"{path}: tensor {entry.name}"])
     return out.tobytes()
 
 
@@ -325,8 +380,15 @@ def _judge(base: Base, mutant: Mutant, path: Path, workdir: Path, decoder) -> st
             entry = f.resolve(name)
             labels = {f"{entry.name}:{k}" for k in entry.segments}
             ver = _try(lambda: f.read_tensor(name, verify=True), path)
-            raw = _try(lambda: f.read_tensor_bits(name, verify=False).tobytes(), path)
-            if entry.encoding == "bitmap":
+            # The unchecked read, compared with the checked one and with the C decoder. For an
+            # exphuff tensor whose checked read succeeded on the same bytes (no bad CRC) it is
+            # that read: the exphuff reference decoder allocates in a 512-step loop and takes
+            # ~0.15 s a tensor under tracemalloc, 13x its time without (raw and expdict tensors,
+            # cheap to decode, are still read twice).
+            reuse = entry.codec == "exphuff" and ver[0] == "ok" and not labels & crc_bad
+            raw = ("ok", _bits(ver[1])) if reuse else \
+                _try(lambda: f.read_tensor_bits(name, verify=False).tobytes(), path)
+            if entry.needs_decode:
                 c = _try(lambda: _c_decode(f, entry, decoder, path), path)
                 both_ok = raw[0] == c[0] == "ok" and raw[1] == c[1]
                 both_refuse = raw[0] == c[0] == "err" and isinstance(raw[1], DecodeError) \

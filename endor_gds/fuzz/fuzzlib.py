@@ -4,9 +4,11 @@ judges each mutated file is endor_gds/fuzz/fuzzcheck.py.
 
 A *corpus* is a handful of real files packed from tiny random checkpoints (bitmap tensors from
 magnitude pruning in fp16, bf16 and fp32 with partial tiles and partial bitmap words, a
-dense-only file, embedded tokenizer files, tied embeddings; format v1 files (codec raw) and
-format v2 files whose linear weights use the expdict codec, with escapes in their tiles). A *mutator* turns one
-corpus file into a :class:`Mutant`: the new bytes, a line saying what changed, and ``hostile``:
+dense-only file, embedded tokenizer files, tied embeddings; format v1 files (codec raw), format
+v2 files whose linear weights use the expdict codec, with escapes in their tiles, and format v3
+files whose linear weights use the exphuff codec, bitmap and dense, with partial chunks and codes
+up to the 12-bit limit). A *mutator* turns one corpus file into a :class:`Mutant`: the new bytes,
+a line saying what changed, and ``hostile``:
 
 * ``hostile=False`` — plain damage (bit flips, overwrites, truncation, extension) with no
   checksum recomputed. Every byte of a packed file is covered by a CRC or must be zero, so
@@ -33,6 +35,7 @@ import torch
 import endor_gds
 from endor_gds.codec.bitmap import PAGE, TILE_ELEMS, WORD_BITS, num_tiles, pad_to_page
 from endor_gds.codec.expdict import LAYOUTS
+from endor_gds.codec.exphuff import CHUNKS_PER_TILE
 from endor_gds.container import crc32c
 from endor_gds.packing.prune import magnitude_prune
 
@@ -55,15 +58,16 @@ class CorpusSpec:
     tokenizer: bool
     overrides: tuple  # config overrides, as sorted (key, value) pairs
     codec: str = "raw"  # pack(codec=...): "raw" keeps a version-1 file
-    outliers: bool = False  # rare far exponents and special values in the linear weights: escapes
+    outliers: bool = False  # rare far exponents and special values: escapes, long Huffman codes
 
 
 _SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
 
-# Tiny on purpose (150-400 KB files): a case opens the file and reads every tensor several
-# ways, and the bench runs tens of thousands of cases on two cores. Shapes are chosen so that
-# bitmap tensors have partial tiles (176 x 64 = 2.75 tiles) and partial bitmap words
-# (72 x 90 = 6480 elements, 6480 % 32 = 16).
+# Tiny on purpose (250-560 KB files, mostly page padding): a case opens the file and reads every
+# tensor several ways, and the bench runs tens of thousands of cases on two cores. Shapes are
+# chosen so that bitmap tensors have partial tiles (176 x 64 = 2.75 tiles) and partial bitmap
+# words (72 x 90 = 6480 elements, 6480 % 32 = 16), and dense exphuff tensors partial tiles and
+# partial 512-value chunks (64 x 90 = 5760 = 4096 + 3 * 512 + 128; 16 x 90 = 1440).
 CORPUS = (
     CorpusSpec("llama-f16-magnitude", "llama", torch.float16, "magnitude", 0.5, False,
                tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=176).items()))),
@@ -82,6 +86,24 @@ CORPUS = (
     CorpusSpec("qwen2-f16-expdict-files", "qwen2", torch.float16, "magnitude", 0.4, True,
                tuple(sorted(dict(_SMALL, hidden_size=72, intermediate_size=90).items())),
                codec="expdict", outliers=True),
+    # format v3, codec exphuff. codec="exphuff" stores each linear weight as the smaller of dense
+    # and bitmap exphuff: here the 22528-element MLP matrices at 70 % come out bitmap, the
+    # attention matrices (4096 elements and fewer: a page per segment either way, and bitmap has
+    # two more segments) dense, so one file holds both. Outliers give codes of 9-10 bits.
+    # One decoder layer each: the reference exphuff decoder takes ~0.15 s a tensor under the
+    # oracle's tracemalloc, so every exphuff tensor costs each case that reads the file.
+    CorpusSpec("llama-f16-exphuff-outliers", "llama", torch.float16, "magnitude", 0.7, False,
+               tuple(sorted(dict(_SMALL, num_hidden_layers=1, hidden_size=64, intermediate_size=352).items())),
+               codec="exphuff", outliers=True),
+    # unpruned: every linear weight dense exphuff, no bitmap; the long tail of small exponents
+    # of N(0, 0.02) weights gives codes up to the 12-bit limit
+    CorpusSpec("opt-bf16-exphuff-dense-tied", "opt", torch.bfloat16, "none", 0.0, False,
+               tuple(sorted(dict(_SMALL, num_hidden_layers=1, hidden_size=64, ffn_dim=90,
+                                 word_embed_proj_dim=64).items())),
+               codec="exphuff"),
+    CorpusSpec("qwen2-f32-exphuff-dense-files", "qwen2", torch.float32, "none", 0.0, True,
+               tuple(sorted(dict(_SMALL, num_hidden_layers=1, hidden_size=16, intermediate_size=90).items())),
+               codec="exphuff"),
 )
 
 
@@ -401,7 +423,13 @@ def consistent_sizes(t: dict) -> None:
         for s in t["shape"]:
             n *= s
         item = {"F16": 2, "BF16": 2, "F32": 4, "F64": 8, "I64": 8, "I32": 4, "I16": 2}.get(t["dtype"], 1)
-        if t["encoding"] == "bitmap" and t.get("codec") == "expdict":
+        if t.get("codec") == "exphuff":  # bitmap or dense: the streams replace values / data
+            rb, ntiles = LAYOUTS[t["dtype"]].residual_bytes, num_tiles(n)
+            sizes = {"residuals": t["nnz"] * rb, "bits": -(-t["exphuff"]["bits"] // 8),
+                     "tile_bits": 4 * (ntiles + 1), "chunk_bits": 2 * (CHUNKS_PER_TILE - 1) * ntiles}
+            if t["encoding"] == "bitmap":
+                sizes.update(bitmap=4 * -(-n // WORD_BITS), tile_offsets=4 * (ntiles + 1))
+        elif t["encoding"] == "bitmap" and t.get("codec") == "expdict":
             layout, ed = LAYOUTS[t["dtype"]], t["expdict"]
             w = ed["index_bits"] + layout.high_bits
             sizes = {"bitmap": 4 * -(-n // WORD_BITS), "tile_offsets": 4 * (num_tiles(n) + 1),
@@ -580,7 +608,8 @@ def j_encoding(m, base, rng):
     t = _tensor(m, rng)
     field = rng.choice(["encoding", "codec"])
     old = t.get(field)
-    t[field] = rng.choice(["dense", "bitmap", "csr", "raw", "expdict", "zstd", "", None, 1, ["bitmap"]])
+    t[field] = rng.choice(["dense", "bitmap", "csr", "raw", "expdict", "exphuff", "zstd", "", None, 1,
+                           ["bitmap"]])
     if rng.random() < 0.3:
         consistent_sizes(t)
     return f"tensor {t['name']} {field} {old!r} -> {_short(t[field])}"
@@ -629,6 +658,69 @@ def j_expdict(m, base, rng):
     if fixed:
         consistent_sizes(t)
     return f"tensor {t['name']} expdict {choice}{', sizes made consistent' if fixed else ''}"
+
+
+def _used(lengths) -> list[int]:
+    return [e for e, x in enumerate(lengths) if type(x) is int and x > 0]  # noqa: E721 - not bool
+
+
+def j_exphuff(m, base, rng):
+    """Change an exphuff tensor's parameters: its code lengths (a used exponent without a code,
+    lengths past 12, an over-subscribed code, two lengths swapped: a valid code that reads other
+    values, a list of the wrong size or types), its bit count, or the object itself."""
+    ts = [t for t in m["tensors"] if t.get("codec") == "exphuff"]
+    if not ts:
+        return j_encoding(m, base, rng)
+    t = rng.choice(ts)
+    eh = t["exphuff"]
+    lengths = eh["code_lengths"]
+    used = _used(lengths) or [0]
+    choice = rng.choice(["unused_code", "too_long", "oversubscribe", "swap", "shift", "size", "type",
+                         "bits", "bits_type", "drop", "other_codec", "object"])
+    if choice == "unused_code":  # an exponent the values have loses its code
+        lengths[rng.choice(used)] = 0
+    elif choice == "too_long":
+        lengths[rng.choice(used)] = rng.choice([13, 15, 16, 31, 255, 1 << 32])
+    elif choice == "oversubscribe":  # the shortest length given to one more exponent: Kraft > 1
+        free = [e for e in range(len(lengths)) if e not in used] or [0]
+        lengths[rng.choice(free)] = min(lengths[e] for e in used) or 1
+    elif choice == "swap":  # a valid code (same Kraft sum) that decodes to other values
+        a = rng.choice(used)
+        b = rng.choice([e for e in used if lengths[e] != lengths[a]] or used)
+        lengths[a], lengths[b] = lengths[b], lengths[a]
+    elif choice == "shift":  # one length one shorter (often over-subscribed) or longer
+        e = rng.choice(used)
+        lengths[e] = max(0, lengths[e] + rng.choice([-1, 1]))
+    elif choice == "size":
+        eh["code_lengths"] = rng.choice([lengths[:-1], lengths + [0], lengths[:32] if len(lengths) > 32
+                                         else lengths * 8, [], [lengths]])
+    elif choice == "type":
+        if rng.random() < 0.5:
+            lengths[rng.choice(used)] = rng.choice(["3", 3.0, None, True, -1, [3]])
+        else:
+            eh["code_lengths"] = rng.choice([None, "x", {"0": 1}, 7, [None] * len(lengths)])
+    elif choice == "bits":
+        eh["bits"] = rng.choice([eh["bits"] - 1, eh["bits"] + 1, eh["bits"] + 8, 0, U32, 1 << 32,
+                                 -1, eh["bits"] * 2])
+    elif choice == "bits_type":
+        eh["bits"] = rng.choice([float(eh["bits"]), str(eh["bits"]), None, True, [eh["bits"]]])
+    elif choice == "drop":
+        del t["exphuff"]
+    elif choice == "other_codec":  # the object on a tensor of another codec, or this one recoded
+        others = [o for o in m["tensors"] if o.get("codec") != "exphuff"]
+        if others and rng.random() < 0.5:
+            other = rng.choice(others)
+            other["exphuff"] = copy.deepcopy(eh)
+            t = other
+        else:
+            t["codec"] = rng.choice(["raw", "expdict"])
+    else:
+        t["exphuff"] = rng.choice([None, [], "exphuff", {"bits": eh["bits"]},
+                                   {"code_lengths": lengths}])
+    fixed = rng.random() < 0.6
+    if fixed:
+        consistent_sizes(t)
+    return f"tensor {t['name']} exphuff {choice}{', sizes made consistent' if fixed else ''}"
 
 
 HOSTILE_NAMES = ["../evil", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "nul\x00x", ".",
@@ -791,7 +883,8 @@ def m_segment_bytes(base, rng):
     seg = _pick_segment(base, rng)
     if seg.length == 0:
         seg = _pick_segment(base, rng, {"data", "bitmap", "values", "tile_offsets", "file",
-                                        "residuals", "codes", "escape_offsets"})
+                                        "residuals", "codes", "escape_offsets", "bits",
+                                        "tile_bits", "chunk_bits"})
     buf = bytearray(base.data)
     in_padding = seg.length > seg.nbytes and rng.random() < 0.2
     lo, hi = (seg.offset + seg.nbytes, seg.offset + seg.length) if in_padding else \
@@ -885,6 +978,25 @@ def m_escape_positions(base, rng):
     return _entry_mutant(base, rng, seg, buf, i, old, new)
 
 
+def m_bit_offsets(base, rng):
+    """An exphuff tensor's bit tables and stream: a tile bit offset (uint32) or a chunk bit
+    offset (uint16) moved by a unit, to its neighbour, past the tile or anywhere; or one bit of
+    the ``bits`` stream flipped (another code, or a code that is not in the table)."""
+    seg = _pick_segment(base, rng, {"tile_bits", "chunk_bits", "bits"})
+    if seg.kind not in ("tile_bits", "chunk_bits", "bits") or seg.nbytes < 1:
+        return m_tile_offsets(base, rng)
+    if seg.kind == "bits":
+        buf = bytearray(base.data)
+        at = _flip_bits(buf, seg.offset, seg.offset + seg.nbytes, rng, rng.choice([1, 1, 2]))
+        data, fixed = _maybe_fix(base, bytes(buf), seg, rng, 0.8)
+        return data, f"{seg.label}: flipped bits at bytes {at}{', CRC recomputed' if fixed else ''}", fixed
+    fmt, top = ("<I", U32) if seg.kind == "tile_bits" else ("<H", 0xFFFF)
+    buf, i, old, new = _set_entry(base, rng, seg, fmt, lambda old, prev, last: [
+        old + 1, old - 1, old + 3, old - 3, old + 12, old - 12, prev, last, last + 1, 0, top,
+        rng.randrange(top + 1)])
+    return _entry_mutant(base, rng, seg, buf, i, old, new)
+
+
 # -- file length -------------------------------------------------------------------------------
 
 
@@ -935,6 +1047,7 @@ MUTATORS = {
     "json.encoding": _structured(j_encoding),
     "json.nnz": _structured(j_nnz),
     "json.expdict": _structured(j_expdict),
+    "json.exphuff": _structured(j_exphuff),
     "json.names": _structured(j_names),
     "json.tied": _structured(j_tied),
     "json.top": _structured(j_top),
@@ -946,6 +1059,7 @@ MUTATORS = {
     "segment.tile_offsets": m_tile_offsets,
     "segment.bitmap": m_bitmap,
     "segment.escape_positions": m_escape_positions,
+    "segment.bit_offsets": m_bit_offsets,
     "file.truncate": m_truncate,
     "file.extend": m_extend,
 }
@@ -962,8 +1076,10 @@ def case_rng(seed: int, index: int) -> random.Random:
     return random.Random(f"endor-fuzz/{seed}/{index}")
 
 
-def make_case(bases: list[Base], seed: int, index: int) -> tuple[Base, Mutant]:
+def make_case(bases: list[Base], seed: int, index: int, ops=OPS) -> tuple[Base, Mutant]:
+    """Case ``index`` of a run with ``seed``: a base and an op drawn from ``bases`` and ``ops``
+    (a campaign narrowed to some of them replays with the same narrowing)."""
     rng = case_rng(seed, index)
     base = rng.choice(bases)
-    op = rng.choice(OPS)
+    op = rng.choice(ops)
     return base, mutate(base, op, rng)

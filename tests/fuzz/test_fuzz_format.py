@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from endor_gds.benchmarks.models import build_model
 from endor_gds.container import EndorFile
 from endor_gds.decode.cpu import CpuDecoder
-from endor_gds.errors import ChecksumError, FormatError
+from endor_gds.errors import ChecksumError, DecodeError, EndorError, FormatError
 from endor_gds.fuzz import fuzzcheck, fuzzlib
 
 REPO = Path(__file__).resolve().parents[2]
@@ -74,17 +74,34 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     numels = [np.prod(t["shape"]) for b in bases for t in b.manifest["tensors"] if t["encoding"] == "bitmap"]
     assert any(n % 32 for n in numels) and any(n % 4096 for n in numels)
     # format v2: expdict tensors of 2-byte types with and without high residual bits, escapes
-    assert {b.manifest["format_version"] for b in bases} == {1, 2}
+    assert {b.manifest["format_version"] for b in bases} == {1, 2, 3}
     expdict = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "expdict"]
     assert {t["dtype"] for t in expdict} == {"BF16", "F16"}
     assert sum(t["expdict"]["escapes"] > 0 for t in expdict) >= 4
     assert {t["expdict"]["index_bits"] for t in expdict} >= {1, 2} or len(expdict) > 4
+    # format v3: exphuff tensors, bitmap and dense (fp16 both: high residual bits after the code),
+    # partial tiles and partial 512-value chunks, codes longer than a byte (outliers) and at the
+    # 12-bit limit
+    exphuff = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "exphuff"]
+    kinds = {(t["encoding"], t["dtype"]) for t in exphuff}
+    assert kinds >= {("bitmap", "F16"), ("dense", "F16"), ("dense", "BF16"), ("dense", "F32")}
+    dense_numels = [np.prod(t["shape"]) for t in exphuff if t["encoding"] == "dense"]
+    assert any(n % 512 for n in dense_numels) and any(n % 4096 > 512 for n in dense_numels)
+    longest = {(t["encoding"], max(t["exphuff"]["code_lengths"])) for t in exphuff}
+    assert any(e == "bitmap" and n > 8 for e, n in longest) and max(n for _, n in longest) == 12
+
+
+# ops that mutate one codec's parameters or tables run on a file that has them
+_OP_CODEC = {"json.expdict": "expdict", "segment.escape_positions": "expdict",
+             "json.exphuff": "exphuff", "segment.bit_offsets": "exphuff"}
 
 
 @pytest.mark.parametrize("op", fuzzlib.OPS)
 def test_every_op_once(bases, decoder, workdir, op):
     index = fuzzlib.OPS.index(op)
-    base = bases[index % len(bases)]
+    codec = _OP_CODEC.get(op)
+    fit = [b for b in bases if codec is None or any(t.get("codec") == codec for t in b.manifest["tensors"])]
+    base = fit[index % len(fit)]
     mutant = fuzzlib.mutate(base, op, fuzzlib.case_rng(0, index))
     _assert_kept_promises(base, mutant, _run(base, mutant, workdir, decoder))
 
@@ -206,7 +223,8 @@ REGRESSIONS = {
     "segment without kind": (
         lambda b: _with(b, lambda m: _first(m, "dense")["segments"][0].pop("kind")),
         r"segment 0 kind must be one of 'data', 'bitmap', 'values', 'tile_offsets', 'residuals', "
-        r"'codes', 'escape_offsets', 'escape_positions', 'escape_values', got None"),
+        r"'codes', 'escape_offsets', 'escape_positions', 'escape_values', 'bits', 'tile_bits', "
+        r"'chunk_bits', got None"),
     "segment kind nested 900 deep": (
         lambda b: _with(b, lambda m: _first(m, "bitmap")["segments"][2].update(kind="\x00DEEP:900")),
         "segment 2 kind must be one of .*got a list of 1 items"),
@@ -312,6 +330,14 @@ def test_oracle_flags_decoder_disagreement(bases, decoder, workdir, monkeypatch)
     assert _run(base, _pristine(base), workdir, decoder).outcome == "ESCAPE decoders disagree"
 
 
+def test_oracle_decodes_dense_exphuff_with_c(bases, decoder, workdir, monkeypatch):
+    """A file without a single bitmap tensor still has tensors to C-decode: dense exphuff."""
+    base = _exphuff_base(bases, "dense")
+    assert all(t["encoding"] == "dense" for t in base.manifest["tensors"])
+    monkeypatch.setattr(fuzzcheck, "_c_decode", lambda f, entry, dec, path: b"\0")
+    assert _run(base, _pristine(base), workdir, decoder).outcome == "ESCAPE decoders disagree"
+
+
 def test_oracle_flags_hangs(bases, decoder, workdir, monkeypatch):
     monkeypatch.setattr(EndorFile, "summary", lambda self: time.sleep(30))
     r = _run(bases[0], _pristine(bases[0]), workdir, decoder, time_limit=0.5)
@@ -344,6 +370,77 @@ def test_spec_check_names_broken_rules(bases):
     m = copy.deepcopy(base.manifest)
     m["tensors"][1]["segments"][0]["offset"] = m["tensors"][0]["segments"][0]["offset"]
     assert "segments overlap" in fuzzcheck.spec_violations(base.data, m)
+
+
+def _exphuff_base(bases, encoding):
+    """The first file holding an exphuff tensor of ``encoding``; for "dense", one without bitmaps."""
+    return next(b for b in bases if any(t.get("codec") == "exphuff" and t["encoding"] == encoding
+                                        for t in b.manifest["tensors"])
+                and (encoding == "bitmap" or "dense" in b.name))
+
+
+def _exphuff_tensor(m, encoding):
+    return next(t for t in m["tensors"] if t.get("codec") == "exphuff" and t["encoding"] == encoding)
+
+
+def _oversubscribe(t):
+    lengths = t["exphuff"]["code_lengths"]
+    lengths[lengths.index(0)] = min(x for x in lengths if x)  # the code was complete: Kraft > 1
+
+
+def _swap_chunk_offsets(base, m):
+    """``base``'s bytes with the first two chunk offsets of a bitmap exphuff tensor swapped (a
+    chunk of negative span), the segment's CRC recomputed."""
+    t = _exphuff_tensor(m, "bitmap")
+    seg = next(r for r in base.segments if r.label == f"tensor {t['name']}:chunk_bits")
+    buf = bytearray(base.data)
+    buf[seg.offset:seg.offset + 4] = buf[seg.offset + 2:seg.offset + 4] + buf[seg.offset:seg.offset + 2]
+    return fuzzlib.with_segment_crc(base, bytes(buf), seg)
+
+
+# each case: (encoding of the tensor edited, manifest edit, rule of fuzzcheck, the reader's words)
+EXPHUFF_RULES = {
+    "Kraft sum above 1": ("bitmap", _oversubscribe, "exphuff parameters", "over-subscribe"),
+    "code of 13 bits": ("dense", lambda t: t["exphuff"]["code_lengths"].__setitem__(
+        t["exphuff"]["code_lengths"].index(max(t["exphuff"]["code_lengths"])), 13),
+        "exphuff parameters", r"code length must be an integer in \[0, 12\]"),
+    "dense exphuff with nnz below numel": ("dense", lambda t: t.update(nnz=t["nnz"] - 1),
+                                           "dense exphuff with nnz", "stores all"),
+    "exphuff object on codec raw": ("dense", lambda t: t.update(codec="raw"), "exphuff object on codec raw",
+                                    "exphuff parameters given for codec 'raw'"),
+    "bits one short": ("dense", lambda t: (t["exphuff"].update(bits=t["exphuff"]["bits"] - 8),
+                                           fuzzlib.consistent_sizes(t)), "tile bits", "tile bits must run"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPHUFF_RULES))
+def test_spec_check_exphuff_rules(bases, tmp_path, case):
+    """Each exphuff rule of docs/format.md, broken on purpose: fuzzcheck's own reading of the spec
+    names it, and the reader refuses the file at open."""
+    encoding, edit, rule, words = EXPHUFF_RULES[case]
+    base = _exphuff_base(bases, encoding)
+    data = _with(base, lambda m: edit(_exphuff_tensor(m, encoding)))
+    m = json.loads(data[base.moff:base.moff + fuzzlib.header_of(data)["mlen"]])
+    assert any(rule in v for v in fuzzcheck.spec_violations(data, m)), fuzzcheck.spec_violations(data, m)
+    with pytest.raises(EndorError, match=words):
+        EndorFile(_write(tmp_path, data))
+
+
+def test_spec_check_exphuff_tables(bases, tmp_path):
+    """A chunk bit table whose chunk would span a negative number of bits, and an exphuff tensor
+    in a version-2 file: both broken rules are named, and the reader refuses both files."""
+    base = _exphuff_base(bases, "bitmap")
+    data = _swap_chunk_offsets(base, base.manifest)
+    m = json.loads(data[base.moff:base.moff + fuzzlib.header_of(data)["mlen"]])
+    assert any("chunk 0 spans" in v or "chunk 1 spans" in v for v in fuzzcheck.spec_violations(data, m))
+    with pytest.raises(DecodeError, match="chunk"):
+        EndorFile(_write(tmp_path, data))
+    v2 = _with(base, lambda m: m.update(format_version=2))
+    v2 = fuzzlib.with_header(v2, version=2)
+    m = json.loads(v2[base.moff:base.moff + fuzzlib.header_of(v2)["mlen"]])
+    assert any("codec 'exphuff' (version 2" in v for v in fuzzcheck.spec_violations(v2, m))
+    with pytest.raises(FormatError, match="codec must be one of 'raw', 'expdict', got 'exphuff'"):
+        EndorFile(_write(tmp_path, v2))
 
 
 def test_fenced_buffers_turn_overreads_into_crashes():
