@@ -8,7 +8,8 @@
 #           streaming runtime on cuda vs the in-memory model, budgets, corrupted extents
 #   decode  bench_decode.py: kernel GB/s vs a device-to-device copy, CPU decoder vs storage
 #   io      profile-io in kvikio and posix-direct modes, cold cache
-#   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned
+#   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned (v1, v2),
+#           and the unpruned model in format v3 (exphuff) vs v1 dense
 #   serve   (only when named) bench_serve.py on cuda: tokens/s at 1..32 concurrent clients (target:
 #           16 >= 10x one); needs fastapi, uvicorn and openai: their wheels in .whl/, e.g.
 #           pip download --only-binary :all: --python-version 3.12 -d .whl fastapi uvicorn openai
@@ -82,11 +83,12 @@ if [ -n "$prep_pid" ]; then
 fi
 
 if has decode; then
-    # bf16, both codecs (format v1 raw and v2 expdict rows for every case); DECODE_ARGS narrows it.
+    # bf16, every codec (format v1 raw, v2 expdict, v3 exphuff rows for every case; unpruned: exphuff
+    # without a bitmap); DECODE_ARGS narrows it.
     # DECODE_COMPARE=old.cu (another version of the kernel file, e.g. git show REV:cuda/endor_decode.cu
     # into a carried, git-ignored folder) also times that kernel in the same runs.
-    run decode 150 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
-        --dtype BF16 --codecs raw,expdict ${DECODE_ARGS:---sparsity 0.5,0.7} --storage-dir $SCRATCH \
+    run decode 180 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
+        --dtype BF16 --codecs raw,expdict,exphuff ${DECODE_ARGS:---sparsity 0,0.5} --storage-dir $SCRATCH \
         ${DECODE_COMPARE:+--compare-source $DECODE_COMPARE} >$OUT/decode.json"
 fi
 
@@ -98,7 +100,7 @@ fi
 
 if has e2e; then
     run e2e 200 "$PY" bench/bench_e2e.py --device cuda --dtype "${E2E_DTYPE:-float16}" \
-        ${E2E_ARGS:---tiers ssd,ram --tokens 6 --rounds 2} --quiet \
+        ${E2E_ARGS:---tiers ssd,ram --tokens 6 --rounds 2 --v3} --quiet \
         --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
 fi
 if has serve; then

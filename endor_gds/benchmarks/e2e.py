@@ -165,9 +165,10 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
 
 
 # The packed variants: name -> (prune method, codec). "dense" and "pruned" are format v1 (codec
-# raw, as the paper stores values); "pruned-v2" is the same pruned model with codec expdict.
+# raw, as the paper stores values); "pruned-v2" is the same pruned model with codec expdict;
+# "dense-v3" the unpruned model with codec exphuff (Huffman-coded exponents, no bitmap).
 VARIANTS = {"dense": ("none", "raw"), "pruned": ("magnitude", "raw"),
-            "pruned-v2": ("magnitude", "expdict")}
+            "pruned-v2": ("magnitude", "expdict"), "dense-v3": ("none", "exphuff")}
 
 
 def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
@@ -186,19 +187,19 @@ def packed_variants(ckpt: Path, sparsity: float, *, progress: bool = True,
 
 
 _DESCRIBE = {"dense": "not pruned, v1", "pruned": "magnitude-pruned, v1",
-             "pruned-v2": "same weights, v2 expdict"}
+             "pruned-v2": "same weights, v2 expdict", "dense-v3": "not pruned, v3 exphuff"}
 
 
-def streamed_kinds(v2: bool = True) -> tuple[str, ...]:
-    """The packed variants a run streams (:data:`VARIANTS`): v1 dense and pruned, then v2."""
-    return ("dense", "pruned") + (("pruned-v2",) if v2 else ())
+def streamed_kinds(v2: bool = True, v3: bool = False) -> tuple[str, ...]:
+    """The packed variants a run streams (:data:`VARIANTS`): v1 dense and pruned, then v2, v3."""
+    return ("dense", "pruned") + (("pruned-v2",) if v2 else ()) + (("dense-v3",) if v3 else ())
 
 
 def variant_path(ckpt: Path, kind: str, sparsity: float) -> Path:
     """Where :func:`packed_variants` keeps variant ``kind`` of checkpoint ``ckpt``."""
     method, codec = VARIANTS[kind]
     tag = "dense" if method == "none" else f"{method}{round(sparsity * 100)}"
-    tag += "-v2" if codec == "expdict" else ""  # v1 files keep the names caches already hold
+    tag += {"expdict": "-v2", "exphuff": "-v3"}.get(codec, "")  # v1 files keep the names caches hold
     return ckpt.parent / f"{ckpt.name}-{tag}.endor"
 
 
@@ -239,8 +240,8 @@ def storage_plan(config: str, dtype: str, sparsity: float, kinds, root: Path | N
         nnz = shape[0] * kept_per_row(shape[1], sparsity)
         return min(dense, stored_nbytes("bitmap", n, nnz, itemsize))
 
-    # random weights have no zeros: the dense file stores every tensor dense; v2 holds the same
-    # weights in fewer bytes than v1, so the v1 figure bounds it
+    # random weights have no zeros: the dense file stores every tensor dense; v2 and v3 hold the
+    # same weights in fewer bytes than v1, so the v1 figures bound them
     pruned = sum(stored(n, shape) for n, shape in shapes.items())
     unpruned = sum(stored_nbytes("dense", math.prod(sh), math.prod(sh), itemsize) for sh in shapes.values())
     folder = checkpoint_folder(name, dtype, root)
@@ -521,17 +522,18 @@ def raw_read_gbps(path: Path, repeats: int = 2) -> float:
 def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity: float = 0.5,
             tokens: int = 8, prompt_len: int = 16, device: str = "cpu", tiers=("ssd",),
             accelerate: bool = True, cold: bool = True, rounds: int = 1, root: Path | None = None,
-            progress: bool = True, log=print, v2: bool = True, unchecked: bool = False,
+            progress: bool = True, log=print, v2: bool = True, v3: bool = False, unchecked: bool = False,
             unfused: bool = False, batches=(1,)) -> dict:
     """Build, pack, measure every variant ``rounds`` times (interleaved, so a disk whose speed
     drifts affects all variants alike) and return the report (see ``bench_e2e.py --json``).
-    ``v2``: also the pruned model in format v2 (codec expdict). ``unchecked``: also every endor
+    ``v2``: also the pruned model in format v2 (codec expdict); ``v3``: also the unpruned model in
+    format v3 (codec exphuff), against the v1 dense file. ``unchecked``: also every endor
     variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks).
     ``unfused``: also every pruned variant with the CPU fused product off (``fused=False``),
     interleaved: what multiplying from bitmap + values gains over decoding to dense.
     ``batches``: generate that many sequences at once (variants ``NAME-batchB`` for B > 1)."""
     ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
-    endor_kinds = list(streamed_kinds(v2))
+    endor_kinds = list(streamed_kinds(v2, v3))
     files = packed_variants(ckpt, sparsity, progress=progress, kinds=tuple(endor_kinds))
     fio_gbps, fio_how = _fio_gbps(ckpt.parent, os.path.getsize(files["pruned"]), log)
     read_gbps = raw_read_gbps(files["pruned"])
@@ -625,6 +627,9 @@ def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how
     v2 = by.get("endor-pruned-v2")  # format v2 against v1, the same pruned weights
     rep["speedup_v2_vs_v1"] = ratio(pruned, v2)
     rep["byte_ratio_v2"] = pruned.bytes_per_token / v2.bytes_per_token if pruned and v2 else None
+    v3 = by.get("endor-dense-v3")  # format v3 against v1, the same unpruned weights
+    rep["speedup_v3_vs_v1"] = ratio(dense, v3)
+    rep["byte_ratio_v3"] = dense.bytes_per_token / v3.bytes_per_token if dense and v3 else None
     # checked reads (the default) against the same variant unchecked, same run: time per token
     rep["checked_cost"] = {v.name: ratio(v, by[v.name + "-unchecked"]) for v in variants
                            if v.name + "-unchecked" in by}
@@ -645,6 +650,9 @@ def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how
         "speedup_v2_vs_v1 >= 0.95 * byte_ratio_v2": _ok(
             rep["speedup_v2_vs_v1"],
             lambda x: rep["byte_ratio_v2"] is not None and x >= 0.95 * rep["byte_ratio_v2"]),
+        "speedup_v3_vs_v1 >= 0.95 * byte_ratio_v3 (unpruned)": _ok(
+            rep["speedup_v3_vs_v1"],
+            lambda x: rep["byte_ratio_v3"] is not None and x >= 0.95 * rep["byte_ratio_v3"]),
     }
     return rep
 
@@ -702,6 +710,9 @@ def format_report(rep: dict) -> str:
     if rep.get("speedup_v2_vs_v1") is not None:
         lines.append(f"format v2 (expdict) vs v1, same pruned weights: {fmt(rep['speedup_v2_vs_v1'])}x "
                      f"(for {fmt(rep['byte_ratio_v2'])}x fewer bytes)")
+    if rep.get("speedup_v3_vs_v1") is not None:
+        lines.append(f"format v3 (exphuff) vs v1, same unpruned weights: {fmt(rep['speedup_v3_vs_v1'])}x "
+                     f"(for {fmt(rep['byte_ratio_v3'])}x fewer bytes)")
     if rep.get("checked_cost"):
         lines.append("checked reads vs unchecked, time per token: " + ", ".join(
             f"{name} {fmt(x)}x" for name, x in rep["checked_cost"].items()))
@@ -769,6 +780,9 @@ def add_arguments(p) -> None:
     p.add_argument("--no-accelerate", action="store_true", help="skip the Accelerate baseline")
     p.add_argument("--no-v2", action="store_true",
                    help="skip the format v2 variant (the pruned model with codec expdict)")
+    p.add_argument("--v3", action="store_true",
+                   help="also the format v3 variant: the unpruned model with codec exphuff (entropy-coded "
+                        "exponents), against the v1 dense file")
     p.add_argument("--warm", action="store_true", help="do not evict the page cache before steps")
     p.add_argument("--unfused", action="store_true",
                    help="also run every pruned endor variant with the CPU fused product off (fused=False), "
@@ -793,7 +807,7 @@ def run_from_args(args) -> int:
     to_stdout = args.json == "-"
     log = (lambda m: print(m, file=sys.stderr)) if to_stdout else print
     root = Path(args.cache_dir) if args.cache_dir else None
-    kinds = streamed_kinds(not args.no_v2)
+    kinds = streamed_kinds(not args.no_v2, args.v3)
     if getattr(args, "command", None) == "demo":
         log(f"endor-gds demo: a {resolve_config(args.config)[0]}-shaped model with random weights "
             f"(nothing is downloaded), {args.dtype}, packed dense and {args.sparsity:.0%}-pruned, its "
@@ -806,7 +820,7 @@ def run_from_args(args) -> int:
                   prompt_len=args.prompt_len, device=args.device, tiers=tiers,
                   accelerate=not args.no_accelerate, cold=not args.warm, rounds=args.rounds,
                   root=root,
-                  progress=not args.quiet, log=log, v2=not args.no_v2, unchecked=args.unchecked,
+                  progress=not args.quiet, log=log, v2=not args.no_v2, v3=args.v3, unchecked=args.unchecked,
                   unfused=args.unfused)
     print(format_report(rep), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:

@@ -61,6 +61,7 @@ NOT_RUN = {
     "speedup_vs_accelerate": "needs the Accelerate run (left out by --no-accelerate)",
     "time_over_floor": "needs fio's reference read speed (apt-get install fio)",
     "speedup_v2_vs_v1": "needs the format v2 variant (left out by --no-v2)",
+    "speedup_v3_vs_v1": "needs the format v3 variant (run with --v3)",
 }
 
 
@@ -108,7 +109,8 @@ def explain(rep: dict) -> list[str]:
 
 def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
     """For each target, the run's own figures that explain a miss."""
-    pruned, v2 = by.get("endor-pruned"), by.get("endor-pruned-v2")
+    pruned, v2, v3 = by.get("endor-pruned"), by.get("endor-pruned-v2"), by.get("endor-dense-v3")
+    dense = by.get("endor-dense")
     disk = rep.get("best_read_gbps")
     slow = _why_slow(pruned, cpus, device, disk) if pruned else ""
     out = {}
@@ -119,13 +121,16 @@ def _target_reasons(rep: dict, by: dict, cpus, device: str) -> dict[str, str]:
                 out[name] = (f"{worst[0]} took {worst[1]:.2f}x as long with its CRC-32C checks on: "
                              + (f"the checks run on the same {cpus} CPU cores as decode and compute"
                                 if device == "cpu" else "the checks run on the host CPU"))
-        elif name.startswith("speedup_v2_vs_v1") and pruned and v2:
+        elif name.startswith(("speedup_v2_vs_v1", "speedup_v3_vs_v1")):
             # decode and compute together: the CPU fused product decodes inside the matmul
+            old, new, tag = (pruned, v2, "v2") if name.startswith("speedup_v2") else (dense, v3, "v3")
+            if not (old and new):
+                continue
             d1, d2 = (sum(_ms((v.get("stats") or {}).get("per_token", {}), stage) for stage in ("decode", "compute"))
-                      for v in (pruned, v2))
-            out[name] = (f"v2 reads {rep['byte_ratio_v2']:.2f}x fewer bytes, but its decode and compute take "
-                         f"{d2:.0f} ms per token against v1's {d1:.0f} ms" if d2 > d1
-                         else _why_slow(v2, cpus, device, disk))
+                      for v in (old, new))
+            out[name] = (f"{tag} reads {rep['byte_ratio_' + tag]:.2f}x fewer bytes, but its decode and compute "
+                         f"take {d2:.0f} ms per token against v1's {d1:.0f} ms" if d2 > d1
+                         else _why_slow(new, cpus, device, disk))
         elif name.startswith("time_over"):
             floor = rep["best_floor_s"] if "best" in name else rep["floor_s"]
             speed = rep.get("best_read_gbps") if "best" in name else rep.get("fio_gbps")
