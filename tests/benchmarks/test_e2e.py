@@ -99,18 +99,23 @@ def test_the_plan_reuses_what_exists_and_checks_the_disk_first(tmp_path, monkeyp
     assert lines[1].startswith("  reuse  checkpoint") and "nothing is written" in "\n".join(lines)
 
 
-def test_e2e_tiny_with_v2_variant(tmp_path):
+def test_e2e_tiny_with_v2_and_v3_variants(tmp_path):
     rep = e2e.run_e2e("tiny", "bfloat16", tokens=2, prompt_len=4, accelerate=False, cold=False,
-                      root=tmp_path, progress=False, log=lambda m: None)
+                      root=tmp_path, progress=False, log=lambda m: None, v3=True)
     names = [v["name"] for v in rep["variants"]]
-    assert names == ["endor-dense", "endor-pruned", "endor-pruned-v2"]
+    assert sorted(names) == ["endor-dense", "endor-dense-v3", "endor-pruned", "endor-pruned-v2"]
     files = {k: v["path"] for k, v in rep["files"].items()}
     versions = {}
     for kind, path in files.items():
         with endor_gds.open(path) as f:
-            versions[kind] = (f.format_version, sorted({e.codec for e in f.tensors.values()
-                                                        if e.encoding == "bitmap"}))
-    assert versions == {"dense": (1, []), "pruned": (1, ["raw"]), "pruned-v2": (2, ["expdict"])}
+            versions[kind] = (f.format_version, sorted({e.codec for e in f.tensors.values() if e.needs_decode}))
+    assert versions == {"dense": (1, []), "pruned": (1, ["raw"]), "pruned-v2": (2, ["expdict"]),
+                        "dense-v3": (3, ["exphuff"])}
+    by = {v["name"]: v for v in rep["variants"]}
+    assert rep["byte_ratio_v3"] == by["endor-dense"]["bytes_per_token"] / by["endor-dense-v3"]["bytes_per_token"]
+    assert rep["byte_ratio_v3"] > 1.2 and rep["speedup_v3_vs_v1"] > 0  # bf16: ~10.6 against 16 bits at scale
+    assert "speedup_v3_vs_v1 >= 0.95 * byte_ratio_v3 (unpruned)" in rep["targets"]
+    assert "format v3 (exphuff) vs v1, same unpruned weights" in e2e.format_report(rep)
     by = {v["name"]: v for v in rep["variants"]}
     assert rep["byte_ratio_v2"] == by["endor-pruned"]["bytes_per_token"] / by["endor-pruned-v2"]["bytes_per_token"]
     assert rep["byte_ratio_v2"] > 1.25  # bf16 at 50 %: 9 against about 6 bits per sparse weight
