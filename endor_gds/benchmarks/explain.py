@@ -73,6 +73,7 @@ def explain(rep: dict) -> list[str]:
     """Plain sentences for ``rep`` (a report of :func:`endor_gds.benchmarks.e2e.make_report`)."""
     by = {v["name"]: v for v in rep["variants"]}
     dense, pruned, v2 = by.get("endor-dense"), by.get("endor-pruned"), by.get("endor-pruned-v2")
+    v3 = by.get("endor-dense-v3")
     acc = by.get("accelerate-disk")
     cpus, device = rep["system"].get("cpus"), rep["device"]
     size = lambda v: f"{v['bytes_per_token'] / 1e6:.{1 if v['bytes_per_token'] < 1e8 else 0}f} MB"  # noqa: E731 - as the table
@@ -83,6 +84,9 @@ def explain(rep: dict) -> list[str]:
         if v2:
             s += (f", and in format v2 (exponent dictionary, the same weights bit for bit) "
                   f"{size(v2)} ({dense['bytes_per_token'] / v2['bytes_per_token']:.2f}x fewer)")
+        if v3:
+            s += (f"; the unpruned model in format v3 (Huffman-coded exponents, the same weights bit "
+                  f"for bit) {size(v3)} ({rep['byte_ratio_v3']:.2f}x fewer than the dense file)")
         lines.append(s + ".")
     if pruned:
         s = f"Streaming the pruned file took {pruned['s_per_token_median']:.3f} s per token"
@@ -90,7 +94,7 @@ def explain(rep: dict) -> list[str]:
             s += (f": {_times(rep['speedup_vs_accelerate'])} Accelerate's disk offload of the "
                   f"dense checkpoint ({acc['s_per_token_median']:.3f} s)")
         if dense:
-            s += f", and {_times(rep['speedup_vs_dense'])} streaming the dense file"
+            s += f"{', and' if acc else ':'} {_times(rep['speedup_vs_dense'])} streaming the dense file"
         lines.append(s + ".")
     reasons = _target_reasons(rep, by, cpus, device)
     missed = [name for name, ok in rep["targets"].items() if ok is False]
