@@ -10,6 +10,7 @@ import pytest
 import torch
 from bitgen import SIZES, SPECIALS, random_bits, weight_bits
 from decode_cases import encode_expdict, expdict_bits
+from manifest_edit import manifest_edit
 
 import endor_gds
 from endor_gds.benchmarks.models import build_model
@@ -235,18 +236,6 @@ def test_inspect_shows_codec_and_bits(bf16_model, tmp_path, capsys):
     assert "bits per element (tensors by codec, bits per element: " in out and " expdict at " in out
 
 
-def _manifest_edit(path, edit, tmp_path):
-    """A copy of ``path`` with its manifest edited by ``edit(manifest)`` and all CRCs fixed."""
-    from endor_gds.fuzz import fuzzlib  # noqa: PLC0415
-
-    base = fuzzlib.load_base(path)
-    m = json.loads(base.manifest_text)
-    edit(m)
-    out = tmp_path / "edited.endor"
-    out.write_bytes(fuzzlib.with_manifest(base, fuzzlib.dump(m)))
-    return out
-
-
 def _first_expdict(m):
     return next(t for t in m["tensors"] if t.get("codec") == "expdict")
 
@@ -270,7 +259,7 @@ def _first_expdict(m):
 def test_malformed_expdict_manifest_is_a_format_error(bf16_model, tmp_path, edit, match):
     src = tmp_path / "m.endor"
     endor_gds.pack(bf16_model, src, prune="magnitude", codec="expdict", progress=False)
-    bad = _manifest_edit(src, edit, tmp_path)
+    bad = manifest_edit(src, edit, tmp_path)
     with pytest.raises(FormatError, match=match):
         endor_gds.open(bad)
 

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from bitgen import SPECIALS, random_bits, weight_bits
+from manifest_edit import manifest_edit
 
 import endor_gds
 from endor_gds.benchmarks.models import build_model
@@ -227,18 +228,6 @@ def test_inspect_shows_codec_and_bits(v3_files, capsys):
     assert "exphuff at " in out and "bits per element" in out
 
 
-def _manifest_edit(path, edit, tmp_path):
-    """A copy of ``path`` with its manifest edited by ``edit(manifest)`` and all CRCs fixed."""
-    from endor_gds.fuzz import fuzzlib  # noqa: PLC0415
-
-    base = fuzzlib.load_base(path)
-    m = json.loads(base.manifest_text)
-    edit(m)
-    out = tmp_path / "edited.endor"
-    out.write_bytes(fuzzlib.with_manifest(base, fuzzlib.dump(m)))
-    return out
-
-
 def _first(m):
     return next(t for t in m["tensors"] if t.get("codec") == "exphuff")
 
@@ -259,7 +248,7 @@ def _set_length(m, exp, value):
     (lambda m: m.update(format_version=2), "format_version must be an integer in"),
 ])
 def test_malformed_exphuff_manifest_is_a_format_error(v3_files, tmp_path, edit, match):
-    bad = _manifest_edit(v3_files["unpruned"], edit, tmp_path)
+    bad = manifest_edit(v3_files["unpruned"], edit, tmp_path)
     with pytest.raises(FormatError, match=match):
         endor_gds.open(bad)
 
