@@ -316,15 +316,17 @@ def test_corrupt_codec_tables_raise_decode_error(cp, decoder, rng, codec, dtype)
         np.testing.assert_array_equal(devs[2].host(), devs[2].t.reference())
 
 
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
-def test_v1_and_v2_files_stream_on_cuda(packed, codec):
-    """The CUDA runtime path (backends.CudaBackend, kernel descriptors of both codecs) streams a
-    file bit-identically to the same model decoded by the reference and held on the GPU."""
+@pytest.mark.parametrize("prune, codec", [("magnitude", "raw"), ("magnitude", "expdict"), ("magnitude", "exphuff"),
+                                          ("none", "exphuff")])
+def test_files_of_every_version_stream_on_cuda(packed, prune, codec):
+    """The CUDA runtime path (backends.CudaBackend, kernel descriptors of every codec; unpruned
+    exphuff: no bitmap) streams a file bit-identically to the same model decoded by the reference
+    and held on the GPU."""
     from reference import PROMPT, reference_model  # noqa: PLC0415
 
     import endor_gds  # noqa: PLC0415
 
-    path = packed("llama", torch.bfloat16, prune="magnitude", codec=codec)
+    path = packed("llama", torch.bfloat16, prune=prune, codec=codec)
     ref = reference_model(path).to("cuda")
     model = endor_gds.from_pretrained(path, device="cuda")
     try:
