@@ -28,11 +28,11 @@ COMBOS = [("ssd", 1), ("ssd", 2), ("ram", 1), ("ram", 2)]
 POSITIONS = int(os.environ.get("ENDOR_BITFLIP_POSITIONS", "2000"))
 
 
-def _generate(path, tier="ssd", depth=2, **kw):
-    model = endor_gds.from_pretrained(path, device="cpu", tier=tier, prefetch_depth=depth, **kw)
+def _generate(path, tier="ssd", depth=2, device="cpu", **kw):
+    model = endor_gds.from_pretrained(path, device=device, tier=tier, prefetch_depth=depth, **kw)
     try:
         with torch.no_grad():
-            return model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
+            return model.generate(PROMPT.to(device), max_new_tokens=2, do_sample=False, pad_token_id=0).cpu()
     finally:
         model.endor.close()
 
@@ -76,16 +76,27 @@ CODEC_KINDS = {"raw": {"bitmap", "tile_offsets", "values"},
 
 @pytest.mark.parametrize("codec", sorted(CODEC_KINDS))
 def test_single_bit_flips_anywhere_are_named_errors(packed, tmp_path, codec):
+    _flip_sweep(packed, tmp_path, codec, "cpu", POSITIONS)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", sorted(CODEC_KINDS))
+def test_single_bit_flips_anywhere_are_named_errors_on_cuda(packed, tmp_path, codec):
+    """The same sweep on the CUDA path (kernel decode; KvikIO or posix reads), fewer positions."""
+    _flip_sweep(packed, tmp_path, codec, "cuda", max(len(CODEC_KINDS[codec]) + 2, POSITIONS // 10))
+
+
+def _flip_sweep(packed, tmp_path, codec: str, device: str, positions: int) -> None:
     src = packed("llama", torch.float16, prune="magnitude", codec=codec)
     path = tmp_path / "flipped.endor"
     shutil.copyfile(src, path)
-    clean = _generate(path)
+    clean = _generate(path, device=device)
     regions = _regions(path)
     kinds = sorted({k for k, _, _ in regions})
     assert {"header", "manifest", "data"} | CODEC_KINDS[codec] <= set(kinds)
     rng = np.random.default_rng(20261202)
     escaped, seen = [], set()
-    for i in range(POSITIONS):
+    for i in range(positions):
         kind = kinds[i % len(kinds)]  # every kind in turn, so a rare one is not left out
         of_kind = [r for r in regions if r[0] == kind]
         _, start, end = of_kind[rng.integers(len(of_kind))]
@@ -93,7 +104,7 @@ def test_single_bit_flips_anywhere_are_named_errors(packed, tmp_path, codec):
         tier, depth = COMBOS[i % len(COMBOS)]
         _flip(path, pos, bit)
         try:
-            out = _generate(path, tier, depth)
+            out = _generate(path, tier, depth, device)
             escaped.append((kind, pos, bit, tier, depth, torch.equal(out, clean)))
         except EndorError:
             seen.add(kind)
@@ -101,7 +112,7 @@ def test_single_bit_flips_anywhere_are_named_errors(packed, tmp_path, codec):
             _flip(path, pos, bit)  # restored: the next position starts from the good file
     assert escaped == [], f"{len(escaped)} flips ran without an error: {escaped[:10]}"
     assert seen == set(kinds)
-    assert torch.equal(_generate(path), clean)
+    assert torch.equal(_generate(path, device=device), clean)
 
 
 def test_a_transient_fault_heals_and_is_counted(packed, monkeypatch):
