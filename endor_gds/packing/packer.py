@@ -126,12 +126,16 @@ def _one_ahead(pool: ThreadPoolExecutor, prepare, names):
         yield pending[0], pending[1].result()
 
 
-def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, sparse_ok: bool,
+def _write_tensor(w: Writer, name: str, t: torch.Tensor, extent: str, linear: bool,
                   codec: str) -> dict:
+    """One tensor's segments and manifest entry. A linear weight takes the codec asked for; any
+    other matrix (embeddings, lm_head) the smallest lossless storage under ``codec="auto"``
+    (dense, or exphuff for unpruned bf16/fp16 weights: they are read once, at load) and dense
+    under a forced codec; 1-D tensors stay dense (choose_storage)."""
     d = dtype_of(t.dtype)
     bits = bits_view(t)
     shape = tuple(int(s) for s in t.shape)
-    store = choose_storage(d, shape, bits, codec) if sparse_ok else Storage("dense")
+    store = choose_storage(d, shape, bits, codec) if linear or codec == "auto" else Storage("dense")
     entry = {"name": name, "shape": list(shape), "dtype": d.name, "encoding": store.encoding,
              "codec": store.codec}
     if store.encoding == "dense" and store.exphuff is None:

@@ -236,9 +236,20 @@ class CpuBackend(Backend):
         arena = aligned_empty(plan.arena_bytes) if plan.arena_bytes else None
         if plan.needs_decode:
             self.decoder.decode(*self._decode_items(staging, arena, plan))
-        views = staging_views(torch.from_numpy(staging), plan,
-                              None if arena is None else torch.from_numpy(arena))
-        return views, plan.length + plan.arena_bytes
+        return _kept(staging_views(torch.from_numpy(staging), plan,
+                                   None if arena is None else torch.from_numpy(arena)), plan)
+
+
+def _kept(views: dict, plan: LayerPlan) -> tuple[dict[str, torch.Tensor], int]:
+    """A loaded extent's tensors and the bytes they hold. Where the extent was decoded, the few
+    tensors still in its staging bytes (norms, biases) are copied out so that the staging buffer,
+    the compressed extent, is freed: a loaded layer holds its dense weights, not both forms."""
+    if not plan.needs_decode:
+        return views, plan.length
+    for slot in plan.slots:
+        if slot.arena_offset is None:
+            views[slot.rel] = views[slot.rel].clone()
+    return views, plan.arena_bytes + sum(s.entry.dense_nbytes for s in plan.slots if s.arena_offset is None)
 
 
 def _gpu_item(slot, base: int, out: int, label: str):
@@ -407,4 +418,4 @@ class CudaBackend(Backend):
             table = self._table(plan, -1, staging, arena)
             self.decoder.launch(table, torch.cuda.current_stream(self.device))
             self.decoder.check(table)
-        return staging_views(staging, plan, arena), plan.length + plan.arena_bytes
+        return _kept(staging_views(staging, plan, arena), plan)

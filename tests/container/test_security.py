@@ -101,7 +101,9 @@ def _open_edited(base, tmp_path, edit=None, data=None):
 
 
 def _first(m, encoding="bitmap"):
-    return next(t for t in m["tensors"] if t["encoding"] == encoding)
+    """The first tensor of ``encoding``; for "dense", one stored as plain data (codec raw)."""
+    return next(t for t in m["tensors"] if t["encoding"] == encoding
+                and (encoding != "dense" or t.get("codec", "raw") == "raw"))
 
 
 def test_manifest_size_is_bounded_before_reading(base, tmp_path):
