@@ -138,10 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="wanda: torch device holding one layer + the activations (cpu, cuda, cuda:1)")
     p.add_argument("--codec", choices=CODECS, default="auto",
                    help="how linear weights' values are stored, all lossless: auto = per tensor the "
-                        "smallest of dense, raw (format v1), expdict (format v2, exponent dictionary) "
-                        "and exphuff (format v3, Huffman-coded exponents, also without a bitmap); raw; "
-                        "expdict or exphuff (forced for every linear weight; on CPU hosts the fused "
-                        "product reads raw and expdict only)")
+                        "smallest of dense, raw (format v1) and expdict (format v2, exponent dictionary), "
+                        "or exphuff (format v3, Huffman-coded exponents, also without a bitmap) where it "
+                        "saves 5%% more (the CPU fused product reads raw and expdict only); raw; expdict "
+                        "or exphuff (forced for every linear weight)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
 

@@ -1,9 +1,10 @@
 """checkpoint folder → one .endor file, one tensor at a time, atomically.
 
 The packer reads each tensor with ``pread`` (never mapping a whole shard), optionally prunes it,
-encodes it (per linear weight the smallest of dense, bitmap + raw values, bitmap + expdict values
-and exphuff, dense or bitmap: ``policy.choose_storage``; everything else dense), writes its page-aligned segments
-and drops it before reading the next, so peak memory stays near the largest tensor, not the model.
+encodes it (per linear weight the smallest of dense, bitmap + raw values and bitmap + expdict
+values, or exphuff where clearly smaller: ``policy.choose_storage``; 1-D tensors dense), writes
+its page-aligned segments and drops it before reading the next, so peak memory stays near the
+largest tensor, not the model.
 The file is the lowest format version that holds its codecs: 1 (raw), 2 (expdict), 3 (exphuff).
 
 Atomicity: everything is written to a temporary file beside the destination, flushed and
@@ -215,10 +216,10 @@ def pack(
     Embeddings, norms, biases and lm_head are never pruned.
 
     ``codec``: how the linear weights' values are stored, all lossless. ``auto`` takes per linear
-    weight the smallest of dense, bitmap + ``raw`` values (format v1), bitmap + ``expdict`` values
-    (format v2: exponent dictionary) and ``exphuff`` (format v3: Huffman-coded exponents, dense or
-    bitmap); ``raw`` uses neither codec (a version-1 file); ``expdict`` and ``exphuff`` use that
-    codec for every linear weight (see ``policy.choose_storage``).
+    weight the smallest of dense, bitmap + ``raw`` values (format v1) and bitmap + ``expdict`` values
+    (format v2: exponent dictionary), or ``exphuff`` (format v3: Huffman-coded exponents, dense or
+    bitmap) where it saves 5 % more; ``raw`` uses neither codec (a version-1 file); ``expdict`` and
+    ``exphuff`` use that codec for every linear weight (see ``policy.choose_storage``).
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:
