@@ -705,8 +705,8 @@ static int huff_units(const endor_exphuff *a, const uint16_t *table, const uint6
     return 0;
 }
 
-/* Two tiles' units in lockstep while both take the fast path (four units per lookup at most),
- * then each tile's rest alone: two independent lookup-and-shift chains for the core. */
+/* Two chunks' units in lockstep while both take the fast path (four units per lookup at most),
+ * then each chunk's rest alone: two independent lookup-and-shift chains for the core. */
 static void huff_units2(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
                         huff_reader *r0, uint64_t cnt0, uint8_t *s0, int *bad0,
                         huff_reader *r1, uint64_t cnt1, uint8_t *s1, int *bad1) {

@@ -176,8 +176,8 @@ def dense_tile_offsets(n: int) -> np.ndarray:
 def best_exphuff(hist: np.ndarray, layout: FloatLayout) -> ExpHuff:
     """The code for values whose exponents are counted in ``hist`` (length-limited Huffman),
     bound to those values (``nbits``)."""
-    params = ExpHuff(layout, tuple(int(x) for x in code_lengths(hist)))
-    return ExpHuff(layout, params.lengths, params.value_bits(hist))
+    lengths = tuple(int(x) for x in code_lengths(hist))
+    return ExpHuff(layout, lengths, ExpHuff(layout, lengths).value_bits(hist))
 
 
 def stored_nbytes(params: ExpHuff, n: int, nnz: int, *, bitmap: bool) -> int:
