@@ -86,12 +86,15 @@ __all__ = [
 ]
 
 MAGIC = b"ENDORGDS"
-FORMAT_VERSION = 3  # the newest version this code writes
-SUPPORTED_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4  # the newest version this code writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4)
 # Codecs each version may hold. A file is written as the lowest version that holds its codecs, so
 # files without expdict tensors stay readable by version-1 readers, and without exphuff tensors by
-# version-2 readers.
-VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict"), 3: ("raw", "expdict", "exphuff")}
+# version-2 readers. Version 4 adds extents of kind "expert" (a mixture-of-experts layer's experts,
+# one extent each): only a file that has them is version 4.
+VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict"), 3: ("raw", "expdict", "exphuff"),
+                  4: ("raw", "expdict", "exphuff")}
+EXPERTS_VERSION = 4
 # magic, version, flags, manifest offset, manifest length, file length, manifest CRC; then the
 # header's own CRC over these 44 bytes.
 _HEADER = struct.Struct("<8sIIQQQI")
@@ -110,10 +113,11 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value=value)
 
 
-def format_version_for(codecs) -> int:
-    """The lowest format version that holds every codec in ``codecs``."""
+def format_version_for(codecs, experts: bool = False) -> int:
+    """The lowest format version that holds every codec in ``codecs`` (and expert extents)."""
     codecs = set(codecs)
-    return min(v for v, allowed in VERSION_CODECS.items() if codecs <= set(allowed))
+    return min(v for v, allowed in VERSION_CODECS.items()
+               if codecs <= set(allowed) and (v >= EXPERTS_VERSION or not experts))
 
 
 @dataclass(frozen=True)
@@ -180,11 +184,12 @@ class TensorEntry:
 @dataclass
 class Extent:
     name: str
-    kind: str  # "resident" | "layer" | "files"
+    kind: str  # "resident" | "layer" | "expert" | "files"
     offset: int
     length: int
     layer: int | None = None
     tensors: list[str] = field(default_factory=list)
+    expert: int | None = None  # kind "expert": which of its layer's experts
 
 
 # --------------------------------------------------------------------------------------------
@@ -206,12 +211,15 @@ class Writer:
         self._open: dict | None = None
         self._zeros = bytes(PAGE)
 
-    def begin_extent(self, name: str, kind: str, layer: int | None = None) -> None:
+    def begin_extent(self, name: str, kind: str, layer: int | None = None,
+                     expert: int | None = None) -> None:
         if self._open is not None:
             raise RuntimeError(f"extent {self._open['name']} is still open")
         self._open = {"name": name, "kind": kind, "offset": self.pos}
         if layer is not None:
             self._open["layer"] = layer
+        if expert is not None:
+            self._open["expert"] = expert
 
     def write_segment(self, kind: str, data) -> Segment:
         """Write one segment (bytes or a contiguous numpy array) padded to a page."""
@@ -402,25 +410,29 @@ class EndorFile:
         self.tied = {check_str(p, "tied name", k): check_str(p, "tied target", v) for k, v in tied.items()}
 
         # Extents: page-aligned, inside the data area, not overlapping, names unique and telling
-        # their kind ("resident", "files", "layer.<i>"), as the packer writes them.
+        # their kind ("resident", "files", "layer.<i>", "layer.<i>.expert.<e>"), as the packer
+        # writes them.
+        kinds = ("resident", "layer", "files") + (("expert",) if self.format_version >= EXPERTS_VERSION else ())
         self.extents: dict[str, Extent] = {}
         for i, e in enumerate(check_list(p, "extents", m.get("extents"), MAX_TENSORS)):
             e = check_dict(p, f"extents[{i}]", e)
             name = check_str(p, f"extents[{i}].name", e.get("name"))
-            kind = check_choice(p, f"extent {name} kind", e.get("kind"), ("resident", "layer", "files"))
+            kind = check_choice(p, f"extent {name} kind", e.get("kind"), kinds)
             off = check_int(p, f"extent {name} offset", e.get("offset"), PAGE, self._manifest_offset)
             length = check_int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
             if off % PAGE or length % PAGE:
                 raise fail(p, f"extent {name} offset={off} length={length} is not {PAGE}-aligned")
-            layer = None
-            if kind == "layer":
+            layer = expert = None
+            if kind in ("layer", "expert"):
                 layer = check_int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
-            if name != (f"layer.{layer}" if kind == "layer" else kind):
-                raise fail(p, f"extent {name} of kind {kind} must be named "
-                               f"{f'layer.{layer}' if kind == 'layer' else kind!r}")
+            if kind == "expert":
+                expert = check_int(p, f"extent {name} expert", e.get("expert"), 0, MAX_TENSORS)
+            want = {"layer": f"layer.{layer}", "expert": f"layer.{layer}.expert.{expert}"}.get(kind, kind)
+            if name != want:
+                raise fail(p, f"extent {name} of kind {kind} must be named {want!r}")
             if name in self.extents:
                 raise fail(p, f"extent {name} appears twice")
-            self.extents[name] = Extent(name, kind, off, length, layer)
+            self.extents[name] = Extent(name, kind, off, length, layer, expert=expert)
         spans = sorted((e.offset, e.offset + e.length, e.name) for e in self.extents.values())
         for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -429,6 +441,18 @@ class EndorFile:
         if [e.layer for e in layer_ext] != list(range(len(layer_ext))):
             raise fail(p, "decoder layer extents must be numbered 0..L-1 exactly once each")
         self.layers = layer_ext
+        # experts[i]: layer i's expert extents by expert index (0..E-1 exactly once each)
+        self.experts: dict[int, list[Extent]] = {}
+        for ext in sorted((e for e in self.extents.values() if e.kind == "expert"),
+                          key=lambda e: (e.layer, e.expert)):
+            if ext.layer >= len(layer_ext):
+                raise fail(p, f"expert extent {ext.name} belongs to layer {ext.layer}, but the file "
+                               f"has {len(layer_ext)} layer extents")
+            self.experts.setdefault(ext.layer, []).append(ext)
+        for i, exts in self.experts.items():
+            if [e.expert for e in exts] != list(range(len(exts))):
+                raise fail(p, f"the expert extents of layer {i} must be numbered 0..E-1 exactly once "
+                               f"each (found {[e.expert for e in exts][:8]})")
         self.resident = self.extents.get("resident")
 
         # Tensors: names, shapes, dtypes, encodings, segment sizes and places.
@@ -777,6 +801,10 @@ class EndorFile:
                 {"offset": self.resident.offset, "length": self.resident.length,
                  "tensors": len(self.resident.tensors)},
             "layers": layers,
+            # mixture-of-experts layers: expert extents per layer and their bytes (one read each)
+            "experts": {str(i): {"count": len(exts), "stored_bytes": sum(e.length for e in exts),
+                                 "largest_bytes": max(e.length for e in exts)}
+                        for i, exts in sorted(self.experts.items())},
             "tensors": tensors,
             "totals": {
                 "dense_bytes": dense_total,

@@ -87,7 +87,8 @@ def model_for(config: dict, dtype: torch.dtype, where, family: str) -> nn.Module
 
 
 def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-                  tied: Mapping[str, str], where, holder: str) -> None:
+                  tied: Mapping[str, str], where, holder: str,
+                  slices: Mapping[str, tuple[str, int]] | None = None) -> None:
     """Every parameter of ``model`` has a tensor, and each tensor (name → shape, dtype) and tied
     alias fits the parameter or buffer it becomes in ``model``, which was built from the same
     config: the same shape, and for a parameter the same dtype. The packer checks a checkpoint
@@ -96,22 +97,40 @@ def check_tensors(model: nn.Module, tensors: Mapping[str, tuple[tuple[int, ...],
     config that disagrees with its weights can otherwise run and give other tokens (a doubled
     ``hidden_size`` changes the head size attention reshapes by), and one tensor of another dtype
     fails inside a matmul mid-``generate``. ``holder`` names where the tensors are ("the file",
-    "the checkpoint") in the message."""
+    "the checkpoint") in the message. ``slices`` maps the name of one expert's slice of a fused
+    experts parameter ``[E, ...]`` to ``(parameter, expert)``: the parameter is covered when
+    experts ``0..E-1`` each have a slice of its shape without the first dimension."""
     kind = type(model).__name__
-    names = {**{n: n for n in tensors}, **tied}
-    missing = [n for n, _ in model.named_parameters(remove_duplicate=False) if n not in names]
+    slices = slices or {}
+    names = {**{n: n for n in tensors if n not in slices}, **tied}
+    experts: dict[str, set[int]] = {}
+    for name, (param, e) in slices.items():
+        experts.setdefault(param, set()).add(e)
+    missing = [n for n, _ in model.named_parameters(remove_duplicate=False)
+               if n not in names and n not in experts]
     if missing:
         raise UnsupportedModelError(f"{where}: the {kind} its config builds needs tensors {holder} "
                                     f"lacks: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
-    for name, source in names.items():
-        slot = slot_of(model, name)
+    for param, have in experts.items():
+        slot = slot_of(model, param)
+        if slot is None or slot.dim() < 2:
+            raise FormatError(f"{where}: {holder} has experts' slices of {param}, which is not a "
+                              f"fused experts parameter of the {kind} its config builds")
+        if have != set(range(slot.shape[0])):
+            raise FormatError(f"{where}: {holder} has {len(have)} experts' slices of {param} "
+                              f"(experts {min(have)}..{max(have)}), but the {kind} its config builds "
+                              f"has {slot.shape[0]} experts (the config's expert count disagrees "
+                              f"with the weights)")
+    checks = [(n, slot_of(model, n), tensors[s]) for n, s in names.items()]
+    checks += [(n, slot_of(model, p), tensors[n]) for n, (p, _) in slices.items()]
+    for name, slot, (shape, dtype) in checks:
         if slot is None:
             raise FormatError(f"{where}: tensor {name} has no parameter or buffer in the {kind} "
                               f"its config builds")
-        shape, dtype = tensors[source]
-        if tuple(slot.shape) != tuple(shape):
+        want = tuple(slot.shape[1:]) if name in slices else tuple(slot.shape)
+        if want != tuple(shape):
             raise FormatError(f"{where}: tensor {name} is {list(shape)} in {holder} but "
-                              f"{list(slot.shape)} in the {kind} its config builds (the config "
+                              f"{list(want)} in the {kind} its config builds (the config "
                               f"disagrees with the weights)")
         if isinstance(slot, nn.Parameter) and slot.dtype != dtype:
             raise FormatError(f"{where}: tensor {name} is {_name(dtype)} in {holder}, but the model "

@@ -14,6 +14,8 @@ import torch
 import transformers
 
 FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "opt")
+# mixtures of experts: 8 experts, 2 per token
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 _COMMON = dict(hidden_size=128, num_hidden_layers=3, num_attention_heads=4, vocab_size=512,
                max_position_embeddings=256)
@@ -25,12 +27,29 @@ def make_config(family: str, **overrides) -> transformers.PretrainedConfig:
         kw.update(overrides)
         return transformers.OPTConfig(**kw)
     kw = dict(_COMMON, intermediate_size=352, num_key_value_heads=2)
+    if family == "mixtral":
+        kw.update(intermediate_size=96, num_local_experts=8, num_experts_per_tok=2)
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        kw.update(moe_intermediate_size=96, num_experts=8, num_experts_per_tok=2)
+    elif family == "olmoe":
+        kw.update(intermediate_size=96, num_experts=8, num_experts_per_tok=2, eos_token_id=2)
+    elif family == "deepseek_v3":  # latent attention; layer 0 a dense MLP, one shared expert
+        kw.update(moe_intermediate_size=96, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+                  first_k_dense_replace=1, q_lora_rank=64, kv_lora_rank=32, qk_rope_head_dim=16,
+                  qk_nope_head_dim=16, v_head_dim=32, n_group=1, topk_group=1, num_key_value_heads=4)
+    if family == "qwen2_moe":  # a shared expert; layer 1 a dense MLP (mlp_only_layers)
+        kw.update(shared_expert_intermediate_size=64, mlp_only_layers=[1])
     kw.update(overrides)
     cls = {
         "llama": transformers.LlamaConfig,
         "mistral": transformers.MistralConfig,
         "qwen2": transformers.Qwen2Config,
         "qwen3": transformers.Qwen3Config,
+        "mixtral": transformers.MixtralConfig,
+        "qwen2_moe": transformers.Qwen2MoeConfig,
+        "qwen3_moe": transformers.Qwen3MoeConfig,
+        "olmoe": transformers.OlmoeConfig,
+        "deepseek_v3": transformers.DeepseekV3Config,
     }[family]
     return cls(**kw)
 

@@ -69,6 +69,10 @@ def cmd_inspect(args) -> int:
     for layer in s["layers"]:
         print(f"{layer['index']:>5} {layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} "
               f"{layer['density']:>8.3f} {layer['ratio']:>6.3f}")
+    if s["experts"]:  # one extent per expert: a routed expert is one read
+        layers = ", ".join(f"{i}: {x['count']} x <= {format_bytes(x['largest_bytes'])}"
+                           for i, x in s["experts"].items())
+        print(f"expert extents by layer: {layers}")
     if args.tensors:
         print(f"{'tensor':<56} {'shape':<14} {'dtype':<5} {'encoding':<8} {'codec':<12} "
               f"{'density':>8} {'bits/el':>7} {'stored':>11}")

@@ -49,13 +49,20 @@ def _print_stats(s: dict, out) -> None:
     print(f"  read {t['read_s'] * 1e3:.1f} ms, decode {t['decode_s'] * 1e3:.1f} ms, compute "
           f"{t['compute_s'] * 1e3:.1f} ms, stall {t['stall_s'] * 1e3:.1f} ms, overlap "
           f"{t['overlap'] * 100:.0f} %", file=out)
+    x = s.get("experts")
+    if x is not None:
+        print(f"experts ({x['mode']}, cache {x['cache_experts']} experts, {x['cache_bytes'] / 1e6:.1f} MB, "
+              f"prefetch {'on' if x['prefetch'] else 'off'}) per token: {t['experts_routed']:.1f} routed, "
+              f"{t['experts_read']:.1f} read, {t['expert_hits']:.1f} cache hits, {t['experts_prefetched']:.1f} "
+              f"read ahead of which {t['prefetch_hits']:.1f} routed", file=out)
 
 
 def cmd_run(args) -> int:
     max_memory = args.max_memory
     model = from_pretrained(args.file, device=args.device, max_memory=max_memory, tier=args.tier,
                             prefetch_depth=args.prefetch_depth, io=args.io,
-                            verify_reads=args.verify_reads)
+                            verify_reads=args.verify_reads, experts=args.experts,
+                            expert_cache=args.expert_cache, expert_prefetch=args.expert_prefetch)
     rt = model.endor
     try:
         tokenizer = load_tokenizer(rt.file, args.tokenizer)
@@ -104,4 +111,10 @@ def register(sub) -> None:
     p.add_argument("--verify-reads", action=argparse.BooleanOptionalAction, default=None,
                    help="check every segment's CRC-32C as it is read (default: on, ENDOR_VERIFY_READS)")
     p.add_argument("--json", action="store_true", help="text, tokens and statistics as JSON")
+    p.add_argument("--experts", choices=("routed", "all"), default="routed",
+                   help="mixture-of-experts files: read the routed experts (default) or every expert")
+    p.add_argument("--expert-cache", type=int, default=None,
+                   help="experts kept decoded (default: as many as one layer has)")
+    p.add_argument("--expert-prefetch", action=argparse.BooleanOptionalAction, default=False,
+                   help="read the next layer's likely experts ahead (its router applied early; default off)")
     p.set_defaults(func=cmd_run)

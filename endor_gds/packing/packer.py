@@ -166,11 +166,18 @@ def _check_against_config(ckpt: Checkpoint, recipe, plan, src) -> None:
     """The tensors fit the model their config builds, as the reader will check them (shapes; one
     dtype), so that no pack makes a file that ``from_pretrained`` refuses. The model is built on
     ``meta`` (0.17 s for a Llama-2-70B config), before anything is read or written."""
-    tensors = {n: (ckpt.tensors[n].shape, dtype_of(ckpt.tensors[n].dtype).torch)
-               for n in [*plan.resident, *(n for layer in plan.layers for n in layer)]}
+    tensors = {}
+    for name in [*plan.resident, *(n for i in range(plan.num_layers) for n in plan.layer_tensors(i))]:
+        infos = [ckpt.tensors[s] for s in plan.sources_of(name)]
+        shape = (sum(t.shape[0] for t in infos), *infos[0].shape[1:])
+        if any(t.shape[1:] != infos[0].shape[1:] or t.dtype != infos[0].dtype for t in infos):
+            raise PackError(f"{src}: {name} is made of {', '.join(t.name for t in infos)}, whose "
+                            f"shapes or dtypes do not stack by rows")
+        tensors[name] = (shape, dtype_of(infos[0].dtype).torch)
+    slices = {n: where for n in tensors if (where := recipe.expert_slice(n)) is not None}
     model = model_for(ckpt.config, model_dtype(recipe, ((n, d) for n, (_, d) in tensors.items())),
                       src, recipe.family)
-    check_tensors(model, tensors, plan.tied, src, "the checkpoint")
+    check_tensors(model, tensors, plan.tied, src, "the checkpoint", slices)
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -240,6 +247,9 @@ def pack(
     generation_config = ckpt.generation_config()  # checked now, not after minutes of packing
     recipe = recipe_for(ckpt.config)
     plan = recipe.plan(ckpt.names(), ckpt.config)
+    if prune == "wanda" and plan.experts:
+        raise ArgumentError(f"prune='wanda' does not prune mixture-of-experts models yet ({recipe.family}: "
+                            f"each expert sees only the tokens routed to it); use prune='magnitude'")
     _check_against_config(ckpt, recipe, plan, src)
     dst = Path(dst)
     if dst.is_dir():
@@ -272,7 +282,10 @@ def pack(
             w = Writer(f)
 
             def read(name: str) -> torch.Tensor:
-                t = ckpt.read(name)
+                """A tensor of the file: a checkpoint tensor, or several stacked by rows (an
+                expert's gate and up projections, one slice of the fused gate_up_proj)."""
+                parts = [ckpt.read(s) for s in plan.sources_of(name)]
+                t = parts[0] if len(parts) == 1 else torch.cat(parts)
                 bar.update(t.numel() * t.element_size())
                 return t
 
@@ -283,7 +296,7 @@ def pack(
                     found.add(t, entries[-1])
 
             prepared = _one_ahead(ahead, lambda name: pruner(name, read(name)) if pruner is not None else read(name),
-                                  [name for names in plan.layers for name in names]) \
+                                  [name for i in range(plan.num_layers) for name in plan.layer_tensors(i)]) \
                 if layer_pruner is None else None
             w.begin_extent("resident", "resident")
             for name in plan.resident:
@@ -300,6 +313,12 @@ def pack(
                     for name in names:
                         write(name, out.pop(name), extent)  # pop: each is freed once written
                 w.end_extent()
+                # a mixture-of-experts layer: each expert an extent of its own, right after its layer
+                for e, expert_names in enumerate(plan.experts.get(i, [])):
+                    w.begin_extent(f"{extent}.expert.{e}", "expert", layer=i, expert=e)
+                    for _ in expert_names:
+                        write(*next(prepared), f"{extent}.expert.{e}")
+                    w.end_extent()
             files = []
             blobs = ckpt.tokenizer_files()
             if blobs:
@@ -310,7 +329,7 @@ def pack(
                 w.end_extent()
             manifest = {
                 "format": "endor",
-                "format_version": format_version_for(e["codec"] for e in entries),
+                "format_version": format_version_for((e["codec"] for e in entries), experts=bool(plan.experts)),
                 "tile_elems": TILE_ELEMS,
                 "checksum": "crc32c",
                 "architecture": recipe.family,

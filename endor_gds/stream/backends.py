@@ -91,6 +91,16 @@ class Backend(ABC):
     def check_decodes(self) -> None:
         """Forward thread, end of a step: raise any decode error of that step."""
 
+    def forget(self, plan: LayerPlan, s: int) -> None:
+        """Set ``s`` will hold another extent than ``plan``'s: drop what was prepared for the pair
+        (an expert cache cycles many extents through few sets; the layers' pipeline never calls it)."""
+        for memo in self._memos():
+            for key in [k for k in memo if k[:2] == (plan.index, s)]:
+                del memo[key]
+
+    def _memos(self) -> tuple[dict, ...]:
+        return ()
+
 
 class RamImage:
     """The compressed extents of the streamed layers, read once into one host buffer."""
@@ -166,6 +176,9 @@ class CpuBackend(Backend):
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
         return self.ram.view(plan) if self.ram is not None else self._staging[s][: plan.length]
 
+    def _memos(self) -> tuple[dict, ...]:
+        return self._views, self._items, self._fused
+
     def chunked_reads(self) -> bool:
         return self.ram is None and self.reader.chunked
 
@@ -182,7 +195,7 @@ class CpuBackend(Backend):
             e = slot.entry
             out = arena[slot.arena_offset:slot.arena_offset + e.dense_nbytes]
             items.append((*_encoded(staging, slot), out.view(e.dtype.bits)))
-            labels.append(f"layer {plan.index}: {e.name}")
+            labels.append(f"{plan.where}: {e.name}")
         return items, labels
 
     def decode(self, plan: LayerPlan, s: int, dense: bool = True) -> bool:
@@ -204,7 +217,7 @@ class CpuBackend(Backend):
             staging, names = self.staging_view(plan, s), self.fused.get(plan.index, frozenset())
             weights = self._fused[key] = {
                 slot.rel: FusedWeight(*_encoded(staging, slot), slot.entry.shape, slot.entry.dtype.torch,
-                                      f"layer {plan.index}: {slot.entry.name}")
+                                      f"{plan.where}: {slot.entry.name}")
                 for slot in plan.slots if slot.rel in names}
         return weights
 
@@ -309,6 +322,9 @@ class CudaBackend(Backend):
         self._consumed: list = []  # tables handed to a forward since the last check_decodes
         self._error: DecodeError | None = None  # first error read, raised by check_decodes
 
+    def _memos(self) -> tuple[dict, ...]:
+        return self._views, self._tables, self._copies
+
     def _host_source(self, plan: LayerPlan, s: int):
         return self.ram.view(plan) if self.ram is not None else self._host_staging[s][: plan.length]
 
@@ -333,7 +349,7 @@ class CudaBackend(Backend):
 
     def _table(self, plan: LayerPlan, s: int, staging: torch.Tensor, arena: torch.Tensor):
         base, out = staging.data_ptr(), arena.data_ptr()
-        items = [_gpu_item(slot, base, out + slot.arena_offset, f"layer {plan.index}: {slot.entry.name}")
+        items = [_gpu_item(slot, base, out + slot.arena_offset, f"{plan.where}: {slot.entry.name}")
                  for slot in plan.slots if slot.arena_offset is not None]
         return self.decoder.make_table(items)
 

@@ -39,6 +39,11 @@ class LayerPlan:
     slots: tuple[Slot, ...]
     arena_bytes: int
     extent: str = ""  # its name in the manifest ("layer.3", "resident"), for error messages
+    label: str = ""  # how errors name it, where not "layer <index>" (an expert's extent)
+
+    @property
+    def where(self) -> str:
+        return self.label or f"layer {self.index}"
 
     @property
     def needs_decode(self) -> bool:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 import torch
@@ -47,6 +47,7 @@ from endor_gds.modeling import (
 from endor_gds.read.readers import check_mode, open_reader
 from endor_gds.recipes import Recipe, recipes
 from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
+from endor_gds.stream.experts import ExpertCache, ExpertTable, routed_experts
 from endor_gds.stream.integrity import ExtentCheck
 from endor_gds.stream.pipeline import Pipeline
 from endor_gds.stream.plan import LayerPlan, LayerTimes, plan_layer
@@ -54,6 +55,7 @@ from endor_gds.stream.plan import LayerPlan, LayerTimes, plan_layer
 __all__ = ["from_pretrained", "StreamingRuntime", "StepStats", "runtime_of"]
 
 TIERS = ("ssd", "ram")
+EXPERT_MODES = ("routed", "all")
 KEEP_STEPS = 4096  # per-step records kept (a ring), so a long generation's memory stays flat
 
 
@@ -70,6 +72,11 @@ class StepStats:
     compute_s: float = 0.0
     stall_s: float = 0.0  # time the forward waited for a layer to be ready
     fused: int = 0  # streamed layers whose linear weights were multiplied from bitmap + values
+    experts_routed: int = 0  # mixture-of-experts layers: (layer, expert) pairs the router picked
+    experts_read: int = 0  # experts read and decoded (their bytes are in bytes_read)
+    expert_hits: int = 0  # routed experts their forward started no read for (cached or prefetched)
+    experts_prefetched: int = 0  # experts read on a guess of the next layer's routing
+    prefetch_hits: int = 0  # of those, experts the next layer was then routed to
 
     @property
     def overlap(self) -> float:
@@ -92,7 +99,10 @@ class StepRing:
     any length keeps the process's memory flat; iterating yields :class:`StepStats` objects.
     """
 
-    FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "fused")
+    FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "fused",
+              "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits")
+    COUNTS = frozenset(("step", "layers", "bytes_read", "fused", "experts_routed", "experts_read", "expert_hits",
+                        "experts_prefetched", "prefetch_hits"))
 
     def __init__(self, capacity: int = KEEP_STEPS):
         self._data = np.empty((capacity, len(self.FIELDS)))
@@ -115,7 +125,7 @@ class StepRing:
         cap = len(self._data)
         for k in range(max(0, self._count - cap), self._count):
             row = self._data[k % cap]
-            yield StepStats(**{f: (int(v) if f in ("step", "layers", "bytes_read", "fused") else float(v))
+            yield StepStats(**{f: (int(v) if f in self.COUNTS else float(v))
                                for f, v in zip(self.FIELDS, row)})
 
 
@@ -157,6 +167,17 @@ def _prefetch_depth(value) -> int:
         raise ArgumentError(f"prefetch_depth must be a whole number >= 1 (1 = no overlap, 2 = double "
                             f"buffering), got {value!r}")
     return value
+
+
+def _expert_options(experts, expert_cache) -> None:
+    if experts not in EXPERT_MODES:
+        raise ArgumentError(f"experts must be one of {', '.join(map(repr, EXPERT_MODES))} ('routed' reads "
+                            f"the experts each token is routed to, 'all' every expert of every "
+                            f"layer), got {experts!r}")
+    if expert_cache is not None and (not isinstance(expert_cache, int) or isinstance(expert_cache, bool)
+                                     or expert_cache < 1):
+        raise ArgumentError(f"expert_cache must be a whole number of experts >= 1, or None (one "
+                            f"layer's experts), got {expert_cache!r}")
 
 
 def _verify_reads(value) -> bool:
@@ -202,13 +223,22 @@ class _Placement:
     budget: int | None
 
 
+def _set_bytes(plans, sets: int, device: torch.device, tier: str) -> int:
+    """Bytes of ``sets`` buffer sets sized for the largest of ``plans`` (staging + dense arena;
+    no staging where the CPU reads the RAM tier in place)."""
+    staging = max((p.length for p in plans), default=0)
+    arena = max((p.arena_bytes for p in plans), default=0)
+    return sets * (arena if tier == "ram" and device.type == "cpu" else staging + arena)
+
+
 def _plan_budget(plans: dict[int, LayerPlan], resident_bytes: int, depth: int,
-                 budget: int | None, device: torch.device, tier: str) -> _Placement:
-    """Keep as many whole layers resident as the budget allows once buffer sets are counted."""
+                 budget: int | None, device: torch.device, tier: str, expert_bytes: int = 0) -> _Placement:
+    """Keep as many whole layers resident as the budget allows once buffer sets (and the expert
+    cache, ``expert_bytes``) are counted."""
     order = sorted(plans)
     staging = max((p.length for p in plans.values()), default=0)
     arena = max((p.arena_bytes for p in plans.values()), default=0)
-    sets = depth * (staging + arena) if not (tier == "ram" and device.type == "cpu") else depth * arena
+    sets = _set_bytes(plans.values(), depth, device, tier) + expert_bytes
     if budget is None:
         return _Placement([], order, resident_bytes, sets, None)
     need = resident_bytes + sets
@@ -239,8 +269,14 @@ class StreamingRuntime:
 
     def __init__(self, model: nn.Module, ef: EndorFile, recipe: Recipe, device: torch.device, *,
                  max_memory=None, tier: str = "ssd", prefetch_depth: int | None = None,
-                 io: str | None = None, verify_reads: bool | None = None):
+                 io: str | None = None, verify_reads: bool | None = None, experts: str = "routed",
+                 expert_cache: int | None = None, expert_prefetch: bool = False):
         self.file, self.recipe, self.device, self.tier = ef, recipe, device, _tier(tier)
+        _expert_options(experts, expert_cache)
+        self.expert_mode, self._expert_capacity = experts, expert_cache
+        self.expert_prefetch = expert_prefetch and experts == "routed"
+        self._routers: dict[int, torch.Tensor] = {}  # MoE layer -> the next MoE layer's router weight
+        self.experts: ExpertCache | None = None
         self.depth = _prefetch_depth(prefetch_depth)
         self.verify_reads = _verify_reads(verify_reads)
         self.reader = open_reader(ef.path, mode=io, device=device.type, expected_size=ef.file_size)
@@ -273,13 +309,20 @@ class StreamingRuntime:
         if len(layers_module) != len(ef.layers):
             raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
                               f"config builds {len(layers_module)} layers")
+        expert_plans = self._expert_plans()
+        slices = {n: recipe.expert_slice(n) for p in expert_plans.values() for n in (s.entry.name for s in p.slots)}
         check_tensors(model, {n: (e.shape, e.dtype.torch) for n, e in ef.tensors.items()},
-                      ef.tied, ef.path, "the file")
+                      ef.tied, ef.path, "the file", slices)
         plans = {ext.layer: plan_layer(ef, ext, f"{recipe.layers}.{ext.layer}.") for ext in ef.layers}
         resident_plan = plan_layer(ef, ef.resident, "") if ef.resident is not None else None
         resident_bytes = 0 if resident_plan is None else resident_plan.length + resident_plan.arena_bytes
+        if expert_plans:
+            per_layer = max(len(exts) for exts in ef.experts.values())
+            self._expert_capacity = per_layer if self.expert_mode == "all" or self._expert_capacity is None \
+                else self._expert_capacity
+        expert_bytes = _set_bytes(expert_plans.values(), self._expert_capacity or 0, self.device, self.tier)
         self.placement = _plan_budget(plans, resident_bytes, self.depth,
-                                      _budget(max_memory, self.device), self.device, self.tier)
+                                      _budget(max_memory, self.device), self.device, self.tier, expert_bytes)
         self.decoder = self._make_decoder()
         streamed = [plans[i] for i in self.placement.streamed_layers]
         depth = self.depth if streamed else 0
@@ -296,6 +339,8 @@ class StreamingRuntime:
                 if "fma" in self.decoder.features else {}
             self.backend = CpuBackend(streamed, depth, self.reader, self.decoder, ram, self.check, fused)
         self.ram_bytes = 0 if ram is None else ram.nbytes
+        if expert_plans:
+            self._attach_experts(model, layers_module, expert_plans)
 
         # resident tensors, then tied aliases, then resident layers
         if resident_plan is not None:
@@ -376,6 +421,74 @@ class StreamingRuntime:
         self._hooks.append(layer.register_forward_pre_hook(pre, with_kwargs=True))
         self._hooks.append(layer.register_forward_hook(post))
 
+    def _expert_plans(self) -> dict[tuple[int, int], LayerPlan]:
+        """Every expert extent's plan by ``(layer, expert)``, numbered apart from the layers (its
+        own backend keys buffers by plan index)."""
+        ef, recipe = self.file, self.recipe
+        if not ef.experts:
+            return {}
+        if recipe.experts is None:
+            raise FormatError(f"{ef.path} has expert extents, but its architecture {recipe.family} has "
+                              f"no experts in this endor_gds's recipe")
+        plans = {}
+        for i, exts in sorted(ef.experts.items()):
+            for ext in exts:
+                plan = plan_layer(ef, ext, f"{recipe.layers}.{i}.{recipe.experts.module}.{ext.expert}.")
+                plans[(i, ext.expert)] = replace(plan, index=len(plans), label=f"layer {i} expert {ext.expert}")
+        return plans
+
+    def _attach_experts(self, model: nn.Module, layers_module, plans) -> None:
+        """An expert cache with its own backend and buffer sets (one per cached expert), and in
+        every MoE layer the fused experts parameters replaced by tables that read from it."""
+        ram = None
+        check = self.check
+        if self.tier == "ram":  # the experts' compressed extents in host memory, checked once
+            ram = RamImage(list(plans.values()), self.reader, pinned=self.device.type == "cuda", check=check)
+            check = None
+            self.ram_bytes += ram.nbytes
+        capacity = self._expert_capacity
+        if self.device.type == "cuda":
+            backend = CudaBackend(list(plans.values()), capacity, self.device, self.reader, self.decoder, ram, check)
+        else:
+            backend = CpuBackend(list(plans.values()), capacity, self.reader, self.decoder, ram, check)
+        self.experts = ExpertCache(plans, backend, capacity, check)
+        model.config._experts_implementation = "eager"  # the forward that indexes only routed experts
+        module_path = self.recipe.experts.module
+        moe_layers = sorted(self.file.experts)
+        router = self.recipe.experts.router
+        if self.expert_prefetch and router:  # a few KB per layer, read once, checked
+            for i, j in zip(moe_layers, moe_layers[1:]):
+                self._routers[i] = self.file.read_tensor(f"{self.recipe.layers}.{j}.{router}",
+                                                        verify=self.verify_reads).to(self.device)
+        self._next_moe = dict(zip(moe_layers, moe_layers[1:]))
+        for i in moe_layers:
+            module = get_submodule(layers_module[i], module_path)
+            module.config._experts_implementation = "eager"
+            for name in self.recipe.experts.params:
+                param = module._parameters.pop(name)
+                setattr(module, name, ExpertTable(self.experts, i, name, tuple(param.shape), param.dtype, self.device))
+            self._hooks.append(module.register_forward_pre_hook(self._route_hook(i), with_kwargs=True))
+            self._hooks.append(module.register_forward_hook(lambda *_: self.experts.done(), always_call=True))
+
+    def _route_hook(self, index: int):
+        every = len(self.file.experts[index])
+
+        def pre(mod, args, kwargs):
+            top_k = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+            if not isinstance(top_k, torch.Tensor):
+                raise UnsupportedModelError(f"layer {index}: the experts module {type(mod).__name__} was "
+                                            f"called without top_k_index; endor_gds streams experts for "
+                                            f"forwards that receive the routing")
+            wanted = routed_experts(top_k, every) if self.expert_mode == "routed" else list(range(every))
+            self.experts.route(index, wanted, reread=self.expert_mode == "all")
+            router = self._routers.get(index)
+            if router is not None:  # guess the next MoE layer's experts from this layer's hidden state
+                hidden = args[0] if args else kwargs["hidden_states"]
+                logits = torch.nn.functional.linear(hidden.reshape(-1, hidden.shape[-1]), router)
+                guess = logits.topk(min(top_k.shape[-1], router.shape[0]), dim=-1).indices
+                self.experts.prefetch(self._next_moe[index], routed_experts(guess, router.shape[0]))
+        return pre
+
     # -- statistics -----------------------------------------------------------------------------
 
     def _refuse_if_closed(self, module, args):
@@ -394,7 +507,10 @@ class StreamingRuntime:
         cur = self._current
         cur.step, cur.wall_s, cur.layers, cur.bytes_read = self._nsteps, 0.0, 0, 0
         cur.read_s = cur.decode_s = cur.compute_s = cur.stall_s = 0.0
-        cur.fused = 0
+        cur.fused = cur.experts_routed = cur.experts_read = cur.expert_hits = 0
+        cur.experts_prefetched = cur.prefetch_hits = 0
+        if self.experts is not None:
+            self.experts.stats.clear()
         self._step = cur
         self._nsteps += 1
         self._t_step = time.perf_counter()
@@ -403,6 +519,15 @@ class StreamingRuntime:
         # A GPU decode error of any layer of this step is raised here, so the step's output is
         # never returned (see CudaBackend: error words are read once per step, not per layer).
         self.backend.check_decodes()
+        if self.experts is not None:
+            self.experts.backend.check_decodes()
+        if self._step is not None and self.experts is not None:
+            x, s = self.experts.stats, self._step
+            s.experts_routed, s.experts_read, s.expert_hits = x.routed, x.read, x.hits
+            s.experts_prefetched, s.prefetch_hits = x.prefetched, x.prefetch_hits
+            s.bytes_read += x.nbytes
+            s.read_s += x.read_s
+            s.stall_s += x.wait_s
         if self._step is not None:
             self._step.wall_s = time.perf_counter() - self._t_step
             self.steps.append(self._step)
@@ -461,7 +586,8 @@ class StreamingRuntime:
             steps = steps[1:]  # step 0 is the prompt's prefill, not a generated token
         tot = StepStats(step=-1)
         for s in steps:
-            for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers", "fused"):
+            for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers", "fused",
+                      "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits"):
                 setattr(tot, f, getattr(tot, f) + getattr(s, f))
         n = max(len(steps), 1)
         return {
@@ -480,12 +606,21 @@ class StreamingRuntime:
             "decoder": repr(self.decoder),
             "checked_reads": self.checked_reads(),
             "fused_product": self.fused_product(),
+            "experts": None if self.experts is None else
+                {"mode": self.expert_mode, "cache_experts": self.experts.capacity,
+                 "prefetch": bool(self._routers),
+                 "cache_bytes": self.experts.backend.buffer_bytes},
             "steps": self._nsteps,
             "per_token": {
                 "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
                 "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,
                 "stall_s": tot.stall_s / n, "overlap": tot.overlap, "gbps": tot.gbps,
                 "fused_layers": tot.fused / n,  # streamed layers multiplied from bitmap + values
+                "experts_routed": tot.experts_routed / n,
+                "experts_read": tot.experts_read / n,
+                "expert_hits": tot.expert_hits / n,
+                "experts_prefetched": tot.experts_prefetched / n,
+                "prefetch_hits": tot.prefetch_hits / n,
                 "tokens_per_s": n / tot.wall_s if tot.wall_s > 0 else 0.0,
             },
             "step_stats": [s.as_dict() for s in self.steps],
@@ -501,6 +636,8 @@ class StreamingRuntime:
             h.remove()
         if self.pipeline is not None:
             self.pipeline.close()
+        if self.experts is not None:
+            self.experts.close()
         dec = getattr(self, "decoder", None)
         if dec is not None and hasattr(dec, "close"):
             dec.close()
@@ -575,7 +712,8 @@ def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
 
 def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
                     prefetch_depth: int | None = None, io: str | None = None, *,
-                    verify_reads: bool | None = None):
+                    verify_reads: bool | None = None, experts: str = "routed",
+                    expert_cache: int | None = None, expert_prefetch: bool = False):
     """Load an ``.endor`` file as a streaming transformers model (see module docstring).
 
     ``device``: ``"auto"`` (CUDA when available), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
@@ -586,9 +724,17 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     ``prefetch_depth``: buffer sets (2 = double buffering). ``io``: reader mode (see
     :func:`endor_gds.read.readers.open_reader`). ``verify_reads`` (default on, ``ENDOR_VERIFY_READS``):
     check every segment's CRC-32C as it arrives (see :mod:`endor_gds.stream.integrity`).
+    Mixture-of-experts files (see :mod:`endor_gds.stream.experts`): ``experts="routed"`` reads
+    only the experts a step's tokens are routed to, ``"all"`` every expert of a layer each time it
+    runs (what streaming whole layers costs); ``expert_cache``: how many decoded experts stay
+    resident (default: as many as one layer has), counted in ``max_memory``; ``expert_prefetch``:
+    guess each MoE layer's experts from the previous one's hidden state (its router applied early)
+    and read them ahead (off by default: with random-weight routers the guesses were right 20-35 %
+    of the time and cost more reads than they hid, docs/performance.md).
     """
     # bad arguments are named before the file is opened
     _tier(tier), _prefetch_depth(prefetch_depth), check_mode(io), _verify_reads(verify_reads)
+    _expert_options(experts, expert_cache)
     dev = _device(device)
     _budget(max_memory, dev)
     ef = EndorFile(path)
@@ -605,7 +751,8 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
         ef.close()
         raise
     runtime = StreamingRuntime(model, ef, recipe, dev, max_memory=max_memory, tier=tier,
-                               prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads)
+                               prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads,
+                               experts=experts, expert_cache=expert_cache, expert_prefetch=expert_prefetch)
     model.endor = runtime
     _guard_placement(model, runtime)
     weakref.finalize(model, runtime.close)

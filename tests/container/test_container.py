@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from support.manifest_edit import manifest_edit
 
 import endor_gds
 from endor_gds import defaults
@@ -137,3 +138,22 @@ def test_bench_verify_smoke(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     assert "crc32c" in r.stdout and "verify_reads cost" in r.stdout
     assert list(tmp_path.iterdir()) == []  # its scratch files are removed
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: next(e for e in m["extents"] if e["name"] == "layer.1.expert.3").update(name="layer.1.expert.03"),
+     "extent layer.1.expert.03 of kind expert must be named 'layer.1.expert.3'"),
+    (lambda m: next(e for e in m["extents"] if e["name"] == "layer.1.expert.3").update(expert="3"),
+     "extent layer.1.expert.3 expert"),
+    (lambda m: [e.update(layer=7, name=e["name"].replace("layer.2.", "layer.7."))
+                for e in m["extents"] if e["name"].startswith("layer.2.expert.")]
+     and [t.update(extent=t["extent"].replace("layer.2.", "layer.7."))
+          for t in m["tensors"] if t["extent"].startswith("layer.2.expert.")],
+     "expert extent layer.7.expert.0 belongs to layer 7, but the file has 3 layer extents"),
+])
+def test_expert_extents_are_checked_at_open(packed, tmp_path, edit, match):
+    """Format v4's expert extents: named for their layer and expert, integers, of a layer the
+    file has (the numbering 0..E-1 of a layer's experts: tests/stream/test_experts.py)."""
+    path = manifest_edit(packed("qwen3_moe", torch.float32), edit, tmp_path)
+    with pytest.raises(endor_gds.FormatError, match=match):
+        EndorFile(path)

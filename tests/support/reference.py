@@ -19,10 +19,20 @@ def reference_model(path) -> torch.nn.Module:
         cfg = transformers.AutoConfig.for_model(**f.config)
         dtype = f.read_tensor(next(n for n in f.tensors if "layers.0." in n and n.endswith("proj.weight")
                                     or "fc1.weight" in n)).dtype
-        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-        sd = {k: f.read_tensor(k) for k in model.state_dict()}
+        # eager experts, as the streamed model runs them (it indexes only the routed experts)
+        model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=dtype, experts_implementation="eager")
+        sd = {k: _read(f, k, v.shape) for k, v in model.state_dict().items()}
     model.load_state_dict(sd)
     return model.eval()
+
+
+def _read(f, name: str, shape) -> torch.Tensor:
+    """Tensor ``name`` of the file; a fused experts parameter ``[E, ...]`` from its per-expert
+    slices (``<owner>.<e>.<leaf>``)."""
+    owner, _, leaf = name.rpartition(".")
+    if f"{owner}.0.{leaf}" in f.tensors:
+        return torch.stack([f.read_tensor(f"{owner}.{e}.{leaf}") for e in range(shape[0])])
+    return f.read_tensor(name)
 
 
 def generate(model, ids, **kw):

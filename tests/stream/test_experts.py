@@ -1,0 +1,208 @@
+"""Mixture-of-experts models stream only the experts each step is routed to: bit-identical to the
+same model held in memory, with the bytes read per step those of the routed experts the cache
+lacked, and bad files refused by name before any expert is read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from support.manifest_edit import manifest_edit
+from support.reference import assert_same, reference_model
+
+import endor_gds
+from endor_gds.benchmarks.models import MOE_FAMILIES
+from endor_gds.errors import ArgumentError, EndorError, FormatError, UnsupportedModelError
+from endor_gds.stream.experts import routed_experts
+
+E = 8  # experts per MoE layer of the test models (benchmarks.models)
+
+
+def _routing(model) -> list[dict[int, set[int]]]:
+    """Per forward step, per layer, the experts the router picked (recorded by forward hooks on
+    the experts modules, independently of the runtime's own hook)."""
+    steps: list[dict[int, set[int]]] = []
+    layers = model.model.layers
+
+    def record(i):
+        def hook(mod, args, kwargs):
+            top_k = args[1] if len(args) > 1 else kwargs["top_k_index"]
+            steps[-1].setdefault(i, set()).update(int(e) for e in top_k.reshape(-1))
+        return hook
+
+    for i, layer in enumerate(layers):
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None:
+            experts.register_forward_pre_hook(record(i), with_kwargs=True)
+    model.register_forward_pre_hook(lambda *_: steps.append({}))
+    return steps
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("tier", ["ssd", "ram"])
+def test_streamed_experts_equal_the_model_in_memory(packed, family, tier):
+    path = packed(family, torch.float32)
+    ref = reference_model(path)
+    model = endor_gds.from_pretrained(path, device="cpu", tier=tier, expert_prefetch=True)
+    try:
+        assert endor_gds.open(path).format_version == 4
+        assert_same(model, ref)
+        steps = list(model.endor.steps)
+        # every routed expert was a hit (cached, or read ahead on a guess) or read for its forward
+        assert all(s.experts_read - s.experts_prefetched + s.expert_hits == s.experts_routed for s in steps)
+        assert any(s.expert_hits for s in steps)
+        assert sum(s.experts_prefetched for s in steps) > 0
+        assert all(0 <= s.prefetch_hits <= s.experts_routed for s in steps)
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+@pytest.mark.parametrize("depth,cache,prefetch", [(1, 1, True), (2, 3, False), (1, 5, True)])
+def test_a_cache_smaller_than_a_layer_evicts_and_stays_exact(packed, family, depth, cache, prefetch):
+    """Fewer cached experts than one layer routes a batch of 4 to: experts are evicted during a
+    forward and read again, and the output is still the in-memory model's."""
+    path = packed(family, torch.float32)
+    ref = reference_model(path)
+    model = endor_gds.from_pretrained(path, device="cpu", prefetch_depth=depth, expert_cache=cache,
+                                      expert_prefetch=prefetch)
+    try:
+        ids = torch.randint(3, 500, (4, 9), generator=torch.Generator().manual_seed(7))
+        with torch.no_grad():
+            assert torch.equal(model(ids).logits, ref(ids).logits)
+        step = list(model.endor.steps)[-1]
+        assert step.experts_routed > cache  # the batch needs more experts than the cache holds
+        assert step.experts_read >= step.experts_routed - cache
+        assert_same(model, ref)
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_bytes_read_are_the_routed_experts_minus_hits(packed, family):
+    """With a cache that holds every expert, a step reads the dense extents plus the extents of
+    the routed experts no earlier step was routed to: computed from the routing recorded by
+    forward hooks and the extents in the file, against the runtime's statistics."""
+    path = packed(family, torch.float32)
+    f = endor_gds.open(path)
+    dense = sum(ext.length for ext in f.layers)
+    size = {(i, ext.expert): ext.length for i, exts in f.experts.items() for ext in exts}
+    model = endor_gds.from_pretrained(path, device="cpu", expert_cache=len(size))
+    routing = _routing(model)
+    try:
+        ids = torch.randint(3, 500, (2, 5), generator=torch.Generator().manual_seed(3))
+        with torch.no_grad():
+            model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        seen: set = set()
+        for stats, routed in zip(model.endor.steps, routing, strict=True):
+            keys = {(i, e) for i, es in routed.items() for e in es}
+            new = keys - seen
+            seen |= keys
+            assert stats.experts_routed == len(keys)
+            assert stats.experts_read == len(new)
+            assert stats.expert_hits == len(keys) - len(new)
+            assert stats.bytes_read == dense + sum(size[k] for k in new)
+        assert len(seen) < len(size) or len(routing) > 1  # hits happened, or every expert was used
+    finally:
+        model.endor.close()
+
+
+def test_all_experts_mode_reads_every_expert_each_step(packed):
+    path = packed("qwen3_moe", torch.float32)
+    f = endor_gds.open(path)
+    every = sum(ext.length for exts in f.experts.values() for ext in exts)
+    dense = sum(ext.length for ext in f.layers)
+    ref = reference_model(path)
+    model = endor_gds.from_pretrained(path, device="cpu", experts="all")
+    try:
+        assert_same(model, ref)
+        for s in model.endor.steps:
+            assert s.bytes_read == dense + every and s.expert_hits == 0
+    finally:
+        model.endor.close()
+
+
+def test_routed_experts_are_the_distinct_valid_ids():
+    top_k = torch.tensor([[3, 1], [1, 8], [0, 3]])
+    assert routed_experts(top_k, 8) == [0, 1, 3]  # 8: a padding index, not an expert
+
+
+def test_expert_options_are_checked_before_the_file_is_opened(tmp_path):
+    with pytest.raises(ArgumentError, match="experts must be one of"):
+        endor_gds.from_pretrained(tmp_path / "none.endor", experts="some")
+    with pytest.raises(ArgumentError, match="expert_cache"):
+        endor_gds.from_pretrained(tmp_path / "none.endor", expert_cache=0)
+
+
+def test_a_missing_expert_extent_is_named_before_any_read(packed, tmp_path):
+    """The manifest loses expert 5 of layer 0 (its extent and tensors): refused at open or load,
+    by name, not when a token is first routed to it."""
+    path = packed("mixtral", torch.float32)
+
+    def drop(m):
+        m["extents"] = [e for e in m["extents"] if e["name"] != "layer.0.expert.5"]
+        m["tensors"] = [t for t in m["tensors"] if ".layers.0.mlp.experts.5." not in t["name"]]
+
+    with pytest.raises(FormatError, match="expert extents of layer 0 must be numbered"):
+        endor_gds.from_pretrained(manifest_edit(path, drop, tmp_path), device="cpu")
+
+
+def test_an_expert_slice_in_another_experts_extent_is_refused(packed, tmp_path):
+    """Expert 2's extent holds a slice named for expert 9: named before any read (a slice must
+    lie in its own expert's extent, one routed expert being one read)."""
+    path = packed("qwen3_moe", torch.float32)
+
+    def rename(m):
+        for t in m["tensors"]:
+            if t["name"] == "model.layers.1.mlp.experts.2.down_proj":
+                t["name"] = "model.layers.1.mlp.experts.9.down_proj"
+
+    with pytest.raises(EndorError, match="in extent layer.1.expert.2 is not under"):
+        endor_gds.from_pretrained(manifest_edit(path, rename, tmp_path), device="cpu")
+
+
+def test_a_config_whose_expert_count_disagrees_is_named(packed, tmp_path):
+    path = packed("qwen2_moe", torch.float32)
+
+    def more(m):
+        m["config"]["num_experts"] = 16
+
+    with pytest.raises(FormatError, match="config's expert count disagrees"):
+        endor_gds.from_pretrained(manifest_edit(path, more, tmp_path), device="cpu")
+
+
+def test_packing_refuses_a_checkpoint_missing_an_expert_tensor(model_dir, tmp_path):
+    src = model_dir("qwen3_moe", torch.float32)
+    import shutil  # noqa: PLC0415
+
+    from safetensors.torch import load_file, save_file  # noqa: PLC0415
+
+    bad = tmp_path / "ckpt"
+    shutil.copytree(src, bad)
+    sd = load_file(bad / "model.safetensors")
+    del sd["model.layers.2.mlp.experts.4.up_proj.weight"]
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(UnsupportedModelError, match="expert 4 of layer 2.*lacks up_proj.weight"):
+        endor_gds.pack(bad, tmp_path / "out.endor", progress=False)
+    assert not (tmp_path / "out.endor").exists()
+
+
+def test_wanda_is_refused_for_experts_by_name(model_dir, tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text("w5 w6 w7 " * 50)
+    with pytest.raises(ArgumentError, match="mixture-of-experts"):
+        endor_gds.pack(model_dir("mixtral", torch.float32), tmp_path / "o.endor", prune="wanda",
+                       calib=calib, progress=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_streamed_experts_on_cuda_equal_the_model_in_memory(packed, family):
+    """The same on the GPU: experts read, checked and decoded by the CUDA backend and kernel, a
+    cache of 3 experts (evictions within each forward)."""
+    path = packed(family, torch.float32)
+    ref = reference_model(path).to("cuda")
+    model = endor_gds.from_pretrained(path, device="cuda", expert_cache=3)
+    try:
+        assert_same(model, ref, device="cuda")
+    finally:
+        model.endor.close()
