@@ -108,7 +108,7 @@ def spec_violations(data: bytes, m) -> list[str]:
 
     magic, version, flags, moff, mlen, flen, mcrc = HEADER.unpack_from(data)
     need(magic == b"ENDORGDS", "magic")
-    need(version in (1, 2, 3) and flags == 0, f"version {version} / flags {flags}")
+    need(version in (1, 2, 3, 4) and flags == 0, f"version {version} / flags {flags}")
     need(crc32c(data[:44]) == struct.unpack_from("<I", data, 44)[0], "header CRC")
     need(not any(data[48:PAGE]), "header page is not zero after the fields")
     need(flen == len(data), "file length")
@@ -141,12 +141,23 @@ def spec_violations(data: bytes, m) -> list[str]:
         need(in_range(e.get("offset"), e.get("length"), PAGE, moff), f"extent {name} range")
         if kind == "layer":
             need(_is_int(e.get("layer")) and name == f"layer.{e.get('layer')}", f"extent {name} layer")
+        elif kind == "expert":  # version 4: expert e of layer i, named layer.<i>.expert.<e>
+            need(version >= 4, f"extent {name}: kind expert in a version {version} file")
+            need(_is_int(e.get("layer")) and _is_int(e.get("expert"))
+                 and name == f"layer.{e['layer']}.expert.{e['expert']}", f"extent {name} layer/expert")
         else:
             need(kind in ("resident", "files") and name == kind, f"extent {name} kind {kind!r}")
         extents[name] = e
     layers = sorted(e["layer"] for e in extents.values() if e.get("kind") == "layer"
                     and _is_int(e.get("layer")))
     need(layers == list(range(len(layers))), "layers are not numbered 0..L-1")
+    experts: dict = {}  # layer -> the expert numbers of its expert extents
+    for e in extents.values():
+        if e.get("kind") == "expert" and _is_int(e.get("layer")) and _is_int(e.get("expert")):
+            experts.setdefault(e["layer"], []).append(e["expert"])
+    for i, nums in sorted(experts.items()):
+        need(0 <= i < len(layers), f"expert extents of layer {i}, but {len(layers)} layers")
+        need(sorted(nums) == list(range(len(nums))), f"experts of layer {i} are not numbered 0..E-1")
     spans = sorted((e["offset"], e["offset"] + e["length"]) for e in extents.values()
                    if _is_int(e.get("offset")) and _is_int(e.get("length")))
     need(all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "extents overlap")
@@ -187,7 +198,8 @@ def spec_violations(data: bytes, m) -> list[str]:
                     and 0 <= nnz <= numel, f"tensor {name} dtype/encoding/nnz"):
             continue
         # version 1: codec raw only; version 2: expdict too, for bitmap tensors only; version 3:
-        # exphuff too, for bitmap and dense tensors
+        # exphuff too, for bitmap and dense tensors; version 4: version 3's codecs (it adds expert
+        # extents, checked above)
         if not need(codec == "raw" or (codec == "expdict" and version >= 2 and enc == "bitmap")
                     or (codec == "exphuff" and version >= 3),
                     f"tensor {name} codec {codec!r:.40} (version {version}, {enc})"):
@@ -233,7 +245,7 @@ def spec_violations(data: bytes, m) -> list[str]:
             want.update(residuals=nnz * layout[1], bits=-(-nbits // 8), tile_bits=4 * (ntiles + 1),
                         chunk_bits=2 * 7 * ntiles)
         ext = extents.get(t.get("extent")) if type(t.get("extent")) is str else None
-        need(ext is not None and ext.get("kind") in ("resident", "layer"), f"tensor {name} extent")
+        need(ext is not None and ext.get("kind") in ("resident", "layer", "expert"), f"tensor {name} extent")
         segs = t.get("segments") if type(t.get("segments")) is list else []
         got = {}
         for s in segs:

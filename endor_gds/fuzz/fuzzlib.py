@@ -7,7 +7,8 @@ magnitude pruning in fp16, bf16 and fp32 with partial tiles and partial bitmap w
 dense-only file, embedded tokenizer files, tied embeddings; format v1 files (codec raw), format
 v2 files whose linear weights use the expdict codec, with escapes in their tiles, and format v3
 files whose linear weights use the exphuff codec, bitmap and dense, with partial chunks and codes
-up to the 12-bit limit). A *mutator* turns one corpus file into a :class:`Mutant`: the new bytes,
+up to the 12-bit limit; a format v4 file of a mixture-of-experts model, its experts' slices in
+extents of kind "expert"). A *mutator* turns one corpus file into a :class:`Mutant`: the new bytes,
 a line saying what changed, and ``hostile``:
 
 * ``hostile=False`` — plain damage (bit flips, overwrites, truncation, extension) with no
@@ -104,6 +105,13 @@ CORPUS = (
     CorpusSpec("qwen2-f32-exphuff-dense-files", "qwen2", torch.float32, "none", 0.0, True,
                tuple(sorted(dict(_SMALL, num_hidden_layers=1, hidden_size=16, intermediate_size=90).items())),
                codec="exphuff"),
+    # format v4: a mixture-of-experts model, 2 layers of 4 experts, each expert's slices in its
+    # own extent layer.<i>.expert.<e> (codec raw: a v4 file has v3's codecs, and raw is the
+    # cheapest to read). At 70 % the [192, 64] gate_up slices come out bitmap (partial tiles),
+    # the [64, 96] down slices dense (a page each either way): both encodings in expert extents.
+    CorpusSpec("qwen3_moe-bf16-magnitude-experts", "qwen3_moe", torch.bfloat16, "magnitude", 0.7, False,
+               tuple(sorted(dict(_SMALL, hidden_size=64, head_dim=16, num_experts=4,
+                                 moe_intermediate_size=96).items()))),
 )
 
 
@@ -723,6 +731,114 @@ def j_exphuff(m, base, rng):
     return f"tensor {t['name']} exphuff {choice}{', sizes made consistent' if fixed else ''}"
 
 
+def _retarget(m, old: str, new) -> None:
+    """Tensors stored in extent ``old`` now name extent ``new``."""
+    for t in m["tensors"]:
+        if t.get("extent") == old:
+            t["extent"] = new
+
+
+def _expert_edit(m, rng) -> tuple[str, int]:
+    """One edit of version 4's expert extents (docs/format.md, sections 2 and 3); returns the
+    detail and the format version the file should now carry. With its tensors following an
+    extent's new name (``retarget``), the edit is judged by the expert rules alone: the name is
+    ``layer.<i>.expert.<e>``, its layer exists, a layer's experts are 0..E-1 exactly once."""
+    version = m["format_version"]
+    layers = [e for e in m["extents"] if e.get("kind") == "layer"]
+    exps = [e for e in m["extents"] if e.get("kind") == "expert"]
+    if not exps:  # a v1-v3 file: an expert extent needs version 4; version 4 alone is valid
+        choice = rng.choice(["add", "add_v4", "v4"])
+        if choice != "v4":
+            ext = rng.choice(layers)
+            m["extents"].append({"name": f"layer.{ext['layer']}.expert.0", "kind": "expert", "layer":
+                                 ext["layer"], "expert": 0, "offset": ext["offset"] + ext["length"],
+                                 "length": 0})
+        return f"no experts: {choice}", 4 if choice != "add" else version
+    e = rng.choice(exps)
+    old = e["name"]
+    count = {}  # layer -> number of experts
+    for x in exps:
+        count[x["layer"]] = count.get(x["layer"], 0) + 1
+    n_layers, n_exp = len(layers), count[e["layer"]]
+    choice = rng.choice(["expert", "layer", "name", "swap", "drop", "add", "kind", "field", "version",
+                         "move_tensor"])
+    retarget = rng.random() < 0.6
+    if choice in ("expert", "layer"):
+        pool = [-1, 1 << 20, (1 << 20) + 1, 1 << 40, None, True, "0", 1.0] + (
+            [n_exp, n_exp + 1] + list(range(n_exp)) if choice == "expert" else [n_layers] + list(range(n_layers)))
+        e[choice] = rng.choice(pool)
+        if rng.random() < 0.7:  # the name follows
+            e["name"] = f"layer.{e['layer']}.expert.{e['expert']}"
+    elif choice == "name":
+        i, x = e["layer"], e["expert"]
+        e["name"] = rng.choice([f"layer.{i}.expert.{x:02d}", f"layer.{i}.experts.{x}", f"layer.{i}.expert.{x}.",
+                                f"layer.{i}.expert.+{x}", f"layer.{i}.expert.{x} ", f"layer.{i}.expert",
+                                f"layer.{i}", f"layer.0{i}.expert.{x}", "expert", f"layer.{x}.expert.{i}",
+                                rng.choice(m["extents"])["name"]])
+    elif choice == "swap":  # two experts trade numbers and names (with their tensors: valid)
+        other = rng.choice(exps)
+        for key in ("name", "expert", "layer"):
+            e[key], other[key] = other[key], e[key]
+        if retarget and other is not e:
+            _retarget(m, old, "\x00swap")
+            _retarget(m, e["name"], old)
+            _retarget(m, "\x00swap", e["name"])
+        return f"expert extents {old} and {e['name']} swapped{', tensors follow' if retarget else ''}", version
+    elif choice == "drop":  # valid only for a layer's last expert, its tensors dropped too
+        m["extents"].remove(e)
+        if retarget:
+            m["tensors"] = [t for t in m["tensors"] if t.get("extent") != old]
+        return f"expert extent {old} ({n_exp} in its layer) dropped{', with its tensors' if retarget else ''}", \
+            version
+    elif choice == "add":  # expert E (valid: an empty extent where the layer's experts end) or a gap
+        x = rng.choice([n_exp, n_exp, n_exp + 1])
+        last = max((y for y in exps if y["layer"] == e["layer"]), key=lambda y: y["expert"])
+        place = rng.choice(["after", "overlap"])
+        new = {"name": f"layer.{e['layer']}.expert.{x}", "kind": "expert", "layer": e["layer"], "expert": x,
+               "offset": last["offset"] + (last["length"] if place == "after" else 0),
+               "length": 0 if place == "after" else last["length"]}
+        m["extents"].insert(m["extents"].index(last) + 1, new)
+        return f"expert extent {new['name']} added ({place}; {n_exp} in its layer)", version
+    elif choice == "kind":
+        if rng.random() < 0.5:
+            e["kind"] = rng.choice(["layer", "resident", "files", "experts", "Expert", None])
+            return f"expert extent {old}: kind {_short(e['kind'])}", version
+        lay = rng.choice(layers)  # a layer extent claims to be an expert
+        lay["kind"] = "expert"
+        if rng.random() < 0.5:
+            lay["expert"] = rng.choice([0, n_exp])
+        return f"layer extent {lay['name']}: kind expert, expert {_short(lay.get('expert'))}", version
+    elif choice == "field":
+        key = rng.choice(["expert", "layer"])
+        del e[key]
+    elif choice == "version":  # an expert extent in a file of a version without them
+        v = rng.choice([1, 2, 3, 3, 5])
+        return f"format version {version} -> {v}", v
+    else:  # a tensor moves into an expert extent, or out of one into its layer's
+        t = rng.choice(m["tensors"])
+        t["extent"] = old if t["extent"] != old else f"layer.{e['layer']}"
+        return f"tensor {t['name']} -> extent {t['extent']}", version
+    if retarget and type(e.get("name")) is str:
+        _retarget(m, old, e["name"])
+    return f"expert extent {old}: {choice} -> {_short(e.get('name'))} layer {_short(e.get('layer'))} " \
+           f"expert {_short(e.get('expert'))}{', tensors follow' if retarget else ''}", version
+
+
+def m_experts(base, rng):
+    """Version 4's expert extents, edited (:func:`_expert_edit`); the header and the manifest
+    carry the version the edit asks for (now and then only one of them)."""
+    m = copy.deepcopy(base.manifest)
+    detail, version = _expert_edit(m, rng)
+    where = rng.choice(["both", "both", "both", "header", "manifest"]) if version != m["format_version"] \
+        else "both"
+    if where != "header":
+        m["format_version"] = version
+    data = with_manifest(base, dump(m))
+    if where != "manifest":
+        data = with_header(data, version=version)
+    return data, detail + (f" (version in the {where} only)" if where != "both" else ""), True
+
+
 HOSTILE_NAMES = ["../evil", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "nul\x00x", ".",
                  "..", "", ".hidden", "x" * 5000, "tökenizer.json", "CON", " ", "a\nb",
                  "tokenizer.json/", "~", "$HOME"]
@@ -1062,6 +1178,7 @@ MUTATORS = {
     "segment.bit_offsets": m_bit_offsets,
     "file.truncate": m_truncate,
     "file.extend": m_extend,
+    "json.experts": m_experts,  # last: the ops before it keep their indices (and their cases)
 }
 OPS = tuple(MUTATORS)
 

@@ -74,7 +74,7 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     numels = [np.prod(t["shape"]) for b in bases for t in b.manifest["tensors"] if t["encoding"] == "bitmap"]
     assert any(n % 32 for n in numels) and any(n % 4096 for n in numels)
     # format v2: expdict tensors of 2-byte types with and without high residual bits, escapes
-    assert {b.manifest["format_version"] for b in bases} == {1, 2, 3}
+    assert {b.manifest["format_version"] for b in bases} == {1, 2, 3, 4}
     expdict = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "expdict"]
     assert {t["dtype"] for t in expdict} == {"BF16", "F16"}
     assert sum(t["expdict"]["escapes"] > 0 for t in expdict) >= 4
@@ -89,9 +89,26 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     assert any(n % 512 for n in dense_numels) and any(n % 4096 > 512 for n in dense_numels)
     longest = {(t["encoding"], max(t["exphuff"]["code_lengths"])) for t in exphuff}
     assert any(e == "bitmap" and n > 8 for e, n in longest) and max(n for _, n in longest) == 12
+    # format v4: a mixture-of-experts file, two layers of experts, bitmap and dense slices in them
+    moe = _experts_base(bases)
+    assert moe.manifest["format_version"] == 4
+    experts = [e for e in moe.manifest["extents"] if e["kind"] == "expert"]
+    assert len({e["layer"] for e in experts}) >= 2
+    in_experts = {t["encoding"] for t in moe.manifest["tensors"] if t["extent"] in {e["name"] for e in experts}}
+    assert in_experts == {"bitmap", "dense"}
 
 
-# ops that mutate one codec's parameters or tables run on a file that has them
+def _has_experts(base) -> bool:
+    return any(e.get("kind") == "expert" for e in base.manifest["extents"])
+
+
+def _experts_base(bases):
+    return next(b for b in bases if _has_experts(b))
+
+
+# ops that mutate one codec's parameters or tables run on a file that has them, json.experts on
+# the file with expert extents; the other ops on the files without (the cases they had before the
+# experts file was added to the corpus: the hypothesis test below draws it for any op)
 _OP_CODEC = {"json.expdict": "expdict", "segment.escape_positions": "expdict",
              "json.exphuff": "exphuff", "segment.bit_offsets": "exphuff"}
 
@@ -100,7 +117,8 @@ _OP_CODEC = {"json.expdict": "expdict", "segment.escape_positions": "expdict",
 def test_every_op_once(bases, decoder, workdir, op):
     index = fuzzlib.OPS.index(op)
     codec = _OP_CODEC.get(op)
-    fit = [b for b in bases if codec is None or any(t.get("codec") == codec for t in b.manifest["tensors"])]
+    fit = [b for b in bases if (codec is None or any(t.get("codec") == codec for t in b.manifest["tensors"]))
+           and _has_experts(b) == (op == "json.experts")]
     base = fit[index % len(fit)]
     mutant = fuzzlib.mutate(base, op, fuzzlib.case_rng(0, index))
     _assert_kept_promises(base, mutant, _run(base, mutant, workdir, decoder))
@@ -441,6 +459,76 @@ def test_spec_check_exphuff_tables(bases, tmp_path):
     assert any("codec 'exphuff' (version 2" in v for v in fuzzcheck.spec_violations(v2, m))
     with pytest.raises(FormatError, match="codec must be one of 'raw', 'expdict', got 'exphuff'"):
         EndorFile(_write(tmp_path, v2))
+
+
+def _expert(m, layer, expert):
+    return next(e for e in m["extents"] if e["name"] == f"layer.{layer}.expert.{expert}")
+
+
+def _move_expert(m, layer, expert, new_layer, new_expert):
+    """Renumber one expert extent, its name and its tensors following."""
+    e = _expert(m, layer, expert)
+    old = e["name"]
+    e.update(layer=new_layer, expert=new_expert, name=f"layer.{new_layer}.expert.{new_expert}")
+    for t in m["tensors"]:
+        if t["extent"] == old:
+            t["extent"] = e["name"]
+
+
+def _drop_expert(m, layer, expert):
+    e = _expert(m, layer, expert)
+    m["extents"].remove(e)
+    m["tensors"] = [t for t in m["tensors"] if t["extent"] != e["name"]]
+
+
+def _as_version(base, data, version):
+    """``data`` (a mutant of ``base``) with its header and its manifest both saying ``version``."""
+    m = json.loads(data[base.moff:base.moff + fuzzlib.header_of(data)["mlen"]])
+    m["format_version"] = version
+    return fuzzlib.with_header(fuzzlib.with_manifest(base, fuzzlib.dump(m)), version=version)
+
+
+# each case: (manifest edit of the experts file, format version or None, fuzzcheck's rule or None
+# for a valid file, the reader's words)
+EXPERT_RULES = {
+    "expert extents in a version 3 file": (lambda m: None, 3, "kind expert in a version 3",
+                                           "kind must be one of 'resident', 'layer', 'files', got 'expert'"),
+    "expert number and name disagree": (lambda m: _expert(m, 0, 1).update(expert=2), None,
+                                        "layer/expert", "must be named 'layer.0.expert.2'"),
+    "expert name with a leading zero": (lambda m: _expert(m, 1, 1).update(name="layer.1.expert.01"), None,
+                                        "layer/expert", "must be named 'layer.1.expert.1'"),
+    "expert number missing": (lambda m: _expert(m, 0, 0).pop("expert"), None, "layer/expert",
+                              r"expert must be an integer"),
+    "a gap in a layer's experts": (lambda m: _move_expert(m, 0, 1, 0, 7), None, "not numbered 0..E-1",
+                                   "numbered 0..E-1 exactly once"),
+    "experts of a layer the file lacks": (lambda m: _move_expert(m, 1, 3, 2, 0), None, "but 2 layers",
+                                          "belongs to layer 2, but the file has 2 layer extents"),
+    "last expert dropped with its tensors": (lambda m: _drop_expert(m, 1, 3), None, None, None),
+    "expert moved to the other layer": (lambda m: _move_expert(m, 0, 3, 1, 4), None, None, None),
+    "version 4 without experts": (lambda m: None, "v4 of another file", None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(EXPERT_RULES))
+def test_spec_check_expert_rules(bases, tmp_path, case):
+    """Each rule of version 4's expert extents (docs/format.md, sections 2 and 3), broken on
+    purpose: fuzzcheck's own reading of the spec names it, and the reader refuses the file at
+    open; edits that keep the rules (valid) are accepted by both."""
+    edit, version, rule, words = EXPERT_RULES[case]
+    base = _experts_base(bases) if version != "v4 of another file" else _bitmap_base(bases)
+    data = _with(base, edit)
+    if version is not None:
+        data = _as_version(base, data, 4 if version == "v4 of another file" else version)
+    m = json.loads(data[base.moff:base.moff + fuzzlib.header_of(data)["mlen"]])
+    broken = fuzzcheck.spec_violations(data, m)
+    if rule is None:
+        assert broken == []
+        with EndorFile(_write(tmp_path, data)) as f:
+            assert f.format_version == 4
+        return
+    assert any(rule in v for v in broken), broken
+    with pytest.raises(FormatError, match=words):
+        EndorFile(_write(tmp_path, data))
 
 
 def test_fenced_buffers_turn_overreads_into_crashes():
