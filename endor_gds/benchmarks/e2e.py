@@ -68,6 +68,20 @@ CONFIGS: dict[str, dict] = {
     "tiny": dict(_LLAMA, hidden_size=256, intermediate_size=704, num_hidden_layers=4,
                  num_attention_heads=8, num_key_value_heads=4, vocab_size=1024),
 }
+# Mixtures of experts. Qwen3-30B-A3B's shape (128 experts, 8 per token) with 8 of its 48 layers:
+# 5.5 B parameters, 11 GB in bf16, of which a token routes to ~1/16 of the experts' bytes.
+_QWEN3_MOE = {"model_type": "qwen3_moe", "architectures": ["Qwen3MoeForCausalLM"], "hidden_act": "silu",
+              "max_position_embeddings": 4096, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+              "tie_word_embeddings": False, "norm_topk_prob": True, "decoder_sparse_step": 1,
+              "mlp_only_layers": [], "bos_token_id": 1, "eos_token_id": 2}
+CONFIGS.update({
+    "qwen3-moe-5b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                         num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                         num_experts=128, num_experts_per_tok=8, vocab_size=151936),
+    "tiny-moe": dict(_QWEN3_MOE, hidden_size=256, intermediate_size=704, moe_intermediate_size=128,
+                     num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
+                     num_experts=16, num_experts_per_tok=4, vocab_size=1024),
+})
 DTYPE_NAMES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -120,6 +134,25 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
     tmp.mkdir(parents=True, exist_ok=True)
     skeleton = empty_model(config, DTYPE_NAMES[dtype])
     params = list(skeleton.named_parameters())  # tied parameters appear once
+    recipe = recipe_for(config)
+
+    def stored(pname: str, t: torch.Tensor) -> dict[str, torch.Tensor]:
+        """A parameter as a Hugging Face checkpoint stores it: fused experts [E, rows, cols] as
+        each expert's tensors (gate and up apart), the way save_pretrained writes them."""
+        if not recipe.is_fused_experts(pname):
+            return {pname: t}
+        out = {}
+        for e in range(t.shape[0]):
+            names = recipe.checkpoint_rows(pname, e)
+            for n, part in zip(names, t[e].chunk(len(names))):
+                out[n] = part.contiguous()
+        return out
+
+    def names_of(i: int) -> set[str]:
+        pname, p = params[i]
+        if not recipe.is_fused_experts(pname):
+            return {pname}
+        return {n for e in range(p.shape[0]) for n in recipe.checkpoint_rows(pname, e)}
     itemsize = torch.empty((), dtype=DTYPE_NAMES[dtype]).element_size()
     total = sum(p.numel() for _, p in params) * itemsize
     shards: list[list[int]] = [[]]  # parameter indices per shard, in order, each about shard_bytes
@@ -137,7 +170,7 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
         if (tmp / fname).is_file():
             try:  # written whole by an earlier run (renamed into place only when complete)
                 with safe_open(tmp / fname, "pt") as f:
-                    if set(f.keys()) == {params[i][0] for i in members}:
+                    if set(f.keys()) == {n for i in members for n in names_of(i)}:
                         bar.update(nbytes)
                         continue
             except Exception:  # noqa: BLE001 - unreadable: written again below
@@ -146,16 +179,16 @@ def build_checkpoint(name: str, dtype: str = "float16", *, root: Path | None = N
         for i in members:
             pname, p = params[i]
             if p.dim() == 1:
-                shard[pname] = torch.ones(p.shape, dtype=p.dtype) if "norm" in pname else \
-                    torch.zeros(p.shape, dtype=p.dtype)
+                t = torch.ones(p.shape, dtype=p.dtype) if "norm" in pname else torch.zeros(p.shape, dtype=p.dtype)
             else:
                 gen = torch.Generator().manual_seed(seed * 1_000_003 + i)
-                shard[pname] = (torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype)
+                t = (torch.randn(p.shape, generator=gen) * 0.02).to(p.dtype)
+            shard.update(stored(pname, t))
         save_file(shard, tmp / (fname + ".part"), metadata={"format": "pt"})
         (tmp / (fname + ".part")).rename(tmp / fname)
         bar.update(nbytes)
     bar.close()
-    weight_map = {params[i][0]: fname for fname, members in zip(names, shards) for i in members}
+    weight_map = {n: fname for fname, members in zip(names, shards) for i in members for n in sorted(names_of(i))}
     (tmp / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1))
     (tmp / "config.json").write_text(json.dumps(config, indent=1))
@@ -523,7 +556,7 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
             tokens: int = 8, prompt_len: int = 16, device: str = "cpu", tiers=("ssd",),
             accelerate: bool = True, cold: bool = True, rounds: int = 1, root: Path | None = None,
             progress: bool = True, log=print, v2: bool = True, v3: bool = False, unchecked: bool = False,
-            unfused: bool = False, batches=(1,)) -> dict:
+            unfused: bool = False, batches=(1,), all_experts: bool = False) -> dict:
     """Build, pack, measure every variant ``rounds`` times (interleaved, so a disk whose speed
     drifts affects all variants alike) and return the report (see ``bench_e2e.py --json``).
     ``v2``: also the pruned model in format v2 (codec expdict); ``v3``: also the unpruned model in
@@ -531,7 +564,9 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
     variant with ``verify_reads=False``, interleaved with the checked one (the cost of the checks).
     ``unfused``: also every pruned variant with the CPU fused product off (``fused=False``),
     interleaved: what multiplying from bitmap + values gains over decoding to dense.
-    ``batches``: generate that many sequences at once (variants ``NAME-batchB`` for B > 1)."""
+    ``batches``: generate that many sequences at once (variants ``NAME-batchB`` for B > 1).
+    ``all_experts``: a mixture-of-experts model also with ``experts="all"`` (every expert read
+    each step, variants ``NAME-allexperts``), interleaved with the routed runs."""
     ckpt = build_checkpoint(config, dtype, root=root, progress=progress)
     endor_kinds = list(streamed_kinds(v2, v3))
     files = packed_variants(ckpt, sparsity, progress=progress, kinds=tuple(endor_kinds))
@@ -569,11 +604,13 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
                     log(f"[round {r + 1}/{rounds}] {name} ...")
                     # This disk's speed drifts (host caching, burst credits): the floor of each
                     # variant is its own file read alone, cold, right before it runs.
-                    for suffix, verify, fused in _option_variants(unchecked, unfused and kind != "dense"):
+                    for suffix, verify, fused, experts in _option_variants(unchecked, unfused and kind != "dense",
+                                                                           all_experts):
                         read_now = raw_read_gbps(files[kind], repeats=1)
                         with defaults.set(fused=fused and defaults.get("fused")):
                             v = measure_endor(files[kind], name + suffix, device, prompt, tokens, tier=tier,
-                                              cold=cold, progress=progress, verify_reads=verify)
+                                              cold=cold, progress=progress, verify_reads=verify,
+                                              experts=experts)
                         v.read_gbps.append(read_now)
                         v.batch = b
                         add(v)
@@ -585,14 +622,16 @@ def run_e2e(config: str = "tinyllama-1.1b", dtype: str = "float16", *, sparsity:
     return rep
 
 
-def _option_variants(unchecked: bool, unfused: bool):
-    """(name suffix, verify_reads, fused) of each run of one variant: the defaults first, then the
-    runs with one option turned off, interleaved with it (the option's cost or gain, same run)."""
-    yield "", True, True
+def _option_variants(unchecked: bool, unfused: bool, all_experts: bool = False):
+    """(name suffix, verify_reads, fused, experts) of each run of one variant: the defaults first,
+    then the runs with one option changed, interleaved with it (the option's cost or gain, same run)."""
+    yield "", True, True, "routed"
     if unchecked:
-        yield "-unchecked", False, True
+        yield "-unchecked", False, True, "routed"
     if unfused:
-        yield "-unfused", True, False
+        yield "-unfused", True, False, "routed"
+    if all_experts:
+        yield "-allexperts", True, True, "all"
 
 
 def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how, files,
@@ -636,6 +675,14 @@ def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how
     # the CPU fused product (the default) against the same variant decoding to dense, same run
     rep["fused_speedup"] = {v.name: ratio(by[v.name + "-unfused"], v) for v in variants
                             if v.name + "-unfused" in by}
+    # mixtures of experts: routed experts against every expert, same file, same run (time and bytes)
+    rep["routed_vs_all"] = {
+        v.name: {"speedup": ratio(by[v.name + "-allexperts"], v),
+                 "byte_ratio": by[v.name + "-allexperts"].bytes_per_token / v.bytes_per_token,
+                 "experts_read_per_token": v.stats["per_token"]["experts_read"],
+                 "expert_hits_per_token": v.stats["per_token"]["expert_hits"],
+                 "experts_routed_per_token": v.stats["per_token"]["experts_routed"]}
+        for v in variants if v.name + "-allexperts" in by and v.stats}
     cost_limit = 1.03 if device.startswith("cuda") else 1.05  # the 2-core CPU class shares its cores
     rep["targets"] = {
         f"checked_cost <= {cost_limit} for every variant": _ok(
@@ -650,6 +697,12 @@ def make_report(config, dtype, sparsity, device, tokens, cold, fio_gbps, fio_how
         "speedup_v2_vs_v1 >= 0.95 * byte_ratio_v2": _ok(
             rep["speedup_v2_vs_v1"],
             lambda x: rep["byte_ratio_v2"] is not None and x >= 0.95 * rep["byte_ratio_v2"]),
+        "speedup_vs_accelerate >= 5 (mixture of experts, routed)": _ok(
+            rep["speedup_vs_accelerate"] if recipe_for(resolve_config(config)[1]).experts else None,
+            lambda x: x >= 5),
+        "routed experts vs all: speedup >= 0.8 * byte_ratio": _ok(
+            min((r["speedup"] / r["byte_ratio"] for r in rep["routed_vs_all"].values()), default=None),
+            lambda x: x >= 0.8),
         "speedup_v3_vs_v1 >= 0.95 * byte_ratio_v3 (unpruned)": _ok(
             rep["speedup_v3_vs_v1"],
             lambda x: rep["byte_ratio_v3"] is not None and x >= 0.95 * rep["byte_ratio_v3"]),
@@ -713,6 +766,10 @@ def format_report(rep: dict) -> str:
     if rep.get("speedup_v3_vs_v1") is not None:
         lines.append(f"format v3 (exphuff) vs v1, same unpruned weights: {fmt(rep['speedup_v3_vs_v1'])}x "
                      f"(for {fmt(rep['byte_ratio_v3'])}x fewer bytes)")
+    for name, r in (rep.get("routed_vs_all") or {}).items():
+        lines.append(f"routed experts vs every expert, {name}: {fmt(r['speedup'])}x (for {fmt(r['byte_ratio'])}x "
+                     f"fewer bytes); per token {r['experts_routed_per_token']:.1f} experts routed, "
+                     f"{r['experts_read_per_token']:.1f} read, {r['expert_hits_per_token']:.1f} cache hits")
     if rep.get("checked_cost"):
         lines.append("checked reads vs unchecked, time per token: " + ", ".join(
             f"{name} {fmt(x)}x" for name, x in rep["checked_cost"].items()))
@@ -784,6 +841,9 @@ def add_arguments(p) -> None:
                    help="also the format v3 variant: the unpruned model with codec exphuff (entropy-coded "
                         "exponents), against the v1 dense file")
     p.add_argument("--warm", action="store_true", help="do not evict the page cache before steps")
+    p.add_argument("--all-experts", action="store_true",
+                   help="a mixture-of-experts config (qwen3-moe-5b, tiny-moe) also with every expert read each "
+                        "step (experts='all'), interleaved with the routed runs: what routing saves")
     p.add_argument("--unfused", action="store_true",
                    help="also run every pruned endor variant with the CPU fused product off (fused=False), "
                         "interleaved: what it gains, same run")
@@ -821,7 +881,7 @@ def run_from_args(args) -> int:
                   accelerate=not args.no_accelerate, cold=not args.warm, rounds=args.rounds,
                   root=root,
                   progress=not args.quiet, log=log, v2=not args.no_v2, v3=args.v3, unchecked=args.unchecked,
-                  unfused=args.unfused)
+                  unfused=args.unfused, all_experts=args.all_experts)
     print(format_report(rep), file=sys.stderr if to_stdout else sys.stdout)
     if args.json:
         text = json.dumps(rep, indent=1)

@@ -56,7 +56,9 @@ def _why_slow(variant: dict, cpus: int | None, device: str, disk_gbps: float | N
 
 
 # Why a target has no figure: the run left out what it compares.
-NOT_RUN = {
+NOT_RUN = {  # the first key a target's name starts with
+    "speedup_vs_accelerate >= 5 (mixture": "a mixture-of-experts config only (--config qwen3-moe-5b)",
+    "routed experts": "a mixture-of-experts config with --all-experts (every expert read, interleaved)",
     "checked_cost": "measured only with --unchecked (each streaming variant run again with checks off)",
     "speedup_vs_accelerate": "needs the Accelerate run (left out by --no-accelerate)",
     "time_over_floor": "needs fio's reference read speed (apt-get install fio)",

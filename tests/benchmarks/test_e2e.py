@@ -176,3 +176,32 @@ def test_unfused_variants_measure_the_fused_product(tmp_path):
     text = e2e.format_report(rep)
     assert "fused product vs decoding to dense (fused=False), speed: endor-pruned " in text
     assert "fused product: on for steps of at most 16 rows (batch x sequence) (16 for torch.float16" in text
+
+
+def test_e2e_tiny_moe_routed_against_all_experts(tmp_path):
+    """A mixture-of-experts config: the checkpoint is written as Hugging Face checkpoints are
+    (each expert's gate, up and down projections apart), Accelerate loads it, the packed files
+    have one extent per expert, and --all-experts runs every variant again reading every expert,
+    interleaved: routed_vs_all is the all-experts time and bytes over the routed ones."""
+    rep = e2e.run_e2e("tiny-moe", "bfloat16", tokens=3, prompt_len=4, cold=False, v2=False,
+                      root=tmp_path, progress=False, log=lambda m: None, all_experts=True)
+    ckpt = e2e.checkpoint_folder("tiny-moe", "bfloat16", tmp_path)
+    names = set(json.loads((ckpt / "model.safetensors.index.json").read_text())["weight_map"])
+    assert "model.layers.3.mlp.experts.15.up_proj.weight" in names
+    assert not any(n.endswith("experts.gate_up_proj") for n in names)
+    by = {v["name"]: v for v in rep["variants"]}
+    assert set(by) == {"accelerate-disk", "endor-dense", "endor-pruned", "endor-dense-allexperts",
+                       "endor-pruned-allexperts"}
+    for kind in ("dense", "pruned"):
+        with endor_gds.open(rep["files"][kind]["path"]) as f:
+            assert f.format_version == 4 and {i: len(x) for i, x in f.experts.items()} == {i: 16 for i in range(4)}
+            every = sum(x.length for exts in f.experts.values() for x in exts)
+            dense = sum(x.length for x in f.layers)
+        routed, every_run = by[f"endor-{kind}"], by[f"endor-{kind}-allexperts"]
+        assert every_run["bytes_per_token"] == dense + every
+        assert routed["bytes_per_token"] < every_run["bytes_per_token"]
+        r = rep["routed_vs_all"][f"endor-{kind}"]
+        assert r["byte_ratio"] == every_run["bytes_per_token"] / routed["bytes_per_token"]
+        assert r["experts_routed_per_token"] <= 4 * 4  # 4 layers, 4 of 16 experts per token at batch 1
+    assert "routed experts vs all: speedup >= 0.8 * byte_ratio" in rep["targets"]
+    assert "routed experts vs every expert, endor-pruned: " in e2e.format_report(rep)
