@@ -56,18 +56,18 @@ def test_overlap_is_real(packed, monkeypatch):
 
 def test_memory_flat_across_tokens(packed):
     """Nothing of ours grows across tokens: the same buffers, no Python memory kept by endor_gds
-    code from token 2 to token 100, and a process peak (minus the KV cache) that grows no more
-    than the same loop on the in-memory model does — each measured in a fresh process, each
-    side's smallest growth of two runs (the noise is upwards only).
+    code from token 2 to token 100, and C heap in use (glibc's ``mallinfo2``: what torch, numpy
+    and our library allocate, resident or not) that grows from token 20 to 100 no more than the
+    same loop on the in-memory model does — each measured in a fresh process, each side's
+    smallest growth of two runs (the noise is upwards only). 4 pages are allowed: a native leak
+    of 205 bytes per token or more fails.
 
-    The peak is compared from token 20 to 100, past the first steps' one-time growth: from token
-    2 to 20 the streaming model (its worker threads touching stack and malloc-arena pages, and
-    since the CPU fused product, its thread pool working every layer) grew 29-41 KiB against the
-    in-memory model's 20-29 (Zen 5 VM, 3 runs each), which left 4 pages of slack only on quiet
-    runs; from 20 to 100 it grew ~41 KiB against ~94 (the in-memory model's own KV-cache and
-    allocator growth). 4 pages are allowed: a cost of 205 bytes per token or more fails.
+    Not the process's peak RSS, which this test compared before: on VMs whose kernel pages cold
+    memory out by itself (a DAMON ``pageout`` scheme, as on the Intel development VM), the peak
+    from token 20 to 100 grew 76-94 KiB for either model, page faults of memory paged out and
+    touched again, and the in-memory model's varied 37-98 KiB with the machine's state; the heap
+    in use grew 0-4 KiB on either side. The peaks are still printed when the check fails.
     """
-
     path = packed("llama", torch.float16, prune="magnitude")
     script = Path(__file__).parents[1] / "support" / "memloop.py"
     def run(which, *flags):
@@ -75,16 +75,17 @@ def test_memory_flat_across_tokens(packed):
                            capture_output=True, text=True, check=True)
         return json.loads(r.stdout.strip().splitlines()[-1])
 
-    def growth(r, a, b):
-        return (r["hwm"][b] - r["kv"][b]) - (r["hwm"][a] - r["kv"][a])
+    def growth(r, key, a, b):
+        return (r[key][b] - r["kv"][b]) - (r[key][a] - r["kv"][a])
 
     endor, ref = [run("endor") for _ in range(2)], [run("ref") for _ in range(2)]
     traced = run("endor", "--trace")
     for e in endor:  # the same buffers, kept
         assert e["buffers"]["2"] == e["buffers"]["20"] == e["buffers"]["100"] and e["buffers"]["2"]
     assert traced["py_endor"] <= 4096, traced["py_endor"]
-    ours, theirs = [growth(r, "20", "100") for r in endor], [growth(r, "20", "100") for r in ref]
-    assert min(ours) <= min(theirs) + 4 * 4096, (ours, theirs)
+    ours, theirs = [growth(r, "heap", "20", "100") for r in endor], [growth(r, "heap", "20", "100") for r in ref]
+    peaks = [growth(r, "hwm", "20", "100") for r in endor + ref]
+    assert min(ours) <= min(theirs) + 4 * 4096, (ours, theirs, "peaks (ours, then theirs)", peaks)
 
 
 def test_read_failure_fails_cleanly_and_recovers(packed, monkeypatch):

@@ -10,6 +10,7 @@ python tests/support/memloop.py FILE.endor {endor|ref} [--trace] [--steps N]  â†
   peaks are measured in runs without it), buffers: ids and sizes of the runtime's buffer sets.
 """
 
+import ctypes
 import gc
 import inspect
 import json
@@ -20,6 +21,22 @@ import torch
 import transformers
 
 import endor_gds
+
+
+class _Mallinfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                      "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def heap_in_use() -> int:
+    """Bytes the C heap has handed out and not taken back (glibc ``mallinfo2``: small blocks in use
+    plus mmap-ed large ones): what a native leak grows, whether or not its pages are resident. A
+    kernel that pages cold memory out on its own (DAMON's ``pageout`` scheme on some VMs) moves
+    RSS and its peak both ways, so those are not the measure of a leak there."""
+    libc = ctypes.CDLL(None)
+    libc.mallinfo2.restype = _Mallinfo2
+    info = libc.mallinfo2()
+    return info.uordblks + info.hblkhd
 
 
 def proc_status(key: str) -> int:
@@ -46,7 +63,7 @@ def main(path: str, which: str, trace: bool, steps: int) -> None:
     # transformers renamed past_key_values to cache; take whichever this version has
     key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     ids = torch.tensor([[1, 5, 9, 22, 7, 101, 3]])
-    out = {"hwm": {}, "rss": {}, "kv": {}, "buffers": {}, "py_endor": None}
+    out = {"hwm": {}, "rss": {}, "heap": {}, "kv": {}, "buffers": {}, "py_endor": None}
     marks = {2, 20, 100} | {steps * i // 8 for i in range(1, 9)}
     if trace:
         tracemalloc.start()
@@ -58,6 +75,7 @@ def main(path: str, which: str, trace: bool, steps: int) -> None:
                 out["rss"][step] = proc_status("VmRSS")
             if step in (2, 20, 100):
                 out["hwm"][step] = proc_status("VmHWM")
+                out["heap"][step] = heap_in_use()
                 out["kv"][step] = sum(t.nbytes for layer in cache.layers
                                       for t in (layer.keys, layer.values) if t is not None)
                 out["buffers"][step] = buffers()
