@@ -211,7 +211,8 @@ class Recipe:
         """Layer ``i``'s experts ``0..E-1``, each as the names of its slices of the fused
         parameters, with the checkpoint tensors that make each slice recorded in ``sources``."""
         if sorted(found) != list(range(len(found))):
-            gaps = sorted(set(range(max(found) + 1)) - set(found))
+            # the first gaps lie below len(found) + 8: never a range up to a hostile index
+            gaps = [e for e in range(min(max(found), len(found) + 8)) if e not in found]
             raise UnsupportedModelError(f"layer {i} has tensors of experts up to {max(found)} but "
                                         f"none of expert(s) {gaps[:8]}")
         out = []
