@@ -9,7 +9,8 @@
 #   decode  bench_decode.py: kernel GB/s vs a device-to-device copy, CPU decoder vs storage
 #   io      profile-io in kvikio and posix-direct modes, cold cache
 #   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned (v1, v2),
-#           and the unpruned model in format v3 (exphuff) vs v1 dense
+#           and the unpruned model in format v3 (exphuff) vs v1 dense; then a tiny mixture of
+#           experts (tiny-moe), routed experts vs every expert, through the CUDA expert cache
 #   serve   (only when named) bench_serve.py on cuda: tokens/s at 1..32 concurrent clients (target:
 #           16 >= 10x one); needs fastapi, uvicorn and openai: their wheels in .whl/, e.g.
 #           pip download --only-binary :all: --python-version 3.12 -d .whl fastapi uvicorn openai
@@ -102,6 +103,9 @@ if has e2e; then
     run e2e 200 "$PY" bench/bench_e2e.py --device cuda --dtype "${E2E_DTYPE:-float16}" \
         ${E2E_ARGS:---tiers ssd,ram --tokens 6 --rounds 2 --v3} --quiet \
         --json "$OUT/e2e.json" --plot "$OUT/e2e.png"
+    # mixtures of experts on the GPU: the expert cache's CUDA backend, routed vs every expert (seconds)
+    run e2e-moe 60 "$PY" bench/bench_e2e.py --device cuda --config tiny-moe --dtype bfloat16 --tokens 4 \
+        --all-experts --no-v2 --quiet --json "$OUT/e2e-moe.json"
 fi
 if has serve; then
     run serve 240 "$PY" bench/bench_serve.py --device cuda --levels 1,2,4,8,16,32 \

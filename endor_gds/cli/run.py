@@ -11,6 +11,7 @@ import torch
 
 from endor_gds.errors import ArgumentError
 from endor_gds.modeling import load_tokenizer
+from endor_gds.stream.experts import add_expert_arguments, expert_options
 from endor_gds.stream.runtime import from_pretrained
 
 __all__ = ["register", "cmd_run"]
@@ -61,8 +62,7 @@ def cmd_run(args) -> int:
     max_memory = args.max_memory
     model = from_pretrained(args.file, device=args.device, max_memory=max_memory, tier=args.tier,
                             prefetch_depth=args.prefetch_depth, io=args.io,
-                            verify_reads=args.verify_reads, experts=args.experts,
-                            expert_cache=args.expert_cache, expert_prefetch=args.expert_prefetch)
+                            verify_reads=args.verify_reads, **expert_options(args))
     rt = model.endor
     try:
         tokenizer = load_tokenizer(rt.file, args.tokenizer)
@@ -111,10 +111,5 @@ def register(sub) -> None:
     p.add_argument("--verify-reads", action=argparse.BooleanOptionalAction, default=None,
                    help="check every segment's CRC-32C as it is read (default: on, ENDOR_VERIFY_READS)")
     p.add_argument("--json", action="store_true", help="text, tokens and statistics as JSON")
-    p.add_argument("--experts", choices=("routed", "all"), default="routed",
-                   help="mixture-of-experts files: read the routed experts (default) or every expert")
-    p.add_argument("--expert-cache", type=int, default=None,
-                   help="experts kept decoded (default: as many as one layer has)")
-    p.add_argument("--expert-prefetch", action=argparse.BooleanOptionalAction, default=False,
-                   help="read the next layer's likely experts ahead (its router applied early; default off)")
+    add_expert_arguments(p)
     p.set_defaults(func=cmd_run)

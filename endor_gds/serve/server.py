@@ -14,6 +14,7 @@ import sys
 from endor_gds.defaults import format_bytes, parse_bytes
 from endor_gds.errors import MissingDependencyError
 from endor_gds.modeling import load_tokenizer
+from endor_gds.stream.experts import add_expert_arguments, expert_options
 from endor_gds.stream.runtime import from_pretrained
 
 __all__ = ["register", "cmd_serve"]
@@ -36,7 +37,7 @@ def cmd_serve(args) -> int:
     uvicorn, create_app = _import_server()
     kv_cache = parse_bytes(args.kv_cache)  # a bad value is named before the model is loaded
     model = from_pretrained(args.file, device=args.device, max_memory=args.max_memory, tier=args.tier,
-                            prefetch_depth=args.prefetch_depth, io=args.io)
+                            prefetch_depth=args.prefetch_depth, io=args.io, **expert_options(args))
     rt = model.endor
     engine = None
     try:
@@ -80,6 +81,7 @@ def register(sub) -> None:
     p.add_argument("--prefetch-depth", type=int, default=None)
     p.add_argument("--io", choices=("auto", "kvikio", "posix-direct", "posix-buffered"), default=None)
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the one in the file)")
+    add_expert_arguments(p)
     p.add_argument("--max-batch", type=int, default=32, help="requests generating at once (one step serves all)")
     p.add_argument("--max-queue", type=int, default=256, help="requests waiting; beyond it: 429 with Retry-After")
     p.add_argument("--seed", type=int, default=0, help="the sampler's seed (shared by the batch)")

@@ -33,7 +33,8 @@ from endor_gds.stream.backends import Backend
 from endor_gds.stream.integrity import ExtentCheck
 from endor_gds.stream.plan import LayerPlan
 
-__all__ = ["ExpertCache", "ExpertTable", "ExpertStats", "routed_experts"]
+__all__ = ["ExpertCache", "ExpertTable", "ExpertStats", "routed_experts", "add_expert_arguments",
+           "expert_options"]
 
 Key = tuple[int, int]  # (layer, expert)
 
@@ -291,3 +292,18 @@ class ExpertTable:
 
     def __repr__(self) -> str:
         return f"<ExpertTable layer {self.layer} {self.name} {list(self.shape)} {self.dtype}>"
+
+
+def add_expert_arguments(parser) -> None:
+    """The expert options of ``endor-gds run`` and ``serve`` (mixture-of-experts files)."""
+    parser.add_argument("--experts", choices=("routed", "all"), default="routed",
+                        help="mixture-of-experts files: read the routed experts (default) or every expert")
+    parser.add_argument("--expert-cache", type=int, default=None,
+                        help="experts kept decoded (default: as many as one layer has)")
+    parser.add_argument("--expert-prefetch", action="store_true",
+                        help="read the next layer's likely experts ahead (its router applied early)")
+
+
+def expert_options(args) -> dict:
+    """``from_pretrained`` keywords from the options :func:`add_expert_arguments` added."""
+    return {"experts": args.experts, "expert_cache": args.expert_cache, "expert_prefetch": args.expert_prefetch}

@@ -295,3 +295,33 @@ def test_a_request_larger_than_the_kv_cache_is_refused_and_small_ones_are_served
         assert r.choices[0].text == alone(_ids(model_file[1], "w5 w9"), 8)
     finally:
         s.stop()
+
+
+def test_a_mixture_of_experts_serves_concurrent_clients_as_alone(tmp_path):
+    """A qwen3_moe file behind the server: continuous batching runs its steps with the union of
+    the batch's routed experts, and each of four concurrent clients gets its prompt's greedy text
+    alone, as the in-memory model (eager experts) gives it."""
+    src = build_model(tmp_path / "ckpt", "qwen3_moe", torch.float32, max_position_embeddings=MAX_POS)
+    path = tmp_path / "moe.endor"
+    endor_gds.pack(src, path, prune="magnitude", progress=False)
+    tok = transformers.AutoTokenizer.from_pretrained(src)
+    ref = reference_model(path)
+
+    def alone(prompt: str) -> str:
+        ids = torch.tensor([_ids(tok, prompt)])
+        with torch.no_grad():
+            out = ref.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=8, do_sample=False,
+                               pad_token_id=0, eos_token_id=2)
+        return tok.decode(out[0, ids.shape[1]:].tolist(), skip_special_tokens=True)
+
+    server = Server(path, "--expert-cache", "5")
+    try:
+        def ask(prompt):
+            r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, PROMPTS[:4]))
+        assert got == [alone(p) for p in PROMPTS[:4]]
+    finally:
+        server.stop()
