@@ -78,6 +78,13 @@ CONFIGS.update({
     "qwen3-moe-5b": dict(_QWEN3_MOE, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
                          num_hidden_layers=8, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
                          num_experts=128, num_experts_per_tok=8, vocab_size=151936),
+    # OLMoE-1B-7B's own shape (64 experts, 8 per token, 16 layers): 6.9 B parameters, 13.8 GB in bf16
+    "olmoe-7b": {"model_type": "olmoe", "architectures": ["OlmoeForCausalLM"], "hidden_act": "silu",
+                 "hidden_size": 2048, "intermediate_size": 1024, "num_hidden_layers": 16,
+                 "num_attention_heads": 16, "num_key_value_heads": 16, "num_experts": 64,
+                 "num_experts_per_tok": 8, "vocab_size": 50304, "max_position_embeddings": 4096,
+                 "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "tie_word_embeddings": False,
+                 "pad_token_id": 1, "bos_token_id": None, "eos_token_id": 50279},
     "tiny-moe": dict(_QWEN3_MOE, hidden_size=256, intermediate_size=704, moe_intermediate_size=128,
                      num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=4, head_dim=32,
                      num_experts=16, num_experts_per_tok=4, vocab_size=1024),
@@ -268,9 +275,9 @@ def storage_plan(config: str, dtype: str, sparsity: float, kinds, root: Path | N
     def stored(name_, shape) -> int:  # the packer's sizes: segments padded to pages
         n = math.prod(shape)
         dense = stored_nbytes("dense", n, n, itemsize)
-        if not recipe.is_linear_weight(name_):
+        if not (recipe.is_linear_weight(name_) or recipe.is_fused_experts(name_)):
             return dense
-        nnz = shape[0] * kept_per_row(shape[1], sparsity)
+        nnz = math.prod(shape[:-1]) * kept_per_row(shape[-1], sparsity)  # fused experts: [E, rows, cols]
         return min(dense, stored_nbytes("bitmap", n, nnz, itemsize))
 
     # random weights have no zeros: the dense file stores every tensor dense; v2 and v3 hold the
