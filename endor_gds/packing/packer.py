@@ -169,10 +169,12 @@ def _check_against_config(ckpt: Checkpoint, recipe, plan, src) -> None:
     tensors = {}
     for name in [*plan.resident, *(n for i in range(plan.num_layers) for n in plan.layer_tensors(i))]:
         infos = [ckpt.tensors[s] for s in plan.sources_of(name)]
-        shape = (sum(t.shape[0] for t in infos), *infos[0].shape[1:])
-        if any(t.shape[1:] != infos[0].shape[1:] or t.dtype != infos[0].dtype for t in infos):
-            raise PackError(f"{src}: {name} is made of {', '.join(t.name for t in infos)}, whose "
-                            f"shapes or dtypes do not stack by rows")
+        shape = infos[0].shape  # a scalar too; several sources stack by rows
+        if len(infos) > 1:
+            if any(not t.shape or t.shape[1:] != shape[1:] or t.dtype != infos[0].dtype for t in infos):
+                raise PackError(f"{src}: {name} is made of {', '.join(t.name for t in infos)}, whose "
+                                f"shapes or dtypes do not stack by rows")
+            shape = (sum(t.shape[0] for t in infos), *shape[1:])
         tensors[name] = (shape, dtype_of(infos[0].dtype).torch)
     slices = {n: where for n in tensors if (where := recipe.expert_slice(n)) is not None}
     model = model_for(ckpt.config, model_dtype(recipe, ((n, d) for n, (_, d) in tensors.items())),

@@ -4,8 +4,11 @@ lacked, and bad files refused by name before any expert is read."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from support.manifest_edit import manifest_edit
 from support.reference import assert_same, reference_model
 
@@ -172,10 +175,6 @@ def test_a_config_whose_expert_count_disagrees_is_named(packed, tmp_path):
 
 def test_packing_refuses_a_checkpoint_missing_an_expert_tensor(model_dir, tmp_path):
     src = model_dir("qwen3_moe", torch.float32)
-    import shutil  # noqa: PLC0415
-
-    from safetensors.torch import load_file, save_file  # noqa: PLC0415
-
     bad = tmp_path / "ckpt"
     shutil.copytree(src, bad)
     sd = load_file(bad / "model.safetensors")
@@ -206,3 +205,15 @@ def test_streamed_experts_on_cuda_equal_the_model_in_memory(packed, family):
         assert_same(model, ref, device="cuda")
     finally:
         model.endor.close()
+
+
+def test_expert_rows_that_do_not_stack_are_refused_before_writing(model_dir, tmp_path):
+    """An expert's gate and up projections of other widths cannot make one gate_up_proj slice."""
+    bad = tmp_path / "ckpt"
+    shutil.copytree(model_dir("qwen3_moe", torch.float32), bad)
+    sd = load_file(bad / "model.safetensors")
+    sd["model.layers.0.mlp.experts.1.up_proj.weight"] = torch.zeros(96, 64)
+    save_file(sd, bad / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(endor_gds.PackError, match="experts.1.gate_up_proj is made of .* do not stack by rows"):
+        endor_gds.pack(bad, tmp_path / "out.endor", progress=False)
+    assert not (tmp_path / "out.endor").exists()
