@@ -69,3 +69,13 @@ def test_optional_linear_weights_are_linear_where_present():
     assert q.is_linear_weight("model.layers.3.mlp.shared_expert.up_proj.weight")
     assert q.is_linear_weight("model.layers.1.mlp.down_proj.weight")  # a dense-MLP layer (mlp_only_layers)
     assert not q.is_linear_weight("model.layers.3.mlp.shared_expert_gate.weight")
+
+
+def test_a_huge_expert_index_is_named_without_counting_up_to_it():
+    """A checkpoint naming expert 10^12 (hostile or broken) is refused at once: the message lists
+    the first missing experts, found below the number of experts present (no range up to 10^12)."""
+    names = _mixtral_names(experts=2) + [f"model.layers.0.block_sparse_moe.experts.{10**12}.{w}.weight"
+                                         for w in ("w1", "w2", "w3")]
+    gaps = r"\[2, 3, 4, 5, 6, 7, 8, 9\]"  # the first eight missing
+    with pytest.raises(UnsupportedModelError, match=r"up to 1000000000000 but none of expert\(s\) " + gaps):
+        recipes()["mixtral"].plan(names, {"num_hidden_layers": 2})
