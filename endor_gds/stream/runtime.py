@@ -246,7 +246,10 @@ def _plan_budget(plans: dict[int, LayerPlan], resident_bytes: int, depth: int,
         raise BudgetError(
             f"max_memory={budget} bytes for {device} cannot hold the resident tensors "
             f"({resident_bytes} bytes) plus {depth} buffer set(s) of {staging + arena} bytes "
-            f"(staging {staging} + dense {arena}); need at least {need} bytes, or a smaller prefetch_depth")
+            f"(staging {staging} + dense {arena})"
+            + (f" plus the expert cache ({expert_bytes} bytes; expert_cache= sets how many experts)"
+               if expert_bytes else "")
+            + f"; need at least {need} bytes, or a smaller prefetch_depth")
     left = budget - need
     resident_layers = []
     for i in order:

@@ -217,3 +217,24 @@ def test_expert_rows_that_do_not_stack_are_refused_before_writing(model_dir, tmp
     with pytest.raises(endor_gds.PackError, match="experts.1.gate_up_proj is made of .* do not stack by rows"):
         endor_gds.pack(bad, tmp_path / "out.endor", progress=False)
     assert not (tmp_path / "out.endor").exists()
+
+
+def test_the_expert_cache_counts_in_max_memory(packed):
+    """The budget must hold the expert cache too: a budget that holds everything else but not
+    the default cache is a BudgetError naming it; a smaller cache fits and streams exactly."""
+    path = packed("qwen3_moe", torch.float32)
+    small = endor_gds.from_pretrained(path, device="cpu", expert_cache=1)
+    try:
+        per_expert = small.endor.experts.backend.buffer_bytes  # one slot: staging + dense arena
+        fits = small.endor.placement.resident_bytes + small.endor.placement.buffer_bytes
+    finally:
+        small.endor.close()
+    with pytest.raises(endor_gds.BudgetError, match=r"plus the expert cache \(\d+ bytes; expert_cache="):
+        endor_gds.from_pretrained(path, device="cpu", max_memory=fits + per_expert)  # default: 8 experts
+    ref = reference_model(path)
+    model = endor_gds.from_pretrained(path, device="cpu", max_memory=fits + per_expert, expert_cache=2)
+    try:
+        assert model.endor.experts.capacity == 2
+        assert_same(model, ref)
+    finally:
+        model.endor.close()
