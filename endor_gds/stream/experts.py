@@ -228,17 +228,22 @@ class ExpertCache:
         self._guessed.discard(key)
 
     def _steal_load(self) -> int:
-        """The slot of the last-wanted expert being loaded, once its load is over (the forward
-        needs the current expert first; that one will be read again when its turn comes)."""
-        key = next(k for k in reversed(self._wanted) if k in self._loading)
+        """The slot of a load in flight, once it is over or cancelled: the latest guess's first (a
+        load the forward does not want is a guess; the latest is the likeliest not started), else
+        the last-wanted expert's (the forward needs the current expert first; that one is read
+        again when its turn comes). A load cancelled before it started read nothing and is not
+        counted."""
+        guess = next((k for k in reversed(self._loading) if k not in self._wanted), None)
+        key = guess or next(k for k in reversed(self._wanted) if k in self._loading)
         slot, job = self._loading.pop(key)
-        self.stats.read -= 1
-        self.stats.nbytes -= self.plans[key].length
-        try:
-            job.result()
-        except BaseException:  # noqa: BLE001 - its expert is read again when wanted
-            pass
+        if job.cancel():
+            self.stats.read -= 1
+            self.stats.nbytes -= self.plans[key].length
+            self.stats.prefetched -= guess is not None
+        else:
+            job.exception()  # waits; its error is no one's: the expert is read again when wanted
         self.backend.forget(self.plans[key], slot)
+        self._guessed.discard(key)
         return slot
 
     def _finish_current(self) -> None:

@@ -455,7 +455,6 @@ class StreamingRuntime:
         else:
             backend = CpuBackend(list(plans.values()), capacity, self.reader, self.decoder, ram, check)
         self.experts = ExpertCache(plans, backend, capacity, check)
-        model.config._experts_implementation = "eager"  # the forward that indexes only routed experts
         module_path = self.recipe.experts.module
         moe_layers = sorted(self.file.experts)
         router = self.recipe.experts.router
@@ -466,7 +465,7 @@ class StreamingRuntime:
         self._next_moe = dict(zip(moe_layers, moe_layers[1:]))
         for i in moe_layers:
             module = get_submodule(layers_module[i], module_path)
-            module.config._experts_implementation = "eager"
+            module.config._experts_implementation = "eager"  # the forward that indexes only routed experts
             for name in self.recipe.experts.params:
                 param = module._parameters.pop(name)
                 setattr(module, name, ExpertTable(self.experts, i, name, tuple(param.shape), param.dtype, self.device))

@@ -5,6 +5,8 @@ lacked, and bad files refused by name before any expert is read."""
 from __future__ import annotations
 
 import shutil
+import threading
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from support.reference import assert_same, reference_model
 import endor_gds
 from endor_gds.benchmarks.models import MOE_FAMILIES
 from endor_gds.errors import ArgumentError, EndorError, FormatError, UnsupportedModelError
-from endor_gds.stream.experts import routed_experts
+from endor_gds.stream.experts import ExpertCache, routed_experts
 
 E = 8  # experts per MoE layer of the test models (benchmarks.models)
 
@@ -238,3 +240,48 @@ def test_the_expert_cache_counts_in_max_memory(packed):
         assert_same(model, ref)
     finally:
         model.endor.close()
+
+
+class _SlowBackend:
+    """A backend whose reads wait for ``release``: loads stay in flight while the test acts."""
+
+    def __init__(self):
+        self.release = threading.Event()
+        self.forgotten = []
+
+    def read(self, plan, s, on_chunk=None):
+        self.release.wait(10)
+
+    def decode(self, plan, s, dense=True):
+        return True
+
+    def wait_ready(self, plan, s):
+        pass
+
+    def mark_free(self, plan, s):
+        pass
+
+    def forget(self, plan, s):
+        self.forgotten.append((plan, s))
+
+    def tensors(self, plan, s):
+        return {"w": torch.full((1,), float(plan.expert))}
+
+
+def test_a_forward_needing_a_slot_held_by_guesses_takes_one_back():
+    """Every slot is held by guesses still loading when the forward needs its expert: the latest
+    guess, not started yet, is cancelled (not counted as read) and its slot serves the forward."""
+    plans = {(1, e): SimpleNamespace(length=4096, expert=e) for e in range(4)}  # plans' stand-ins
+    backend = _SlowBackend()
+    cache = ExpertCache(plans, backend, capacity=2, check=None)
+    try:
+        cache.prefetch(1, [0, 1])  # both slots: (1, 0) loading (blocked), (1, 1) queued behind it
+        assert cache.stats.prefetched == 2 and cache.stats.read == 2
+        cache.route(1, [2])  # no slot for expert 2
+        backend.release.set()
+        assert cache.weight(1, 2, "w").item() == 2.0
+        assert cache.stats.prefetched == 1 and cache.stats.read == 2  # (1, 1) cancelled, (1, 2) read
+        assert cache.stats.nbytes == 2 * 4096
+        cache.done()
+    finally:
+        cache.close()
