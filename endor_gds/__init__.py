@@ -41,6 +41,7 @@ from endor_gds.errors import (
     PackError,
     PlacementError,
     ReadError,
+    TensorParallelError,
     UnsupportedModelError,
 )
 from endor_gds.packing.packer import pack  # noqa: E402
@@ -74,4 +75,5 @@ __all__ = [
     "CalibrationError",
     "MissingDependencyError",
     "PlacementError",
+    "TensorParallelError",
 ]

@@ -6,6 +6,8 @@
     offset 4096   extent "resident"   embeddings, final norm, lm_head ... (dense or bitmap)
                   extent "layer.0"    every segment of decoder layer 0, back to back
                   extent "layer.1"    ...
+                  (format v4: extents "layer.<i>.expert.<e>", one per expert, after their layer;
+                   format v5, tensor-parallel: extents "layer.<i>.rank.<r>" instead of "layer.<i>")
                   extent "files"      tokenizer files, as opaque bytes
                   manifest            UTF-8 JSON, page-aligned, zero-padded
     end
@@ -22,6 +24,7 @@ shapes and dtypes, and every tile offset table, before any tensor is read. Any f
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import secrets
@@ -71,6 +74,7 @@ from endor_gds.codec.exphuff import STREAM_KINDS as HUFF_KINDS
 from endor_gds.codec.exphuff import decode_values_reference as huff_values_reference
 from endor_gds.errors import ArgumentError, ChecksumError, FormatError
 from endor_gds.read.readers import read_fully
+from endor_gds.shards import MAX_SIZE, STYLES
 
 __all__ = [
     "MAGIC",
@@ -86,15 +90,17 @@ __all__ = [
 ]
 
 MAGIC = b"ENDORGDS"
-FORMAT_VERSION = 4  # the newest version this code writes
-SUPPORTED_VERSIONS = (1, 2, 3, 4)
+FORMAT_VERSION = 5  # the newest version this code writes
+SUPPORTED_VERSIONS = (1, 2, 3, 4, 5)
 # Codecs each version may hold. A file is written as the lowest version that holds its codecs, so
 # files without expdict tensors stay readable by version-1 readers, and without exphuff tensors by
 # version-2 readers. Version 4 adds extents of kind "expert" (a mixture-of-experts layer's experts,
-# one extent each): only a file that has them is version 4.
+# one extent each): only a file that has them is version 4. Version 5 adds extents of kind "shard"
+# (a tensor-parallel pack: each layer one extent per rank) and the manifest's "tensor_parallel".
 VERSION_CODECS = {1: ("raw",), 2: ("raw", "expdict"), 3: ("raw", "expdict", "exphuff"),
-                  4: ("raw", "expdict", "exphuff")}
+                  4: ("raw", "expdict", "exphuff"), 5: ("raw", "expdict", "exphuff")}
 EXPERTS_VERSION = 4
+SHARDS_VERSION = 5
 # magic, version, flags, manifest offset, manifest length, file length, manifest CRC; then the
 # header's own CRC over these 44 bytes.
 _HEADER = struct.Struct("<8sIIQQQI")
@@ -113,11 +119,19 @@ def crc32c(data, value: int = 0) -> int:
     return _crc32c.crc32c(data, value=value)
 
 
-def format_version_for(codecs, experts: bool = False) -> int:
-    """The lowest format version that holds every codec in ``codecs`` (and expert extents)."""
+def format_version_for(codecs, experts: bool = False, shards: bool = False) -> int:
+    """The lowest format version that holds every codec in ``codecs`` (and expert extents, and
+    tensor-parallel shard extents)."""
     codecs = set(codecs)
     return min(v for v, allowed in VERSION_CODECS.items()
-               if codecs <= set(allowed) and (v >= EXPERTS_VERSION or not experts))
+               if codecs <= set(allowed) and (v >= EXPERTS_VERSION or not experts)
+               and (v >= SHARDS_VERSION or not shards))
+
+
+def shard_prefix(rank: int) -> str:
+    """What the names of rank ``rank``'s tensors in a tensor-parallel file start with (the model's
+    parameter name follows): ``rank.1.model.layers.0.self_attn.q_proj.weight``."""
+    return f"rank.{rank}."
 
 
 @dataclass(frozen=True)
@@ -184,12 +198,13 @@ class TensorEntry:
 @dataclass
 class Extent:
     name: str
-    kind: str  # "resident" | "layer" | "expert" | "files"
+    kind: str  # "resident" | "layer" | "expert" | "shard" | "files"
     offset: int
     length: int
     layer: int | None = None
     tensors: list[str] = field(default_factory=list)
     expert: int | None = None  # kind "expert": which of its layer's experts
+    rank: int | None = None  # kind "shard": whose shard of its layer
 
 
 # --------------------------------------------------------------------------------------------
@@ -212,7 +227,7 @@ class Writer:
         self._zeros = bytes(PAGE)
 
     def begin_extent(self, name: str, kind: str, layer: int | None = None,
-                     expert: int | None = None) -> None:
+                     expert: int | None = None, rank: int | None = None) -> None:
         if self._open is not None:
             raise RuntimeError(f"extent {self._open['name']} is still open")
         self._open = {"name": name, "kind": kind, "offset": self.pos}
@@ -220,6 +235,8 @@ class Writer:
             self._open["layer"] = layer
         if expert is not None:
             self._open["expert"] = expert
+        if rank is not None:
+            self._open["rank"] = rank
 
     def write_segment(self, kind: str, data) -> Segment:
         """Write one segment (bytes or a contiguous numpy array) padded to a page."""
@@ -410,9 +427,10 @@ class EndorFile:
         self.tied = {check_str(p, "tied name", k): check_str(p, "tied target", v) for k, v in tied.items()}
 
         # Extents: page-aligned, inside the data area, not overlapping, names unique and telling
-        # their kind ("resident", "files", "layer.<i>", "layer.<i>.expert.<e>"), as the packer
-        # writes them.
-        kinds = ("resident", "layer", "files") + (("expert",) if self.format_version >= EXPERTS_VERSION else ())
+        # their kind ("resident", "files", "layer.<i>", "layer.<i>.expert.<e>", "layer.<i>.rank.<r>"),
+        # as the packer writes them.
+        kinds = ("resident", "layer", "files") + (("expert",) if self.format_version >= EXPERTS_VERSION else ()) \
+            + (("shard",) if self.format_version >= SHARDS_VERSION else ())
         self.extents: dict[str, Extent] = {}
         for i, e in enumerate(check_list(p, "extents", m.get("extents"), MAX_TENSORS)):
             e = check_dict(p, f"extents[{i}]", e)
@@ -422,17 +440,20 @@ class EndorFile:
             length = check_int(p, f"extent {name} length", e.get("length"), 0, self._manifest_offset - off)
             if off % PAGE or length % PAGE:
                 raise fail(p, f"extent {name} offset={off} length={length} is not {PAGE}-aligned")
-            layer = expert = None
-            if kind in ("layer", "expert"):
+            layer = expert = rank = None
+            if kind in ("layer", "expert", "shard"):
                 layer = check_int(p, f"extent {name} layer", e.get("layer"), 0, MAX_TENSORS)
             if kind == "expert":
                 expert = check_int(p, f"extent {name} expert", e.get("expert"), 0, MAX_TENSORS)
-            want = {"layer": f"layer.{layer}", "expert": f"layer.{layer}.expert.{expert}"}.get(kind, kind)
+            if kind == "shard":
+                rank = check_int(p, f"extent {name} rank", e.get("rank"), 0, MAX_SIZE - 1)
+            want = {"layer": f"layer.{layer}", "expert": f"layer.{layer}.expert.{expert}",
+                    "shard": f"layer.{layer}.rank.{rank}"}.get(kind, kind)
             if name != want:
                 raise fail(p, f"extent {name} of kind {kind} must be named {want!r}")
             if name in self.extents:
                 raise fail(p, f"extent {name} appears twice")
-            self.extents[name] = Extent(name, kind, off, length, layer, expert=expert)
+            self.extents[name] = Extent(name, kind, off, length, layer, expert=expert, rank=rank)
         spans = sorted((e.offset, e.offset + e.length, e.name) for e in self.extents.values())
         for (a0, a1, an), (b0, _b1, bn) in zip(spans, spans[1:]):
             if b0 < a1:
@@ -453,6 +474,7 @@ class EndorFile:
             if [e.expert for e in exts] != list(range(len(exts))):
                 raise fail(p, f"the expert extents of layer {i} must be numbered 0..E-1 exactly once "
                                f"each (found {[e.expert for e in exts][:8]})")
+        self._validate_shards()
         self.resident = self.extents.get("resident")
 
         # Tensors: names, shapes, dtypes, encodings, segment sizes and places.
@@ -465,6 +487,10 @@ class EndorFile:
             ext = self.extents.get(entry.extent)
             if ext is None or ext.kind == "files":
                 raise fail(p, f"tensor {entry.name} names unknown extent {show(entry.extent)}")
+            if (ext.kind == "shard") != entry.name.startswith("rank.") or \
+                    (ext.kind == "shard" and not entry.name.startswith(shard_prefix(ext.rank))):
+                raise fail(p, f"tensor {entry.name} in extent {ext.name}: the tensors of rank r's shard "
+                               f"extents, and only they, are named {shard_prefix(0)[:-2]}<r>.<name>")
             for seg in entry.segments.values():
                 if seg.offset < ext.offset or seg.offset + seg.length > ext.offset + ext.length:
                     raise fail(p, f"tensor {entry.name} segment {seg.kind} at {seg.offset}+{seg.length} "
@@ -503,6 +529,89 @@ class EndorFile:
                     self._check_escapes(entry)
                 if entry.exphuff is not None:
                     self._check_bit_offsets(entry)
+
+    def _validate_shards(self) -> None:
+        """A tensor-parallel file (format v5): the manifest's ``tensor_parallel`` (``size``, the
+        ``ranks`` the file holds, ``pack_id``, ``plan``) and, for every layer, one shard extent per
+        rank it holds; no unsplit layer extents, no expert extents."""
+        p, m = self.path, self.manifest
+        shards = [e for e in self.extents.values() if e.kind == "shard"]
+        self.tensor_parallel: dict | None = None
+        # shards[i][r]: rank r's extent of layer i
+        self.shards: dict[int, dict[int, Extent]] = {}
+        if m.get("tensor_parallel") is None:
+            if shards:
+                raise fail(p, f"extent {shards[0].name} is a shard, but the manifest has no tensor_parallel entry")
+            return
+        if self.format_version < SHARDS_VERSION:
+            raise fail(p, f"tensor_parallel needs format version {SHARDS_VERSION}, the file is "
+                           f"version {self.format_version}")
+        tp = check_dict(p, "tensor_parallel", m["tensor_parallel"])
+        size = check_int(p, "tensor_parallel size", tp.get("size"), 1, MAX_SIZE)
+        ranks = [check_int(p, "tensor_parallel ranks[]", r, 0, size - 1)
+                 for r in check_list(p, "tensor_parallel ranks", tp.get("ranks"), MAX_SIZE)]
+        if not ranks or ranks != sorted(set(ranks)):
+            raise fail(p, f"tensor_parallel ranks must be distinct ranks in increasing order, got {ranks[:8]}")
+        plan = check_dict(p, "tensor_parallel plan", tp.get("plan"))
+        self.tensor_parallel = {
+            "size": size, "ranks": ranks,
+            "pack_id": check_str(p, "tensor_parallel pack_id", tp.get("pack_id"), 64),
+            "plan": {check_str(p, "tensor_parallel plan module", k):
+                     check_choice(p, f"tensor_parallel plan of {k}", v, STYLES) for k, v in plan.items()},
+        }
+        if self.layers or self.experts:
+            raise fail(p, "a tensor-parallel file holds its layers as shard extents only "
+                           f"(found {(self.layers or self.experts[min(self.experts)])[0].name})")
+        for ext in sorted(shards, key=lambda e: (e.layer, e.rank)):
+            self.shards.setdefault(ext.layer, {})[ext.rank] = ext
+        if sorted(self.shards) != list(range(len(self.shards))):
+            raise fail(p, "the shard extents' layers must be numbered 0..L-1")
+        for i, by_rank in self.shards.items():
+            if sorted(by_rank) != ranks:
+                raise fail(p, f"layer {i} has shard extents of ranks {sorted(by_rank)[:8]}, the file "
+                               f"holds ranks {ranks[:8]}")
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.shards) if self.tensor_parallel is not None else len(self.layers)
+
+    def layer_extents(self, rank: int | None = None) -> list[Extent]:
+        """The decoder layers' extents in order: in a tensor-parallel file, rank ``rank``'s shards."""
+        if self.tensor_parallel is None:
+            return list(self.layers)
+        if rank not in self.tensor_parallel["ranks"]:
+            raise ArgumentError(f"{self.path} holds the shards of ranks {self.tensor_parallel['ranks']} of a "
+                                f"{self.tensor_parallel['size']}-rank pack, not rank {rank}")
+        return [self.shards[i][rank] for i in range(len(self.shards))]
+
+    def layer_prefix(self, rank: int | None = None) -> str:
+        """What a layer's tensor names start with before the layer path: ``""``, or in a
+        tensor-parallel file ``rank.<r>.``."""
+        return "" if self.tensor_parallel is None else shard_prefix(rank)
+
+    def model_tensors(self, rank: int | None = None) -> dict[str, TensorEntry]:
+        """The tensors one model (one rank's, in a tensor-parallel file) computes with, by its
+        parameter names: the resident ones and its layers'."""
+        if self.tensor_parallel is None:
+            return dict(self.tensors)
+        prefix = shard_prefix(rank)
+        out = {n: e for n, e in self.tensors.items() if not n.startswith("rank.")}
+        for ext in self.layer_extents(rank):
+            out.update((n[len(prefix):], self.tensors[n]) for n in ext.tensors)
+        return out
+
+    def fingerprint(self) -> str:
+        """What every rank's file of one tensor-parallel pack shares, hashed: the pack's id, size and
+        plan, the model (architecture, config, ties) and the resident tensors (names, shapes,
+        dtypes, CRCs). Ranks compare it at start, so a file of another pack, or one with other
+        resident weights, is named before any step runs."""
+        tp = dict(self.tensor_parallel or {})
+        tp.pop("ranks", None)
+        resident = [(e.name, list(e.shape), e.dtype.name, [s.crc32c for s in e.segments.values()])
+                    for n, e in sorted(self.tensors.items()) if e.extent == "resident"]
+        blob = json.dumps({"tp": tp, "architecture": self.architecture, "config": self.config,
+                           "tied": self.tied, "resident": resident}, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
 
     def _segment(self, s, where: str, kinds=_SEGMENT_KINDS) -> Segment:
         p = self.path
@@ -779,12 +888,13 @@ class EndorFile:
                 for i, x in enumerate((1, e.dense_nbytes, e.stored_nbytes, e.numel)):
                     acc[i] += x
         encoded_dense, encoded_stored, encoded_numel = (sum(a[i] for a in by_codec.values()) for i in (1, 2, 3))
-        for ext in self.layers:
+        shards = [e for by_rank in self.shards.values() for e in by_rank.values()]
+        for ext in self.layers or shards:
             entries = [self.tensors[n] for n in ext.tensors]
             dense = sum(e.dense_nbytes for e in entries)
             nnz = sum(e.nnz for e in entries)
             numel = sum(e.numel for e in entries)
-            layers.append({"index": ext.layer, "offset": ext.offset, "length": ext.length,
+            layers.append({"index": ext.layer, "rank": ext.rank, "offset": ext.offset, "length": ext.length,
                            "tensors": len(entries), "density": nnz / numel if numel else 0.0,
                            "dense_bytes": dense, "stored_bytes": ext.length,
                            "ratio": dense / ext.length if ext.length else 0.0})
@@ -800,7 +910,8 @@ class EndorFile:
             "resident": None if self.resident is None else
                 {"offset": self.resident.offset, "length": self.resident.length,
                  "tensors": len(self.resident.tensors)},
-            "layers": layers,
+            "layers": layers,  # in a tensor-parallel file, each rank's shard of each layer
+            "tensor_parallel": self.tensor_parallel,
             # mixture-of-experts layers: expert extents per layer and their bytes (one read each)
             "experts": {str(i): {"count": len(exts), "stored_bytes": sum(e.length for e in exts),
                                  "largest_bytes": max(e.length for e in exts)}

@@ -159,6 +159,10 @@ _OPTIONS: dict[str, Option] = {
                "largest batch x sequence a step may have and still take the fused product (1-16); "
                "larger steps (a prompt's prefill) decode to dense and use torch's matmul. auto: 16 "
                "for fp16, 8 for fp32, 1 for bf16 (where torch's own bf16 product is fast)"),
+        Option("tp_timeout", "ENDOR_TP_TIMEOUT", 120, _positive_int,
+               "seconds a tensor-parallel rank waits in a collective (the process group endor-gds "
+               "starts under torchrun) before it fails with TensorParallelError: a rank that died "
+               "or hangs stops the others within it"),
         Option("cache_dir", "ENDOR_CACHE_DIR", "~/.cache/endor_gds", str,
                "where the demo and benchmarks keep the random-init checkpoints they build"),
     ]

@@ -8,6 +8,7 @@ offset or limit involved.
 from __future__ import annotations
 
 __all__ = [
+    "TensorParallelError",
     "EndorError",
     "FormatError",
     "ChecksumError",
@@ -89,3 +90,8 @@ class ClosedError(EndorError, RuntimeError):
 
 class DiskSpaceError(EndorError, OSError):
     """The disk cannot hold the files a run would write; said before anything is written."""
+
+
+class TensorParallelError(EndorError, RuntimeError):
+    """The ranks of a tensor-parallel run disagree or lost each other: a rank's file is missing or
+    from another pack, a rank failed to load, or a collective failed (a rank died or hung)."""

@@ -72,6 +72,9 @@ class Recipe:
     # checkpoint name fragment -> model name fragment (transformers' own renamings on load)
     renames: dict[str, str] = field(default_factory=dict)
     experts: Experts | None = None
+    # which modules hold attention heads, for tensor parallelism (endor_gds.shards):
+    # {"q_heads": (...), "kv_heads": (...), "attention": "self_attn"}; None where not written yet
+    tensor_parallel: dict | None = None
 
     @property
     def layer_prefix_re(self) -> re.Pattern:
@@ -255,6 +258,10 @@ def _load(path: Path) -> Recipe:
                 module=str(raw["experts"]["module"]),
                 params={str(k): tuple(v) for k, v in raw["experts"]["params"].items()},
                 router=str(raw["experts"].get("router", ""))),
+            tensor_parallel=None if "tensor_parallel" not in raw else {
+                "q_heads": tuple(raw["tensor_parallel"]["q_heads"]),
+                "kv_heads": tuple(raw["tensor_parallel"]["kv_heads"]),
+                "attention": str(raw["tensor_parallel"]["attention"])},
         )
     except (KeyError, TypeError) as exc:
         raise UnsupportedModelError(f"recipe {path} is malformed: missing or bad field {exc}") from None

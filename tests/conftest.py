@@ -58,20 +58,20 @@ def model_dir(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def packed(model_dir, tmp_path_factory):
-    """``packed(family, dtype, prune="magnitude", sparsity=0.5, sharded=False, codec="auto")`` →
-    cached .endor path."""
+    """``packed(family, dtype, prune="magnitude", sparsity=0.5, sharded=False, codec="auto", tp=None)``
+    → cached .endor path (``tp=N``: packed for N tensor-parallel ranks)."""
     import endor_gds  # noqa: PLC0415
 
     cache: dict = {}
     root = tmp_path_factory.mktemp("packed")
 
     def get(family="llama", dtype=torch.float16, prune="magnitude", sparsity=0.5, sharded=False,
-            codec="auto", **overrides):
-        key = (family, dtype, prune, sparsity, sharded, codec, tuple(sorted(overrides.items())))
+            codec="auto", tp=None, **overrides):
+        key = (family, dtype, prune, sparsity, sharded, codec, tp, tuple(sorted(overrides.items())))
         if key not in cache:
             src = model_dir(family, dtype, sharded, **overrides)
             dst = root / f"m{len(cache)}.endor"
-            endor_gds.pack(src, dst, prune=prune, sparsity=sparsity, progress=False, codec=codec)
+            endor_gds.pack(src, dst, prune=prune, sparsity=sparsity, progress=False, codec=codec, tp=tp)
             cache[key] = dst
         return cache[key]
 

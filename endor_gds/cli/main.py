@@ -1,4 +1,4 @@
-"""``endor-gds`` command line: pack | inspect | verify | run | serve | profile-io | bench | demo.
+"""``endor-gds`` command line: pack | split | inspect | verify | run | serve | profile-io | bench | demo.
 
 Every command that reads a file prints the reader mode in effect. A bad argument, a bad file or a
 failing disk (an :class:`~endor_gds.errors.EndorError`, an argparse error or an OS error) is
@@ -20,6 +20,7 @@ from endor_gds.defaults import format_bytes
 from endor_gds.errors import ArgumentError, EndorError
 from endor_gds.packing.packer import pack
 from endor_gds.packing.policy import CODECS
+from endor_gds.packing.split import split
 from endor_gds.serve import server as serve_cli
 
 __all__ = ["main", "build_parser"]
@@ -38,10 +39,18 @@ def cmd_pack(args) -> int:
                             f"wanda; without --prune the weights are kept as they are")
     report = pack(args.src, args.dst, prune=args.prune,
                   sparsity=0.5 if args.sparsity is None else args.sparsity,
-                  progress=not args.quiet, calib=args.calib, codec=args.codec, **wanda)
+                  progress=not args.quiet, calib=args.calib, codec=args.codec, tp=args.tp, **wanda)
     print(f"wrote {report.dst}: {format_bytes(report.file_bytes)} from {format_bytes(report.source_bytes)} "
           f"({report.source_bytes / max(report.file_bytes, 1):.2f}x smaller), {report.tensors} tensors, "
-          f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)")
+          f"{report.layers} layers, {report.seconds:.1f} s ({report.mb_per_s:.0f} MB/s)"
+          + (f", each layer split over {args.tp} tensor-parallel ranks" if args.tp else ""))
+    return 0
+
+
+def cmd_split(args) -> int:
+
+    for path in split(args.file, args.out_dir):
+        print(f"wrote {path} ({format_bytes(path.stat().st_size)})")
     return 0
 
 
@@ -54,7 +63,8 @@ def cmd_inspect(args) -> int:
         return 0
     t = s["totals"]
     print(f"{s['path']}: format v{s['format_version']}, {s['architecture']}, "
-          f"{len(s['layers'])} layers, {len(s['tensors'])} tensors, {format_bytes(s['file_bytes'])}")
+          f"{len({layer['index'] for layer in s['layers']})} layers, {len(s['tensors'])} tensors, "
+          f"{format_bytes(s['file_bytes'])}")
     prune = s.get("prune") or {}
     if prune.get("method") not in (None, "none"):
         print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
@@ -63,12 +73,20 @@ def cmd_inspect(args) -> int:
         per_tensor = f" (per tensor {span[0]:.3f}..{span[1]:.3f})" if span else ""
         print(f"already pruned checkpoint: measured sparsity {prune['detected_sparsity']:.3f} of the "
               f"linear weights{per_tensor}; --tensors lists each one")
+    if s["tensor_parallel"]:
+        tp = s["tensor_parallel"]
+        print(f"tensor parallel: packed for {tp['size']} ranks, holds rank(s) {tp['ranks']} "
+              f"(pack {tp['pack_id']}); plan: "
+              + ", ".join(f"{m} {style}" for m, style in tp["plan"].items()))
     if s["resident"]:
         print(f"resident extent: {s['resident']['tensors']} tensors, {format_bytes(s['resident']['length'])}")
-    print(f"{'layer':>5} {'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")
+    ranked = s["tensor_parallel"] is not None  # a column for the rank whose shard each extent holds
+    print(f"{'layer':>5} " + (f"{'rank':>4} " if ranked else "")
+          + f"{'offset':>14} {'length':>12} {'tensors':>7} {'density':>8} {'ratio':>6}")
     for layer in s["layers"]:
-        print(f"{layer['index']:>5} {layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} "
-              f"{layer['density']:>8.3f} {layer['ratio']:>6.3f}")
+        print(f"{layer['index']:>5} " + (f"{layer['rank']:>4} " if ranked else "")
+              + f"{layer['offset']:>14} {layer['length']:>12} {layer['tensors']:>7} {layer['density']:>8.3f} "
+                f"{layer['ratio']:>6.3f}")
     if s["experts"]:  # one extent per expert: a routed expert is one read
         layers = ", ".join(f"{i}: {x['count']} x <= {format_bytes(x['largest_bytes'])}"
                            for i, x in s["experts"].items())
@@ -146,8 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
                         "or exphuff (format v3, Huffman-coded exponents, also without a bitmap) where it "
                         "saves 5%% more (the CPU fused product reads raw and expdict only); raw; expdict "
                         "or exphuff (forced for every linear weight)")
+    p.add_argument("--tp", type=int, default=None, metavar="N",
+                   help="split every layer over N tensor-parallel ranks (the model's base_model_tp_plan): "
+                        "one extent per rank, run with torchrun --nproc-per-node N (format v5)")
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser("split", help="write one file per rank of a tensor-parallel file (for per-node drives)")
+    p.add_argument("file", help="a file packed with --tp N")
+    p.add_argument("--out-dir", default=None, help="folder for <name>.rank<r>.endor (default: beside the file)")
+    p.set_defaults(func=cmd_split)
 
     p = sub.add_parser("inspect", help="per-layer and total sizes, densities and ratios")
     p.add_argument("file")

@@ -1,4 +1,9 @@
-"""``endor-gds run``: generate text from an .endor file, streaming its layers, and print the stats."""
+"""``endor-gds run``: generate text from an .endor file, streaming its layers, and print the stats.
+
+Under ``torchrun`` (a file packed with ``--tp N``, ``torchrun --nproc-per-node N -m endor_gds run
+FILE ...``) every rank starts the process group, loads its shards and runs the same generation;
+rank 0 prints, with every rank's statistics.
+"""
 
 from __future__ import annotations
 
@@ -8,9 +13,11 @@ import sys
 import time
 
 import torch
+import torch.distributed as dist
 
 from endor_gds.errors import ArgumentError
 from endor_gds.modeling import load_tokenizer
+from endor_gds.stream import parallel
 from endor_gds.stream.experts import add_expert_arguments, expert_options
 from endor_gds.stream.runtime import from_pretrained
 
@@ -56,9 +63,30 @@ def _print_stats(s: dict, out) -> None:
               f"prefetch {'on' if x['prefetch'] else 'off'}) per token: {t['experts_routed']:.1f} routed, "
               f"{t['experts_read']:.1f} read, {t['expert_hits']:.1f} cache hits, {t['experts_prefetched']:.1f} "
               f"read ahead of which {t['prefetch_hits']:.1f} routed", file=out)
+    tp = s.get("tensor_parallel")
+    if tp is not None:
+        print(f"tensor parallel: {tp['size']} ranks ({tp['backend']}), per token and rank:", file=out)
+        for r, x in enumerate(tp["ranks"]):
+            print(f"  rank {r}: {x['bytes_read'] / 1e6:.1f} MB read, read {x['read_s'] * 1e3:.1f} ms, decode "
+                  f"{x['decode_s'] * 1e3:.1f} ms, compute {x['compute_s'] * 1e3:.1f} ms, all-reduce "
+                  f"{x['collective_s'] * 1e3:.1f} ms, {x['s'] * 1e3:.1f} ms in all ({x['file']})", file=out)
 
 
 def cmd_run(args) -> int:
+    already = dist.is_available() and dist.is_initialized()
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
+    tp = parallel.init_from_env("cuda" if cuda else "cpu")  # None unless under torchrun
+    clean = False
+    try:
+        code = _run(args, quiet=tp is not None and tp.rank != 0)
+        clean = True
+        return code
+    finally:
+        if tp is not None and not already:
+            parallel.shutdown(clean)
+
+
+def _run(args, quiet: bool) -> int:
     max_memory = args.max_memory
     model = from_pretrained(args.file, device=args.device, max_memory=max_memory, tier=args.tier,
                             prefetch_depth=args.prefetch_depth, io=args.io,
@@ -79,9 +107,11 @@ def cmd_run(args) -> int:
         wall = time.perf_counter() - t0
         new = out[0, inputs["input_ids"].shape[1]:].tolist()
         text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
-        summary = rt.summary()
+        summary = rt.summary()  # under torchrun, a collective: every rank's figures reach each
         summary["generate_s"] = wall
-        if args.json:
+        if quiet:
+            pass
+        elif args.json:
             print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new, "stats": summary},
                              indent=1))
         else:

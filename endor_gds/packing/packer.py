@@ -35,15 +35,16 @@ from tqdm.auto import tqdm
 from endor_gds._version import __version__
 from endor_gds.codec import expdict, exphuff
 from endor_gds.codec.bitmap import TILE_ELEMS, bits_view, dtype_of, encode_bitmap
-from endor_gds.container import Writer, format_version_for
+from endor_gds.container import Writer, format_version_for, shard_prefix
 from endor_gds.errors import ArgumentError, CalibrationError, PackError, ReadError
 from endor_gds.modeling import check_tensors, model_dtype, model_for
 from endor_gds.packing.checkpoint import Checkpoint
 from endor_gds.packing.policy import CODECS, Storage, choose_storage
 from endor_gds.packing.prune import magnitude_prune
 from endor_gds.recipes import recipe_for
+from endor_gds.shards import shard_plan
 
-__all__ = ["pack", "PackReport", "PRUNE_METHODS", "LayerPruner"]
+__all__ = ["pack", "PackReport", "PRUNE_METHODS", "LayerPruner", "fsync_dir"]
 
 PRUNE_METHODS = ("none", "magnitude", "wanda")
 
@@ -182,7 +183,7 @@ def _check_against_config(ckpt: Checkpoint, recipe, plan, src) -> None:
     check_tensors(model, tensors, plan.tied, src, "the checkpoint", slices)
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -213,6 +214,7 @@ def pack(
     pruner: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
     extra_manifest: dict | None = None,
     codec: str = "auto",
+    tp: int | None = None,
 ) -> PackReport:
     """Pack the Hugging Face checkpoint folder ``src`` into the single file ``dst``.
 
@@ -229,6 +231,12 @@ def pack(
     (format v2: exponent dictionary), or ``exphuff`` (format v3: Huffman-coded exponents, dense or
     bitmap) where it saves 5 % more; ``raw`` uses neither codec (a version-1 file); ``expdict`` and
     ``exphuff`` use that codec for every linear weight (see ``policy.choose_storage``).
+
+    ``tp``: pack for tensor parallelism over ``tp`` ranks (format v5): each layer becomes one
+    extent per rank holding that rank's shard of each tensor (the model's own
+    ``base_model_tp_plan``, see :mod:`endor_gds.shards`), each encoded like any linear weight, so a
+    rank reads and decodes only its own. Weights are pruned whole, then split: the ranks together
+    compute the same pruned model as a file packed without ``tp``.
     """
     t0 = time.perf_counter()
     if prune not in PRUNE_METHODS:
@@ -249,6 +257,12 @@ def pack(
     generation_config = ckpt.generation_config()  # checked now, not after minutes of packing
     recipe = recipe_for(ckpt.config)
     plan = recipe.plan(ckpt.names(), ckpt.config)
+    shards = None
+    if tp is not None:
+        if plan.experts:
+            raise ArgumentError(f"tp={tp}: tensor-parallel packing does not split mixture-of-experts layers "
+                                f"yet ({recipe.family}); pack without tp")
+        shards = shard_plan(ckpt.config, recipe, tp)
     if prune == "wanda" and plan.experts:
         raise ArgumentError(f"prune='wanda' does not prune mixture-of-experts models yet ({recipe.family}: "
                             f"each expert sees only the tokens routed to it); use prune='magnitude'")
@@ -291,9 +305,10 @@ def pack(
                 bar.update(t.numel() * t.element_size())
                 return t
 
-            def write(name: str, t: torch.Tensor, extent: str) -> None:
+            def write(name: str, t: torch.Tensor, extent: str, stored: str | None = None) -> None:
+                """``stored``: the name in the file, where not the model's (a rank's shard)."""
                 linear = recipe.is_linear_weight(name)
-                entries.append(_write_tensor(w, name, t, extent, linear, codec))
+                entries.append(_write_tensor(w, stored or name, t, extent, linear, codec))
                 if found is not None and linear:
                     found.add(t, entries[-1])
 
@@ -305,6 +320,19 @@ def pack(
                 write(name, read(name), "resident")
             w.end_extent()
             for i, names in enumerate(plan.layers):
+                if shards is not None:  # the whole layer (pruned), then each rank's shard of it
+                    whole = dict(next(prepared) for _ in names) if prepared is not None else \
+                        layer_pruner(i, {name: read(name) for name in names})
+                    prefix = f"{recipe.layers}.{i}."
+                    for r in range(shards.size):
+                        extent = f"layer.{i}.rank.{r}"
+                        w.begin_extent(extent, "shard", layer=i, rank=r)
+                        for name in names:
+                            write(name, shards.take(name[len(prefix):], whole[name], r), extent,
+                                  stored=shard_prefix(r) + name)
+                        w.end_extent()
+                    del whole
+                    continue
                 extent = f"layer.{i}"
                 w.begin_extent(extent, "layer", layer=i)
                 if prepared is not None:
@@ -331,7 +359,8 @@ def pack(
                 w.end_extent()
             manifest = {
                 "format": "endor",
-                "format_version": format_version_for((e["codec"] for e in entries), experts=bool(plan.experts)),
+                "format_version": format_version_for((e["codec"] for e in entries), experts=bool(plan.experts),
+                                                     shards=shards is not None),
                 "tile_elems": TILE_ELEMS,
                 "checksum": "crc32c",
                 "architecture": recipe.family,
@@ -344,6 +373,9 @@ def pack(
                 "tensors": entries,
                 "files": files,
             }
+            if shards is not None:  # pack_id: the ranks' files of one pack recognise each other
+                manifest["tensor_parallel"] = dict(shards.manifest(), ranks=list(range(shards.size)),
+                                                   pack_id=secrets.token_hex(8))
             if extra_manifest:
                 manifest.update(extra_manifest)
             file_bytes = w.finish(manifest)
@@ -351,7 +383,7 @@ def pack(
             os.fsync(f.fileno())
         os.replace(tmp, dst)
         replaced = True
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
     except BaseException as exc:
         ahead.shutdown(wait=True, cancel_futures=True)  # nothing reads the source after we return
         bar.close()

@@ -12,7 +12,7 @@ import signal
 import sys
 
 from endor_gds.defaults import format_bytes, parse_bytes
-from endor_gds.errors import MissingDependencyError
+from endor_gds.errors import ArgumentError, MissingDependencyError
 from endor_gds.modeling import load_tokenizer
 from endor_gds.stream.experts import add_expert_arguments, expert_options
 from endor_gds.stream.runtime import from_pretrained
@@ -32,6 +32,12 @@ def _import_server():
 
 
 def cmd_serve(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every rank would have to run the batching manager's steps in lockstep, each with its
+        # own paged KV cache of its heads: not built yet
+        raise ArgumentError("endor-gds serve does not run tensor-parallel yet (this process is one of "
+                            f"WORLD_SIZE={os.environ['WORLD_SIZE']} ranks): serve a file packed without "
+                            f"--tp from one process, or generate with `torchrun ... -m endor_gds run`")
     from endor_gds.serve.engine import Engine  # noqa: PLC0415 - imports transformers' batching
 
     uvicorn, create_app = _import_server()

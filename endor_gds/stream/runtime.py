@@ -46,9 +46,12 @@ from endor_gds.modeling import (
 )
 from endor_gds.read.readers import check_mode, open_reader
 from endor_gds.recipes import Recipe, recipes
+from endor_gds.shards import shard_plan
+from endor_gds.stream import parallel
 from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
 from endor_gds.stream.experts import ExpertCache, ExpertTable, routed_experts
 from endor_gds.stream.integrity import ExtentCheck
+from endor_gds.stream.parallel import TensorParallel
 from endor_gds.stream.pipeline import Pipeline
 from endor_gds.stream.plan import LayerPlan, LayerTimes, plan_layer
 
@@ -77,6 +80,7 @@ class StepStats:
     expert_hits: int = 0  # routed experts their forward started no read for (cached or prefetched)
     experts_prefetched: int = 0  # experts read on a guess of the next layer's routing
     prefetch_hits: int = 0  # of those, experts the next layer was then routed to
+    collective_s: float = 0.0  # tensor parallelism: time in all-reduces (the other ranks' lag included)
 
     @property
     def overlap(self) -> float:
@@ -100,7 +104,8 @@ class StepRing:
     """
 
     FIELDS = ("step", "wall_s", "layers", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "fused",
-              "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits")
+              "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits",
+              "collective_s")
     COUNTS = frozenset(("step", "layers", "bytes_read", "fused", "experts_routed", "experts_read", "expert_hits",
                         "experts_prefetched", "prefetch_hits"))
 
@@ -273,8 +278,11 @@ class StreamingRuntime:
     def __init__(self, model: nn.Module, ef: EndorFile, recipe: Recipe, device: torch.device, *,
                  max_memory=None, tier: str = "ssd", prefetch_depth: int | None = None,
                  io: str | None = None, verify_reads: bool | None = None, experts: str = "routed",
-                 expert_cache: int | None = None, expert_prefetch: bool = False):
+                 expert_cache: int | None = None, expert_prefetch: bool = False,
+                 tp: TensorParallel | None = None):
         self.file, self.recipe, self.device, self.tier = ef, recipe, device, _tier(tier)
+        self.tp = tp
+        self._collective_at_step = 0.0
         _expert_options(experts, expert_cache)
         self.expert_mode, self._expert_capacity = experts, expert_cache
         self.expert_prefetch = expert_prefetch and experts == "routed"
@@ -309,14 +317,22 @@ class StreamingRuntime:
         ef, recipe = self.file, self.recipe
         self.dtype = model.dtype
         layers_module = get_submodule(model, recipe.layers)
-        if len(layers_module) != len(ef.layers):
-            raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, the model "
+        # a tensor-parallel file: this rank's shard extents, and the model in this rank's shapes
+        self.rank = parallel.check_file(ef, self.tp)
+        if self.rank is not None:
+            spec = ef.tensor_parallel
+            self.shards = shard_plan(ef.config, recipe, spec["size"], styles=spec["plan"])
+            parallel.localize(model, recipe, self.shards, self.rank)
+        extents = ef.layer_extents(self.rank)
+        if len(layers_module) != len(extents):
+            raise FormatError(f"{ef.path}: the file has {len(extents)} layer extents, the model "
                               f"config builds {len(layers_module)} layers")
         expert_plans = self._expert_plans()
         slices = {n: recipe.expert_slice(n) for p in expert_plans.values() for n in (s.entry.name for s in p.slots)}
-        check_tensors(model, {n: (e.shape, e.dtype.torch) for n, e in ef.tensors.items()},
+        check_tensors(model, {n: (e.shape, e.dtype.torch) for n, e in ef.model_tensors(self.rank).items()},
                       ef.tied, ef.path, "the file", slices)
-        plans = {ext.layer: plan_layer(ef, ext, f"{recipe.layers}.{ext.layer}.") for ext in ef.layers}
+        prefix = ef.layer_prefix(self.rank) + recipe.layers
+        plans = {ext.layer: plan_layer(ef, ext, f"{prefix}.{ext.layer}.") for ext in extents}
         resident_plan = plan_layer(ef, ef.resident, "") if ef.resident is not None else None
         resident_bytes = 0 if resident_plan is None else resident_plan.length + resident_plan.arena_bytes
         if expert_plans:
@@ -369,12 +385,27 @@ class StreamingRuntime:
                                      check=self.check if ram is None else None, on_layer_done=self._layer_done)
             for i in self.placement.streamed_layers:
                 self._attach(layers_module[i], i)
+        self._install_rowwise(layers_module)
         # not in self._hooks: it outlives close(), so a closed model says so instead of failing
         # in a matmul on meta placeholders
         model.register_forward_pre_hook(self._refuse_if_closed)
         self._hooks.append(model.register_forward_pre_hook(self._step_begin))
         self._hooks.append(model.register_forward_hook(self._step_end))
         self._hooks.append(model.register_forward_hook(self._step_unlock, always_call=True))
+
+    def _install_rowwise(self, layers_module) -> None:
+        """In a process group, every row-parallel module sums the ranks' partial outputs (installed
+        after the streaming hooks and the fused product, so it wraps the forward they give)."""
+        if self.tp is None or self.rank is None:
+            return
+        rowwise = [m for m, style in self.shards.styles.items() if style == "rowwise"]
+        for layer in layers_module:
+            for path in rowwise:
+                try:
+                    module = layer.get_submodule(path)
+                except AttributeError:
+                    continue
+                parallel.install_rowwise(module, self.tp)
 
     def _make_decoder(self):
         if self.device.type == "cuda":
@@ -511,6 +542,9 @@ class StreamingRuntime:
         cur.read_s = cur.decode_s = cur.compute_s = cur.stall_s = 0.0
         cur.fused = cur.experts_routed = cur.experts_read = cur.expert_hits = 0
         cur.experts_prefetched = cur.prefetch_hits = 0
+        cur.collective_s = 0.0
+        if self.tp is not None:
+            self._collective_at_step = self.tp.collective_s
         if self.experts is not None:
             self.experts.stats.clear()
         self._step = cur
@@ -531,6 +565,8 @@ class StreamingRuntime:
             s.read_s += x.read_s
             s.stall_s += x.wait_s
         if self._step is not None:
+            if self.tp is not None:
+                self._step.collective_s = self.tp.collective_s - self._collective_at_step
             self._step.wall_s = time.perf_counter() - self._t_step
             self.steps.append(self._step)
             self._step = None
@@ -582,16 +618,37 @@ class StreamingRuntime:
                   f"{self.check.rereads} layer(s) read again after a failed check")
 
     def summary(self) -> dict:
-        """Configuration and aggregated statistics (what ``endor-gds run --json`` prints)."""
+        """Configuration and aggregated statistics (what ``endor-gds run --json`` prints).
+
+        In a process group this is a collective: every rank must call it, and each gets every
+        rank's per-token figures under ``tensor_parallel.ranks``."""
         steps = list(self.steps)
         if len(steps) > 1 and steps[0].step == 0:
             steps = steps[1:]  # step 0 is the prompt's prefill, not a generated token
         tot = StepStats(step=-1)
         for s in steps:
             for f in ("wall_s", "bytes_read", "read_s", "decode_s", "compute_s", "stall_s", "layers", "fused",
-                      "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits"):
+                      "experts_routed", "experts_read", "expert_hits", "experts_prefetched", "prefetch_hits",
+                      "collective_s"):
                 setattr(tot, f, getattr(tot, f) + getattr(s, f))
         n = max(len(steps), 1)
+        per_token = {
+            "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
+            "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,
+            "stall_s": tot.stall_s / n, "overlap": tot.overlap, "gbps": tot.gbps,
+            "fused_layers": tot.fused / n,  # streamed layers multiplied from bitmap + values
+            "experts_routed": tot.experts_routed / n,
+            "experts_read": tot.experts_read / n,
+            "expert_hits": tot.expert_hits / n,
+            "experts_prefetched": tot.experts_prefetched / n,
+            "prefetch_hits": tot.prefetch_hits / n,
+            "collective_s": tot.collective_s / n,
+            "tokens_per_s": n / tot.wall_s if tot.wall_s > 0 else 0.0,
+        }
+        tensor_parallel = None
+        if self.tp is not None:
+            tensor_parallel = {"size": self.tp.size, "rank": self.tp.rank, "backend": self.tp.backend,
+                               "ranks": self.tp.gather(dict(per_token, file=self.file.path))}
         return {
             "file": self.file.path,
             "device": str(self.device),
@@ -613,18 +670,8 @@ class StreamingRuntime:
                  "prefetch": bool(self._routers),
                  "cache_bytes": self.experts.backend.buffer_bytes},
             "steps": self._nsteps,
-            "per_token": {
-                "s": tot.wall_s / n, "bytes_read": tot.bytes_read / n, "read_s": tot.read_s / n,
-                "decode_s": tot.decode_s / n, "compute_s": tot.compute_s / n,
-                "stall_s": tot.stall_s / n, "overlap": tot.overlap, "gbps": tot.gbps,
-                "fused_layers": tot.fused / n,  # streamed layers multiplied from bitmap + values
-                "experts_routed": tot.experts_routed / n,
-                "experts_read": tot.experts_read / n,
-                "expert_hits": tot.expert_hits / n,
-                "experts_prefetched": tot.experts_prefetched / n,
-                "prefetch_hits": tot.prefetch_hits / n,
-                "tokens_per_s": n / tot.wall_s if tot.wall_s > 0 else 0.0,
-            },
+            "tensor_parallel": tensor_parallel,
+            "per_token": per_token,
             "step_stats": [s.as_dict() for s in self.steps],
         }
 
@@ -705,17 +752,20 @@ def _build_model(ef: EndorFile, recipe: Recipe) -> nn.Module:
     """The empty model of the manifest's config. The layer count is checked first (a Llama config
     asking for 10^9 layers was still building modules on meta after a minute)."""
     n = recipe.num_layers(ef.config)
-    if n != len(ef.layers):
-        raise FormatError(f"{ef.path}: the file has {len(ef.layers)} layer extents, its config "
+    if n != ef.num_layers:
+        raise FormatError(f"{ef.path}: the file has {ef.num_layers} layers' extents, its config "
                           f"asks for {n} layers")
-    dtype = model_dtype(recipe, ((e.name, e.dtype.torch) for e in ef.tensors.values()))
+    # by the model's parameter names (a tensor-parallel file's are prefixed with their rank)
+    some_rank = None if ef.tensor_parallel is None else ef.tensor_parallel["ranks"][0]
+    dtype = model_dtype(recipe, ((n, e.dtype.torch) for n, e in ef.model_tensors(some_rank).items()))
     return model_for(ef.config, dtype, ef.path, ef.architecture)
 
 
 def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
                     prefetch_depth: int | None = None, io: str | None = None, *,
                     verify_reads: bool | None = None, experts: str = "routed",
-                    expert_cache: int | None = None, expert_prefetch: bool = False):
+                    expert_cache: int | None = None, expert_prefetch: bool = False,
+                    process_group="auto"):
     """Load an ``.endor`` file as a streaming transformers model (see module docstring).
 
     ``device``: ``"auto"`` (CUDA when available), ``"cuda"``, ``"cuda:N"`` or ``"cpu"``.
@@ -733,13 +783,43 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     guess each MoE layer's experts from the previous one's hidden state (its router applied early)
     and read them ahead (off by default: with random-weight routers the guesses were right 20-35 %
     of the time and cost more reads than they hid, docs/performance.md).
+    Tensor parallelism (files packed with ``tp=N``, see :mod:`endor_gds.stream.parallel`):
+    ``process_group="auto"`` splits the model over the default process group when one is
+    initialised; ``None`` never does (every process runs the whole file); a ``ProcessGroup``, over
+    that group. ``path`` may hold ``{rank}``, replaced by this process's rank in it.
     """
     # bad arguments are named before the file is opened
     _tier(tier), _prefetch_depth(prefetch_depth), check_mode(io), _verify_reads(verify_reads)
     _expert_options(experts, expert_cache)
     dev = _device(device)
     _budget(max_memory, dev)
+    tp = parallel.current(process_group)
+
+    def load(ef: EndorFile):
+        return _load(ef, dev, tp, max_memory=max_memory, tier=tier, prefetch_depth=prefetch_depth, io=io,
+                     verify_reads=verify_reads, experts=experts, expert_cache=expert_cache,
+                     expert_prefetch=expert_prefetch)
+
+    if tp is None:
+        return load(EndorFile(parallel.rank_path(path, 0)))
+    # every rank opens its file, and the ranks compare them before anything is loaded
+    ef = tp.together("opening the file", lambda: _open_shards(parallel.rank_path(path, tp.rank), tp),
+                     fingerprint=EndorFile.fingerprint, cleanup=EndorFile.close)
+    return tp.together("loading the model", lambda: load(ef), cleanup=lambda model: model.endor.close())
+
+
+def _open_shards(path, tp: TensorParallel) -> EndorFile:
     ef = EndorFile(path)
+    try:
+        parallel.check_file(ef, tp)
+    except BaseException:
+        ef.close()
+        raise
+    return ef
+
+
+def _load(ef: EndorFile, dev: torch.device, tp: TensorParallel | None, **options):
+    """The streaming model of the opened file ``ef`` (closed if this fails)."""
     try:
         recipe = recipes().get(ef.architecture)
         if recipe is None:
@@ -752,9 +832,7 @@ def from_pretrained(path, device="auto", max_memory=None, tier: str = "ssd",
     except BaseException:
         ef.close()
         raise
-    runtime = StreamingRuntime(model, ef, recipe, dev, max_memory=max_memory, tier=tier,
-                               prefetch_depth=prefetch_depth, io=io, verify_reads=verify_reads,
-                               experts=experts, expert_cache=expert_cache, expert_prefetch=expert_prefetch)
+    runtime = StreamingRuntime(model, ef, recipe, dev, tp=tp, **options)
     model.endor = runtime
     _guard_placement(model, runtime)
     weakref.finalize(model, runtime.close)

@@ -157,3 +157,51 @@ def test_expert_extents_are_checked_at_open(packed, tmp_path, edit, match):
     path = manifest_edit(packed("qwen3_moe", torch.float32), edit, tmp_path)
     with pytest.raises(endor_gds.FormatError, match=match):
         EndorFile(path)
+
+
+def _shard(m, name):
+    return next(e for e in m["extents"] if e["name"] == name)
+
+
+@pytest.mark.parametrize("edit,match", [
+    (lambda m: m.pop("tensor_parallel"), "extent layer.0.rank.0 is a shard, but the manifest has no tensor_parallel"),
+    (lambda m: m.update(format_version=4), "format_version"),
+    (lambda m: _shard(m, "layer.1.rank.1").update(name="layer.1.rank.01"),
+     "extent layer.1.rank.01 of kind shard must be named 'layer.1.rank.1'"),
+    (lambda m: _shard(m, "layer.1.rank.1").update(rank=1024), "extent layer.1.rank.1 rank"),
+    (lambda m: m["tensor_parallel"].update(size=0), "tensor_parallel size"),
+    (lambda m: m["tensor_parallel"].update(ranks=[1, 0]), "distinct ranks in increasing order"),
+    (lambda m: m["tensor_parallel"].update(ranks=[0, 2]), "tensor_parallel ranks"),
+    (lambda m: m["tensor_parallel"].update(ranks=[0]),
+     "layer 0 has shard extents of ranks \\[0, 1\\], the file holds ranks \\[0\\]"),
+    (lambda m: m["tensor_parallel"]["plan"].update({"mlp.up_proj": "colwise_gather_output"}),
+     "tensor_parallel plan of mlp.up_proj"),
+    (lambda m: m["tensor_parallel"].update(pack_id=7), "tensor_parallel pack_id"),
+    (lambda m: next(t for t in m["tensors"] if t["name"].startswith("rank.1.")).update(
+        name="model.layers.9.self_attn.q_proj.weight"), "the tensors of rank r's shard extents, and only they"),
+    (lambda m: next(t for t in m["tensors"] if t["name"].startswith("rank.1.")).update(
+        name="rank.0.model.layers.9.self_attn.q_proj.weight"), "the tensors of rank r's shard extents"),
+    (lambda m: m["extents"].append({"name": "layer.0", "kind": "layer", "layer": 0,
+                                    "offset": _shard(m, "layer.0.rank.0")["offset"], "length": 0}),
+     "holds its layers as shard extents only"),
+])
+def test_shard_extents_are_checked_at_open(packed, tmp_path, edit, match):
+    """Format v5's tensor-parallel files: the manifest's tensor_parallel entry, one shard extent
+    per layer and rank held, named for both, its tensors named for its rank."""
+    path = manifest_edit(packed("llama", torch.float32, tp=2), edit, tmp_path)
+    with pytest.raises(endor_gds.FormatError, match=match):
+        EndorFile(path)
+
+
+def test_a_tensor_parallel_file_reads_by_rank(packed):
+    """Each rank's layers are its shard extents; its tensors are named as the model's parameters."""
+    with EndorFile(packed("llama", torch.float32, tp=2)) as f:
+        assert f.format_version == 5 and f.num_layers == 3 and f.layers == []
+        assert [e.name for e in f.layer_extents(1)] == ["layer.0.rank.1", "layer.1.rank.1", "layer.2.rank.1"]
+        t = f.model_tensors(1)
+        assert t["model.layers.0.self_attn.q_proj.weight"].name == "rank.1.model.layers.0.self_attn.q_proj.weight"
+        assert t["model.layers.0.self_attn.q_proj.weight"].shape == (64, 128)  # 2 of 4 heads of 32
+        assert t["model.norm.weight"].name == "model.norm.weight"
+        with pytest.raises(endor_gds.ArgumentError,
+                           match="holds the shards of ranks \\[0, 1\\] of a 2-rank pack, not rank 2"):
+            f.layer_extents(2)

@@ -539,3 +539,21 @@ def test_wanda_on_cuda_matches_cpu_masks(model_dir, wanda_packed, calib, tmp_pat
             assert float(((t == 0) == (cpu[name] == 0)).float().mean()) > 0.9, name
         else:
             assert _bits(t) == _bits(cpu[name]), name
+
+
+def test_tensor_parallel_wanda_cuts_the_same_pruned_layers(model_dir, wanda_packed, calib, tmp_path):
+    """Wanda prunes whole layers; with tp=2 each rank's shard is the block of the layer Wanda
+    pruned as for the file packed whole."""
+    from endor_gds.recipes import recipes  # noqa: PLC0415
+    from endor_gds.shards import shard_plan  # noqa: PLC0415
+
+    dst = tmp_path / "tp.endor"
+    endor_gds.pack(model_dir("llama", torch.float16), dst, prune="wanda", sparsity=0.5, calib=calib[0],
+                   calib_samples=SAMPLES, calib_seqlen=SEQLEN, progress=False, tp=2)
+    whole = _tensors(wanda_packed("llama"))
+    with endor_gds.open(dst) as f:
+        plan = shard_plan(f.config, recipes()["llama"], 2, styles=f.tensor_parallel["plan"])
+        for r in range(2):
+            for name, entry in f.model_tensors(r).items():
+                want = whole[name] if entry.extent == "resident" else plan.take(name.split(".", 3)[3], whole[name], r)
+                assert _bits(f.read_tensor(entry.name)) == _bits(want), name
