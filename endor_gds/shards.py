@@ -144,10 +144,9 @@ class ShardPlan:
         return {"size": self.size, "plan": dict(sorted(self.styles.items()))}
 
 
-def shard_plan(config: dict, recipe: Recipe, size: int, styles: dict[str, str] | None = None) -> ShardPlan:
+def shard_plan(config: dict, recipe: Recipe, size: int) -> ShardPlan:
     """The plan for ``size`` ranks of the model of ``config`` (a config.json dict), checked: the
-    heads divide as attention needs. ``styles`` (a file's recorded plan) replaces the config
-    class's, so a file opens the way it was packed whatever transformers is installed."""
+    heads divide as attention needs."""
     if isinstance(size, bool) or not isinstance(size, int) or not 1 <= size <= MAX_SIZE:
         raise UnsupportedModelError(f"the tensor-parallel size must be a whole number in 1..{MAX_SIZE}, got {size!r}")
     tp = recipe.tensor_parallel
@@ -167,6 +166,5 @@ def shard_plan(config: dict, recipe: Recipe, size: int, styles: dict[str, str] |
     if kv % size and size % kv:
         raise UnsupportedModelError(f"num_key_value_heads={kv} and {size} ranks: the key/value heads must divide "
                                     f"among the ranks, or the ranks among the heads")
-    if styles is None:
-        styles = config_styles(config, recipe)
-    return ShardPlan(size, dict(styles), heads, kv, head_dim, tp["q_heads"], tp["kv_heads"], tp["attention"])
+    return ShardPlan(size, config_styles(config, recipe), heads, kv, head_dim, tp["q_heads"], tp["kv_heads"],
+                     tp["attention"])

@@ -321,7 +321,15 @@ class StreamingRuntime:
         self.rank = parallel.check_file(ef, self.tp)
         if self.rank is not None:
             spec = ef.tensor_parallel
-            self.shards = shard_plan(ef.config, recipe, spec["size"], styles=spec["plan"])
+            self.shards = shard_plan(ef.config, recipe, spec["size"])
+            if self.shards.styles != spec["plan"]:
+                # the split must be the one this runtime's model computes with: a plan cut another
+                # way would fail in a matmul, or (swapped in pairs) compute something else
+                theirs = {m: s for m, s in spec["plan"].items() if self.shards.styles.get(m) != s}
+                ours = {m: self.shards.styles.get(m) for m in theirs}
+                raise FormatError(f"{ef.path} was split by the tensor-parallel plan {theirs}, which is not "
+                                  f"this transformers' base_model_tp_plan for {recipe.family} ({ours}): "
+                                  f"pack it again with --tp")
             parallel.localize(model, recipe, self.shards, self.rank)
         extents = ef.layer_extents(self.rank)
         if len(layers_module) != len(extents):

@@ -205,3 +205,14 @@ def test_a_tensor_parallel_file_reads_by_rank(packed):
         with pytest.raises(endor_gds.ArgumentError,
                            match="holds the shards of ranks \\[0, 1\\] of a 2-rank pack, not rank 2"):
             f.layer_extents(2)
+
+
+def test_a_plan_other_than_the_models_is_refused_at_load(packed, tmp_path):
+    """A file whose recorded tensor-parallel plan is not transformers' for the model (here down_proj
+    cut by rows) opens, but the runtime refuses it before any read: it would compute with it
+    wrongly."""
+    path = manifest_edit(packed("llama", torch.float32, tp=1),
+                         lambda m: m["tensor_parallel"]["plan"].update({"mlp.down_proj": "colwise"}), tmp_path)
+    with pytest.raises(endor_gds.FormatError, match="split by the tensor-parallel plan \\{'mlp.down_proj': "
+                                                    "'colwise'\\}, which is not this transformers'"):
+        endor_gds.from_pretrained(path, device="cpu")

@@ -25,7 +25,7 @@ def test_each_rank_holds_its_block_of_the_pruned_tensor(packed, family, n):
     tensors are stored once."""
     with endor_gds.open(packed(family, torch.float16)) as one, \
             endor_gds.open(packed(family, torch.float16, tp=n)) as tp:
-        plan = shard_plan(tp.config, recipes()[family], n, styles=tp.tensor_parallel["plan"])
+        plan = shard_plan(tp.config, recipes()[family], n)
         assert tp.tensor_parallel["size"] == n and tp.tensor_parallel["ranks"] == list(range(n))
         for r in range(n):
             for name, entry in tp.model_tensors(r).items():
