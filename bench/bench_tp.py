@@ -92,8 +92,8 @@ def _files(config: str, dtype: str, ranks: int, dirs: list[Path]) -> tuple[Path,
     ckpt = build_checkpoint(config, dtype)
     single = packed_variants(ckpt, 0.5, kinds=("pruned",))["pruned"]
     whole = ckpt.parent / f"{ckpt.name}-magnitude50-tp{ranks}.endor"
-    if not whole.exists():
-        pack(ckpt, whole, prune="magnitude", sparsity=0.5, tp=ranks)
+    if not whole.exists():  # codec raw, as the N = 1 file ("pruned": format v1)
+        pack(ckpt, whole, prune="magnitude", sparsity=0.5, tp=ranks, codec="raw")
     with EndorFile(whole) as f:
         want = f.fingerprint()
     parts = [d / "model.endor" for d in dirs]
