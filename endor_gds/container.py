@@ -487,8 +487,11 @@ class EndorFile:
             ext = self.extents.get(entry.extent)
             if ext is None or ext.kind == "files":
                 raise fail(p, f"tensor {entry.name} names unknown extent {show(entry.extent)}")
-            if (ext.kind == "shard") != entry.name.startswith("rank.") or \
-                    (ext.kind == "shard" and not entry.name.startswith(shard_prefix(ext.rank))):
+            # in a tensor-parallel file, rank r's tensors (and only they) are named rank.<r>.<name>;
+            # older files may hold any name
+            misnamed = not entry.name.startswith(shard_prefix(ext.rank)) if ext.kind == "shard" \
+                else self.tensor_parallel is not None and entry.name.startswith("rank.")
+            if misnamed:
                 raise fail(p, f"tensor {entry.name} in extent {ext.name}: the tensors of rank r's shard "
                                f"extents, and only they, are named {shard_prefix(0)[:-2]}<r>.<name>")
             for seg in entry.segments.values():

@@ -91,10 +91,19 @@ _EXPDICT = {"F16": (5, 1, 3), "BF16": (8, 1, 0), "F32": (8, 3, 0)}
 _MAX_CODE = 12  # exphuff: longest code, in bits
 _CHUNK = 512  # exphuff: values per chunk; 4096 / 512 = 8 chunks per tile, 7 stored offsets
 _PLAIN = re.compile(r"[A-Za-z0-9._-]{1,128}\Z")
+_CONTROL = re.compile("[\x00-\x1f\x7f]")
+# version 5's tensor_parallel: the most ranks, the longest pack_id and plan module, the styles
+_MAX_RANKS, _MAX_PACK_ID, _MAX_MODULE = 1024, 64, 1024
+_STYLES = ("colwise", "rowwise", "replicated")
 
 
 def _is_int(v) -> bool:
     return type(v) is int  # noqa: E721 - bool is not an int here
+
+
+def _text(v, limit: int) -> bool:
+    """A non-empty string of at most ``limit`` characters, none a control character (tools print it)."""
+    return type(v) is str and 0 < len(v) <= limit and not _CONTROL.search(v)
 
 
 def spec_violations(data: bytes, m) -> list[str]:
@@ -108,7 +117,7 @@ def spec_violations(data: bytes, m) -> list[str]:
 
     magic, version, flags, moff, mlen, flen, mcrc = HEADER.unpack_from(data)
     need(magic == b"ENDORGDS", "magic")
-    need(version in (1, 2, 3, 4) and flags == 0, f"version {version} / flags {flags}")
+    need(version in (1, 2, 3, 4, 5) and flags == 0, f"version {version} / flags {flags}")
     need(crc32c(data[:44]) == struct.unpack_from("<I", data, 44)[0], "header CRC")
     need(not any(data[48:PAGE]), "header page is not zero after the fields")
     need(flen == len(data), "file length")
@@ -145,6 +154,10 @@ def spec_violations(data: bytes, m) -> list[str]:
             need(version >= 4, f"extent {name}: kind expert in a version {version} file")
             need(_is_int(e.get("layer")) and _is_int(e.get("expert"))
                  and name == f"layer.{e['layer']}.expert.{e['expert']}", f"extent {name} layer/expert")
+        elif kind == "shard":  # version 5: rank r's shard of layer i, named layer.<i>.rank.<r>
+            need(version >= 5, f"extent {name}: kind shard in a version {version} file")
+            need(_is_int(e.get("layer")) and _is_int(e.get("rank"))
+                 and name == f"layer.{e['layer']}.rank.{e['rank']}", f"extent {name} layer/rank")
         else:
             need(kind in ("resident", "files") and name == kind, f"extent {name} kind {kind!r}")
         extents[name] = e
@@ -158,6 +171,7 @@ def spec_violations(data: bytes, m) -> list[str]:
     for i, nums in sorted(experts.items()):
         need(0 <= i < len(layers), f"expert extents of layer {i}, but {len(layers)} layers")
         need(sorted(nums) == list(range(len(nums))), f"experts of layer {i} are not numbered 0..E-1")
+    _shard_rules(m.get("tensor_parallel"), extents, version, bool(layers or experts), need)
     spans = sorted((e["offset"], e["offset"] + e["length"]) for e in extents.values()
                    if _is_int(e.get("offset")) and _is_int(e.get("length")))
     need(all(a[1] <= b[0] for a, b in zip(spans, spans[1:])), "extents overlap")
@@ -245,7 +259,15 @@ def spec_violations(data: bytes, m) -> list[str]:
             want.update(residuals=nnz * layout[1], bits=-(-nbits // 8), tile_bits=4 * (ntiles + 1),
                         chunk_bits=2 * 7 * ntiles)
         ext = extents.get(t.get("extent")) if type(t.get("extent")) is str else None
-        need(ext is not None and ext.get("kind") in ("resident", "layer", "expert"), f"tensor {name} extent")
+        if need(ext is not None and ext.get("kind") in ("resident", "layer", "expert", "shard"),
+                f"tensor {name} extent"):
+            # version 5: the tensors of a shard extent start with its rank.<r>.; in a tensor-parallel
+            # file no other tensor starts with rank. (older files may name a tensor so)
+            shard = ext.get("kind") == "shard"
+            prefixed = name.startswith("rank.")
+            need(name.startswith(f"rank.{ext.get('rank')}.") if shard
+                 else not (prefixed and m.get("tensor_parallel") is not None),
+                 f"tensor {name}: rank prefix in extent {ext.get('name')}")
         segs = t.get("segments") if type(t.get("segments")) is list else []
         got = {}
         for s in segs:
@@ -290,6 +312,36 @@ def spec_violations(data: bytes, m) -> list[str]:
             need(type(target) is str and alias not in names and target in names,
                  f"tie {alias} -> {target!r:.80}")
     return bad
+
+
+def _shard_rules(tp, extents: dict, version: int, unsplit: bool, need) -> None:
+    """docs/format.md, version 5: ``tensor_parallel`` (null: no entry) is there exactly when shard
+    extents are, only in version 5, and is ``{size: 1..1024, ranks: distinct, increasing, below
+    size, at least one, pack_id: a string of at most 64 characters, plan: {module: style}}``; its
+    file stores each layer as nothing but one shard extent per rank of ``ranks`` (``unsplit``:
+    the file has layer or expert extents), the layers numbered 0..L-1."""
+    shards: dict = {}  # layer -> the ranks of its shard extents
+    for e in extents.values():
+        if e.get("kind") == "shard" and _is_int(e.get("layer")) and _is_int(e.get("rank")):
+            shards.setdefault(e["layer"], []).append(e["rank"])
+    if tp is None:
+        need(not any(e.get("kind") == "shard" for e in extents.values()), "shard extents without tensor_parallel")
+        return
+    need(version >= 5, f"tensor_parallel in a version {version} file")
+    need(not unsplit, "layer or expert extents in a tensor-parallel file")
+    need(sorted(shards) == list(range(len(shards))), "shard layers are not numbered 0..L-1")
+    if not need(type(tp) is dict, "tensor_parallel is not an object"):
+        return
+    size, ranks, plan = tp.get("size"), tp.get("ranks"), tp.get("plan")
+    size_ok = need(_is_int(size) and 1 <= size <= _MAX_RANKS, "tensor_parallel size")
+    if need(type(ranks) is list and len(ranks) > 0 and all(_is_int(x) for x in ranks)
+            and ranks == sorted(set(ranks)) and ranks[0] >= 0 and (not size_ok or ranks[-1] < size),
+            "tensor_parallel ranks"):
+        for i, got in sorted(shards.items()):
+            need(sorted(got) == ranks, f"layer {i} has shard extents of ranks {sorted(got)[:8]}")
+    need(_text(tp.get("pack_id"), _MAX_PACK_ID), "tensor_parallel pack_id")
+    need(type(plan) is dict and all(_text(k, _MAX_MODULE) and v in _STYLES for k, v in plan.items()),
+         "tensor_parallel plan")
 
 
 def _escape_rules(data: bytes, got: dict, offs: np.ndarray, nesc: int, label: str, need) -> None:

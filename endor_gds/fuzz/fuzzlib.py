@@ -8,7 +8,8 @@ dense-only file, embedded tokenizer files, tied embeddings; format v1 files (cod
 v2 files whose linear weights use the expdict codec, with escapes in their tiles, and format v3
 files whose linear weights use the exphuff codec, bitmap and dense, with partial chunks and codes
 up to the 12-bit limit; a format v4 file of a mixture-of-experts model, its experts' slices in
-extents of kind "expert"). A *mutator* turns one corpus file into a :class:`Mutant`: the new bytes,
+extents of kind "expert"; a format v5 file packed for tensor parallelism over two ranks, each
+layer in one extent of kind "shard" per rank). A *mutator* turns one corpus file into a :class:`Mutant`: the new bytes,
 a line saying what changed, and ``hostile``:
 
 * ``hostile=False`` — plain damage (bit flips, overwrites, truncation, extension) with no
@@ -39,6 +40,7 @@ from endor_gds.codec.expdict import LAYOUTS
 from endor_gds.codec.exphuff import CHUNKS_PER_TILE
 from endor_gds.container import crc32c
 from endor_gds.packing.prune import magnitude_prune
+from endor_gds.shards import STYLES
 
 HEADER = struct.Struct("<8sIIQQQI")  # magic, version, flags, moff, mlen, flen, manifest CRC
 HEADER_FIELDS = ("magic", "version", "flags", "moff", "mlen", "flen", "mcrc")
@@ -60,6 +62,7 @@ class CorpusSpec:
     overrides: tuple  # config overrides, as sorted (key, value) pairs
     codec: str = "raw"  # pack(codec=...): "raw" keeps a version-1 file
     outliers: bool = False  # rare far exponents and special values: escapes, long Huffman codes
+    tp: int | None = None  # pack(tp=...): a tensor-parallel (version-5) file of that many ranks
 
 
 _SMALL = dict(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
@@ -112,6 +115,12 @@ CORPUS = (
     CorpusSpec("qwen3_moe-bf16-magnitude-experts", "qwen3_moe", torch.bfloat16, "magnitude", 0.7, False,
                tuple(sorted(dict(_SMALL, hidden_size=64, head_dim=16, num_experts=4,
                                  moe_intermediate_size=96).items()))),
+    # format v5: tensor-parallel over 2 ranks, each layer in extents layer.<i>.rank.0 and .rank.1
+    # holding that rank's shards, named rank.<r>.<parameter> (codec raw, as above). At 70 % the
+    # MLP shards ([176, 64] and [64, 176]: partial tiles) come out bitmap, the attention shards
+    # (2048 elements and fewer) and the norms every rank holds whole dense.
+    CorpusSpec("llama-bf16-magnitude-tp2", "llama", torch.bfloat16, "magnitude", 0.7, False,
+               tuple(sorted(dict(_SMALL, hidden_size=64, intermediate_size=352).items())), tp=2),
 )
 
 
@@ -185,7 +194,7 @@ def build_corpus(folder, build_model) -> list[Path]:
             src = build_model(folder / spec.name, spec.family, spec.dtype, tokenizer=spec.tokenizer,
                               **dict(spec.overrides))
             endor_gds.pack(src, dst, prune=spec.prune, sparsity=spec.sparsity or 0.5,
-                           progress=False, codec=spec.codec,
+                           progress=False, codec=spec.codec, tp=spec.tp,
                            pruner=_outliers(spec.sparsity) if spec.outliers else None)
         paths.append(dst)
     return paths
@@ -746,10 +755,11 @@ def _expert_edit(m, rng) -> tuple[str, int]:
     version = m["format_version"]
     layers = [e for e in m["extents"] if e.get("kind") == "layer"]
     exps = [e for e in m["extents"] if e.get("kind") == "expert"]
-    if not exps:  # a v1-v3 file: an expert extent needs version 4; version 4 alone is valid
+    if not exps:  # a v1-v3 file: an expert extent needs version 4; version 4 alone is valid (a v5
+        # tensor-parallel file: it may hold no expert extent, and version 4 no tensor_parallel)
         choice = rng.choice(["add", "add_v4", "v4"])
         if choice != "v4":
-            ext = rng.choice(layers)
+            ext = rng.choice(layers or [e for e in m["extents"] if e.get("kind") == "shard"])
             m["extents"].append({"name": f"layer.{ext['layer']}.expert.0", "kind": "expert", "layer":
                                  ext["layer"], "expert": 0, "offset": ext["offset"] + ext["length"],
                                  "length": 0})
@@ -811,8 +821,9 @@ def _expert_edit(m, rng) -> tuple[str, int]:
     elif choice == "field":
         key = rng.choice(["expert", "layer"])
         del e[key]
-    elif choice == "version":  # an expert extent in a file of a version without them
-        v = rng.choice([1, 2, 3, 3, 5])
+    elif choice == "version":  # an expert extent in a file of a version without them, or of
+        # version 5 (valid: it has version 4's extents, and this file no tensor_parallel) or 6 (none)
+        v = rng.choice([1, 2, 3, 3, 5, 6])
         return f"format version {version} -> {v}", v
     else:  # a tensor moves into an expert extent, or out of one into its layer's
         t = rng.choice(m["tensors"])
@@ -824,11 +835,207 @@ def _expert_edit(m, rng) -> tuple[str, int]:
            f"expert {_short(e.get('expert'))}{', tensors follow' if retarget else ''}", version
 
 
-def m_experts(base, rng):
-    """Version 4's expert extents, edited (:func:`_expert_edit`); the header and the manifest
-    carry the version the edit asks for (now and then only one of them)."""
+def _reprefix(m, extent: str, rank) -> None:
+    """The tensors stored in extent ``extent`` now carry rank ``rank``'s name prefix."""
+    for t in m["tensors"]:
+        if t.get("extent") == extent and t["name"].startswith("rank."):
+            t["name"] = f"rank.{rank}.{t['name'].split('.', 2)[2]}"
+
+
+def _shard_edit(m, rng) -> tuple[str, int]:
+    """One edit of version 5's tensor-parallel layout (docs/format.md, sections 2 and 3): its shard
+    extents, their tensors' rank prefixes and the manifest's ``tensor_parallel``; returns the
+    detail and the format version the file should now carry. With its tensors following an
+    extent's new name and rank (``follow``: retargeted and renamed), the edit is judged by the
+    shard rules alone: the name is ``layer.<i>.rank.<r>``, layers are 0..L-1, each holds an
+    extent for exactly the ranks of ``tensor_parallel``, whose fields have their types and ranges,
+    and the tensors of a shard extent, and only they, are named ``rank.<r>.`` after its rank."""
+    version = m["format_version"]
+    shards = [e for e in m["extents"] if e.get("kind") == "shard"]
+    if not shards:  # a v1-v4 file: null is no entry (valid); an entry needs version 5 and every
+        # layer as shards, which "convert" makes (each layer rank 0's shard: valid without experts)
+        choice = rng.choice(["v5", "null", "entry", "add", "convert"])
+        tp = {"size": rng.choice([1, 2]), "ranks": [0], "pack_id": "0123456789abcdef", "plan": {}}
+        if choice == "null":
+            m["tensor_parallel"] = None
+        elif choice == "entry":
+            m["tensor_parallel"] = tp
+        elif choice == "add":  # a shard extent without an entry
+            ext = rng.choice([e for e in m["extents"] if e.get("kind") == "layer"])
+            m["extents"].append({"name": f"layer.{ext['layer']}.rank.0", "kind": "shard", "layer": ext["layer"],
+                                 "rank": 0, "offset": ext["offset"] + ext["length"], "length": 0})
+        elif choice == "convert":
+            m["tensor_parallel"] = tp
+            for e in m["extents"]:
+                if e.get("kind") == "layer":
+                    old = e["name"]
+                    e.update(kind="shard", rank=0, name=f"{old}.rank.0")
+                    for t in m["tensors"]:
+                        if t["extent"] == old:
+                            t.update(extent=e["name"], name=f"rank.0.{t['name']}")
+        v = 5 if choice == "v5" else rng.choice([5, 5, version])
+        return f"no shards: {choice}, version {v}", v
+    tp = m["tensor_parallel"]
+    size, ranks = tp["size"], tp["ranks"]
+    e = rng.choice(shards)
+    old, i, r = e["name"], e["layer"], e["rank"]
+    n_layers = len({x["layer"] for x in shards})
+    choice = rng.choice(["rank", "layer", "renumber", "name", "swap", "drop", "add", "kind", "field", "version",
+                         "rename_tensor", "move_tensor", "tp", "tp"])
+    follow = rng.random() < 0.6
+    if choice in ("rank", "layer"):
+        pool = [-1, None, True, "0", 1.0] + ([size, size + 1, 1023, 1024] + list(range(size)) if choice == "rank"
+                                             else [n_layers, 1 << 20, (1 << 20) + 1] + list(range(n_layers)))
+        e[choice] = rng.choice(pool)
+        if rng.random() < 0.7:  # the name follows
+            e["name"] = f"layer.{e['layer']}.rank.{e['rank']}"
+    elif choice == "renumber":  # rank r renumbered in every layer (valid below size, in ranks too)
+        new = rng.choice([x for x in range(size + 2) if x not in ranks] + [1023, 1024])
+        if rng.random() < 0.5:
+            tp["size"] = max(size, new + 1)
+        if rng.random() < 0.8:
+            tp["ranks"] = sorted(new if x == r else x for x in ranks)
+        for x in shards:
+            if x["rank"] == r:
+                was = x["name"]
+                x.update(rank=new, name=f"layer.{x['layer']}.rank.{new}")
+                if follow:
+                    _retarget(m, was, x["name"])
+                    _reprefix(m, x["name"], new)
+        return f"rank {r} renumbered {new}, size {tp['size']}, ranks {tp['ranks']}" \
+               f"{', tensors follow' if follow else ''}", version
+    elif choice == "name":
+        e["name"] = rng.choice([f"layer.{i}.rank.{r:02d}", f"layer.{i}.ranks.{r}", f"layer.{i}.rank.{r}.",
+                                f"layer.{i}.rank.+{r}", f"layer.{i}.rank.{r} ", f"layer.{i}.rank", f"layer.{i}",
+                                f"layer.0{i}.rank.{r}", f"rank.{r}", f"layer.{r}.rank.{i}", f"layer.{i}.expert.{r}",
+                                rng.choice(m["extents"])["name"]])
+    elif choice == "swap":  # two extents trade numbers and names: valid with their tensors renamed,
+        # unless that gives them the names of another extent's tensors (two layers, two ranks)
+        other = rng.choice([x for x in shards if x["layer"] == i] if rng.random() < 0.5 else shards)
+        for key in ("name", "layer", "rank"):
+            e[key], other[key] = other[key], e[key]
+        if follow and other is not e:
+            _retarget(m, old, "\x00swap")
+            _retarget(m, e["name"], old)
+            _retarget(m, "\x00swap", e["name"])
+            _reprefix(m, e["name"], e["rank"])
+            _reprefix(m, old, other["rank"])
+        return f"shard extents {old} and {e['name']} swapped{', tensors follow' if follow else ''}", version
+    elif choice == "drop":  # one rank's extent of a layer, a layer (valid: the last), or every rank
+        # but r (what endor-gds split writes: valid with ranks [r])
+        what = rng.choice(["extent", "layer", "split"])
+        keep = {"extent": lambda x: x is not e, "layer": lambda x: x["layer"] != i,
+                "split": lambda x: x["rank"] == r}[what]
+        gone = {x["name"] for x in shards if not keep(x)}
+        m["extents"] = [x for x in m["extents"] if x["name"] not in gone]
+        if follow:
+            m["tensors"] = [t for t in m["tensors"] if t.get("extent") not in gone]
+        if what == "split" and rng.random() < 0.8:
+            tp["ranks"] = [r]
+        return f"dropped {what} of {old}: {len(gone)} extents{', with their tensors' if follow else ''}, " \
+               f"ranks {tp['ranks']}", version
+    elif choice == "add":  # empty extents where the last ends: layer L for each rank (valid), for one
+        # rank, a gap, rank `size`; or a layer or an expert extent, which a tensor-parallel file has not
+        end = max(x["offset"] + x["length"] for x in shards)
+        what = rng.choice(["layer", "layer_rank", "gap", "rank", "unsplit", "expert"])
+        new = {"layer": [("rank", n_layers, x) for x in ranks], "layer_rank": [("rank", n_layers, r)],
+               "gap": [("rank", n_layers + 1, x) for x in ranks], "rank": [("rank", i, size)],
+               "unsplit": [(None, i, None)], "expert": [("expert", i, 0)]}[what]
+        for key, layer, num in new:
+            kind = {"rank": "shard", "expert": "expert"}.get(key, "layer")
+            ext = {"name": f"layer.{layer}" + (f".{key}.{num}" if key else ""), "kind": kind, "layer": layer,
+                   "offset": end, "length": 0}
+            if key:
+                ext[key] = num
+            m["extents"].append(ext)
+        return f"added {what}: {', '.join(x['name'] for x in m['extents'][-len(new):])}", version
+    elif choice == "kind":
+        e["kind"] = rng.choice(["layer", "expert", "resident", "files", "shards", "Shard", None])
+        return f"shard extent {old}: kind {_short(e['kind'])}", version
+    elif choice == "field":
+        key = rng.choice(["rank", "layer"])
+        del e[key]
+        return f"shard extent {old}: no {key}", version
+    elif choice == "version":  # shard extents and tensor_parallel in a version without them
+        v = rng.choice([1, 2, 3, 4, 4, 6])
+        return f"format version {version} -> {v}", v
+    elif choice == "rename_tensor":  # valid while the tensors of a shard extent, and only they,
+        # start with rank.<its rank>.
+        t = rng.choice(m["tensors"])
+        k = next((x["rank"] for x in shards if x["name"] == t["extent"]), 0)
+        rest = t["name"].split(".", 2)[2] if t["name"].startswith("rank.") else t["name"]
+        was, t["name"] = t["name"], rng.choice([rest, f"rank.{k}.{rest}", f"rank.{k + 1}.{rest}",
+                                                f"rank.{k:02d}.{rest}", f"rank.{k}{rest}", f"rank.{k}.renamed.{rest}",
+                                                f"Rank.{k}.{rest}", f"ranks.{k}.{rest}"])
+        return f"tensor {was} (extent {t['extent']}) renamed {t['name']}", version
+    elif choice == "move_tensor":  # the last tensor of an extent to the next one, with its pages
+        # (the extents' border moves: valid once renamed for the new rank to a name of its own) or alone
+        starts = {x["offset"]: x for x in shards}
+        a, b = rng.choice([(x, starts[x["offset"] + x["length"]]) for x in shards
+                           if x["offset"] + x["length"] in starts])
+        t = max((t for t in m["tensors"] if t["extent"] == a["name"]),
+                key=lambda t: min(s["offset"] for s in t["segments"]))
+        pages = rng.random() < 0.7
+        if pages:
+            cut = min(s["offset"] for s in t["segments"])
+            a["length"] = cut - a["offset"]
+            b["length"] += b["offset"] - cut
+            b["offset"] = cut
+        t["extent"] = b["name"]
+        rest = t["name"].split(".", 2)[2]
+        was, t["name"] = t["name"], rng.choice([f"rank.{b['rank']}.moved.{rest}", f"rank.{b['rank']}.{rest}",
+                                                t["name"]])
+        return f"tensor {was} moved {a['name']} -> {b['name']}{' with its pages' if pages else ''} as {t['name']}", \
+            version
+    else:  # the tensor_parallel entry
+        key = rng.choice(["size", "ranks", "pack_id", "plan", "plan", "missing", "entry", "unknown"])
+        if key == "size":
+            tp["size"] = rng.choice([0, 1, size - 1, size + 1, 1024, 1025, -1, 1 << 40, "2", 2.0, True, None])
+        elif key == "ranks":
+            tp["ranks"] = rng.choice([[], ranks[:1], ranks[::-1], ranks + ranks[-1:], ranks + [size], [-1] + ranks,
+                                      [str(x) for x in ranks], [float(x) for x in ranks], [True] + ranks[1:],
+                                      None, "0,1", [ranks]])
+        elif key == "pack_id":  # "<hex>" by the packer; a string of at most 64 printable characters
+            tp["pack_id"] = rng.choice(["", "x" * 64, "x" * 65, "not hex: é", tp["pack_id"] + "\n", 7, None,
+                                        [tp["pack_id"]]])
+        elif key == "plan":  # module -> "colwise" | "rowwise" | "replicated"
+            plan = tp["plan"]
+            module = rng.choice(sorted(plan))
+            how = rng.choice(["style", "bad_style", "module", "bad_module", "empty", "type"])
+            if how == "style":
+                plan[module] = rng.choice(STYLES)
+            elif how == "bad_style":
+                plan[module] = rng.choice(["ColWise", "columnwise", "local_colwise", "", None, 1, ["colwise"]])
+            elif how == "module":
+                plan["mlp.experts"] = rng.choice(STYLES)
+            elif how == "bad_module":
+                plan[rng.choice(["", "a\nb", "x" * 1025])] = "colwise"
+            else:
+                tp["plan"] = {} if how == "empty" else rng.choice([None, [], "colwise", [[module, "colwise"]]])
+            key = f"plan {how} ({module})"
+        elif key == "missing":
+            key = rng.choice(["size", "ranks", "pack_id", "plan"])
+            del tp[key]
+            key = f"no {key}"
+        elif key == "entry":
+            m["tensor_parallel"] = rng.choice([None, [], "tp", 2, {}, True])
+            if rng.random() < 0.3:
+                del m["tensor_parallel"]
+        else:
+            tp[rng.choice(["x_future", "comment"])] = rng.choice([1, "v", [1], {"a": {}}])
+        return f"tensor_parallel {key}: {_short(m.get('tensor_parallel'), 120)}", version
+    if follow:
+        _retarget(m, old, e["name"])
+        _reprefix(m, e["name"], e["rank"])
+    return f"shard extent {old}: {choice} -> {_short(e['name'])} layer {_short(e['layer'])} " \
+           f"rank {_short(e['rank'])}{', tensors follow' if follow else ''}", version
+
+
+def _versioned(base, rng, edit):
+    """``base`` with its manifest edited by ``edit`` (:func:`_expert_edit`, :func:`_shard_edit`); the
+    header and the manifest carry the version the edit asks for (now and then only one of them)."""
     m = copy.deepcopy(base.manifest)
-    detail, version = _expert_edit(m, rng)
+    detail, version = edit(m, rng)
     where = rng.choice(["both", "both", "both", "header", "manifest"]) if version != m["format_version"] \
         else "both"
     if where != "header":
@@ -837,6 +1044,16 @@ def m_experts(base, rng):
     if where != "manifest":
         data = with_header(data, version=version)
     return data, detail + (f" (version in the {where} only)" if where != "both" else ""), True
+
+
+def m_experts(base, rng):
+    """Version 4's expert extents, edited (:func:`_expert_edit`)."""
+    return _versioned(base, rng, _expert_edit)
+
+
+def m_shards(base, rng):
+    """Version 5's tensor-parallel layout, edited (:func:`_shard_edit`)."""
+    return _versioned(base, rng, _shard_edit)
 
 
 HOSTILE_NAMES = ["../evil", "../../etc/passwd", "/etc/passwd", "a/b", "a\\b", "nul\x00x", ".",
@@ -1178,7 +1395,8 @@ MUTATORS = {
     "segment.bit_offsets": m_bit_offsets,
     "file.truncate": m_truncate,
     "file.extend": m_extend,
-    "json.experts": m_experts,  # last: the ops before it keep their indices (and their cases)
+    "json.experts": m_experts,  # last ones: the ops before them keep their indices (and their cases)
+    "json.shards": m_shards,
 }
 OPS = tuple(MUTATORS)
 

@@ -74,7 +74,7 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     numels = [np.prod(t["shape"]) for b in bases for t in b.manifest["tensors"] if t["encoding"] == "bitmap"]
     assert any(n % 32 for n in numels) and any(n % 4096 for n in numels)
     # format v2: expdict tensors of 2-byte types with and without high residual bits, escapes
-    assert {b.manifest["format_version"] for b in bases} == {1, 2, 3, 4}
+    assert {b.manifest["format_version"] for b in bases} == {1, 2, 3, 4, 5}
     expdict = [t for b in bases for t in b.manifest["tensors"] if t.get("codec") == "expdict"]
     assert {t["dtype"] for t in expdict} == {"BF16", "F16"}
     assert sum(t["expdict"]["escapes"] > 0 for t in expdict) >= 4
@@ -96,6 +96,14 @@ def test_corpus_covers_what_the_fuzzer_needs(bases):
     assert len({e["layer"] for e in experts}) >= 2
     in_experts = {t["encoding"] for t in moe.manifest["tensors"] if t["extent"] in {e["name"] for e in experts}}
     assert in_experts == {"bitmap", "dense"}
+    # format v5: a tensor-parallel file, two layers of two ranks' shard extents and no other layer
+    # extents, bitmap and dense shards in them
+    tp = _shards_base(bases)
+    assert tp.manifest["format_version"] == 5 and tp.manifest["tensor_parallel"]["ranks"] == [0, 1]
+    assert {(e["layer"], e["rank"]) for e in tp.manifest["extents"] if e["kind"] == "shard"} == \
+        {(0, 0), (0, 1), (1, 0), (1, 1)}
+    assert {e["kind"] for e in tp.manifest["extents"]} == {"resident", "shard"}
+    assert {t["encoding"] for t in tp.manifest["tensors"] if t["name"].startswith("rank.")} == {"bitmap", "dense"}
 
 
 def _has_experts(base) -> bool:
@@ -106,11 +114,21 @@ def _experts_base(bases):
     return next(b for b in bases if _has_experts(b))
 
 
+def _has_shards(base) -> bool:
+    return any(e.get("kind") == "shard" for e in base.manifest["extents"])
+
+
+def _shards_base(bases):
+    return next(b for b in bases if _has_shards(b))
+
+
 # ops that mutate one codec's parameters or tables run on a file that has them, json.experts on
-# the file with expert extents; the other ops on the files without (the cases they had before the
-# experts file was added to the corpus: the hypothesis test below draws it for any op)
+# the file with expert extents and json.shards on the one with shard extents; the other ops on the
+# files with neither (the cases they had before those files were added to the corpus: the
+# hypothesis test below draws them for any op)
 _OP_CODEC = {"json.expdict": "expdict", "segment.escape_positions": "expdict",
              "json.exphuff": "exphuff", "segment.bit_offsets": "exphuff"}
+_OP_LAYOUT = {"json.experts": _has_experts, "json.shards": _has_shards}
 
 
 @pytest.mark.parametrize("op", fuzzlib.OPS)
@@ -118,7 +136,7 @@ def test_every_op_once(bases, decoder, workdir, op):
     index = fuzzlib.OPS.index(op)
     codec = _OP_CODEC.get(op)
     fit = [b for b in bases if (codec is None or any(t.get("codec") == codec for t in b.manifest["tensors"]))
-           and _has_experts(b) == (op == "json.experts")]
+           and all(has(b) == (op == layout_op) for layout_op, has in _OP_LAYOUT.items())]
     base = fit[index % len(fit)]
     mutant = fuzzlib.mutate(base, op, fuzzlib.case_rng(0, index))
     _assert_kept_promises(base, mutant, _run(base, mutant, workdir, decoder))
@@ -525,6 +543,183 @@ def test_spec_check_expert_rules(bases, tmp_path, case):
         assert broken == []
         with EndorFile(_write(tmp_path, data)) as f:
             assert f.format_version == 4
+        return
+    assert any(rule in v for v in broken), broken
+    with pytest.raises(FormatError, match=words):
+        EndorFile(_write(tmp_path, data))
+
+
+def _shard(m, layer, rank):
+    return next(e for e in m["extents"] if e["name"] == f"layer.{layer}.rank.{rank}")
+
+
+def _move_shard(m, layer, rank, new_layer, new_rank):
+    """Renumber one shard extent, its name and its tensors (extent and rank prefix) following."""
+    e = _shard(m, layer, rank)
+    old = e["name"]
+    e.update(layer=new_layer, rank=new_rank, name=f"layer.{new_layer}.rank.{new_rank}")
+    for t in m["tensors"]:
+        if t["extent"] == old:
+            t.update(extent=e["name"], name=f"rank.{new_rank}.{t['name'].split('.', 2)[2]}")
+
+
+def _drop_shards(m, gone):
+    """Drop the shard extents for which ``gone(layer, rank)`` holds, and their tensors."""
+    names = {e["name"] for e in m["extents"] if e["kind"] == "shard" and gone(e["layer"], e["rank"])}
+    m["extents"] = [e for e in m["extents"] if e["name"] not in names]
+    m["tensors"] = [t for t in m["tensors"] if t["extent"] not in names]
+
+
+def _swap_ranks(m):
+    """Ranks 0 and 1 of layer 0 trade extents, with their tensors."""
+    _move_shard(m, 0, 0, 0, 9)
+    _move_shard(m, 0, 1, 0, 0)
+    _move_shard(m, 0, 9, 0, 1)
+
+
+def _renumber_rank(m):
+    """Rank 1 becomes rank 3 of a 4-rank pack, in every layer and in ranks."""
+    _move_shard(m, 0, 1, 0, 3)
+    _move_shard(m, 1, 1, 1, 3)
+    m["tensor_parallel"].update(size=4, ranks=[0, 3])
+
+
+def _move_last_tensor(m):
+    """The last tensor of layer 0's rank-0 extent, with its pages, into the rank-1 extent that
+    starts where it ends, under a rank-1 name of its own."""
+    a, b = _shard(m, 0, 0), _shard(m, 0, 1)
+    t = max((t for t in m["tensors"] if t["extent"] == a["name"]), key=lambda t: t["segments"][0]["offset"])
+    cut = min(s["offset"] for s in t["segments"])
+    assert b["offset"] == a["offset"] + a["length"]
+    a["length"], b["offset"], b["length"] = cut - a["offset"], cut, b["length"] + b["offset"] - cut
+    t.update(extent=b["name"], name=f"rank.1.moved.{t['name'].split('.', 2)[2]}")
+
+
+def _as_layers_of_rank_0(m):
+    """A file without shards turned into rank 0's file of a 1-rank pack."""
+    m["tensor_parallel"] = {"size": 1, "ranks": [0], "pack_id": "0123456789abcdef", "plan": {}}
+    for e in m["extents"]:
+        if e["kind"] == "layer":
+            old = e["name"]
+            e.update(kind="shard", rank=0, name=f"{old}.rank.0")
+            for t in m["tensors"]:
+                if t["extent"] == old:
+                    t.update(extent=e["name"], name=f"rank.0.{t['name']}")
+
+
+def _add_extent(m, name, kind, **numbers):
+    end = max(e["offset"] + e["length"] for e in m["extents"])
+    m["extents"].append(dict(name=name, kind=kind, offset=end, length=0, **numbers))
+
+
+def _rename_first(m, extent, new):
+    t = next(t for t in m["tensors"] if t["extent"] == extent)
+    t["name"] = new(t["name"])
+
+
+def _plan(m, **entries):
+    m["tensor_parallel"].update(**entries)
+
+
+_IN_ORDER = "tensor_parallel ranks must be distinct ranks in increasing order"
+_PREFIX = "the tensors of rank r's shard extents, and only they, are named rank.<r>.<name>"
+
+# each case: (which corpus file: the tensor-parallel one, the one with experts or one with layer
+# extents; manifest edit, format version or None, fuzzcheck's rule or None for a valid file, the
+# reader's words)
+SHARD_RULES = {
+    "shard extents in a version 4 file": ("shards", lambda m: None, 4, "kind shard in a version 4",
+                                          "kind must be one of 'resident', 'layer', 'files', 'expert', got 'shard'"),
+    "tensor_parallel in a version 1 file": (
+        "layers", lambda m: m.update(tensor_parallel={"size": 1, "ranks": [0], "pack_id": "a", "plan": {}}),
+        None, "tensor_parallel in a version 1", "tensor_parallel needs format version 5, the file is version 1"),
+    "rank number and name disagree": ("shards", lambda m: _shard(m, 0, 0).update(rank=1), None, "layer/rank",
+                                      "must be named 'layer.0.rank.1'"),
+    "rank name with a leading zero": ("shards", lambda m: _shard(m, 1, 1).update(name="layer.1.rank.01"), None,
+                                      "layer/rank", "must be named 'layer.1.rank.1'"),
+    "rank number missing": ("shards", lambda m: _shard(m, 0, 1).pop("rank"), None, "layer/rank",
+                            r"rank must be an integer in \[0, 1023\], got None"),
+    "rank 1024": ("shards", lambda m: _move_shard(m, 1, 1, 1, 1024), None, "layer 1 has shard extents of ranks",
+                  r"rank must be an integer in \[0, 1023\], got 1024"),
+    "a layer without one of the ranks": ("shards", lambda m: _drop_shards(m, lambda i, r: (i, r) == (1, 1)), None,
+                                         "layer 1 has shard extents of ranks [0]",
+                                         r"layer 1 has shard extents of ranks \[0\], the file holds ranks \[0, 1\]"),
+    "shard layers with a gap": ("shards", lambda m: (_move_shard(m, 1, 0, 2, 0), _move_shard(m, 1, 1, 2, 1)), None,
+                                "shard layers are not numbered", "layers must be numbered 0..L-1"),
+    "shards without tensor_parallel": ("shards", lambda m: m.pop("tensor_parallel"), None,
+                                       "shard extents without tensor_parallel",
+                                       "is a shard, but the manifest has no tensor_parallel entry"),
+    "tensor_parallel null": ("shards", lambda m: m.update(tensor_parallel=None), None,
+                             "shard extents without tensor_parallel", "no tensor_parallel entry"),
+    "tensor_parallel a list": ("shards", lambda m: m.update(tensor_parallel=[2]), None,
+                               "tensor_parallel is not an object", "tensor_parallel must be an object, got list"),
+    "ranks decreasing": ("shards", lambda m: _plan(m, ranks=[1, 0]), None, "tensor_parallel ranks", _IN_ORDER),
+    "ranks empty": ("shards", lambda m: _drop_shards(m, lambda i, r: True) or _plan(m, ranks=[]), None,
+                    "tensor_parallel ranks", _IN_ORDER),
+    "a rank not below size": ("shards", lambda m: _plan(m, size=1), None, "tensor_parallel ranks",
+                              r"ranks\[\] must be an integer in \[0, 0\], got 1"),
+    "size above 1024": ("shards", lambda m: _plan(m, size=1025), None, "tensor_parallel size",
+                        r"size must be an integer in \[1, 1024\], got 1025"),
+    "size true": ("shards", lambda m: _plan(m, size=True), None, "tensor_parallel size",
+                  r"size must be an integer in \[1, 1024\], got True"),
+    "pack_id of 65 characters": ("shards", lambda m: _plan(m, pack_id="a" * 65), None, "tensor_parallel pack_id",
+                                 "pack_id must be a non-empty string of at most 64 characters"),
+    "plan style unknown": ("shards", lambda m: m["tensor_parallel"]["plan"].update({"self_attn.q_proj": "columnwise"}),
+                           None, "tensor_parallel plan", "plan of self_attn.q_proj must be one of 'colwise', "
+                                                         "'rowwise', 'replicated', got 'columnwise'"),
+    "plan module with a control character": (
+        "shards", lambda m: m["tensor_parallel"]["plan"].update({"mlp\x1b.up": "colwise"}), None,
+        "tensor_parallel plan", r"plan module 'mlp\\x1b\.up' contains a control character"),
+    "a layer extent in a tensor-parallel file": ("shards", lambda m: _add_extent(m, "layer.0", "layer", layer=0), None,
+                                                 "layer or expert extents in a tensor-parallel file",
+                                                 "holds its layers as shard extents only .found layer.0"),
+    "an expert extent in a tensor-parallel file": (
+        "shards", lambda m: _add_extent(m, "layer.0.expert.0", "expert", layer=0, expert=0), None,
+        "layer or expert extents in a tensor-parallel file", "belongs to layer 0, but the file has 0 layer extents"),
+    "shard tensor without its rank prefix": ("shards", lambda m: _rename_first(m, "layer.0.rank.0", lambda n: n[7:]),
+                                             None, "rank prefix", _PREFIX),
+    "shard tensor with another rank's prefix": (
+        "shards", lambda m: _rename_first(m, "layer.0.rank.0", lambda n: "rank.1.other." + n[7:]), None,
+        "rank prefix", _PREFIX),
+    "resident tensor with a rank prefix": ("shards", lambda m: _rename_first(m, "resident", "rank.0.{}".format),
+                                           None, "rank prefix", _PREFIX),
+    # valid: a file that is not tensor-parallel may name a tensor anything
+    "rank prefix in a file without shards": ("layers", lambda m: _rename_first(m, "layer.0", "rank.0.{}".format),
+                                             None, None, None),
+    # valid: what endor-gds split writes, ranks renumbered or swapped with their tensors, layers
+    # dropped from the end, a tensor moved to another rank with its pages, a file of layer extents
+    # turned into a 1-rank pack, and version 5 (experts included) without a tensor_parallel entry
+    "one rank kept alone": ("shards", lambda m: (_drop_shards(m, lambda i, r: r != 1), _plan(m, ranks=[1])), None,
+                            None, None),
+    "two ranks swapped with their tensors": ("shards", _swap_ranks, None, None, None),
+    "a rank renumbered below a larger size": ("shards", _renumber_rank, None, None, None),
+    "last layer dropped with its tensors": ("shards", lambda m: _drop_shards(m, lambda i, r: i == 1), None,
+                                            None, None),
+    "a tensor moved to the next rank with its pages": ("shards", _move_last_tensor, None, None, None),
+    "layers turned into rank 0's shards": ("layers", _as_layers_of_rank_0, 5, None, None),
+    "version 5 without tensor_parallel": ("layers", lambda m: None, 5, None, None),
+    "version 5 with experts": ("experts", lambda m: None, 5, None, None),
+    "tensor_parallel null in a version 1 file": ("layers", lambda m: m.update(tensor_parallel=None), None,
+                                                 None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SHARD_RULES))
+def test_spec_check_shard_rules(bases, tmp_path, case):
+    """Each rule of version 5's tensor-parallel files (docs/format.md, sections 2 and 3), broken
+    on purpose: fuzzcheck's own reading of the spec names it, and the reader refuses the file at
+    open; edits that keep the rules (valid) are accepted by both."""
+    which, edit, version, rule, words = SHARD_RULES[case]
+    base = {"shards": _shards_base, "experts": _experts_base, "layers": _bitmap_base}[which](bases)
+    data = _with(base, edit)
+    if version is not None:
+        data = _as_version(base, data, version)
+    m = json.loads(data[base.moff:base.moff + fuzzlib.header_of(data)["mlen"]])
+    broken = fuzzcheck.spec_violations(data, m)
+    if rule is None:
+        assert broken == []
+        with EndorFile(_write(tmp_path, data)) as f:
+            assert f.format_version == m["format_version"]
         return
     assert any(rule in v for v in broken), broken
     with pytest.raises(FormatError, match=words):
