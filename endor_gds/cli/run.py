@@ -13,7 +13,6 @@ import sys
 import time
 
 import torch
-import torch.distributed as dist
 
 from endor_gds.errors import ArgumentError
 from endor_gds.modeling import load_tokenizer
@@ -73,17 +72,8 @@ def _print_stats(s: dict, out) -> None:
 
 
 def cmd_run(args) -> int:
-    already = dist.is_available() and dist.is_initialized()
-    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
-    tp = parallel.init_from_env("cuda" if cuda else "cpu")  # None unless under torchrun
-    clean = False
-    try:
-        code = _run(args, quiet=tp is not None and tp.rank != 0)
-        clean = True
-        return code
-    finally:
-        if tp is not None and not already:
-            parallel.shutdown(clean)
+    with parallel.torchrun_group(args.device) as tp:
+        return _run(args, quiet=tp is not None and tp.rank != 0)
 
 
 def _run(args, quiet: bool) -> int:

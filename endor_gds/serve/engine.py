@@ -12,6 +12,14 @@ waiting, anything beyond is a :class:`QueueFullError`), one thread that hands th
 to each request's asyncio queue, cancellation when a client goes away, and recovery: a forward
 step that raises (a decode or checksum error) fails the requests of that step and ends the
 manager's loop, so the next request starts a new manager and the server keeps serving.
+
+Tensor parallelism (a model loaded in a process group, :mod:`endor_gds.stream.parallel`): every
+rank builds an Engine, and transformers' continuous batching runs tensor-parallel itself — given
+the model's device mesh and plan, rank 0 (the driver) takes the requests and broadcasts each step's
+new and cancelled requests, so every rank schedules the same batch, and its paged cache holds only
+the rank's own key/value heads. The other ranks serve nothing: :meth:`Engine.follow` waits for the
+driver's loop to end. A tensor-parallel loop that fails is not restarted (the ranks would have to
+start a new one together): its requests fail and the next ones are refused by name.
 """
 
 from __future__ import annotations
@@ -71,6 +79,30 @@ class Stats:
     restarts: int = 0
 
 
+def _tensor_parallel_batching(model) -> bool:
+    """Give a model split over a process group what transformers' continuous batching reads to run
+    tensor-parallel (its device mesh and plan); whether it is split."""
+    rt = getattr(model, "endor", None)
+    tp = getattr(rt, "tp", None)
+    if tp is None or rt.rank is None:
+        return False
+    from torch.distributed.device_mesh import DeviceMesh  # noqa: PLC0415 - only tensor-parallel servers
+
+    kv = rt.shards.kv_heads
+    if kv % tp.size:
+        # the paged cache divides the key/value heads among the ranks; replicated heads it cannot hold
+        fits = ", ".join(str(n) for n in range(1, kv + 1) if kv % n == 0)
+        raise ArgumentError(f"serving over {tp.size} ranks needs num_key_value_heads ({kv}) to divide among "
+                            f"them (transformers' paged cache splits them): serve it over {fits} rank(s), or "
+                            f"generate with `torchrun ... -m endor_gds run`")
+    device = rt.device.type
+    model._device_mesh = DeviceMesh.from_group(tp.group, device) if tp.group is not None else \
+        DeviceMesh(device, list(range(tp.size)))
+    # the plan's keys as transformers writes them (its cache looks for layers.*.self_attn.k_proj)
+    model.tp_plan = {f"{rt.recipe.layers}.*.{module}": style for module, style in rt.shards.styles.items()}
+    return True
+
+
 def _kv_bytes_per_token(model) -> int:
     """Keys and values of one token over every layer, in the model's dtype."""
     from transformers.generation.continuous_batching.utils import (  # noqa: PLC0415 - heavy; the server's only
@@ -112,7 +144,9 @@ class Engine:
         # The KV cache is paged and shared by the batch; it is not part of max_memory, so it gets
         # its own budget (a 7B model at 32 requests x 4096 positions would need 69 GB).
         self.page = 16
-        self.kv_bytes_per_token = _kv_bytes_per_token(model)
+        self.parallel = _tensor_parallel_batching(model)
+        # per rank: a tensor-parallel rank's cache holds its share of the key/value heads
+        self.kv_bytes_per_token = _kv_bytes_per_token(model) // (model.endor.tp.size if self.parallel else 1)
         # no more than the whole batch at full length can use (the loop's own buffers grow with it)
         self.cache_tokens = min(kv_cache_bytes // self.kv_bytes_per_token, max_batch * self.max_positions)
         self.cache_tokens = self.cache_tokens // self.page * self.page
@@ -156,6 +190,9 @@ class Engine:
         """The running manager; a new one when the last forward error ended the old one's loop."""
         with self._lock:
             if self._manager is None or not self._manager.is_running():
+                if self.parallel and self._manager is not None:
+                    raise GenerationError("the tensor-parallel batching loop ended after a failed step, and the "
+                                          "ranks cannot start a new one alone: restart the server")
                 if self._manager is not None:
                     self._manager.stop(block=True, timeout=5)
                     self.stats.restarts += 1
@@ -243,6 +280,13 @@ class Engine:
                 if not req.done and self._manager is not None:
                     self._manager.cancel_request(req.rid)  # its pages go back to the cache now
             self._slots.release()
+
+    def follow(self) -> None:
+        """On a tensor-parallel rank other than the driver: take part in every step until the
+        driver's loop stops (its ``close``), then close."""
+        while self._manager.is_running():
+            time.sleep(0.1)
+        self.close()
 
     def metrics(self) -> dict:
         with self._lock:

@@ -3,6 +3,11 @@
 The model is loaded before the port is bound, so a bad file or argument is one line and exit
 status 2 before anything listens. uvicorn handles Ctrl-C and SIGTERM: it stops accepting, lets the
 requests in flight finish, then the batching loop and the runtime are closed.
+
+Under ``torchrun`` (a file packed with ``--tp N``: ``torchrun --nproc-per-node N -m endor_gds serve
+FILE``) every rank loads its shards and joins the batching loop; rank 0 alone listens, and the
+others follow its steps until it stops (Ctrl-C or SIGTERM to torchrun reach every rank: the others
+wait for rank 0 to drain).
 """
 
 from __future__ import annotations
@@ -12,8 +17,9 @@ import signal
 import sys
 
 from endor_gds.defaults import format_bytes, parse_bytes
-from endor_gds.errors import ArgumentError, MissingDependencyError
+from endor_gds.errors import MissingDependencyError
 from endor_gds.modeling import load_tokenizer
+from endor_gds.stream import parallel
 from endor_gds.stream.experts import add_expert_arguments, expert_options
 from endor_gds.stream.runtime import from_pretrained
 
@@ -32,12 +38,11 @@ def _import_server():
 
 
 def cmd_serve(args) -> int:
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        # every rank would have to run the batching manager's steps in lockstep, each with its
-        # own paged KV cache of its heads: not built yet
-        raise ArgumentError("endor-gds serve does not run tensor-parallel yet (this process is one of "
-                            f"WORLD_SIZE={os.environ['WORLD_SIZE']} ranks): serve a file packed without "
-                            f"--tp from one process, or generate with `torchrun ... -m endor_gds run`")
+    with parallel.torchrun_group(args.device) as tp:
+        return _serve(args, follower=tp is not None and tp.rank != 0)
+
+
+def _serve(args, follower: bool) -> int:
     from endor_gds.serve.engine import Engine  # noqa: PLC0415 - imports transformers' batching
 
     uvicorn, create_app = _import_server()
@@ -53,6 +58,11 @@ def cmd_serve(args) -> int:
         pad = (tokenizer.pad_token_id if tokenizer is not None else None) or first_eos or 0
         engine = Engine(model, eos_token_id=eos, pad_token_id=pad, max_batch=args.max_batch,
                         max_queue=args.max_queue, seed=args.seed, kv_cache_bytes=kv_cache)
+        if follower:  # a tensor-parallel rank but the first: its steps are rank 0's, until rank 0 stops
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, lambda signum, frame: None)
+            engine.follow()
+            return 0
         name = args.model_name or os.path.splitext(os.path.basename(args.file))[0]
         app = create_app(engine, tokenizer, name, rt)
         print(f"endor-gds serve: {name} ({rt.file.architecture}, reader {rt.mode}, device {rt.device}, tier "

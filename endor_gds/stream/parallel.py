@@ -23,6 +23,7 @@ from __future__ import annotations
 import datetime
 import os
 import time
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
@@ -34,8 +35,8 @@ from endor_gds.modeling import exception_line, get_submodule
 from endor_gds.recipes import Recipe
 from endor_gds.shards import ShardPlan
 
-__all__ = ["TensorParallel", "current", "init_from_env", "shutdown", "rank_path", "check_file", "localize",
-           "install_rowwise"]
+__all__ = ["TensorParallel", "current", "init_from_env", "torchrun_group", "shutdown", "rank_path",
+           "check_file", "localize", "install_rowwise"]
 
 
 class TensorParallel:
@@ -123,18 +124,36 @@ def current(process_group="auto") -> TensorParallel | None:
     return TensorParallel(process_group)
 
 
-def init_from_env(device_type: str) -> TensorParallel | None:
+def init_from_env(device: str = "auto") -> TensorParallel | None:
     """Under ``torchrun`` (``RANK`` and ``WORLD_SIZE`` set), start the default process group — NCCL
-    for CUDA, gloo for the CPU — with the ``tp_timeout`` option's timeout; otherwise ``None``."""
+    for a CUDA ``device`` (``"auto"`` where torch sees a GPU), gloo for the CPU — with the
+    ``tp_timeout`` option's timeout; otherwise ``None``."""
     if dist.is_available() and dist.is_initialized():
         return TensorParallel()
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         return None
-    if device_type == "cuda":
+    cuda = device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
+    if cuda:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo",
+    dist.init_process_group("nccl" if cuda else "gloo",
                             timeout=datetime.timedelta(seconds=defaults.get("tp_timeout")))
     return TensorParallel()
+
+
+@contextmanager
+def torchrun_group(device: str):
+    """A command's process group: under ``torchrun``, started here (:func:`init_from_env`) and ended
+    here (:func:`shutdown`; a group that already existed is left as it was); yields the
+    :class:`TensorParallel`, or ``None`` outside torchrun."""
+    already = dist.is_available() and dist.is_initialized()
+    tp = init_from_env(device)
+    clean = False
+    try:
+        yield tp
+        clean = True
+    finally:
+        if tp is not None and not already:
+            shutdown(clean)
 
 
 def shutdown(clean: bool) -> None:

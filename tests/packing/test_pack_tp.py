@@ -96,10 +96,3 @@ def test_the_command_line(model_dir, packed, tmp_path, capsys):
     assert [x["file"] for x in ranks] == [str(tmp_path / "parts" / f"m.rank{r}.endor") for r in range(2)]
     assert all(x["bytes_read"] > 0 and x["collective_s"] > 0 for x in ranks)
 
-
-def test_serve_under_torchrun_is_refused_by_name(packed, monkeypatch, capsys):
-    """Serving tensor-parallel is not built: a rank of a torchrun group says so, before loading."""
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    assert cli_main(["serve", str(packed("llama", torch.float32, tp=2))]) == 2
-    assert "serve does not run tensor-parallel yet (this process is one of WORLD_SIZE=2 ranks)" in \
-        capsys.readouterr().err

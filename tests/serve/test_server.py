@@ -51,10 +51,12 @@ def _free_port() -> int:
 
 
 class Server:
-    def __init__(self, path: Path, *args: str):
+    def __init__(self, path: Path, *args: str, ranks: int = 1):
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = subprocess.Popen([sys.executable, "-m", "endor_gds", "serve", str(path), "--device", "cpu",
+        launch = [sys.executable] if ranks == 1 else \
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={ranks}"]
+        self.proc = subprocess.Popen([*launch, "-m", "endor_gds", "serve", str(path), "--device", "cpu",
                                       "--port", str(self.port), "--model-name", "tiny", *args],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         deadline = time.monotonic() + 120
@@ -169,6 +171,44 @@ def test_eight_concurrent_clients_each_get_their_prompt_alone(server, model_file
     # batched: 8 requests of 16 tokens took far fewer than 8 x 16 forward steps (one weight pass each)
     steps = server.metrics()["endor_forward_steps_total"] - steps_before
     assert steps < 8 * 16 / 2, steps
+
+
+def test_tensor_parallel_serving_over_two_ranks(model_file, alone, tmp_path):
+    """`torchrun --nproc-per-node 2 -m endor_gds serve` on a file packed with --tp 2: rank 0 listens,
+    both ranks run each batched step (transformers' continuous batching, tensor-parallel); four
+    concurrent greedy completions each equal the in-memory model's answer alone; SIGTERM to
+    torchrun drains rank 0 and ends both ranks."""
+    path, tok = model_file
+    split = tmp_path / "tp2.endor"
+    endor_gds.pack(path.parent / "ckpt", split, prune="magnitude", progress=False, tp=2)
+    server = Server(split, ranks=2)
+    try:
+        def ask(prompt):
+            r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+            return r.choices[0].text
+
+        with ThreadPoolExecutor(4) as pool:
+            got = list(pool.map(ask, PROMPTS[:4]))
+        assert got == [alone(_ids(tok, p), 8) for p in PROMPTS[:4]]
+    finally:
+        server.stop()
+    err = server.proc.stderr.read()
+    # (torchrun itself exits 1 on a signal, by design; its ranks end cleanly)
+    assert "requests in flight finished" in err, err[-3000:]
+    assert "TensorParallelError" not in err and "endor-gds serve: " in err, err[-3000:]
+
+
+def test_tensor_parallel_serving_needs_divisible_kv_heads(model_file, tmp_path):
+    """4 ranks over 2 key/value heads: `run` replicates them, transformers' paged cache cannot;
+    every rank says so before listening."""
+    path, _ = model_file
+    split = tmp_path / "tp4.endor"
+    endor_gds.pack(path.parent / "ckpt", split, prune="magnitude", progress=False, tp=4)
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4", "-m",
+                        "endor_gds", "serve", str(split), "--device", "cpu", "--port", str(_free_port())],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
+    assert "serving over 4 ranks needs num_key_value_heads (2) to divide among them" in r.stderr, r.stderr[-3000:]
 
 
 def test_a_client_gone_mid_stream_frees_its_slot_and_changes_nothing_else(server, model_file, alone):
