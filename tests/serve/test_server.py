@@ -117,6 +117,16 @@ def _ids(tok, text):
     return tok(text)["input_ids"]
 
 
+def _four_at_once(server) -> list[str]:
+    """The texts of the first four prompts, asked concurrently (one batch), greedy, 8 tokens each."""
+    def ask(prompt):
+        r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
+        return r.choices[0].text
+
+    with ThreadPoolExecutor(4) as pool:
+        return list(pool.map(ask, PROMPTS[:4]))
+
+
 def test_completion_equals_the_model_alone(server, model_file, alone):
     tok = model_file[1]
     r = server.client.completions.create(model="tiny", prompt=PROMPTS[0], max_tokens=12, temperature=0)
@@ -183,13 +193,7 @@ def test_tensor_parallel_serving_over_two_ranks(model_file, alone, tmp_path):
     endor_gds.pack(path.parent / "ckpt", split, prune="magnitude", progress=False, tp=2)
     server = Server(split, ranks=2)
     try:
-        def ask(prompt):
-            r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
-            return r.choices[0].text
-
-        with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(ask, PROMPTS[:4]))
-        assert got == [alone(_ids(tok, p), 8) for p in PROMPTS[:4]]
+        assert _four_at_once(server) == [alone(_ids(tok, p), 8) for p in PROMPTS[:4]]
     finally:
         server.stop()
     err = server.proc.stderr.read()
@@ -356,12 +360,6 @@ def test_a_mixture_of_experts_serves_concurrent_clients_as_alone(tmp_path):
 
     server = Server(path, "--expert-cache", "5")
     try:
-        def ask(prompt):
-            r = server.client.completions.create(model="tiny", prompt=prompt, max_tokens=8, temperature=0)
-            return r.choices[0].text
-
-        with ThreadPoolExecutor(4) as pool:
-            got = list(pool.map(ask, PROMPTS[:4]))
-        assert got == [alone(p) for p in PROMPTS[:4]]
+        assert _four_at_once(server) == [alone(p) for p in PROMPTS[:4]]
     finally:
         server.stop()
