@@ -99,9 +99,9 @@ def _run(args, quiet: bool) -> int:
         text = tokenizer.decode(new, skip_special_tokens=True) if tokenizer is not None else None
         summary = rt.summary()  # under torchrun, a collective: every rank's figures reach each
         summary["generate_s"] = wall
-        if quiet:
-            pass
-        elif args.json:
+        if quiet:  # a tensor-parallel rank but the first: rank 0 prints for all
+            return 0
+        if args.json:
             print(json.dumps({"prompt": args.prompt, "text": text, "tokens": new, "stats": summary},
                              indent=1))
         else:
