@@ -747,6 +747,18 @@ def _retarget(m, old: str, new) -> None:
             t["extent"] = new
 
 
+def _swap(m, a: dict, b: dict, keys: tuple[str, ...], retarget: bool) -> None:
+    """Extents ``a`` and ``b`` trade ``keys`` (their name and numbers); with ``retarget`` each
+    one's tensors follow its old name to its new one."""
+    old = a["name"]
+    for key in keys:
+        a[key], b[key] = b[key], a[key]
+    if retarget and a is not b:
+        _retarget(m, old, "\x00swap")
+        _retarget(m, a["name"], old)
+        _retarget(m, "\x00swap", a["name"])
+
+
 def _expert_edit(m, rng) -> tuple[str, int]:
     """One edit of version 4's expert extents (docs/format.md, sections 2 and 3); returns the
     detail and the format version the file should now carry. With its tensors following an
@@ -786,13 +798,7 @@ def _expert_edit(m, rng) -> tuple[str, int]:
                                 f"layer.{i}", f"layer.0{i}.expert.{x}", "expert", f"layer.{x}.expert.{i}",
                                 rng.choice(m["extents"])["name"]])
     elif choice == "swap":  # two experts trade numbers and names (with their tensors: valid)
-        other = rng.choice(exps)
-        for key in ("name", "expert", "layer"):
-            e[key], other[key] = other[key], e[key]
-        if retarget and other is not e:
-            _retarget(m, old, "\x00swap")
-            _retarget(m, e["name"], old)
-            _retarget(m, "\x00swap", e["name"])
+        _swap(m, e, rng.choice(exps), ("name", "expert", "layer"), retarget)
         return f"expert extents {old} and {e['name']} swapped{', tensors follow' if retarget else ''}", version
     elif choice == "drop":  # valid only for a layer's last expert, its tensors dropped too
         m["extents"].remove(e)
@@ -912,12 +918,8 @@ def _shard_edit(m, rng) -> tuple[str, int]:
     elif choice == "swap":  # two extents trade numbers and names: valid with their tensors renamed,
         # unless that gives them the names of another extent's tensors (two layers, two ranks)
         other = rng.choice([x for x in shards if x["layer"] == i] if rng.random() < 0.5 else shards)
-        for key in ("name", "layer", "rank"):
-            e[key], other[key] = other[key], e[key]
+        _swap(m, e, other, ("name", "layer", "rank"), follow)
         if follow and other is not e:
-            _retarget(m, old, "\x00swap")
-            _retarget(m, e["name"], old)
-            _retarget(m, "\x00swap", e["name"])
             _reprefix(m, e["name"], e["rank"])
             _reprefix(m, old, other["rank"])
         return f"shard extents {old} and {e['name']} swapped{', tensors follow' if follow else ''}", version

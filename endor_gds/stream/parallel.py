@@ -174,6 +174,18 @@ def rank_path(path, rank: int):
     return text.replace("{rank}", str(rank)) if "{rank}" in text else path
 
 
+def _planned(layer: nn.Module, plan: ShardPlan, style: str | None = None):
+    """The modules of ``layer`` the plan names (of ``style`` only, if given); a module the plan
+    names that this family's layers lack is skipped."""
+    for path, module_style in plan.styles.items():
+        if style not in (None, module_style):
+            continue
+        try:
+            yield layer.get_submodule(path)
+        except AttributeError:
+            continue
+
+
 def localize(model: nn.Module, recipe: Recipe, plan: ShardPlan, rank: int) -> None:
     """Give ``model`` (parameters on meta) rank ``rank``'s shapes: its slice of every split
     tensor, the linear modules' ``in_features`` / ``out_features`` to match, and its attention's
@@ -186,11 +198,7 @@ def localize(model: nn.Module, recipe: Recipe, plan: ShardPlan, rank: int) -> No
                 owner = layer.get_submodule(owner_path)
                 owner._parameters[leaf] = nn.Parameter(torch.empty(shape, dtype=p.dtype, device="meta"),
                                                        requires_grad=False)
-        for module_path in plan.styles:
-            try:
-                module = layer.get_submodule(module_path)
-            except AttributeError:
-                continue  # a module the plan names that this family's layers lack
+        for module in _planned(layer, plan):
             weight = getattr(module, "weight", None)
             if isinstance(module, nn.Linear) and weight is not None:
                 module.out_features, module.in_features = weight.shape
@@ -205,10 +213,17 @@ def localize(model: nn.Module, recipe: Recipe, plan: ShardPlan, rank: int) -> No
         attention.num_key_value_groups = plan.kv_groups()
 
 
-def install_rowwise(module: nn.Module, tp: TensorParallel) -> None:
-    """Make a row-parallel linear module return the sum of the ranks' partial outputs, with its
-    bias (whole on every rank) added once, after the sum — as transformers' RowwiseParallel does.
-    Wraps whatever ``forward`` the module has (the fused CPU product's too)."""
+def install_rowwise(layers: nn.Module, plan: ShardPlan, tp: TensorParallel) -> None:
+    """Make every row-parallel module of ``layers`` return the sum of the ranks' partial outputs."""
+    for layer in layers:
+        for module in _planned(layer, plan, "rowwise"):
+            _sum_over_ranks(module, tp)
+
+
+def _sum_over_ranks(module: nn.Module, tp: TensorParallel) -> None:
+    """``module``'s output becomes the sum of the ranks' partial outputs, with its bias (whole on
+    every rank) added once, after the sum — as transformers' RowwiseParallel does. Wraps whatever
+    ``forward`` the module has (the fused CPU product's too)."""
     inner = module.forward
 
     def forward(*args, **kwargs):

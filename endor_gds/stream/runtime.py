@@ -404,16 +404,8 @@ class StreamingRuntime:
     def _install_rowwise(self, layers_module) -> None:
         """In a process group, every row-parallel module sums the ranks' partial outputs (installed
         after the streaming hooks and the fused product, so it wraps the forward they give)."""
-        if self.tp is None or self.rank is None:
-            return
-        rowwise = [m for m, style in self.shards.styles.items() if style == "rowwise"]
-        for layer in layers_module:
-            for path in rowwise:
-                try:
-                    module = layer.get_submodule(path)
-                except AttributeError:
-                    continue
-                parallel.install_rowwise(module, self.tp)
+        if self.tp is not None and self.rank is not None:
+            parallel.install_rowwise(layers_module, self.shards, self.tp)
 
     def _make_decoder(self):
         if self.device.type == "cuda":
