@@ -55,8 +55,10 @@ def run_fio(fio: str, path: str, nbytes: int, chunk: int, threads: int,
         cmd += [f"--numjobs={threads}", f"--size={per_job}", f"--offset_increment={per_job}",
                 "--group_reporting"]
     else:
-        expect = nbytes
-        cmd += [f"--iodepth={threads}", "--numjobs=1", f"--size={nbytes}"]
+        # whole blocks: fio stops before a last partial block (a packed file's size is a multiple
+        # of 4 KiB, not of a 1 or 4 MiB block)
+        expect = nbytes // chunk * chunk or nbytes // ALIGN * ALIGN
+        cmd += [f"--iodepth={threads}", "--numjobs=1", f"--size={expect}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600, check=False)
     text = proc.stdout[proc.stdout.find("{"):] if "{" in proc.stdout else ""
     if proc.returncode != 0 or not text:

@@ -167,6 +167,8 @@ def test_run_fio_reads_the_asked_bytes(tmp_path):
     fio_bin = shutil.which("fio")
     assert fio.run_fio(fio_bin, str(f), 1 * MiB, 256 * KiB, 2, "libaio") > 0
     assert fio.run_fio(fio_bin, str(f), 1 * MiB, 256 * KiB, 3, "psync") > 0  # 3 slices of 256 KiB
+    # a size that is no multiple of the block (a whole packed file read with bs=1MiB): whole blocks
+    assert fio.run_fio(fio_bin, str(f), 1 * MiB - 4 * KiB, 256 * KiB, 2, "libaio") > 0
     with pytest.raises(fio.FioError, match="fio"):
         fio.run_fio(shutil.which("fio"), str(tmp_path / "nope.bin"), MiB, 256 * KiB, 1)
 
