@@ -1156,6 +1156,48 @@ int64_t endor_matvec_rows(const endor_matvec *a, uint64_t r0, uint64_t r1, int f
     return 0;
 }
 
+/* ---- CRC-32C combine ----
+ *
+ * The CRC-32C of A‖B from crc(A), crc(B) and len(B): crc(A‖B) = crc(A)·x^(8·len(B)) ⊕ crc(B) in
+ * GF(2)[x] mod P (the pre- and post-inversions cancel, as in zlib's crc32_combine, whose
+ * multmodp / x2nmodp method this is, with Castagnoli's reflected polynomial). It lets the reader
+ * threads check the pieces of a segment as each arrives, in any order, and fold the pieces'
+ * CRCs into the segment's when its last piece lands (endor_gds/stream/integrity.py). */
+#define CRC32C_POLY 0x82F63B78u /* reflected */
+
+/* a·b mod P, bit-reflected (bit 31 is x^0). */
+static uint32_t crc_multmodp(uint32_t a, uint32_t b) {
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0) break;
+        }
+        m >>= 1;
+        b = b & 1 ? (b >> 1) ^ CRC32C_POLY : b >> 1;
+    }
+    return p;
+}
+
+/* x^(2^k) mod P for k = 0..31 (x^(2^k·n) repeats with the order of x, so k wraps mod 32). */
+static uint32_t crc_x2n[32];
+static int crc_ready = 0;
+
+static void crc_tables(void) {
+    uint32_t p = 1u << 30; /* x^1 */
+    crc_x2n[0] = p;
+    for (int k = 1; k < 32; k++) crc_x2n[k] = p = crc_multmodp(p, p);
+    crc_ready = 1;
+}
+
+uint32_t endor_crc32c_combine(uint32_t crc1, uint32_t crc2, uint64_t len2) {
+    if (!crc_ready) crc_tables();
+    uint32_t p = 1u << 31; /* x^0: x^(8·len2) = Π x^(2^k) over the set bits of len2 << 3 */
+    for (unsigned k = 3; len2; len2 >>= 1, k++)
+        if (len2 & 1) p = crc_multmodp(crc_x2n[k & 31], p);
+    return crc_multmodp(p, crc1) ^ crc2;
+}
+
 /* The FEAT_* mask of this CPU: what a call's `features` argument can enable. */
 int endor_cpu_features(void) {
     if (!tables_ready) build_tables();
@@ -1170,5 +1212,6 @@ static struct PyModuleDef endor_cpu_module = {PyModuleDef_HEAD_INIT, "_endor_cpu
 
 PyMODINIT_FUNC PyInit__endor_cpu(void) {
     build_tables();
+    crc_tables();
     return PyModule_Create(&endor_cpu_module);
 }

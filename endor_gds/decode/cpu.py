@@ -24,7 +24,7 @@ from endor_gds.codec.expdict import Streams
 from endor_gds.codec.exphuff import CHUNKS_PER_TILE, STREAM_KINDS, HuffStreams
 from endor_gds.errors import DecodeError, MissingDependencyError
 
-__all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "library"]
+__all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "crc32c_combine", "library"]
 
 # Instruction-set features of the decoder (FEAT_* in csrc/endor_cpu.c), each a bit of the mask a
 # call may use: ssse3 = the pshufb expand and the 4-byte expdict rebuild, pdep = BMI2 field
@@ -83,8 +83,15 @@ def library() -> ctypes.CDLL:
         lib.endor_matvec_rows.argtypes = [p, u64, u64, ctypes.c_int]
         lib.endor_cpu_features.restype = ctypes.c_int
         lib.endor_cpu_features.argtypes = []
+        lib.endor_crc32c_combine.restype = ctypes.c_uint32
+        lib.endor_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, u64]
         _lib = lib
     return _lib
+
+
+def crc32c_combine(crc1: int, crc2: int, len2: int) -> int:
+    """The CRC-32C of ``A + B`` from ``crc1`` of A, ``crc2`` of B and B's length in bytes."""
+    return library().endor_crc32c_combine(crc1, crc2, len2)
 
 
 def cpu_features() -> tuple[str, ...]:

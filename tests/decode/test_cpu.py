@@ -1,13 +1,14 @@
 import re
 from dataclasses import replace
 
+import crc32c
 import numpy as np
 import pytest
 from bitgen import SIZES, random_bits, weight_bits
 from decode_cases import corrupt_cases, expdict_corrupt_cases
 
 from endor_gds.codec.bitmap import TILE_ELEMS, decode_bitmap_reference, encode_bitmap
-from endor_gds.decode.cpu import CpuDecoder, cpu_features
+from endor_gds.decode.cpu import CpuDecoder, cpu_features, crc32c_combine
 from endor_gds.errors import DecodeError
 
 # Every code path this CPU can run: all features (the default), none (portable C), and the subsets
@@ -339,3 +340,15 @@ def test_exphuff_inconsistent_input_is_decode_error(rng):
             bitmap, s, offsets, bits = _exphuff_case(rng, n, "BF16", 1.0)
             d.decode([(None, HuffStreams(s.params, s.residuals[:-1], s.bits, s.tile_bits, s.chunk_bits), None,
                        np.zeros(n, dtype=bits.dtype))])
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_crc32c_combine_matches_the_whole(seed):
+    """crc32c_combine(crc(A), crc(B), len(B)) == crc(A + B) for any split, lengths 0 to MiBs."""
+    rng = np.random.default_rng(seed)
+    data = rng.integers(0, 256, 3 << 20, dtype=np.uint8).tobytes()
+    for a, b in [(0, 0), (0, 1), (1, 0), (5, 7), (4096, 4096), (1 << 20, (3 << 20) - (1 << 20))] + \
+            [tuple(sorted(rng.integers(0, len(data), 2))) for _ in range(20)]:
+        head, tail = data[:a], data[a:a + b]
+        assert crc32c_combine(crc32c.crc32c(head), crc32c.crc32c(tail), len(tail)) == \
+            crc32c.crc32c(head + tail), (a, b)

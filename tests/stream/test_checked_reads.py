@@ -19,7 +19,7 @@ import torch
 import endor_gds
 from endor_gds import defaults
 from endor_gds.errors import ChecksumError, EndorError
-from endor_gds.stream import backends
+from endor_gds.stream import backends, integrity
 from endor_gds.stream.integrity import ChunkedCheck, ExtentCheck
 from endor_gds.stream.plan import plan_layer
 
@@ -203,6 +203,40 @@ def test_the_chunked_check_counts_bytes_and_any_order(packed):
     for piece in pieces:
         damaged.on_chunk(*piece)
     assert not damaged.passed()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_chunked_check_folds_pieces_of_any_size(packed, monkeypatch, seed):
+    """Each piece's share of a segment is checked by the thread that brought it (no CRC call
+    spans two pieces) and folded into the segment's CRC: random cut points (odd sizes, several
+    pieces per segment, pieces across segment boundaries), random order; one flipped bit anywhere
+    in the extent's segments fails it, and the intact extent passes."""
+    rng = np.random.default_rng(seed)
+    path = packed("llama", torch.float16, prune="magnitude", codec="expdict")
+    with endor_gds.open(path) as f:
+        ext = f.layers[int(rng.integers(len(f.layers)))]
+        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
+        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    cuts = np.unique(np.concatenate([[0, ext.length], rng.integers(1, ext.length, 40)]))
+    pieces = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
+    piece, spans = [0], []  # the size of the piece being delivered; CRC calls longer than it
+    real = integrity._crc32c.crc32c
+    monkeypatch.setattr(integrity._crc32c, "crc32c",
+                        lambda b, *a: (len(b) > piece[0] and spans.append(len(b))) or real(b, *a))
+
+    def deliver(buf):
+        check = ChunkedCheck(plan, buf)
+        for i in rng.permutation(len(pieces)):
+            piece[0] = pieces[i][1] - pieces[i][0]
+            check.on_chunk(*pieces[i])
+        return check.passed()
+
+    assert deliver(host)
+    assert spans == [], "a CRC call covered more than the piece that had just arrived"
+    checked = [(off, length) for _, _, off, length, _ in plan.segment_crcs if length]
+    off, length = checked[int(rng.integers(len(checked)))]
+    host[off + int(rng.integers(length))] ^= 1 << int(rng.integers(8))
+    assert not deliver(host)
 
 
 def test_streamed_extents_are_checked_as_they_arrive(packed, monkeypatch):
