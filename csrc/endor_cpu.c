@@ -757,28 +757,85 @@ HUFF_ASSEMBLE(huff_assemble_bf16_avx2, "avx2", uint16_t, 7, 1, 8)
 HUFF_ASSEMBLE(huff_assemble_f16_avx2, "avx2", uint16_t, 10, 1, 5)
 HUFF_ASSEMBLE(huff_assemble_f32_avx2, "avx2", uint32_t, 23, 3, 8)
 
-/* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles): per tile, the
- * units of its chunks from the stream, two chunks in lockstep (huff_units2), then the values from
- * units and residuals, then, for a sparse tensor, the bitmap expand. Returns 0, t + 1 for the
- * first tile t whose tile offsets, tile or chunk bits, codes or bitmap are inconsistent, -1 for
- * bad arguments. */
+/* The decode tables of one exphuff tensor (table: 2^HUFF_BITS entries, units: 2^HUFF_BITS), after
+ * checking its layout: -1 for a layout or code lengths the decoder does not take. Built once per
+ * tensor by the fused product (endor_gds/decode/fused.py), per call by the decoder. */
+int endor_exphuff_tables(const endor_exphuff *a, uint16_t *table, uint64_t *units) {
+    int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
+    int f32 = a->elem_bytes == 4 && a->man_bits == 23;
+    if (!(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) || (!a->bitmap && a->nnz != a->n) ||
+        a->nbits > a->bits_nbytes * 8 || build_huff_table(a, table))
+        return -1;
+    build_unit_table(a, table, units);
+    return 0;
+}
+
+/* Values [lo, hi) of tile t (cnt = hi - lo <= TILE_ELEMS values) into dst: the tile's and its
+ * chunks' bit offsets checked, the chunks' units decoded two at a time (huff_units2), then the
+ * values assembled from units and residuals. syms: TILE_ELEMS + 4 bytes of scratch. Nonzero when
+ * the tile's bits, chunk bits or codes are inconsistent. */
+static int huff_tile_values(const endor_exphuff *a, const uint16_t *table, const uint64_t *units,
+                            uint64_t t, uint64_t lo, uint64_t hi, uint8_t *syms, void *dst, int avx2) {
+    const uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS, end_bit = a->nbits;
+    /* edge[c]: where chunk c starts, edge[HUFF_CHUNKS] where the tile ends; an empty chunk
+     * (past the tile's values) starts at the tile's end */
+    uint64_t edge[HUFF_CHUNKS + 1], cnt = hi - lo;
+    edge[0] = a->tile_bits[t];
+    edge[HUFF_CHUNKS] = a->tile_bits[t + 1];
+    /* the stream starts with tile 0, ends with the last tile, and a tile without values
+     * spans no bits (chunk 0 is checked by its decode only when it has values) */
+    if (edge[0] > edge[HUFF_CHUNKS] || edge[HUFF_CHUNKS] > end_bit || (t == 0 && edge[0] != 0) ||
+        (t + 1 == ntiles && edge[HUFF_CHUNKS] != end_bit) || (cnt == 0 && edge[0] != edge[HUFF_CHUNKS]))
+        return -1;
+    for (int c = 1; c < HUFF_CHUNKS; c++) {
+        edge[c] = edge[0] + a->chunk_bits[(uint64_t)(HUFF_CHUNKS - 1) * t + (uint64_t)(c - 1)];
+        if (edge[c] < edge[c - 1] || edge[c] > edge[HUFF_CHUNKS] ||
+            ((uint64_t)c * HUFF_CHUNK >= cnt && edge[c] != edge[HUFF_CHUNKS]))
+            return -1;
+    }
+    uint64_t nchunks = (cnt + HUFF_CHUNK - 1) / HUFF_CHUNK;
+    for (uint64_t c = 0; c < nchunks; c += 2) {
+        const int g = c + 1 < nchunks ? 2 : 1;
+        huff_reader r[2];
+        uint64_t n[2];
+        int bad[2] = {0, 0};
+        for (int j = 0; j < g; j++) {
+            uint64_t first = (c + (uint64_t)j) * HUFF_CHUNK;
+            n[j] = cnt - first < HUFF_CHUNK ? cnt - first : HUFF_CHUNK;
+            huff_seek(a->bits, a->bits_nbytes, &r[j], edge[c + (uint64_t)j]);
+        }
+        if (g == 2)
+            huff_units2(a, table, units, &r[0], n[0], syms + c * HUFF_CHUNK, &bad[0], &r[1], n[1],
+                        syms + (c + 1) * HUFF_CHUNK, &bad[1]);
+        else
+            bad[0] = huff_units(a, table, units, &r[0], 0, n[0], syms + c * HUFF_CHUNK);
+        for (int j = 0; j < g; j++)
+            if (bad[j] || huff_pos(&r[j]) != edge[c + (uint64_t)j + 1]) return -1;
+    }
+    if (a->elem_bytes == 4)
+        (avx2 ? huff_assemble_f32_avx2 : huff_assemble_f32)(syms, a->residuals, lo, cnt, dst);
+    else if (a->man_bits == 7)
+        (avx2 ? huff_assemble_bf16_avx2 : huff_assemble_bf16)(syms, a->residuals, lo, cnt, dst);
+    else
+        (avx2 ? huff_assemble_f16_avx2 : huff_assemble_f16)(syms, a->residuals, lo, cnt, dst);
+    return 0;
+}
+
+/* Decode tiles [t0, t1) of one exphuff tensor (features: as endor_decode_tiles): per tile, its
+ * values (huff_tile_values), then, for a sparse tensor, the bitmap expand. Returns 0, t + 1 for
+ * the first tile t whose tile offsets, tile or chunk bits, codes or bitmap are inconsistent, -1
+ * for bad arguments. */
 int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t t1, int features) {
     if (!tables_ready) build_tables();
     uint64_t ntiles = (a->n + TILE_ELEMS - 1) / TILE_ELEMS;
     uint16_t table[1 << HUFF_BITS];
     uint64_t units[1 << HUFF_BITS];
-    int bf16 = a->elem_bytes == 2 && a->man_bits == 7, f16 = a->elem_bytes == 2 && a->man_bits == 10;
-    int f32 = a->elem_bytes == 4 && a->man_bits == 23;
-    if (t0 > t1 || t1 > ntiles || !(bf16 || f16 || f32) || a->exp_bits != (f16 ? 5u : 8u) ||
-        (!a->bitmap && a->nnz != a->n) || a->nbits > a->bits_nbytes * 8 || build_huff_table(a, table))
-        return -1;
-    build_unit_table(a, table, units);
+    if (t0 > t1 || t1 > ntiles || endor_exphuff_tables(a, table, units)) return -1;
     int simd = (features & cpu_features & FEAT_SSSE3) != 0;
     const int avx2 = (features & cpu_features & FEAT_AVX2) != 0;
     uint8_t syms[TILE_ELEMS + 4];
     uint32_t buf32[TILE_BUF] __attribute__((aligned(16)));
     if (a->bitmap) memset(buf32, 0, sizeof buf32); /* the SIMD expand reads past a tile's values */
-    const uint64_t end_bit = a->nbits;
     for (uint64_t t = t0; t < t1; t++) {
         uint64_t lo, hi, start = t * TILE_ELEMS, end = start + TILE_ELEMS < a->n ? start + TILE_ELEMS : a->n;
         if (a->bitmap) {
@@ -787,53 +844,13 @@ int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t
             lo = start;
             hi = end;
         }
-        /* edge[c]: where chunk c starts, edge[HUFF_CHUNKS] where the tile ends; an empty chunk
-         * (past the tile's values) starts at the tile's end */
-        uint64_t edge[HUFF_CHUNKS + 1], cnt = hi - lo;
-        edge[0] = a->tile_bits[t];
-        edge[HUFF_CHUNKS] = a->tile_bits[t + 1];
-        /* the stream starts with tile 0, ends with the last tile, and a tile without values
-         * spans no bits (chunk 0 is checked by its decode only when it has values) */
-        if (edge[0] > edge[HUFF_CHUNKS] || edge[HUFF_CHUNKS] > end_bit || (t == 0 && edge[0] != 0) ||
-            (t + 1 == ntiles && edge[HUFF_CHUNKS] != end_bit) || (cnt == 0 && edge[0] != edge[HUFF_CHUNKS]))
-            return (int64_t)t + 1;
-        for (int c = 1; c < HUFF_CHUNKS; c++) {
-            edge[c] = edge[0] + a->chunk_bits[(uint64_t)(HUFF_CHUNKS - 1) * t + (uint64_t)(c - 1)];
-            if (edge[c] < edge[c - 1] || edge[c] > edge[HUFF_CHUNKS] ||
-                ((uint64_t)c * HUFF_CHUNK >= cnt && edge[c] != edge[HUFF_CHUNKS]))
-                return (int64_t)t + 1;
-        }
-        uint64_t nchunks = (cnt + HUFF_CHUNK - 1) / HUFF_CHUNK;
-        for (uint64_t c = 0; c < nchunks; c += 2) {
-            const int g = c + 1 < nchunks ? 2 : 1;
-            huff_reader r[2];
-            uint64_t n[2];
-            int bad[2] = {0, 0};
-            for (int j = 0; j < g; j++) {
-                uint64_t first = (c + (uint64_t)j) * HUFF_CHUNK;
-                n[j] = cnt - first < HUFF_CHUNK ? cnt - first : HUFF_CHUNK;
-                huff_seek(a->bits, a->bits_nbytes, &r[j], edge[c + (uint64_t)j]);
-            }
-            if (g == 2)
-                huff_units2(a, table, units, &r[0], n[0], syms + c * HUFF_CHUNK, &bad[0], &r[1], n[1],
-                            syms + (c + 1) * HUFF_CHUNK, &bad[1]);
-            else
-                bad[0] = huff_units(a, table, units, &r[0], 0, n[0], syms + c * HUFF_CHUNK);
-            for (int j = 0; j < g; j++)
-                if (bad[j] || huff_pos(&r[j]) != edge[c + (uint64_t)j + 1]) return (int64_t)t + 1;
-        }
         void *dst = a->bitmap ? (void *)buf32 : (void *)((uint8_t *)a->out + start * a->elem_bytes);
-        if (bf16)
-            (avx2 ? huff_assemble_bf16_avx2 : huff_assemble_bf16)(syms, a->residuals, lo, cnt, dst);
-        else if (f16)
-            (avx2 ? huff_assemble_f16_avx2 : huff_assemble_f16)(syms, a->residuals, lo, cnt, dst);
-        else
-            (avx2 ? huff_assemble_f32_avx2 : huff_assemble_f32)(syms, a->residuals, lo, cnt, dst);
+        if (huff_tile_values(a, table, units, t, lo, hi, syms, dst, avx2)) return (int64_t)t + 1;
         if (a->bitmap) {
             int wrong = a->elem_bytes == 2
-                ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, cnt, TILE_BUF,
+                ? expand_uint16_t(a->bitmap, (const uint16_t *)buf32, 0, hi - lo, TILE_BUF,
                                   (uint16_t *)a->out, start, end, simd, 0)
-                : expand_uint32_t(a->bitmap, buf32, 0, cnt, TILE_BUF, (uint32_t *)a->out, start, end, simd, 0);
+                : expand_uint32_t(a->bitmap, buf32, 0, hi - lo, TILE_BUF, (uint32_t *)a->out, start, end, simd, 0);
             if (wrong) return (int64_t)t + 1;
         }
     }
@@ -865,8 +882,12 @@ int64_t endor_decode_exphuff_tiles(const endor_exphuff *a, uint64_t t0, uint64_t
 typedef struct { /* mirrored by decode.fused._MatvecArgs (ctypes) */
     const uint32_t *bitmap;
     const uint32_t *tile_offsets;
-    const void *values;           /* codec raw: nnz element bit patterns; NULL for codec expdict */
+    const void *values;           /* codec raw: nnz element bit patterns; else NULL */
     const endor_expdict *expdict; /* codec expdict: its streams (its out is unused); else NULL */
+    const endor_exphuff *exphuff; /* codec exphuff: its streams (out unused; a dense tensor comes
+                                   * with an all-ones bitmap and one tile offset per tile here) */
+    const uint16_t *huff_table;   /* exphuff: endor_exphuff_tables' tables, built once */
+    const uint64_t *huff_units;
     const void *x;                /* m x cols, row-major, in the weight's dtype */
     float *y;                     /* m x rows, row-major */
     uint64_t rows, cols, nnz;
@@ -1107,7 +1128,7 @@ static uint64_t bits_before(const uint32_t *bitmap, uint64_t start, uint64_t s) 
     return count;
 }
 
-/* Rows [r0, r1) of y = x · Wᵀ (W: rows x cols, bitmap-encoded, codec raw or expdict), with the
+/* Rows [r0, r1) of y = x · Wᵀ (W: rows x cols, bitmap-encoded, codec raw, expdict or exphuff), with the
  * FEAT_* features in `features` that this CPU has (FEAT_FMA: the vector path). Returns 0, t + 1
  * for the first inconsistent tile t (as endor_decode_tiles), -1 for bad arguments. */
 int64_t endor_matvec_rows(const endor_matvec *a, uint64_t r0, uint64_t r1, int features) {
@@ -1115,16 +1136,21 @@ int64_t endor_matvec_rows(const endor_matvec *a, uint64_t r0, uint64_t r1, int f
     const uint64_t rows = a->rows, cols = a->cols, n = rows * cols;
     const uint32_t eb = a->dtype == DT_F32 ? 4 : 2;
     if (a->m == 0 || a->m > MATVEC_MAX_M || cols == 0 || r0 > r1 || r1 > rows ||
-        a->dtype > DT_F32 || (a->expdict == NULL) == (a->values == NULL))
+        a->dtype > DT_F32 || (a->values != NULL) + (a->expdict != NULL) + (a->exphuff != NULL) != 1)
         return -1;
     const endor_expdict *ed = a->expdict;
+    const endor_exphuff *hf = a->exphuff;
     int feat = features & cpu_features;
     expdict_tables T;
     if (ed && (ed->n != n || ed->nnz != a->nnz || ed->elem_bytes != eb || build_expdict_tables(ed, &T)))
         return -1;
+    if (hf && (hf->n != n || hf->nnz != a->nnz || hf->elem_bytes != eb || !a->huff_table || !a->huff_units ||
+               hf->man_bits != (a->dtype == DT_F16 ? 10u : a->dtype == DT_BF16 ? 7u : 23u)))
+        return -1;
     /* zeroed once: the vector loads may read (and discard) entries past a tile's values */
     uint32_t buf32[TILE_BUF] __attribute__((aligned(32)));
-    if (ed) memset(buf32, 0, sizeof buf32);
+    uint8_t syms[TILE_ELEMS + 4];
+    if (ed || hf) memset(buf32, 0, sizeof buf32);
     for (uint32_t j = 0; j < a->m; j++)
         for (uint64_t r = r0; r < r1; r++) a->y[j * rows + r] = 0.0f;
     const uint64_t e0 = r0 * cols, e1 = r1 * cols;
@@ -1138,6 +1164,11 @@ int64_t endor_matvec_rows(const endor_matvec *a, uint64_t r0, uint64_t r1, int f
                 return (int64_t)t + 1;
             rebuild_values(ed, &T, lo, hi, buf32, feat);
             if (patch_escapes(ed, q0, q1, hi - lo, buf32)) return (int64_t)t + 1;
+            cur = (value_cursor){buf32, 0, hi - lo, TILE_BUF};
+        } else if (hf) {
+            if (huff_tile_values(hf, a->huff_table, a->huff_units, t, lo, hi, syms, buf32,
+                                 (feat & FEAT_AVX2) != 0))
+                return (int64_t)t + 1;
             cur = (value_cursor){buf32, 0, hi - lo, TILE_BUF};
         }
         uint64_t s = start > e0 ? start : e0, e = end < e1 ? end : e1;

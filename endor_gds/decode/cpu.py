@@ -24,7 +24,7 @@ from endor_gds.codec.expdict import Streams
 from endor_gds.codec.exphuff import CHUNKS_PER_TILE, STREAM_KINDS, HuffStreams
 from endor_gds.errors import DecodeError, MissingDependencyError
 
-__all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "crc32c_combine", "library"]
+__all__ = ["CpuDecoder", "SIMD_FEATURES", "cpu_features", "crc32c_combine", "exphuff_args", "library"]
 
 # Instruction-set features of the decoder (FEAT_* in csrc/endor_cpu.c), each a bit of the mask a
 # call may use: ssse3 = the pshufb expand and the 4-byte expdict rebuild, pdep = BMI2 field
@@ -83,6 +83,8 @@ def library() -> ctypes.CDLL:
         lib.endor_matvec_rows.argtypes = [p, u64, u64, ctypes.c_int]
         lib.endor_cpu_features.restype = ctypes.c_int
         lib.endor_cpu_features.argtypes = []
+        lib.endor_exphuff_tables.restype = ctypes.c_int
+        lib.endor_exphuff_tables.argtypes = [ctypes.POINTER(_ExpHuffArgs), p, p]
         lib.endor_crc32c_combine.restype = ctypes.c_uint32
         lib.endor_crc32c_combine.argtypes = [ctypes.c_uint32, ctypes.c_uint32, u64]
         _lib = lib
@@ -201,12 +203,13 @@ def expdict_args(bitmap, s: Streams, offs, out: int, n: int) -> _ExpDictArgs:
     return a
 
 
-def _exphuff_args(bitmap, s: HuffStreams, offs, out) -> _ExpHuffArgs:
+def exphuff_args(bitmap, s: HuffStreams, offs, out: int, n: int) -> _ExpHuffArgs:
+    """``endor_exphuff`` for one tensor of ``n`` elements decoding to address ``out`` (0: none)."""
     layout = s.params.layout
     a = _ExpHuffArgs(0 if bitmap is None else bitmap.ctypes.data, 0 if offs is None else offs.ctypes.data,
                      s.residuals.ctypes.data, s.bits.ctypes.data, s.tile_bits.ctypes.data,
-                     s.chunk_bits.ctypes.data, out.ctypes.data,
-                     out.size, s.nnz, s.bits.size, layout.itemsize, layout.man_bits, layout.exp_bits,
+                     s.chunk_bits.ctypes.data, out,
+                     n, s.nnz, s.bits.size, layout.itemsize, layout.man_bits, layout.exp_bits,
                      s.params.nbits)
     a.lengths[: len(s.params.lengths)] = s.params.lengths
     return a
@@ -280,7 +283,7 @@ class CpuDecoder:
             if isinstance(values, Streams):
                 args = expdict_args(bitmap, values, offs, out.ctypes.data, out.size)
             elif isinstance(values, HuffStreams):
-                args = _exphuff_args(bitmap, values, offs, out)
+                args = exphuff_args(bitmap, values, offs, out.ctypes.data, out.size)
             else:
                 args = (bitmap.ctypes.data, values.ctypes.data, values.size, offs.ctypes.data,
                         out.ctypes.data, out.size, out.dtype.itemsize)

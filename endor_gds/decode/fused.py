@@ -3,8 +3,10 @@
 For a few rows of ``x`` (a decode step, a small batch) decoding ``W`` to dense first costs more
 than the product itself: the decoder writes the dense matrix and the matmul reads it back.
 ``endor_matvec_rows`` in csrc/endor_cpu.c expands each group of 8 elements in a register and
-multiplies it into fp32 accumulators instead (codec raw and expdict; fp16, bf16, fp32), threads
-splitting the output rows. The order of additions is fixed by the shape (not the thread count)
+multiplies it into fp32 accumulators instead (codecs raw, expdict and exphuff, whose tiles are
+rebuilt into an L1 buffer first; fp16, bf16, fp32), threads splitting the output rows. A dense
+exphuff tensor (no bitmap: every element stored) is multiplied as a bitmap tensor whose bits are
+all set, with one tile offset per tile. The order of additions is fixed by the shape (not the thread count)
 but is not the dense matmul's: results agree with ``x @ W.T`` to fp32 rounding, not bit for bit
 (tests measure torch's own error and hold this product to it).
 """
@@ -12,18 +14,20 @@ but is not the dense matmul's: results agree with ``x @ W.T`` to fp32 rounding, 
 from __future__ import annotations
 
 import ctypes
+import functools
 
 import numpy as np
 import torch
 
-from endor_gds.codec.bitmap import TILE_ELEMS
+from endor_gds.codec.bitmap import TILE_ELEMS, WORD_BITS
 from endor_gds.codec.expdict import Streams
-from endor_gds.decode.cpu import CpuDecoder, check_encoded, expdict_args, library
+from endor_gds.codec.exphuff import MAX_CODE_BITS, HuffStreams, dense_tile_offsets
+from endor_gds.decode.cpu import CpuDecoder, check_encoded, expdict_args, exphuff_args, library
 from endor_gds.errors import DecodeError
 
 __all__ = ["AUTO_MAX_ROWS", "CODECS", "FusedWeight", "MAX_ROWS", "reference_matmul"]
 
-CODECS = ("raw", "expdict")  # the value codecs of bitmap weights the product reads (exphuff: decoded)
+CODECS = ("raw", "expdict", "exphuff")  # the value codecs the product reads
 
 MAX_ROWS = 16  # rows of x one call takes (MATVEC_MAX_M: an accumulator per row per output)
 # fused_max_rows="auto": up to how many rows of x the product beat decode + torch's own product
@@ -40,36 +44,62 @@ _MIN_ELEMS_PER_TASK = 1 << 18
 class _MatvecArgs(ctypes.Structure):
     """``endor_matvec`` in csrc/endor_cpu.c."""
 
-    _fields_ = [(name, ctypes.c_void_p) for name in ("bitmap", "tile_offsets", "values", "expdict", "x", "y")] + \
+    _fields_ = [(name, ctypes.c_void_p) for name in ("bitmap", "tile_offsets", "values", "expdict", "exphuff",
+                                                      "huff_table", "huff_units", "x", "y")] + \
         [(name, ctypes.c_uint64) for name in ("rows", "cols", "nnz")] + \
         [(name, ctypes.c_uint32) for name in ("m", "dtype")]
 
 
-class FusedWeight:
-    """One bitmap-encoded 2-D weight (``shape = (out_features, in_features)``), checked once, ready
-    for any number of products; keeps the arrays its pointers point into alive."""
+@functools.lru_cache(maxsize=16)
+def _all_set(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bitmap (every bit of n elements set, none past n) and tile offsets of a dense tensor:
+    what lets the product take a dense exphuff tensor like a bitmap one (shared per shape)."""
+    bitmap = np.full(-(-n // WORD_BITS), 0xFFFFFFFF, dtype=np.uint32)
+    if n % WORD_BITS:
+        bitmap[-1] = (1 << (n % WORD_BITS)) - 1
+    for a in (bitmap, offsets := dense_tile_offsets(n).astype(np.uint32)):
+        a.flags.writeable = False
+    return bitmap, offsets
 
-    def __init__(self, bitmap: np.ndarray, values, tile_offsets: np.ndarray, shape: tuple[int, int],
-                 dtype: torch.dtype, where: str = "weight"):
-        if not isinstance(values, (np.ndarray, Streams)):
-            raise ValueError(f"{where}: the fused product takes codec raw or expdict values, got "
+
+class FusedWeight:
+    """One 2-D weight in bitmap + values (or dense exphuff) form (``shape = (out_features,
+    in_features)``), checked once, ready for any number of products; keeps the arrays its pointers
+    point into alive."""
+
+    def __init__(self, bitmap: np.ndarray | None, values, tile_offsets: np.ndarray | None,
+                 shape: tuple[int, int], dtype: torch.dtype, where: str = "weight"):
+        if not isinstance(values, (np.ndarray, Streams, HuffStreams)):
+            raise ValueError(f"{where}: the fused product takes codec raw, expdict or exphuff values, got "
                              f"{type(values).__name__}")
         if len(shape) != 2 or dtype not in _DTYPES:
             raise ValueError(f"{where}: the fused product takes 2-D fp16/bf16/fp32 weights, got "
                              f"{tuple(shape)} {dtype}")
         self.rows, self.cols = int(shape[0]), int(shape[1])
         self.dtype, self.where = dtype, where
-        check_encoded(bitmap, values, tile_offsets, self.rows * self.cols, dtype.itemsize, where)
-        self._expdict = None
+        n = self.rows * self.cols
+        check_encoded(bitmap, values, tile_offsets, n, dtype.itemsize, where)
+        self._codec_args = raw = table = units = None
         if isinstance(values, Streams):
-            self._expdict = expdict_args(bitmap, values, tile_offsets, 0, self.rows * self.cols)
-            raw, nnz = None, values.nnz
+            self._codec_args = expdict_args(bitmap, values, tile_offsets, 0, n)
+        elif isinstance(values, HuffStreams):
+            self._codec_args = exphuff_args(bitmap, values, tile_offsets, 0, n)
+            table, units = np.empty(1 << MAX_CODE_BITS, np.uint16), np.empty(1 << MAX_CODE_BITS, np.uint64)
+            if library().endor_exphuff_tables(ctypes.byref(self._codec_args), table.ctypes.data,
+                                              units.ctypes.data):
+                raise ValueError(f"{where}: exphuff code lengths or layout the decoder does not take")
+            if bitmap is None:
+                bitmap, tile_offsets = _all_set(n)
         else:
-            raw, nnz = values.ctypes.data, values.size
+            raw = values.ctypes.data
+        codec_ptr = None if self._codec_args is None else ctypes.addressof(self._codec_args)
         self._base = (bitmap.ctypes.data, tile_offsets.ctypes.data, raw,
-                      None if self._expdict is None else ctypes.addressof(self._expdict))
-        self._nnz = nnz
-        self._keep = (bitmap, values, tile_offsets)
+                      codec_ptr if isinstance(values, Streams) else None,
+                      codec_ptr if isinstance(values, HuffStreams) else None,
+                      None if table is None else table.ctypes.data,
+                      None if units is None else units.ctypes.data)
+        self._nnz = values.size if raw is not None else values.nnz
+        self._keep = (bitmap, values, tile_offsets, table, units)
         self._ranges: dict[int, list[tuple[int, int]]] = {}  # row ranges, by thread count
 
     def ranges(self, threads: int) -> list[tuple[int, int]]:

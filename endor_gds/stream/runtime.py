@@ -598,8 +598,8 @@ class StreamingRuntime:
         if "fma" not in self.decoder.features:
             return "off: this CPU lacks AVX2 + FMA + F16C (the fused product's vector path); every step decodes"
         if not any(self.backend.fused.values()):
-            return (f"off: no streamed linear weight is bitmap-encoded with a codec it reads "
-                    f"({', '.join(FUSED_CODECS)}; pack with --codec expdict for it)")
+            return (f"off: no streamed linear weight is encoded with a codec it reads "
+                    f"({', '.join(FUSED_CODECS)}): the file stores them dense")
         if not defaults.get("fused"):
             return "off (fused=False): every step decodes to dense, bit-identical to the in-memory model"
         limit = defaults.get("fused_max_rows")
@@ -702,14 +702,15 @@ class StreamingRuntime:
 
 
 def _fusable(layer: nn.Module, plan: LayerPlan) -> frozenset[str]:
-    """The layer's bitmap-encoded weights that the fused product can take: those of plain
-    ``nn.Linear`` modules (their forward is ``F.linear``, which the product replaces) whose values
-    are in a codec it reads."""
+    """The layer's encoded weights that the fused product can take: those of plain ``nn.Linear``
+    modules (their forward is ``F.linear``, which the product replaces) whose values are in a codec
+    it reads, with a bitmap or (exphuff) without."""
     names = set()
     for slot in plan.slots:
         owner_path, _, leaf = slot.rel.rpartition(".")
         e = slot.entry
-        if e.encoding != "bitmap" or e.codec not in FUSED_CODECS or leaf != "weight" or len(e.shape) != 2:
+        encoded = e.encoding == "bitmap" or e.codec == "exphuff"
+        if not encoded or e.codec not in FUSED_CODECS or leaf != "weight" or len(e.shape) != 2:
             continue
         owner = layer.get_submodule(owner_path) if owner_path else layer
         if type(owner).forward is nn.Linear.forward:

@@ -8,6 +8,7 @@ import pytest
 import torch
 from bitgen import weight_bits
 from decode_cases import corrupt_cases, encode_expdict, expdict_corrupt_cases
+from exphuff_cases import exphuff_corrupt_cases, huff_tensor
 
 from endor_gds.codec.bitmap import encode_bitmap
 from endor_gds.decode.cpu import CpuDecoder, cpu_features
@@ -28,15 +29,20 @@ def decoder(request):
         yield d
 
 
-def _weight(rng, rows, cols, dtype, density, codec, index_bits=None):
-    """(FusedWeight, dense W as torch) of a magnitude-pruned N(0, 0.02) weight."""
-    bits = weight_bits(rng, rows * cols, dtype, density)
+def _weight(rng, rows, cols, dtype, density, codec, index_bits=None, bits=None):
+    """(FusedWeight, dense W as torch) of a magnitude-pruned N(0, 0.02) weight (or ``bits``); codec
+    exphuff: dense (no bitmap) where nothing is pruned."""
+    if bits is None:
+        bits = weight_bits(rng, rows * cols, dtype, density)
     if codec == "raw":
         enc = encode_bitmap(bits)
-        values = enc.values
-    else:
+        w = FusedWeight(enc.bitmap, enc.values, enc.tile_offsets, (rows, cols), TORCH[dtype])
+    elif codec == "expdict":
         enc, values = encode_expdict(bits, dtype, index_bits)
-    w = FusedWeight(enc.bitmap, values, enc.tile_offsets, (rows, cols), TORCH[dtype])
+        w = FusedWeight(enc.bitmap, values, enc.tile_offsets, (rows, cols), TORCH[dtype])
+    else:
+        t = huff_tensor(rng, bits, dtype, dense=density >= 1.0)
+        w = FusedWeight(t.bitmap, t.streams(), t.offsets, (rows, cols), TORCH[dtype])
     dense = torch.from_numpy(bits.view(np.uint8).copy()).view(TORCH[dtype]).reshape(rows, cols)
     return w, dense
 
@@ -57,7 +63,7 @@ FLOOR = 2.0**-23
 
 
 @pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
+@pytest.mark.parametrize("codec", ["raw", "expdict", "exphuff"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 def test_as_accurate_as_torch(decoder, rng, dtype, codec, shape):
     """Every sparsity from none to all-zero, 1 to MAX_ROWS rows of x, a bias: the product's error
@@ -83,6 +89,21 @@ def test_expdict_escapes(decoder, rng, dtype):
     w, dense = _weight(rng, 40, 1030, dtype, 0.6, "expdict", index_bits=1)
     x = torch.randn(3, 1030).to(TORCH[dtype])
     assert _error(w(decoder, x), x, dense) <= 2 * _error(x @ dense.T, x, dense) + FLOOR
+
+
+@pytest.mark.parametrize("dtype", ["F16", "BF16", "F32"])
+@pytest.mark.parametrize("density", [1.0, 0.5, 0.03])
+def test_exphuff_gives_the_expdict_products_bits(decoder, rng, dtype, density):
+    """Both codecs rebuild each tile's values into the same buffer before the same product, so on
+    the same weights exphuff (dense without a bitmap, or sparse) gives exactly expdict's fp32
+    sums: one wrong value rebuilt anywhere would show. (Raw values are read in place, and near the
+    end of the tensor its groups take the scalar path: the same sums to rounding, not bit for bit.)"""
+    for shape in ((33, 5632), (103, 199), (5, 4097)):
+        bits = weight_bits(rng, shape[0] * shape[1], dtype, density)
+        x = torch.randn(5, shape[1]).to(TORCH[dtype])
+        want = _weight(rng, *shape, dtype, density, "expdict", bits=bits)[0](decoder, x, out_dtype=torch.float32)
+        w, _ = _weight(rng, *shape, dtype, density, "exphuff", bits=bits)
+        assert torch.equal(w(decoder, x, out_dtype=torch.float32), want), shape
 
 
 def test_reproducible_and_batch_invariant(rng):
@@ -116,29 +137,30 @@ def test_leading_dimensions_and_argument_checks(rng):
         FusedWeight(enc.bitmap, enc.values, enc.tile_offsets, (100,), torch.float16)
     with pytest.raises(ValueError, match="bitmap must be"):
         FusedWeight(enc.bitmap, enc.values, enc.tile_offsets, (10, 20), torch.float16)
-    with pytest.raises(ValueError, match="takes codec raw or expdict values, got list"):
+    with pytest.raises(ValueError, match="takes codec raw, expdict or exphuff values, got list"):
         FusedWeight(enc.bitmap, list(enc.values), enc.tile_offsets, (10, 10), torch.float16)
 
 
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
+@pytest.mark.parametrize("codec", ["raw", "expdict", "exphuff"])
 @pytest.mark.parametrize("threads", [1, 2])
 def test_inconsistent_input_is_decode_error(rng, codec, threads):
-    """The decoder's corrupted tensors (6 tiles, 103 x 199: rows start mid-word and tasks mid-tile):
-    every one is a DecodeError naming a tile, whichever rows each thread takes."""
-    cases = corrupt_cases(rng, 2) if codec == "raw" else expdict_corrupt_cases(rng, "F16")
-    x = torch.randn(2, 199).half()
+    """The decoder's corrupted tensors (6 tiles, 103 x 199: rows start mid-word and tasks mid-tile;
+    exphuff's dense ones 19 x 647): every one is a DecodeError naming a tile, whichever rows each
+    thread takes."""
+    cases = corrupt_cases(rng, 2) if codec == "raw" else expdict_corrupt_cases(rng, "F16") \
+        if codec == "expdict" else exphuff_corrupt_cases(rng, "F16")
     with CpuDecoder(threads) as d:
         for label, (t, _) in cases.items():
-            assert t.n == 103 * 199
+            shape = {103 * 199: (103, 199), 19 * 647: (19, 647)}[t.n]
             values = np.frombuffer(t.values, "<u2", count=t.nnz) if codec == "raw" else t.streams()
-            w = FusedWeight(t.bitmap, values, t.offsets, (103, 199), torch.float16, label)
+            w = FusedWeight(t.bitmap, values, t.offsets, shape, torch.float16, label)
             with pytest.raises(DecodeError, match=rf"{re.escape(label)}: tile \d+ .*disagrees"):
-                w(d, x)
+                w(d, torch.randn(2, shape[1]).half())
 
 
 @pytest.mark.skipif("fma" not in cpu_features(), reason="this CPU has no vector path to compare with")
 @pytest.mark.parametrize("dtype", ["F16", "BF16"])
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
+@pytest.mark.parametrize("codec", ["raw", "expdict", "exphuff"])
 def test_portable_path_adds_in_the_vector_paths_order(rng, dtype, codec):
     """The product of two fp16 (or bf16) numbers is exact in fp32, so an FMA rounds exactly as a
     multiply then an add: the portable and the vector path give the same bits iff they add in the

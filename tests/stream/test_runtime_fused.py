@@ -61,7 +61,7 @@ def _fused_counts(model):
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("codec", ["raw", "expdict"])
+@pytest.mark.parametrize("codec", ["raw", "expdict", "exphuff"])
 def test_same_tokens_close_logits(packed, refs, family, codec):
     path = packed(family, torch.float16, prune="magnitude", codec=codec)
     model = endor_gds.from_pretrained(path, device="cpu")
@@ -77,8 +77,10 @@ def test_same_tokens_close_logits(packed, refs, family, codec):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_other_dtypes(packed, refs, dtype):
-    path = packed("llama", dtype, prune="magnitude", codec="expdict")
+@pytest.mark.parametrize("prune, codec", [("magnitude", "expdict"), ("magnitude", "exphuff"), ("none", "exphuff")])
+def test_other_dtypes(packed, refs, dtype, prune, codec):
+    """prune="none" with exphuff: dense tensors (no bitmap) multiplied from their streams."""
+    path = packed("llama", dtype, prune=prune, codec=codec)
     model = endor_gds.from_pretrained(path, device="cpu")
     try:
         assert_close(model, refs(path), PROMPT)
@@ -189,18 +191,16 @@ def test_a_cpu_without_the_vector_path_decodes(packed, monkeypatch):
         model.endor.close()
 
 
-def test_dense_files_exphuff_and_resident_layers_are_not_fused(packed):
+def test_dense_files_and_resident_layers_are_not_fused(packed):
     unpruned = endor_gds.from_pretrained(packed("opt", torch.float16, prune="none", codec="raw"), device="cpu")
-    huff = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude", codec="exphuff"), device="cpu")
     resident = endor_gds.from_pretrained(packed("llama", torch.float16), device="cpu", max_memory="1GiB")
     try:
-        for model in (unpruned, huff):  # exphuff values are always decoded to dense first
-            assert model.endor.fused_product().startswith(
-                "off: no streamed linear weight is bitmap-encoded with a codec it reads (raw, expdict")
-            _logits(model, PROMPT)
-            assert _fused_counts(model) == [0]
+        assert unpruned.endor.fused_product() == ("off: no streamed linear weight is encoded with a codec it "
+                                                  "reads (raw, expdict, exphuff): the file stores them dense")
+        _logits(unpruned, PROMPT)
+        assert _fused_counts(unpruned) == [0]
         assert resident.endor.pipeline is None
         assert resident.endor.fused_product().startswith("off: no streamed linear weight")
     finally:
-        for model in (unpruned, huff, resident):
+        for model in (unpruned, resident):
             model.endor.close()
