@@ -6,14 +6,21 @@ thread that read it, as it arrives, and a segment's CRC is folded from its piece
 one lands (:class:`ChunkedCheck`): the CRC then runs in the shadow of the I/O instead of before
 the decode (it covers the bytes as they arrived
 from storage: a flip in the staging buffer's RAM between the read and the decode, milliseconds
-later, is not caught on that path). Elsewhere (KvikIO into device memory) the extent is checked
-on the decoder thread, after its read and before its decode. Either way no layer is decoded
-before every segment of it passed (hardware CRC-32C: 15-18 GB/s on one core of the 2-core
-development VMs, against ~1-3 GB/s of storage). The RAM tier and the resident tensors are
-checked once, when they are loaded. A failed check is read again from storage once (a transient
-fault on the way in heals); a second failure is a :class:`~endor_gds.errors.ChecksumError`
-naming the file, extent, tensor, segment and file offset, and saying whether the file changed
-on disk since it was opened.
+later, is not caught on that path). Where KvikIO reads an extent straight into device memory
+(gds, kvikio-compat), the GPU checks it where it lies (:mod:`endor_gds.decode.gpu_crc`): right
+after the read the CRC kernels run on a stream of their own, the decoder thread waits for their
+8-byte verdict (an event: the kernels are built to read at a good fraction of HBM bandwidth, by
+design ~1 ms or less for a 1 GB extent; bench/bench_crc_gpu.py measures it), the decode is
+ordered after them on the GPU, and no byte of the extent goes back to the host. Other extents
+are checked on the host, on the decoder thread. Either way no layer is decoded before every
+segment of it passed (hardware CRC-32C: 15-18 GB/s on one core of the 2-core development VMs,
+against ~1-3 GB/s of storage). The RAM tier and the resident tensors are checked once, when
+they are loaded (on the GPU too, where KvikIO read them into device memory). A failed check is
+read again from storage once (a transient fault on the way in heals); a second failure is a
+:class:`~endor_gds.errors.ChecksumError` naming the file, extent, tensor, segment and file
+offset, and saying whether the file changed on disk since it was opened. Where the check ran
+(host or GPU) only changes how the first bad segment is found (:func:`host_mismatch`,
+:func:`device_mismatch`), never what follows.
 """
 
 from __future__ import annotations
@@ -30,7 +37,30 @@ from endor_gds.decode.cpu import crc32c_combine
 from endor_gds.errors import ChecksumError
 from endor_gds.stream.plan import LayerPlan
 
-__all__ = ["ExtentCheck", "ChunkedCheck"]
+__all__ = ["Mismatch", "host_mismatch", "device_mismatch", "ExtentCheck", "ChunkedCheck"]
+
+# The first segment of an extent that fails its CRC-32C: (tensor, kind, offset in the extent,
+# length, stored CRC, computed CRC).
+Mismatch = tuple[str, str, int, int, int, int]
+
+
+def host_mismatch(plan: LayerPlan, host: np.ndarray) -> Mismatch | None:
+    """The first bad segment of ``plan``'s extent staged in host memory ``host`` (None: all pass)."""
+    for tensor, kind, off, length, crc in plan.segment_crcs:
+        got = _crc32c.crc32c(host[off:off + length])
+        if got != crc:
+            return tensor, kind, off, length, crc, got
+    return None
+
+
+def device_mismatch(plan: LayerPlan, result: tuple[int, int] | None) -> Mismatch | None:
+    """The first bad segment from the GPU check's result over ``plan.segment_crcs``, in that
+    order (:meth:`endor_gds.decode.gpu_crc.GpuCrc.result`: its index and computed CRC, or None)."""
+    if result is None:
+        return None
+    index, computed = result
+    tensor, kind, off, length, stored = plan.segment_crcs[index]
+    return tensor, kind, off, length, stored, computed
 
 
 class ExtentCheck:
@@ -42,33 +72,26 @@ class ExtentCheck:
         self.extents_checked = 0  # statistics: how many extents passed, how many were read twice
         self.rereads = 0
 
-    def first_mismatch(self, plan: LayerPlan, host: np.ndarray) -> tuple | None:
-        """``(tensor, kind, offset in extent, length, stored, computed)`` of the first bad segment."""
-        for tensor, kind, off, length, crc in plan.segment_crcs:
-            got = _crc32c.crc32c(host[off:off + length])
-            if got != crc:
-                return tensor, kind, off, length, crc, got
-        return None
-
     def for_read(self, plan: LayerPlan, host: np.ndarray) -> "ChunkedCheck":
         """A check of ``plan``'s extent that runs while it is read into ``host`` (pass its
         ``on_chunk`` to the reader, then the object to :meth:`check` as ``early``)."""
         return ChunkedCheck(plan, host)
 
-    def check(self, plan: LayerPlan, host: Callable[[], np.ndarray], reread: Callable[[], None],
+    def check(self, plan: LayerPlan, find: Callable[[], Mismatch | None], reread: Callable[[], None],
               early: "ChunkedCheck | None" = None) -> None:
-        """Check ``plan``'s extent as staged (``host()`` gives its bytes in host memory); on a
-        mismatch read it again from storage (``reread()``) and check once more. ``early``: the
-        check already made as the extent was read; when every segment passed there, done."""
+        """Check ``plan``'s extent as staged: ``find()`` checks it where it lies (host or GPU) and
+        returns its first bad segment; on a mismatch read it again from storage (``reread()``) and
+        check once more. ``early``: the check already made as the extent was read; when every
+        segment passed there, done."""
         if early is not None and early.passed():
             self.extents_checked += 1
             return
-        if early is None and self.first_mismatch(plan, host()) is None:
+        if early is None and find() is None:
             self.extents_checked += 1
             return
         self.rereads += 1
         reread()
-        bad = self.first_mismatch(plan, host())
+        bad = find()
         if bad is None:
             self.extents_checked += 1
             return
@@ -113,7 +136,9 @@ class ChunkedCheck:
         self._segs = plan.segment_crcs
         self._starts = [seg[2] for seg in self._segs]
         self._have = [0] * len(self._segs)
-        self._parts: list[list[tuple[int, int, int]]] = [[] for _ in self._segs]  # (start, crc, length)
+        # per segment still arriving: its pieces' (start, crc, length); dropped once folded, so
+        # a finished check holds nothing per piece (the pipeline keeps it until the job's reuse)
+        self._parts: dict[int, list[tuple[int, int, int]]] = {}
         self._left = sum(1 for seg in self._segs if seg[3] > 0)
         self._bad = any(seg[3] == 0 and seg[4] != 0 for seg in self._segs)  # empty: CRC 0
         self._lock = threading.Lock()
@@ -130,10 +155,10 @@ class ChunkedCheck:
         whole = []
         with self._lock:
             for i, a, crc, length in shares:
-                self._parts[i].append((a, crc, length))
+                self._parts.setdefault(i, []).append((a, crc, length))
                 self._have[i] += length
                 if self._have[i] == self._segs[i][3]:
-                    whole.append((i, self._parts[i]))
+                    whole.append((i, self._parts.pop(i)))
         for i, parts in whole:
             parts.sort()
             crc = parts[0][1]
