@@ -7,6 +7,8 @@
 #   tests   every GPU test (pytest -m gpu): decode kernel vs the numpy reference, KvikIO reader,
 #           streaming runtime on cuda vs the in-memory model, budgets, corrupted extents
 #   decode  bench_decode.py: kernel GB/s vs a device-to-device copy, CPU decoder vs storage
+#   crc     bench_crc_gpu.py: the GPU check (CRC-32C of a staged extent, one Llama-70B layer ~1 GB,
+#           aligned and odd segment offsets) GB/s vs a device-to-device copy of the same bytes
 #   io      profile-io in kvikio and posix-direct modes, cold cache
 #   e2e     bench_e2e.py on cuda, both tiers: Accelerate vs endor_gds dense vs 50 %-pruned (v1, v2),
 #           and the unpruned model in format v3 (exphuff) vs v1 dense; then a tiny mixture of
@@ -17,9 +19,9 @@
 #
 # The TinyLlama checkpoint e2e needs is built and packed in the background while the tests run.
 # Narrower or other runs: DECODE_ARGS (bench_decode shapes/sparsity), DECODE_COMPARE (a kernel
-# file to time beside this one), E2E_DTYPE, E2E_ARGS.
+# file to time beside this one), CRC_ARGS (bench_crc_gpu), E2E_DTYPE, E2E_ARGS.
 # Sections do not stop each other: each one's exit status and seconds go to $OUT/summary.txt,
-# all output to $OUT/gpu_check.log, figures to $OUT/{decode,io-profile,e2e}.json (+ PNGs).
+# all output to $OUT/gpu_check.log, figures to $OUT/{decode,crc,io-profile,e2e}.json (+ PNGs).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -32,7 +34,7 @@ export PYTHONUNBUFFERED=1
 export PYTHONPATH="$PWD:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 mkdir -p "$OUT" "$SCRATCH"
 LOG="$OUT/gpu_check.log"
-SECTIONS=${*:-setup tests decode io e2e}
+SECTIONS=${*:-setup tests decode crc io e2e}
 
 # run NAME LIMIT_S CMD...: one step, its output in the log, its status in the summary
 run() {
@@ -91,6 +93,11 @@ if has decode; then
     run decode 180 bash -c "$PY bench/bench_decode.py --json --repeats 5 --warmup 1 --storage-bytes 1GiB \
         --dtype BF16 --codecs raw,expdict,exphuff ${DECODE_ARGS:---sparsity 0,0.5} --storage-dir $SCRATCH \
         ${DECODE_COMPARE:+--compare-source $DECODE_COMPARE} >$OUT/decode.json"
+fi
+
+if has crc; then
+    # CRC_ARGS: other extents, e.g. --segment-bytes 4KiB,1MiB,64MiB --nbytes 512MiB
+    run crc 60 bash -c "$PY bench/bench_crc_gpu.py --json --repeats 9 --warmup 2 ${CRC_ARGS:-} >$OUT/crc.json"
 fi
 
 if has io; then

@@ -44,6 +44,7 @@ __all__ = [
     "NVRTC_OPTIONS",
     "nvcc_options",
     "kernel_source",
+    "kernel_for",
     "ELEM_BYTES",
     "elem_bytes",
     "THREADS",
@@ -164,9 +165,9 @@ def nvcc_options(options: Sequence[str] = NVRTC_OPTIONS) -> list[str]:
     return out
 
 
-def kernel_source() -> str:
-    """The text of ``cuda/endor_decode.cu`` as shipped (repository or installed wheel)."""
-    return (data_dir("cuda") / KERNEL_FILE).read_text(encoding="utf-8")
+def kernel_source(file: str = KERNEL_FILE) -> str:
+    """The text of ``cuda/<file>`` as shipped (repository or installed wheel); by default the decoder's."""
+    return (data_dir("cuda") / file).read_text(encoding="utf-8")
 
 
 def elem_bytes(dtype) -> int:
@@ -567,7 +568,7 @@ def _cupy():
         import cupy  # noqa: PLC0415 - GPU library, loaded on first use only
     except Exception as exc:  # ImportError, or a CUDA library error raised while importing
         raise MissingDependencyError(
-            f"the GPU decoder needs CuPy and a CUDA driver ({type(exc).__name__}: {exc}); install "
+            f"the GPU decoder and checks need CuPy and a CUDA driver ({type(exc).__name__}: {exc}); install "
             f"it with: pip install 'endor_gds[gpu]' (cupy-cuda13x)"
         ) from exc
     return cupy
@@ -588,22 +589,26 @@ def gpu_available() -> tuple[bool, str]:
     return True, name.decode() if isinstance(name, bytes) else str(name)
 
 
-_kernels: dict[tuple[int, str | None], Any] = {}
+_modules: dict[tuple[int, str, str | None], Any] = {}  # one RawModule per file: its kernels share it
+_kernels: dict[tuple[int, str, str | None, str], Any] = {}
 _kernels_lock = threading.Lock()
 
 
-def _kernel_for(device: int, source: str | None = None):
-    """The compiled kernel for ``device`` (from ``source`` text instead of cuda/ when given): NVRTC
-    once per device and source in a process (CuPy also keeps an on-disk cache), then reused."""
+def kernel_for(device: int, name: str = KERNEL_NAME, file: str = KERNEL_FILE, source: str | None = None):
+    """Kernel ``name`` of ``cuda/<file>`` (of ``source`` text instead, when given) for ``device``,
+    built with ``NVRTC_OPTIONS``: NVRTC once per device and source in a process (CuPy also keeps
+    an on-disk cache), then reused. The one place kernels are loaded (the decoder, the GPU check)."""
     with _kernels_lock:
-        fn = _kernels.get((device, source))
+        fn = _kernels.get((device, file, source, name))
         if fn is None:
             cp = _cupy()
             with cp.cuda.Device(device):
-                module = cp.RawModule(code=kernel_source() if source is None else source,
-                                      options=NVRTC_OPTIONS)
-                fn = module.get_function(KERNEL_NAME)
-            _kernels[(device, source)] = fn
+                module = _modules.get((device, file, source))
+                if module is None:
+                    module = _modules[(device, file, source)] = cp.RawModule(
+                        code=kernel_source(file) if source is None else source, options=NVRTC_OPTIONS)
+                fn = module.get_function(name)
+            _kernels[(device, file, source, name)] = fn
         return fn
 
 
@@ -661,7 +666,7 @@ class GpuDecoder:
         self.source = source
         self._cp = _cupy()
         self.device = int(device)
-        self._kernel = _kernel_for(self.device, source)
+        self._kernel = kernel_for(self.device, source=source)
         self._streams: dict[int, Any] = {}  # handle -> cupy ExternalStream wrapper (no allocation)
 
     def __repr__(self) -> str:

@@ -7,6 +7,10 @@ built; nothing is allocated per token.
 
 ``tier="ram"``: the streamed extents are read once into one host buffer (pinned on a GPU host),
 and a layer's "read" is then a view of it (CPU) or a host-to-device copy of it (GPU).
+
+Checked reads (:mod:`endor_gds.stream.integrity`): ``first_mismatch(plan, s)`` checks a staged
+extent where it lies, in host memory by default; :class:`CudaBackend` checks what KvikIO read into
+device memory on the GPU (:mod:`endor_gds.decode.gpu_crc`), on a stream of its own.
 """
 
 from __future__ import annotations
@@ -24,10 +28,10 @@ from endor_gds.decode.fused import FusedWeight
 from endor_gds.errors import DecodeError
 from endor_gds.read.buffers import aligned_empty, host_buffer
 from endor_gds.read.readers import Reader
-from endor_gds.stream.integrity import ExtentCheck
+from endor_gds.stream.integrity import ExtentCheck, Mismatch, device_mismatch, host_mismatch
 from endor_gds.stream.plan import LayerPlan, staging_views
 
-__all__ = ["Backend", "CpuBackend", "CudaBackend", "RamImage"]
+__all__ = ["Backend", "CpuBackend", "CudaBackend", "RamImage", "crc_segments"]
 
 
 class Backend(ABC):
@@ -49,7 +53,12 @@ class Backend(ABC):
 
     @abstractmethod
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
-        """Decoder thread: host bytes of the staged extent (its checksums are checked there)."""
+        """Decoder thread: host bytes of the staged extent (the host check reads them)."""
+
+    def first_mismatch(self, plan: LayerPlan, s: int) -> Mismatch | None:
+        """Decoder thread: check set ``s``'s staged extent where it lies; its first segment that
+        fails its CRC-32C, or None (here: on the host, over ``staging_view``)."""
+        return host_mismatch(plan, self.staging_view(plan, s))
 
     ram: RamImage | None = None  # the RAM tier, when the streamed extents are held in host memory
     # per layer, the weights the forward may multiply fused (fused_weights); none unless a backend
@@ -57,8 +66,8 @@ class Backend(ABC):
     fused: Mapping[int, frozenset[str]] = MappingProxyType({})
 
     def reread(self, plan: LayerPlan, s: int) -> None:
-        """Decoder thread: read the extent again from storage, where ``staging_view`` sees it
-        (its checksum failed: a transient fault on the way in heals this way)."""
+        """Decoder thread: read the extent again from storage into set ``s`` (its checksum
+        failed: a transient fault on the way in heals this way)."""
         if self.ram is not None:
             self.ram.reload(plan)
         else:
@@ -124,7 +133,7 @@ class RamImage:
             f.get()
         if check is not None:  # once, here: the RAM tier is never read from storage again
             for p in plans:
-                check.check(p, lambda p=p: self.view(p), lambda p=p: self.reload(p))
+                check.check(p, lambda p=p: host_mismatch(p, self.view(p)), lambda p=p: self.reload(p))
 
     def reload(self, plan: LayerPlan) -> None:
         """Read one extent again from storage into its place in the image."""
@@ -245,7 +254,8 @@ class CpuBackend(Backend):
         staging = aligned_empty(plan.length)
         reader.read((plan.offset, plan.length), staging)
         if self.check is not None:
-            self.check.check(plan, lambda: staging, lambda: reader.read((plan.offset, plan.length), staging))
+            self.check.check(plan, lambda: host_mismatch(plan, staging),
+                             lambda: reader.read((plan.offset, plan.length), staging))
         arena = aligned_empty(plan.arena_bytes) if plan.arena_bytes else None
         if plan.needs_decode:
             self.decoder.decode(*self._decode_items(staging, arena, plan))
@@ -263,6 +273,15 @@ def _kept(views: dict, plan: LayerPlan) -> tuple[dict[str, torch.Tensor], int]:
         if slot.arena_offset is None:
             views[slot.rel] = views[slot.rel].clone()
     return views, plan.arena_bytes + sum(s.entry.dense_nbytes for s in plan.slots if s.arena_offset is None)
+
+
+def crc_segments(plan: LayerPlan, base: int) -> list:
+    """The GPU check's view of ``plan``'s extent staged at device address ``base``: a
+    :class:`~endor_gds.decode.gpu_crc.GpuSegment` per ``plan.segment_crcs`` entry, in that order
+    (the order :func:`~endor_gds.stream.integrity.device_mismatch` reads the result in)."""
+    from endor_gds.decode.gpu_crc import GpuSegment  # noqa: PLC0415 - CuPy-free, but only GPU hosts need it
+
+    return [GpuSegment(base + off, length, crc) for _, _, off, length, crc in plan.segment_crcs]
 
 
 def _gpu_item(slot, base: int, out: int, label: str):
@@ -290,6 +309,8 @@ def _gpu_item(slot, base: int, out: int, label: str):
 class CudaBackend(Backend):
     """GPU memory: KvikIO reads straight into device staging, or host reads + async copies; the
     decode kernel runs on its own stream and the compute stream waits on an event, never the host.
+    What KvikIO read into device staging is checked there, by the GPU check's kernels on a stream
+    of their own (the decode waits on their event); host staging is checked on the host.
     """
 
     def __init__(self, plans: list[LayerPlan], depth: int, device: torch.device,
@@ -313,6 +334,14 @@ class CudaBackend(Backend):
         self._views: dict[tuple[int, int], dict] = {}
         self._tables: dict[tuple[int, int], object] = {}
         self._copies: dict[tuple[int, int], tuple] = {}  # (host source, device staging) tensors
+        # The GPU check of device staging: its own stream, so it starts as soon as KvikIO's read
+        # returns (the read is synchronous: the bytes are in device memory), behind no compute and
+        # no decode; set s's next decode waits on _checked[s]. The checker and its tables (one per
+        # layer and set, like the decode tables) are built at the first check.
+        self._check_stream = torch.cuda.Stream(device=device) if check is not None else None
+        self._checked = [torch.cuda.Event() for _ in range(depth)]
+        self._crc = None
+        self._crc_tables: dict[tuple[int, int], object] = {}
         # Decode errors are read after the fact, never by a host sync per layer: such a sync
         # holds the forward thread until the GPU has copied and decoded the layer, so the host
         # cannot queue compute ahead of the copies. A layer's forward uses its weights before
@@ -323,15 +352,41 @@ class CudaBackend(Backend):
         self._error: DecodeError | None = None  # first error read, raised by check_decodes
 
     def _memos(self) -> tuple[dict, ...]:
-        return self._views, self._tables, self._copies
+        return self._views, self._tables, self._copies, self._crc_tables
 
     def _host_source(self, plan: LayerPlan, s: int):
         return self.ram.view(plan) if self.ram is not None else self._host_staging[s][: plan.length]
 
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:
-        if self.direct_to_device:
+        if self.direct_to_device:  # a copy, for tools and tests: the checks never ask for it
             return self._dev_staging[s][: plan.length].cpu().numpy()
         return np.asarray(self._host_source(plan, s))
+
+    def first_mismatch(self, plan: LayerPlan, s: int) -> Mismatch | None:
+        if not self.direct_to_device:
+            return super().first_mismatch(plan, s)
+        key = (plan.index, s)
+        table = self._crc_tables.get(key)
+        if table is None:
+            table = self._crc_tables[key] = self._crc_checker().make_table(
+                crc_segments(plan, self._dev_staging[s].data_ptr()))
+        return self._device_mismatch(plan, table, self._checked[s])
+
+    def _crc_checker(self):
+        if self._crc is None:
+            from endor_gds.decode.gpu_crc import GpuCrc  # noqa: PLC0415 - needs cupy; loaded on GPU hosts only
+
+            self._crc = GpuCrc(self.device.index or 0)
+        return self._crc
+
+    def _device_mismatch(self, plan: LayerPlan, table, checked=None) -> Mismatch | None:
+        """The GPU check of ``table``'s staging, launched on the check stream, waited for here (the
+        decoder or loader thread, never the forward thread); ``checked`` is recorded after it."""
+        crc = self._crc_checker()
+        crc.launch(table, self._check_stream)
+        if checked is not None:
+            checked.record(self._check_stream)
+        return device_mismatch(plan, crc.result(table))
 
     def chunked_reads(self) -> bool:
         return self.ram is None and not self.direct_to_device and self.reader.chunked
@@ -362,6 +417,8 @@ class CudaBackend(Backend):
                 table = self._tables[key] = self._table(plan, s, self._dev_staging[s], self._arena[s])
         with torch.cuda.stream(self.stream):
             self.stream.wait_event(self._free[s])  # the set's previous layer has been computed
+            if self.direct_to_device and self._check_stream is not None:  # and passed the GPU check
+                self.stream.wait_event(self._checked[s])
             if not self.direct_to_device:
                 pair = self._copies.get(key)
                 if pair is None:  # built once per (layer, set), like the tables and views
@@ -424,8 +481,18 @@ class CudaBackend(Backend):
             def read():
                 reader.read((plan.offset, plan.length), host)
         read()
-        if self.check is not None:  # once, at load (a GPU-side check of device staging: not yet)
-            self.check.check(plan, lambda: host if host is not None else staging.cpu().numpy(), read)
+        if self.check is not None:  # once, at load: where the bytes are (device staging on the GPU)
+            if host is None:
+                crc_table = self._crc_checker().make_table(crc_segments(plan, staging.data_ptr()))
+
+                def find():
+                    return self._device_mismatch(plan, crc_table)
+            else:
+                def find():
+                    return host_mismatch(plan, host)
+            self.check.check(plan, find, read)
+            if host is None:  # the decode below runs after the check on the GPU too
+                torch.cuda.current_stream(self.device).wait_stream(self._check_stream)
         if host is not None:
             staging.copy_(torch.from_numpy(host))
         arena = torch.empty(plan.arena_bytes, dtype=torch.uint8, device=self.device) \

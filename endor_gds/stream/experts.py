@@ -100,7 +100,7 @@ class ExpertCache:
         plan = self.plans[key]
         self.backend.read(plan, slot)
         if self.check is not None:
-            self.check.check(plan, lambda: self.backend.staging_view(plan, slot),
+            self.check.check(plan, lambda: self.backend.first_mismatch(plan, slot),
                              lambda: self.backend.reread(plan, slot))
         self.backend.decode(plan, slot)
         return time.perf_counter() - t0

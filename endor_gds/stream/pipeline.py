@@ -100,7 +100,7 @@ class Pipeline:
         job.read.result()  # re-raises a read error in this job
         t0 = time.perf_counter()
         if self.check is not None:  # done as the pieces arrived where the reader reports them
-            self.check.check(job.plan, lambda: self.backend.staging_view(job.plan, job.set),
+            self.check.check(job.plan, lambda: self.backend.first_mismatch(job.plan, job.set),
                              lambda: self.backend.reread(job.plan, job.set), early=job.early)
         # on a GPU this also moves a host-read extent over
         job.dense = self.backend.decode(job.plan, job.set, dense=self._want_dense)

@@ -612,7 +612,9 @@ class StreamingRuntime:
         """How the bytes the model computes with are checked (printed by ``run`` and ``bench``)."""
         if self.check is None:
             return "off (verify_reads=False): reads are not checked"
-        return ("every byte against its CRC-32C: the streamed layers "
+        direct = self.device.type == "cuda" and self.mode in ("gds", "kvikio-compat") and self.tier == "ssd"
+        where = " (on the GPU, where KvikIO read it)" if direct else ""
+        return ("every byte against its CRC-32C" + where + ": the streamed layers "
                 + ("once, as they are loaded into RAM" if self.tier == "ram" else "as each is read, before decode")
                 + f", the resident tensors (embeddings, final norm, lm_head) once at load; "
                   f"{self.check.rereads} layer(s) read again after a failed check")

@@ -17,13 +17,15 @@ from nvcc_tools import CUDA_DIR, REPO, STRICT, nvrtc_compile, require_nvcc, requ
 
 from endor_gds._resources import data_dir
 from endor_gds.decode import gpu as kernels
+from endor_gds.decode import gpu_crc
 
 SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 ARCHS = ("sm_80", "sm_90")  # A100, H100/H200
 
 
-def test_the_decode_kernel_is_among_the_sources():
-    assert kernels.KERNEL_FILE in [p.name for p in SOURCES]
+def test_every_kernel_is_among_the_sources():
+    """The decoder and the GPU check: both compiled by every test below."""
+    assert {kernels.KERNEL_FILE, gpu_crc.KERNEL_FILE} <= {p.name for p in SOURCES}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -85,6 +87,29 @@ def test_decode_kernel_keeps_its_memory_access_pattern(tmp_path):
     assert "atom.global.min.u64" in text
 
 
+def test_crc_kernel_keeps_its_memory_access_pattern(tmp_path):
+    """The check's design in the PTX: coalesced read-once word loads, its 16 KB of bank-private
+    tables, the accumulators' XOR reductions, the verdict's warp butterfly and error word; and in
+    ptxas' report, no more than 32 registers (8 blocks of 256 threads per SM)."""
+    nvcc = require_nvcc()
+    ptx = tmp_path / "crc.ptx"
+    src = CUDA_DIR / gpu_crc.KERNEL_FILE
+    res = run_nvcc(nvcc, ["-arch=sm_90", "-ptx", "-o", str(ptx), str(src)])
+    assert res.returncode == 0, res.stderr
+    text = ptx.read_text()
+    for name in (gpu_crc.PIECES_KERNEL, gpu_crc.VERDICT_KERNEL):
+        assert f".entry {name}(" in text  # extern "C": the names gpu_crc.py looks up
+    assert "ld.global.nc.L1::no_allocate.u32" in text
+    assert re.search(r"\.shared \.align \d+ \.b8 \S+\[16384\]", text)
+    assert re.search(r"(atom|red)\.global\.xor\.b32", text)
+    assert "shfl.sync.bfly.b32" in text and "atom.global.min.u64" in text
+    res = run_nvcc(nvcc, ["-arch=sm_90", "-cubin", "--resource-usage", "-o", str(tmp_path / "crc.cubin"), str(src)])
+    pieces = res.stdout + res.stderr
+    pieces = pieces[pieces.index(f"Compiling entry function '{gpu_crc.PIECES_KERNEL}'"):]
+    used = re.search(r"Used (\d+) registers, used 1 barriers, 16384 bytes smem", pieces)
+    assert used and int(used.group(1)) <= 32, pieces
+
+
 def test_nvcc_spelling_of_every_nvrtc_option():
     opts = kernels.nvcc_options()
     assert len(opts) == len(kernels.NVRTC_OPTIONS)
@@ -94,8 +119,9 @@ def test_nvcc_spelling_of_every_nvrtc_option():
 
 
 def test_kernel_source_is_found_where_the_package_looks():
-    assert data_dir("cuda").joinpath(kernels.KERNEL_FILE).is_file()
-    assert 'extern "C" __global__' in kernels.kernel_source()
+    for file in (kernels.KERNEL_FILE, gpu_crc.KERNEL_FILE):
+        assert data_dir("cuda").joinpath(file).is_file()
+        assert 'extern "C" __global__' in kernels.kernel_source(file)
 
 
 @pytest.mark.slow

@@ -3,7 +3,7 @@
 tests/support/endor_decode_emulate.cu includes cuda/endor_decode.cu and runs its per-thread functions for
 every thread of every block in the kernel's phase order; the harness allocates every buffer the
 kernel touches on its own, with guard pages and canaries, and the same inputs also run under
-valgrind; it is built with the undefined-behaviour sanitizer (UBSAN below). Descriptors are built
+valgrind; it is built with the undefined-behaviour sanitizer (nvcc_tools.UBSAN). Descriptors are built
 by endor_gds.decode.gpu.pack_descriptors, as on a GPU. Raw values (format v1), the expdict codec
 (format v2) and the exphuff codec (format v3, dense and sparse) are covered, alone and mixed in one
 launch.
@@ -33,29 +33,19 @@ from exphuff_cases import (
     exphuff_corrupt_cases,
     make_exphuff_tensor,
 )
-from nvcc_tools import REPO, STRICT, require_nvcc, run_nvcc
+from nvcc_tools import REPO, build_emulator, require_nvcc
 
 from endor_gds.codec.bitmap import TILE_ELEMS
 from endor_gds.decode import gpu as kernels
 from endor_gds.errors import DecodeError
 
 NO_ERROR = kernels.NO_ERROR
-# The undefined-behaviour sanitizer, fatal on the first report. What x86 forgives and a GPU does
-# not: a misaligned access works on the CPU and faults on the GPU ("misaligned address"), and a
-# shift by >= 32 bits is taken mod 32 by x86 but clamped by PTX, so the emulation and the kernel
-# would disagree. The sanitizer makes both a test failure here.
-UBSAN = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
 
 
 @pytest.fixture(scope="session")
 def harness(tmp_path_factory):
-    nvcc = require_nvcc()
     exe = tmp_path_factory.mktemp("emulate") / "endor_decode_emulate"
-    src = REPO / "tests" / "support" / "endor_decode_emulate.cu"
-    res = run_nvcc(nvcc, ["-DENDOR_EMULATE", "-O2", "-g", "-arch=sm_80", *STRICT, "-Xcompiler",
-                          "-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-fno-strict-aliasing,"
-                          + ",".join(UBSAN), "-lubsan", "-o", str(exe), str(src)])
-    assert res.returncode == 0, f"building the emulation harness failed:\n{res.stderr}"
+    build_emulator(require_nvcc(), REPO / "tests" / "support" / "endor_decode_emulate.cu", exe)
     return exe
 
 

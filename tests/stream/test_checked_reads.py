@@ -2,9 +2,10 @@
 
 The sweep flips single bits all over a packed file — header page, manifest, and every segment
 of every extent the model reads — one position at a time, and requires every load + generate to
-end in an EndorError: never in tokens computed from damaged bytes. Tiers ssd and ram and prefetch
-depths 1 and 2 take turns over the positions (2000 per codec; ENDOR_BITFLIP_POSITIONS=N for a longer
-campaign; on a GPU, 24 per codec).
+end in an EndorError: never in tokens computed from damaged bytes, and a flip inside a segment in
+a ChecksumError (the check comes before any decode). Tiers ssd and ram and prefetch depths 1 and 2
+take turns over the positions (2000 per codec; ENDOR_BITFLIP_POSITIONS=N for a longer campaign; on
+a GPU, 24 per codec, and 10 more with KvikIO reading into device memory, checked by the GPU).
 """
 
 from __future__ import annotations
@@ -87,11 +88,25 @@ def test_single_bit_flips_anywhere_are_named_errors_on_cuda(packed, tmp_path, co
     _flip_sweep(packed, tmp_path, codec, "cuda", int(os.environ.get("ENDOR_GPU_BITFLIP_POSITIONS", "24")))
 
 
-def _flip_sweep(packed, tmp_path, codec: str, device: str, positions: int) -> None:
+@pytest.mark.gpu
+@pytest.mark.parametrize("codec", sorted(CODEC_KINDS))
+def test_single_bit_flips_in_kvikio_staging_are_named_errors(packed, tmp_path, codec):
+    """The sweep with KvikIO reading straight into device memory (gds, or its compat mode where
+    the host has no GDS), tier ssd: every streamed and resident extent is checked by the GPU
+    check's kernels (10 positions, ENDOR_GPU_BITFLIP_POSITIONS / 3 + 2: every kind once, within
+    bench/gpu_check.sh's few minutes beside the sweep above)."""
+    positions = int(os.environ.get("ENDOR_GPU_BITFLIP_POSITIONS", "24")) // 3 + 2
+    _flip_sweep(packed, tmp_path, codec, "cuda", positions, combos=[("ssd", 1), ("ssd", 2)], io="kvikio")
+
+
+def _flip_sweep(packed, tmp_path, codec: str, device: str, positions: int, combos=COMBOS, **kw) -> None:
+    """Flip bits all over the file, one position at a time; every load + generate must fail with
+    an EndorError, and a flip inside a segment with a ChecksumError (the check runs before any
+    decode). ``kw``: more from_pretrained options (``io``)."""
     src = packed("llama", torch.float16, prune="magnitude", codec=codec)
     path = tmp_path / "flipped.endor"
     shutil.copyfile(src, path)
-    clean = _generate(path, device=device)
+    clean = _generate(path, device=device, **kw)
     regions = _regions(path)
     kinds = sorted({k for k, _, _ in regions})
     assert {"header", "manifest", "data"} | CODEC_KINDS[codec] <= set(kinds)
@@ -102,18 +117,20 @@ def _flip_sweep(packed, tmp_path, codec: str, device: str, positions: int) -> No
         of_kind = [r for r in regions if r[0] == kind]
         _, start, end = of_kind[rng.integers(len(of_kind))]
         pos, bit = int(rng.integers(start, end)), int(rng.integers(8))
-        tier, depth = COMBOS[i % len(COMBOS)]
+        tier, depth = combos[i % len(combos)]
         _flip(path, pos, bit)
         try:
-            out = _generate(path, tier, depth, device)
+            out = _generate(path, tier, depth, device, **kw)
             escaped.append((kind, pos, bit, tier, depth, torch.equal(out, clean)))
-        except EndorError:
+        except EndorError as exc:
+            if kind not in ("header", "manifest") and not isinstance(exc, ChecksumError):
+                escaped.append((kind, pos, bit, tier, depth, f"{type(exc).__name__}, not a ChecksumError"))
             seen.add(kind)
         finally:
             _flip(path, pos, bit)  # restored: the next position starts from the good file
     assert escaped == [], f"{len(escaped)} flips ran without an error: {escaped[:10]}"
     assert seen == set(kinds)
-    assert torch.equal(_generate(path, device=device), clean)
+    assert torch.equal(_generate(path, device=device, **kw), clean)
 
 
 def test_a_transient_fault_heals_and_is_counted(packed, monkeypatch):
@@ -243,9 +260,8 @@ def test_streamed_extents_are_checked_as_they_arrive(packed, monkeypatch):
     """With the posix reader the decoder thread checks nothing itself: every extent passed as its
     pieces arrived on the reader's threads."""
     calls = []
-    real = ExtentCheck.first_mismatch
-    monkeypatch.setattr(ExtentCheck, "first_mismatch",
-                        lambda self, plan, host: calls.append(plan) or real(self, plan, host))
+    real = backends.host_mismatch
+    monkeypatch.setattr(backends, "host_mismatch", lambda plan, host: calls.append(plan) or real(plan, host))
     model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude"), device="cpu")
     try:
         with torch.no_grad():
@@ -256,3 +272,83 @@ def test_streamed_extents_are_checked_as_they_arrive(packed, monkeypatch):
         assert streamed == [], f"{len(streamed)} streamed extents were checked on the decoder thread"
     finally:
         model.endor.close()
+
+
+def test_a_gpu_result_is_named_as_the_host_check_names_it(packed):
+    """The GPU check answers with a segment's index and computed CRC; over plan.segment_crcs that
+    is the host check's tuple, and ExtentCheck raises the same message from either: one re-read,
+    then file, extent, segment, file offset, length, both CRCs and what changed on disk."""
+    path = packed("llama", torch.float16, prune="magnitude", codec="raw")
+    with endor_gds.open(path) as f:
+        ext = f.layers[2]
+        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
+        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+        check = ExtentCheck(str(path), f.opened_stat)
+    i = len(plan.segment_crcs) // 2
+    tensor, kind, off, length, stored = plan.segment_crcs[i]
+    host[off + length - 1] ^= 0x80
+    bad = integrity.host_mismatch(plan, host)
+    assert bad == integrity.device_mismatch(plan, (i, bad[5])) and bad[:5] == plan.segment_crcs[i]
+    assert integrity.device_mismatch(plan, None) is None
+    finds = []
+    with pytest.raises(ChecksumError, match=rf"extent layer.2, segment {tensor}:{kind} \(file offset "
+                                            rf"{ext.offset + off}, {length} bytes\) fails its CRC-32C, also "
+                                            rf"when read again from storage: stored 0x{stored:08x}, computed "
+                                            rf"0x{bad[5]:08x}\. The file is unchanged") as err:
+        check.check(plan, lambda: finds.append(1) or integrity.device_mismatch(plan, (i, bad[5])),
+                    lambda: finds.append("reread"))
+    assert err.value.segment == f"{tensor}:{kind}" and finds == [1, "reread", 1] and check.rereads == 1
+    results = iter([(i, bad[5]), None])  # bad, then good after the read from storage
+    check.check(plan, lambda: integrity.device_mismatch(plan, next(results)), lambda: None)
+    assert check.rereads == 2 and check.extents_checked == 1
+
+
+@pytest.mark.gpu
+def test_kvikio_staging_is_checked_on_the_gpu_without_a_copy_to_the_host(packed, monkeypatch):
+    """With KvikIO into device memory, every extent (streamed and resident) is checked by the GPU
+    check: none is copied back (staging_view), none is checked on the host, and checks ran."""
+    from endor_gds.decode import gpu_crc  # noqa: PLC0415
+
+    host_checked, launches = [], []
+    real_launch = gpu_crc.GpuCrc.launch
+    monkeypatch.setattr(gpu_crc.GpuCrc, "launch", lambda self, t, s: launches.append(t) or real_launch(self, t, s))
+    monkeypatch.setattr(backends, "host_mismatch", lambda plan, host: host_checked.append(plan.extent))
+    monkeypatch.setattr(backends.CudaBackend, "staging_view",
+                        lambda *a: pytest.fail("device staging was copied to the host"))
+    model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude"), device="cuda",
+                                      io="kvikio", prefetch_depth=2)
+    try:
+        assert model.endor.backend.direct_to_device
+        with torch.no_grad():
+            model.generate(PROMPT.cuda(), max_new_tokens=2, do_sample=False, pad_token_id=0)
+        check = model.endor.check
+        assert check.extents_checked > 0 and check.rereads == 0
+        assert len(launches) >= check.extents_checked and host_checked == []
+    finally:
+        model.endor.close()
+
+
+@pytest.mark.gpu
+def test_a_transient_fault_in_device_staging_heals(packed, monkeypatch):
+    """A byte of device staging damaged after KvikIO's read of a layer: the GPU check fails it,
+    the extent is read again from storage, passes, and the tokens are the clean ones."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    clean = _generate(path, device="cuda", io="kvikio")
+    real, state = backends.CudaBackend.read, {"damaged": 0}
+
+    def read_once_damaged(self, plan, s, on_chunk=None):
+        real(self, plan, s, on_chunk)
+        if state["damaged"] == 0 and plan.index == 1:
+            self._dev_staging[s][plan.length // 2] ^= 0x10
+            torch.cuda.synchronize()  # done before the check starts, as KvikIO's read is
+            state["damaged"] += 1
+
+    monkeypatch.setattr(backends.CudaBackend, "read", read_once_damaged)
+    model = endor_gds.from_pretrained(path, device="cuda", io="kvikio")
+    try:
+        with torch.no_grad():
+            out = model.generate(PROMPT.cuda(), max_new_tokens=2, do_sample=False, pad_token_id=0).cpu()
+        assert state["damaged"] == 1 and model.endor.check.rereads == 1
+    finally:
+        model.endor.close()
+    assert torch.equal(out, clean)

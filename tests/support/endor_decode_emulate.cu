@@ -17,11 +17,10 @@
 //     (8192 bytes).
 // OUT: per table: u64 error word, then per descriptor its n*elem_bytes output bytes.
 //
-// Memory checking: every buffer the kernel touches (descriptors, bitmap, values, offsets, codes,
-// escape tables, bits, tile and chunk bits, decode table, output, shared memory) is its own allocation of exactly its size. Default: mmap with an inaccessible
-// page on each side, the buffer placed against the trailing guard page (as close as 16-byte
-// alignment allows) and the slack filled with a canary that is verified afterwards, so an
-// overrun faults or is reported. --malloc: plain posix_memalign, for running under valgrind,
+// Memory checking (emulate_memory.h): every buffer the kernel touches (descriptors, bitmap, values,
+// offsets, codes, escape tables, bits, tile and chunk bits, decode table, output, shared memory)
+// is its own allocation of exactly its size, 16-byte aligned against a trailing guard page, its
+// slack a canary verified afterwards; --malloc: plain posix_memalign, for running under valgrind,
 // which checks every byte read and written. tests/decode/test_cuda_emulated.py builds it with the
 // undefined-behaviour sanitizer, so a misaligned access or a shift by 32 (fine on x86, a fault
 // or a different result on the GPU) stops it too.
@@ -32,8 +31,7 @@
 #include <cstring>
 #include <vector>
 
-#include <sys/mman.h>
-#include <unistd.h>
+#include "emulate_memory.h"
 
 void endor_emulate_invariant(bool ok, const char* what, const char* file, int line) {
   if (!ok) {
@@ -51,74 +49,16 @@ using endor::u8;
 
 namespace {
 
-bool g_malloc = false;
-const u8 kCanary = 0xCD;   // slack bytes around buffers: must be unchanged after the decode
+using emulate::alloc;
+using emulate::Buffer;
+using emulate::die;
+using emulate::intact;
+using emulate::read_exact;
+using emulate::read_u32;
+using emulate::release;
+
 const u8 kPoison = 0xA5;   // output before the decode: an unwritten element fails the comparison
 const u8 kStale = 0xEE;    // shared memory before each block: reading unstaged bytes shows
-
-struct Buffer {
-  u8* p = nullptr;          // the buffer, `size` bytes, 16-byte aligned
-  size_t size = 0;
-  u8* map = nullptr;        // guard mode: the whole mapping
-  size_t map_len = 0;
-};
-
-[[noreturn]] void die(const char* msg) {
-  std::fprintf(stderr, "harness: %s\n", msg);
-  std::exit(2);
-}
-
-Buffer alloc(size_t size) {
-  Buffer b;
-  b.size = size;
-  if (g_malloc) {
-    void* p = nullptr;
-    if (posix_memalign(&p, 16, size ? size : 1)) die("posix_memalign failed");
-    b.p = static_cast<u8*>(p);
-    return b;
-  }
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  const size_t inner = (size + 16 + page - 1) / page * page;
-  b.map_len = inner + 2 * page;
-  void* m = mmap(nullptr, b.map_len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (m == MAP_FAILED) die("mmap failed");
-  b.map = static_cast<u8*>(m);
-  if (mprotect(b.map, page, PROT_NONE) || mprotect(b.map + page + inner, page, PROT_NONE))
-    die("mprotect failed");
-  std::memset(b.map + page, kCanary, inner);
-  const uintptr_t end = reinterpret_cast<uintptr_t>(b.map + page + inner);
-  b.p = reinterpret_cast<u8*>((end - size) / 16 * 16);
-  return b;
-}
-
-// Guard mode: the slack around the buffer still holds the canary.
-bool intact(const Buffer& b) {
-  if (g_malloc) return true;
-  const size_t page = static_cast<size_t>(sysconf(_SC_PAGESIZE));
-  for (u8* q = b.map + page; q < b.map + b.map_len - page; ++q) {
-    if ((q < b.p || q >= b.p + b.size) && *q != kCanary) return false;
-  }
-  return true;
-}
-
-void release(Buffer& b) {
-  if (g_malloc) {
-    std::free(b.p);
-  } else {
-    munmap(b.map, b.map_len);
-  }
-  b = Buffer();
-}
-
-void read_exact(FILE* f, void* dst, size_t n) {
-  if (n && std::fread(dst, 1, n, f) != n) die("input file is truncated");
-}
-
-u32 read_u32(FILE* f) {
-  u32 v;
-  read_exact(f, &v, 4);
-  return v;
-}
 
 struct Tensor {
   Buffer bitmap, values, offsets, out, codes, escape_offsets, escape_positions, escape_values;
@@ -369,7 +309,7 @@ int main(int argc, char** argv) {
   if ((argc == 4 || argc == 5) && !std::strcmp(argv[1], "run")) {
     if (argc == 5) {
       if (std::strcmp(argv[4], "--malloc")) die("unknown option");
-      g_malloc = true;
+      emulate::g_malloc = true;
     }
     return run(argv[2], argv[3]);
   }

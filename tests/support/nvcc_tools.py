@@ -20,6 +20,11 @@ CUDA_DIR = REPO / "cuda"
 # nvcc's own warnings, ptxas warnings (spills and local memory included) and host-compiler
 # warnings all fail the build.
 STRICT = ["-Werror", "all-warnings", "-Xptxas", "-warn-spills,-warn-lmem-usage,-Werror"]
+# The undefined-behaviour sanitizer, fatal on the first report. What x86 forgives and a GPU does
+# not: a misaligned access works on the CPU and faults on the GPU ("misaligned address"), and a
+# shift by >= 32 bits is taken mod 32 by x86 but clamped by PTX, so the emulation and the kernel
+# would disagree. The sanitizer makes both a test failure in the emulation harnesses.
+UBSAN = ["-fsanitize=undefined", "-fno-sanitize=vptr", "-fno-sanitize-recover=all"]
 
 
 def find_nvcc() -> str | None:
@@ -41,6 +46,15 @@ def run_nvcc(nvcc: str, args: list[str], timeout: int = 300) -> subprocess.Compl
     """nvcc with the run-time options (kernels.NVRTC_OPTIONS, nvcc spelling) + ``args``."""
     cmd = [nvcc, *nvcc_options(NVRTC_OPTIONS), *args]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def build_emulator(nvcc: str, src: Path, exe: Path) -> None:
+    """A kernel emulation harness (tests/support/*_emulate.cu): the kernel's host functions, with
+    the run-time options, warnings as errors and the undefined-behaviour sanitizer."""
+    res = run_nvcc(nvcc, ["-DENDOR_EMULATE", "-O2", "-g", "-arch=sm_80", *STRICT, "-Xcompiler",
+                          "-Wall,-Wextra,-Werror,-Wno-unknown-pragmas,-fno-strict-aliasing,"
+                          + ",".join(UBSAN), "-lubsan", "-o", str(exe), str(src)])
+    assert res.returncode == 0, f"building the emulation harness {src.name} failed:\n{res.stderr}"
 
 
 def require_nvrtc() -> ctypes.CDLL:
