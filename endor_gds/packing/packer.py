@@ -14,8 +14,9 @@ is either the old file, untouched, or the new whole file, never a mix; the sourc
 
 Wanda is the one exception to "one tensor at a time": its scores need the activations entering a
 layer, so a *layer pruner* (:class:`LayerPruner`, :mod:`endor_gds.packing.wanda`) receives all of layer
-``i``'s tensors at once, layers in order, and peak memory is one layer plus the calibration
-activations. ``none`` and ``magnitude`` still stream tensor by tensor.
+``i``'s tensors at once (a mixture-of-experts layer's expert slices included: an expert's inputs
+are known only by running the layer's router), layers in order, and peak memory is one layer plus
+the calibration activations. ``none`` and ``magnitude`` still stream tensor by tensor.
 """
 
 from __future__ import annotations
@@ -66,9 +67,10 @@ class PackReport:
 class LayerPruner(Protocol):
     """Prunes whole decoder layers, called for layers 0, 1, 2, ... in order.
 
-    ``pruner(i, tensors)`` gets layer ``i``'s checkpoint tensors (full name → tensor) and returns a
-    dict with the same names (it may replace entries in place); ``summary()`` is merged into the
-    manifest's ``prune`` entry after the last layer.
+    ``pruner(i, tensors)`` gets layer ``i``'s checkpoint tensors (full name → tensor; its experts'
+    slices too, ``plan.layer_tensors(i)``) and returns a dict with the same names (it may replace
+    entries in place); ``summary()`` is merged into the manifest's ``prune`` entry after the last
+    layer.
     """
 
     def __call__(self, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
@@ -223,8 +225,10 @@ def pack(
     fraction of lowest-|w| entries of every output row of each linear weight named by the model's
     recipe, ``wanda`` the lowest ``|w| * ||X_j||`` ones, with activations from ``calib_samples``
     sequences of ``calib_seqlen`` tokens of the file ``calib`` (text, or token ids in a ``.ids``
-    file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.packing.wanda`).
-    Embeddings, norms, biases and lm_head are never pruned.
+    file), computed layer by layer on ``calib_device`` (see :mod:`endor_gds.packing.wanda`; in a
+    mixture-of-experts layer each expert by the norms of the tokens routed to it, an expert no
+    calibration token reaches by magnitude). Embeddings, norms, biases, routers and lm_head are
+    never pruned.
 
     ``codec``: how the linear weights' values are stored, all lossless. ``auto`` takes per linear
     weight the smallest of dense, bitmap + ``raw`` values (format v1) and bitmap + ``expdict`` values
@@ -263,9 +267,6 @@ def pack(
             raise ArgumentError(f"tp={tp}: tensor-parallel packing does not split mixture-of-experts layers "
                                 f"yet ({recipe.family}); pack without tp")
         shards = shard_plan(ckpt.config, recipe, tp)
-    if prune == "wanda" and plan.experts:
-        raise ArgumentError(f"prune='wanda' does not prune mixture-of-experts models yet ({recipe.family}: "
-                            f"each expert sees only the tokens routed to it); use prune='magnitude'")
     _check_against_config(ckpt, recipe, plan, src)
     dst = Path(dst)
     if dst.is_dir():
@@ -338,16 +339,17 @@ def pack(
                 if prepared is not None:
                     for _ in names:  # the layers' tensors, in order: two in memory at most
                         write(*next(prepared), extent)
-                else:
-                    out = layer_pruner(i, {name: read(name) for name in names})
+                else:  # the whole layer, its experts included, pruned at once
+                    out = layer_pruner(i, {name: read(name) for name in plan.layer_tensors(i)})
                     for name in names:
                         write(name, out.pop(name), extent)  # pop: each is freed once written
                 w.end_extent()
                 # a mixture-of-experts layer: each expert an extent of its own, right after its layer
                 for e, expert_names in enumerate(plan.experts.get(i, [])):
                     w.begin_extent(f"{extent}.expert.{e}", "expert", layer=i, expert=e)
-                    for _ in expert_names:
-                        write(*next(prepared), f"{extent}.expert.{e}")
+                    for name in expert_names:
+                        write(*(next(prepared) if prepared is not None else (name, out.pop(name))),
+                              f"{extent}.expert.{e}")
                     w.end_extent()
             files = []
             blobs = ckpt.tokenizer_files()

@@ -23,11 +23,31 @@ This module gets them without ever holding the model:
    outputs overwrite the activations in place (they are the next layer's inputs), and the layer's
    parameters go back to ``meta``.
 
+Mixture-of-experts layers. transformers 5 holds a layer's experts as one module with fused 3-D
+parameters (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``), not as linear modules, and each
+expert sees only the tokens the router sends it. The packer hands the pruner every expert's slices
+with the layer; they are stacked into the fused parameters (on a CPU each slice then becomes a
+view of them, so the experts are held once). During the statistics pass a forward pre-hook on the
+experts module (:class:`_ExpertNorms`) takes ``hidden_states`` and ``top_k_index`` and, for each
+expert ``e``, adds in float64 the squares of the hidden states of the tokens routed to ``e``
+(``gate_up_proj[e]``'s input) and of ``act_fn(gate) * up`` for those tokens (``down_proj[e]``'s
+input), computed as the eager experts forward computes it: the same tokens in the same order, the
+module's own parameters and ``act_fn``, the model's dtype. Each expert's slices are then pruned by
+:func:`~endor_gds.packing.prune.wanda_prune` with its own norms. The experts run transformers' eager
+forward, as the streaming runtime runs them, so the next layer's inputs are what the streamed model
+computes. An expert no calibration token was routed to has no activation statistics: it is
+magnitude-pruned (Wanda with every input norm 1, i.e. equal weight for every channel, the only
+prior without data), a ``RuntimeWarning`` names it and the manifest lists it under
+``prune.unrouted_experts`` (``layer.<i>.expert.<e>``); more calibration tokens route to more
+experts. Routers are not linear weights of the recipe and stay unpruned (as with magnitude); shared
+experts and dense MLP layers are linear modules, pruned as any other. Experts modules of another
+layout (transposed, with biases, without a gate, interleaved gate/up) are refused by name.
+
 Peak memory on the host (with ``device="cuda"`` the layer's working copy, the activations and
 the intermediates are on the GPU instead, the layer as read stays on the host)::
 
     max(resident tensors used before layer 0 (embeddings),
-        one layer's tensors (pruned in place) + pruning scratch)
+        one layer's tensors, all its experts included (pruned in place) + pruning scratch)
     + activations: samples x seqlen x hidden x dtype size (one buffer, overwritten in place)
     + one sequence's intermediates inside a layer (attention, MLP, a float64 block of <= 32 MB)
     + the packer's own per-tensor encode buffers
@@ -42,6 +62,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,7 +73,7 @@ from tqdm.auto import tqdm
 
 from endor_gds.codec.bitmap import dtype_of
 from endor_gds.errors import CalibrationError, UnsupportedModelError
-from endor_gds.modeling import empty_model, get_submodule, model_dtype, set_tensor
+from endor_gds.modeling import empty_model, get_submodule, model_dtype, set_tensor, slot_of
 from endor_gds.packing.checkpoint import TOKENIZER_FILES
 from endor_gds.packing.prune import wanda_prune
 
@@ -164,13 +185,77 @@ class _Captured(Exception):
     """Raised by the last layer's recorder: everything needed is recorded, stop the model there."""
 
 
-def _accumulate_sq_norm(acc: torch.Tensor, module, args, kwargs, output) -> None:
-    """Forward hook: ``acc[j] += sum over tokens of x[..., j]^2`` for the module's input ``x``."""
-    x = args[0] if args else kwargs["input"]
+def _add_sq(acc: torch.Tensor, x: torch.Tensor) -> None:
+    """``acc[j] += sum over rows of x[..., j]^2``, in float64, a block of rows at a time."""
     x = x.detach().reshape(-1, x.shape[-1])
     rows = max(1, _NORM_BLOCK_ELEMS // max(1, x.shape[1]))
     for block in x.split(rows):
         acc += block.double().square().sum(0)
+
+
+def _accumulate_sq_norm(acc: torch.Tensor, module, args, kwargs, output) -> None:
+    """Forward hook: ``acc[j] += sum over tokens of x[..., j]^2`` for the module's input ``x``."""
+    _add_sq(acc, args[0] if args else kwargs["input"])
+
+
+# What the eager experts forward of transformers 5 (``@use_experts_implementation``) must look
+# like for _ExpertNorms to compute its inputs: ``gate, up = linear(x, gate_up_proj[e]).chunk(2)``,
+# ``down_proj[e]`` applied to ``act_fn(gate) * up``, no biases, no norm after each expert. These
+# are the decorator's defaults: a flag a transformers version does not set is a feature it lacks.
+_EXPERTS_LAYOUT = {"is_transposed": False, "has_bias": False, "has_gate": True,
+                   "is_concatenated": True, "has_post_expert_norm": False}
+_EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+class _ExpertNorms:
+    """Forward pre-hook on one layer's experts module: per-expert squared input norms, float64.
+
+    The module holds ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]`` and is called as
+    ``experts(hidden_states [T, H], top_k_index [T, k], top_k_weights [T, k])``. For every expert
+    ``e`` and every call, over the tokens routed to ``e``:
+
+    * ``sq["gate_up_proj"][e, j] += sum x_j^2``, ``x`` the hidden state (``[E, H]``);
+    * ``sq["down_proj"][e, j] += sum m_j^2``, ``m = act_fn(gate) * up`` with
+      ``gate, up = linear(x, gate_up_proj[e]).chunk(2)`` (``[E, I]``);
+    * ``tokens[e] += number of those tokens`` (int64, on the CPU).
+
+    The tokens are taken in the eager forward's order (``torch.where`` over the ``[k, T]`` mask of
+    expert ``e``: the tokens that rank ``e`` first, then second, ...) and ``m`` with the module's own
+    parameters and ``act_fn`` in the model's dtype, so ``m`` is bit for bit what ``down_proj[e]``
+    receives. An index outside ``0..E-1`` (the forward's padding index ``E``) routes nowhere.
+    """
+
+    def __init__(self, layer: int, module: nn.Module, device: torch.device):
+        experts, _, hidden = module.gate_up_proj.shape
+        self.layer = layer
+        self.sq = {"gate_up_proj": torch.zeros(experts, hidden, dtype=torch.float64, device=device),
+                   "down_proj": torch.zeros(experts, module.down_proj.shape[2], dtype=torch.float64,
+                                            device=device)}
+        self.tokens = torch.zeros(experts, dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        routed = int((self.tokens > 0).sum())
+        return (f"_ExpertNorms(layer={self.layer}, experts={len(self.tokens)}, routed={routed}, "
+                f"tokens={int(self.tokens.sum())})")
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = args[0] if args else kwargs["hidden_states"]
+        top_k = args[1] if len(args) > 1 else kwargs.get("top_k_index")
+        if not isinstance(top_k, torch.Tensor):
+            raise UnsupportedModelError(f"layer {self.layer}: the experts module {type(module).__name__} "
+                                        f"was called without top_k_index; Wanda needs the routing")
+        hidden = hidden.reshape(-1, hidden.shape[-1])
+        by_rank = top_k.reshape(hidden.shape[0], -1).T  # [k, T]: the forward's expert_mask[e] is (by_rank == e)
+        count = len(self.tokens)
+        for e in torch.unique(top_k).tolist():
+            if not 0 <= e < count:
+                continue
+            tokens = torch.where(by_rank == e)[1]
+            x = hidden[tokens]
+            gate, up = nn.functional.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)
+            _add_sq(self.sq["gate_up_proj"][e], x)
+            _add_sq(self.sq["down_proj"][e], module.act_fn(gate) * up)
+            self.tokens[e] += tokens.numel()
 
 
 @functools.lru_cache(maxsize=1)
@@ -214,10 +299,12 @@ class WandaPruner:
     """Prunes decoder layers 0, 1, 2, ... in order; the packer's layer-pruner protocol.
 
     ``pruner(index, tensors)`` takes layer ``index``'s checkpoint tensors (full names → CPU
-    tensors), prunes every linear weight of the recipe with Wanda and returns the same dict (on a
-    CPU the weights are pruned in place: no copy of a weight is ever made); norms, biases and
-    other tensors are returned untouched. ``summary()`` is what the manifest
-    records under ``prune``.
+    tensors; a mixture-of-experts layer's expert slices included, named as in the file:
+    ``<layer>.mlp.experts.<e>.gate_up_proj``), prunes every linear weight of the recipe present in
+    the layer and every expert slice with Wanda and returns the same dict (on a CPU the weights are
+    pruned in place: no copy of a weight is ever made; an expert slice comes back as a view of its
+    fused parameter); norms, biases, routers and other tensors are returned untouched.
+    ``summary()`` is what the manifest records under ``prune``.
     """
 
     def __init__(self, ckpt, recipe, plan, calib: Calibration, sparsity: float, *,
@@ -233,6 +320,8 @@ class WandaPruner:
                 if buf is not None:
                     module._buffers[key] = buf.to(self.device)
         self.layers = get_submodule(self.model, recipe.layers)  # num_hidden_layers long, as the plan
+        self._check_experts()
+        self.unrouted: list[str] = []  # "layer.<i>.expert.<e>": no calibration token, magnitude-pruned
         self._inputs: torch.Tensor | None = None  # [samples, seqlen, hidden]: next layer's inputs
         self._layer_call: list = []  # per layer: (extra positional args, kwargs) from the model
         self._next = 0
@@ -242,7 +331,44 @@ class WandaPruner:
     def _compute_dtype(self) -> torch.dtype:
         """The dtype the model runs in at inference (the packer has checked it is the only one)."""
         names = [n for layer in self.plan.layers for n in layer]
-        return model_dtype(self.recipe, ((n, dtype_of(self.ckpt.tensors[n].dtype).torch) for n in names))
+        return model_dtype(self.recipe, ((n, dtype_of(self.ckpt.tensors[self.plan.sources_of(n)[0]].dtype).torch)
+                                         for n in names))  # sources: a tensor renamed (Mixtral's block_sparse_moe)
+
+    def _check_experts(self) -> None:
+        """Every experts module of the plan's MoE layers has the layout :class:`_ExpertNorms`
+        computes the inputs of, and runs transformers' eager experts forward (as the streaming
+        runtime runs it); refused by name before anything is read or written otherwise."""
+        if not self.plan.experts:
+            return
+        experts = self.recipe.experts
+        if tuple(experts.params) != _EXPERT_PARAMS:
+            raise UnsupportedModelError(
+                f"prune='wanda' computes expert inputs for fused experts parameters "
+                f"{', '.join(_EXPERT_PARAMS)}; the {self.recipe.family} recipe has "
+                f"{', '.join(experts.params)}; use prune='magnitude'")
+        for i in self.plan.experts:
+            try:
+                module = self.layers[i].get_submodule(experts.module)
+            except AttributeError:
+                raise UnsupportedModelError(f"layer {i} has expert tensors but no {experts.module} "
+                                            f"module in {type(self.model).__name__}") from None
+            wrong = [f"{k}={getattr(module, k)!r}" for k, want in _EXPERTS_LAYOUT.items()
+                     if getattr(module, k, want) is not want]
+            gate_up, down = (getattr(module, p, None) for p in _EXPERT_PARAMS)
+            if gate_up is None or down is None or gate_up.dim() != 3 or down.dim() != 3 \
+                    or gate_up.shape[0] != down.shape[0] or gate_up.shape[1] != 2 * down.shape[2] \
+                    or gate_up.shape[2] != down.shape[1]:
+                wrong.append("parameters not gate_up_proj [E, 2I, H] and down_proj [E, H, I]")
+            if not callable(getattr(module, "act_fn", None)):
+                wrong.append("no act_fn")
+            if wrong:
+                raise UnsupportedModelError(
+                    f"prune='wanda': layer {i}'s experts module {type(module).__name__} "
+                    f"({experts.module}) is not the layout whose expert inputs Wanda computes "
+                    f"(gate_up_proj [E, 2I, H] with the gate rows first, down_proj [E, H, I], "
+                    f"act_fn(gate) * up, no biases): {', '.join(wrong)}; use prune='magnitude'")
+            if getattr(module, "config", None) is not None:  # the forward _ExpertNorms mirrors
+                module.config._experts_implementation = "eager"
 
     def _put(self, name: str, value: torch.Tensor) -> None:
         try:
@@ -252,7 +378,14 @@ class WandaPruner:
                                         f"{type(self.model).__name__}: {exc}") from None
 
     def _to_meta(self, name: str, like: torch.Tensor) -> None:
-        self._put(name, torch.empty(like.shape, dtype=self.dtype, device="meta"))
+        self._put(name, torch.empty(like.shape, dtype=like.dtype, device="meta"))
+
+    def _slot_dtype(self, name: str) -> torch.dtype:
+        """The dtype the model holds ``name`` in: the model's, except where a module fixes its own
+        (DeepSeek-V3's router weight and score bias are float32 in a bf16 model, and transformers
+        loads them so): cast to the model's dtype, the router would route other tokens."""
+        slot = slot_of(self.model, name)
+        return slot.dtype if slot is not None and slot.is_floating_point() else self.dtype
 
     # -- capture ------------------------------------------------------------------------------
 
@@ -357,8 +490,14 @@ class WandaPruner:
     def _prune_layer(self, index: int, tensors: dict[str, torch.Tensor]) -> None:
         layer, samples = self.layers[index], self.calib.samples
         prefix = f"{self.recipe.layers}.{index}."
+        linears = [lin for lin in (*self.recipe.linear, *self.recipe.linear_optional)
+                   if f"{prefix}{lin}.weight" in tensors]  # optional ones: where the layer has them
+        slices = self._expert_slices(index, tensors)
+        sliced = {name for names in slices.values() for name in names}
         for name, t in tensors.items():
-            self._put(name, t.to(device=self.device, dtype=self.dtype))
+            if name not in sliced:
+                self._put(name, t.to(device=self.device, dtype=self._slot_dtype(name)))
+        fused = {param: self._fuse(param, names, tensors) for param, names in slices.items()}
         missing = [n for n, p in layer.named_parameters() if p.is_meta]
         if missing:
             raise UnsupportedModelError(f"layer {index} has no checkpoint tensor for "
@@ -366,13 +505,17 @@ class WandaPruner:
         bar = tqdm(total=2 * samples, desc=f"wanda layer {index + 1}/{len(self.layers)}",
                    unit="seq", leave=False, disable=not self.progress)
         try:
-            sq_norms, hooks = {}, []
-            for lin in self.recipe.linear:
+            sq_norms, hooks, experts = {}, [], None
+            for lin in linears:
                 module = layer.get_submodule(lin)
                 acc = torch.zeros(module.weight.shape[1], dtype=torch.float64, device=self.device)
                 sq_norms[lin] = acc
                 hooks.append(module.register_forward_hook(
                     functools.partial(_accumulate_sq_norm, acc), with_kwargs=True))
+            if fused:
+                module = layer.get_submodule(self.recipe.experts.module)
+                experts = _ExpertNorms(index, module, self.device)
+                hooks.append(module.register_forward_pre_hook(experts, with_kwargs=True))
             try:
                 for j in range(samples):  # statistics with the layer's unpruned weights
                     self._run(layer, index, j)
@@ -381,7 +524,7 @@ class WandaPruner:
                 for h in hooks:
                     h.remove()
             _trim_heap()  # the passes' intermediates
-            for lin in self.recipe.linear:
+            for lin in linears:
                 name = f"{prefix}{lin}.weight"
                 # In place: the weight was read for us alone, and a copy of the largest linear
                 # would add to the peak. On a GPU the device copy is pruned and brought back.
@@ -390,18 +533,80 @@ class WandaPruner:
                 self._put(name, pruned.to(self.dtype))
                 tensors[name] = pruned.to("cpu")
                 _trim_heap()  # the pruning scratch
+            if experts is not None:
+                self._prune_experts(index, experts, fused, slices, tensors)
             for j in range(samples):  # the pruned layer's outputs are the next layer's inputs
                 self._inputs[j] = self._run(layer, index, j)[0]
                 bar.update()
         finally:
             bar.close()
             for name, t in tensors.items():
-                self._to_meta(name, t)
+                if name not in sliced:
+                    self._to_meta(name, t)
+            for param, t in fused.items():
+                self._to_meta(param, t)
+
+    def _expert_slices(self, index: int, tensors: dict[str, torch.Tensor]) -> dict[str, list[str]]:
+        """The expert slices among layer ``index``'s tensors: fused parameter → the names of
+        experts ``0..E-1``'s slices of it, every expert present once."""
+        found: dict[str, dict[int, str]] = {}
+        for name in tensors:
+            where = self.recipe.expert_slice(name)
+            if where is not None:
+                found.setdefault(where[0], {})[where[1]] = name
+        out = {}
+        for param, by_expert in found.items():
+            slot = self.layers[index].get_parameter(param.removeprefix(f"{self.recipe.layers}.{index}."))
+            lacking = sorted(set(range(slot.shape[0])) - set(by_expert))
+            extra = sorted(set(by_expert) - set(range(slot.shape[0])))
+            if lacking or extra:
+                why = [f"lack experts {lacking[:8]}"] if lacking else []
+                why += [f"have experts {extra[:8]} it does not"] if extra else []
+                raise UnsupportedModelError(f"layer {index}: {param} has {slot.shape[0]} experts; the "
+                                            f"slices given {' and '.join(why)}")
+            out[param] = [by_expert[e] for e in range(slot.shape[0])]
+        return out
+
+    def _fuse(self, param: str, names: list[str], tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The fused experts parameter ``param`` (``[E, ...]``) stacked from its slices ``names``
+        and put in the model. On a CPU each slice in ``tensors`` is replaced by a view of it, the
+        slice as read being freed at once: the experts are held once, and pruning the fused
+        parameter in place prunes what the packer writes."""
+        first = tensors[names[0]]
+        fused = torch.empty((len(names), *first.shape), dtype=self._slot_dtype(param), device=self.device)
+        for e, name in enumerate(names):
+            fused[e].copy_(tensors[name])
+            if self.device.type == "cpu":
+                tensors[name] = fused[e]
+        self._put(param, fused)
+        return fused
+
+    def _prune_experts(self, index: int, norms: _ExpertNorms, fused: dict[str, torch.Tensor],
+                       slices: dict[str, list[str]], tensors: dict[str, torch.Tensor]) -> None:
+        """Each expert's slices by Wanda with its own input norms, in place in the fused
+        parameters (which the recompute pass then runs); an expert no calibration token was routed
+        to by magnitude (module doc), with a warning, recorded for the manifest."""
+        unrouted = [e for e in range(len(norms.tokens)) if norms.tokens[e] == 0]
+        if unrouted:
+            warnings.warn(
+                f"wanda: no calibration token was routed to expert(s) {unrouted} of layer {index} "
+                f"({len(unrouted)} of {len(norms.tokens)}); they are magnitude-pruned (no input "
+                f"norms to weigh them by). More calibration tokens (calib_samples, calib_seqlen) "
+                f"reach more experts", RuntimeWarning, stacklevel=2)
+            self.unrouted += [f"layer.{index}.expert.{e}" for e in unrouted]
+        for param, names in slices.items():
+            sq = norms.sq[param.rpartition(".")[2]]
+            for e, name in enumerate(names):
+                norm = sq[e].sqrt() if norms.tokens[e] else torch.ones_like(sq[e])
+                pruned = wanda_prune(fused[param][e], norm, self.sparsity, inplace=True)
+                tensors[name] = pruned.to("cpu")  # on a CPU the same view
+            _trim_heap()  # the pruning scratch
 
     def summary(self) -> dict:
         """Calibration statistics, recorded in the manifest under ``prune``."""
         c = self.calib
-        return {"calibration": {
+        moe = {"unrouted_experts": list(self.unrouted)} if self.plan.experts else {}
+        return {**moe, "calibration": {
             "source": c.source, "kind": c.kind, "samples": c.samples, "seqlen": c.seqlen,
             "tokens": c.samples * c.seqlen, "tokens_available": c.tokens_available,
             "seconds": round(self.seconds, 3), "device": str(self.device),

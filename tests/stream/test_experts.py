@@ -187,12 +187,27 @@ def test_packing_refuses_a_checkpoint_missing_an_expert_tensor(model_dir, tmp_pa
     assert not (tmp_path / "out.endor").exists()
 
 
-def test_wanda_is_refused_for_experts_by_name(model_dir, tmp_path):
+def test_wanda_refuses_an_experts_layout_it_cannot_follow_by_name(model_dir, tmp_path, monkeypatch):
+    """Wanda prunes mixture-of-experts models (tests/packing/test_wanda_moe.py) by recomputing each
+    expert's inputs as the eager experts forward does; an experts module of another layout (here
+    one with biases) is refused by name before anything is written."""
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts  # noqa: PLC0415
+
+    init = MixtralExperts.__init__
+
+    def with_bias(self, config):
+        init(self, config)
+        self.has_bias = True
+
+    src = model_dir("mixtral", torch.float32)
+    monkeypatch.setattr(MixtralExperts, "__init__", with_bias)
     calib = tmp_path / "calib.txt"
     calib.write_text("w5 w6 w7 " * 50)
-    with pytest.raises(ArgumentError, match="mixture-of-experts"):
-        endor_gds.pack(model_dir("mixtral", torch.float32), tmp_path / "o.endor", prune="wanda",
-                       calib=calib, progress=False)
+    with pytest.raises(UnsupportedModelError, match=r"layer 0's experts module MixtralExperts \(mlp\.experts\) "
+                                                    r"is not the layout .*: has_bias=True; use prune='magnitude'"):
+        endor_gds.pack(src, tmp_path / "o.endor", prune="wanda", calib=calib, calib_samples=2,
+                       calib_seqlen=16, progress=False)
+    assert not (tmp_path / "o.endor").exists()
 
 
 @pytest.mark.gpu
