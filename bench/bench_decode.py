@@ -33,8 +33,8 @@ kernel file and times it in the same runs, interleaved with the packaged kernel 
 ``speedup_vs_compare`` per case, ``gpu_speedup_vs_compare`` per codec (a kernel change proven
 against its predecessor in one process).
 
-CPU fused product (``--fused-rows 1,4,8``, default 1: a decode step; 0 skips it; raw and expdict
-only, the fused product does not read exphuff): ``y = x · Wᵀ``
+CPU fused product (``--fused-rows 1,4,8``, default 1: a decode step; 0 skips it; every codec,
+a dense exphuff tensor too): ``y = x · Wᵀ``
 for M rows of x straight from bitmap + values (``endor_gds.decode.fused``), as GB/s of *stored*
 bytes in, beside torch's product on the dense weight (dense bytes per second) and the path the
 fused product replaces, decode + that product, in the same run: ``speedup`` = (decode + dense
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
                 stored = stored_bytes(bm, values, offs)
                 fused = {str(m): run_fused_case(cpu, bm, values, offs, (rows, cols), args.dtype, out,
                                                 m, args.repeats, args.warmup, c["median_s"], rng)
-                         for m in (fused_rows if codec != "exphuff" else [])}
+                         for m in fused_rows}
                 for f in fused.values():
                     f["gbps_in"] = stored / f["fused"]["median_s"] / 1e9
                 # dense bytes storage delivers per second when reading this codec's segments

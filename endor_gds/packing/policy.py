@@ -17,10 +17,11 @@ __all__ = ["CODECS", "EXPHUFF_MIN_SAVING", "Storage", "choose_storage"]
 
 CODECS = ("auto", "raw", "expdict", "exphuff")  # what the packer may be asked for (``pack(codec=...)``)
 # Under "auto", exphuff is taken only when it is at least this much smaller than the best of the
-# others: on a CPU host its weights must be decoded, where raw and expdict ones are multiplied
-# fused (decode/fused.py). Measured on a 50 %-pruned bf16 TinyLlama in RAM, 2 Zen 5 cores:
-# expdict 0.19 s/token, exphuff 0.59 s/token, for a file 2.7 % smaller (docs/performance.md).
-# Pruned weights gain 3-4 % from exphuff and keep expdict; unpruned ones gain 11-14 % and take it.
+# others: on a CPU host the fused product (decode/fused.py) rebuilds an exphuff tile's values at
+# ~1.5x the cost of an expdict tile's. Measured on a 50 %-pruned bf16 TinyLlama in RAM, 2 cores
+# (Intel Xeon VM): expdict 0.296 s/token, exphuff 0.444 fused (0.693 decoded), for a file 2.7 %
+# smaller (docs/performance.md). Pruned weights gain 3-4 % from exphuff and keep expdict;
+# unpruned ones gain 11-14 % and take it.
 EXPHUFF_MIN_SAVING = 0.05
 
 
