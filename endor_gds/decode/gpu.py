@@ -45,6 +45,7 @@ __all__ = [
     "nvcc_options",
     "kernel_source",
     "kernel_for",
+    "external_stream",
     "ELEM_BYTES",
     "elem_bytes",
     "THREADS",
@@ -612,6 +613,15 @@ def kernel_for(device: int, name: str = KERNEL_NAME, file: str = KERNEL_FILE, so
         return fn
 
 
+def external_stream(streams: dict, cp, handle: int, device: int):
+    """CuPy's wrapper of the stream ``handle`` (torch's or CuPy's), made once per handle and kept
+    in ``streams``, so that a launch allocates nothing."""
+    s = streams.get(handle)
+    if s is None:
+        s = streams[handle] = cp.cuda.ExternalStream(handle, device)
+    return s
+
+
 def stream_handle(stream) -> int:
     """The ``cudaStream_t`` of a CuPy stream, a ``torch.cuda.Stream`` or a raw int handle."""
     if isinstance(stream, bool):
@@ -697,10 +707,7 @@ class GpuDecoder:
                            pinned=pinned, huff_tables=d_tables)
 
     def _stream(self, handle: int):
-        s = self._streams.get(handle)
-        if s is None:
-            s = self._streams[handle] = self._cp.cuda.ExternalStream(handle, self.device)
-        return s
+        return external_stream(self._streams, self._cp, handle, self.device)
 
     def launch(self, table: DecodeTable, stream) -> None:
         """Decode every tensor of ``table`` on ``stream`` (asynchronous; one kernel launch).

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from endor_gds.decode.gpu import _cupy, kernel_for, stream_handle
+from endor_gds.decode.gpu import _cupy, external_stream, kernel_for, stream_handle
 
 __all__ = [
     "KERNEL_FILE",
@@ -284,10 +284,7 @@ class GpuCrc:
                         pinned=pinned)
 
     def _stream(self, handle: int):
-        s = self._streams.get(handle)
-        if s is None:
-            s = self._streams[handle] = self._cp.cuda.ExternalStream(handle, self.device)
-        return s
+        return external_stream(self._streams, self._cp, handle, self.device)
 
     def launch(self, table: CrcTable, stream) -> None:
         """Check every segment of ``table`` on ``stream`` (asynchronous): enqueues the resets of

@@ -17,6 +17,14 @@
 #include <sys/mman.h>
 #include <unistd.h>
 
+// The kernels' ENDOR_INVARIANT (-DENDOR_EMULATE) calls this: a violated invariant ends the run.
+inline void endor_emulate_invariant(bool ok, const char* what, const char* file, int line) {
+  if (!ok) {
+    std::fprintf(stderr, "INVARIANT VIOLATED: %s (%s:%d)\n", what, file, line);
+    std::exit(3);
+  }
+}
+
 namespace emulate {
 
 inline bool g_malloc = false;

@@ -28,13 +28,6 @@
 
 #include "emulate_memory.h"
 
-void endor_emulate_invariant(bool ok, const char* what, const char* file, int line) {
-  if (!ok) {
-    std::fprintf(stderr, "INVARIANT VIOLATED: %s (%s:%d)\n", what, file, line);
-    std::exit(3);
-  }
-}
-
 #include "../../cuda/endor_crc.cu"
 
 using endor_crc::Piece;

@@ -33,13 +33,6 @@
 
 #include "emulate_memory.h"
 
-void endor_emulate_invariant(bool ok, const char* what, const char* file, int line) {
-  if (!ok) {
-    std::fprintf(stderr, "INVARIANT VIOLATED: %s (%s:%d)\n", what, file, line);
-    std::exit(3);
-  }
-}
-
 #include "../../cuda/endor_decode.cu"
 
 using endor::Desc;
