@@ -73,7 +73,7 @@ if has e2e; then  # CPU and disk work only: overlaps the GPU tests
 fi
 
 if has tests; then
-    run tests 210 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rs --durations=8
+    run tests 270 "$PY" -m pytest -q -p no:cacheprovider -m gpu tests -rs --durations=12
     run bench-smoke 45 "$PY" -m pytest -q -p no:cacheprovider tests/benchmarks/test_bench_decode.py
 fi
 

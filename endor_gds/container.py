@@ -308,6 +308,8 @@ def _check_prune(path, prune: dict) -> None:
             raise fail(path, f"prune.detected_sparsity_range must be [low, high], got {show(span)}")
         for v in span:
             check_fraction(path, "prune.detected_sparsity_range item", v)
+    for name in check_list(path, "prune.unrouted_experts", prune.get("unrouted_experts", []), MAX_TENSORS):
+        check_str(path, "prune.unrouted_experts item", name)  # extent names, printed by inspect
 
 
 _SEGMENT_KINDS = tuple(dict.fromkeys(("data", "bitmap", "values", "tile_offsets") + STREAM_KINDS + HUFF_KINDS))

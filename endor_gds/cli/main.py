@@ -68,6 +68,10 @@ def cmd_inspect(args) -> int:
     prune = s.get("prune") or {}
     if prune.get("method") not in (None, "none"):
         print(f"pruned: {prune.get('method')} at sparsity {prune.get('sparsity')}")
+        unrouted = prune.get("unrouted_experts") or []
+        if unrouted:  # Wanda on a mixture of experts: these had no activations to score by
+            shown = ", ".join(unrouted[:8]) + (f", ... ({len(unrouted) - 8} more)" if len(unrouted) > 8 else "")
+            print(f"  {len(unrouted)} expert(s) no calibration token was routed to, pruned by magnitude: {shown}")
     elif (prune.get("detected_sparsity") or 0) >= 0.01:  # types checked at open (layout)
         span = prune.get("detected_sparsity_range")
         per_tensor = f" (per tensor {span[0]:.3f}..{span[1]:.3f})" if span else ""

@@ -150,6 +150,11 @@ def _swap_prune_fields(m):
     (lambda m: m["prune"].update(detected_sparsity_range=[0.1, 2]), r"range item must be a number in \[0, 1\]"),
     (lambda m: m["prune"].update(method="\x1b[2Jmagnitude"), "prune.method .* contains a control character"),
     (lambda m: m["prune"].update(method=7), "prune.method must be a non-empty string"),
+    (lambda m: m["prune"].update(unrouted_experts="layer.1.expert.2"), "prune.unrouted_experts must be a list"),
+    (lambda m: m["prune"].update(unrouted_experts=["layer.1.expert.2", 3]),
+     "prune.unrouted_experts item must be a non-empty string"),
+    (lambda m: m["prune"].update(unrouted_experts=["\x1b[2J"]),
+     "unrouted_experts item .* contains a control character"),
 ])
 def test_malformed_prune_block_is_a_format_error(base, tmp_path, edit, match):
     """The prune block is informational, but `inspect` formats its numbers and prints its method:

@@ -18,6 +18,7 @@ from transformers.activations import ACT2FN
 import endor_gds
 import endor_gds.packing.wanda as wanda_mod
 from endor_gds.benchmarks.models import MOE_FAMILIES, state_dict_of
+from endor_gds.cli.main import main as cli_main
 from endor_gds.errors import UnsupportedModelError
 from endor_gds.packing.checkpoint import Checkpoint
 from endor_gds.packing.prune import kept_per_row, magnitude_prune, wanda_prune
@@ -180,7 +181,7 @@ def test_expert_norms_and_weights_match_a_whole_model_reference(model_dir, calib
 
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_an_expert_without_tokens_is_magnitude_pruned(model_dir, calib, monkeypatch, tmp_path, family):
+def test_an_expert_without_tokens_is_magnitude_pruned(model_dir, calib, monkeypatch, tmp_path, capsys, family):
     """(c) One calibration sequence of 2 tokens, top-2 of 8: at most 4 experts per layer see a
     token. The others are magnitude-pruned, named in a RuntimeWarning and in the manifest; the
     routed ones still take Wanda with their own norms."""
@@ -196,6 +197,11 @@ def test_an_expert_without_tokens_is_magnitude_pruned(model_dir, calib, monkeypa
     assert len(unrouted) >= 4 * len(ref.tokens)
     sd = {recipe_for(json.loads((src / "config.json").read_text())).renamed(k): v
           for k, v in state_dict_of(src).items()}
+    assert cli_main(["inspect", str(dst)]) == 0  # inspect names them
+    shown = capsys.readouterr().out
+    assert f"  {len(unrouted)} expert(s) no calibration token was routed to, pruned by magnitude: " \
+        f"layer.{unrouted[0][0]}.expert.{unrouted[0][1]}, " in shown
+    assert len(unrouted) <= 8 or f"({len(unrouted) - 8} more)" in shown
     with endor_gds.open(dst) as f:
         assert f.manifest["prune"]["unrouted_experts"] == [f"layer.{i}.expert.{e}" for i, e in unrouted]
         up = "w3" if family == "mixtral" else "up_proj"
