@@ -45,7 +45,7 @@ __all__ = [
     "nvcc_options",
     "kernel_source",
     "kernel_for",
-    "external_stream",
+    "launch_stream",
     "ELEM_BYTES",
     "elem_bytes",
     "THREADS",
@@ -613,13 +613,19 @@ def kernel_for(device: int, name: str = KERNEL_NAME, file: str = KERNEL_FILE, so
         return fn
 
 
-def external_stream(streams: dict, cp, handle: int, device: int):
-    """CuPy's wrapper of the stream ``handle`` (torch's or CuPy's), made once per handle and kept
-    in ``streams``, so that a launch allocates nothing."""
+def launch_stream(streams: dict, cp, device: int, table_device: int, stream, what: str) -> tuple[int, Any]:
+    """The handle of the explicit ``stream`` (CuPy's, torch's or an int) a launch of a table built
+    on ``table_device`` goes on, by the ``what`` of ``device``, and CuPy's wrapper of it, made once
+    per handle and kept in ``streams`` so that a launch allocates nothing."""
+    if table_device != device:
+        raise ValueError(f"table lives on device {table_device}, this {what} on {device}")
+    if stream is None:
+        raise TypeError("launch() needs an explicit stream (e.g. torch.cuda.current_stream())")
+    handle = stream_handle(stream)
     s = streams.get(handle)
     if s is None:
         s = streams[handle] = cp.cuda.ExternalStream(handle, device)
-    return s
+    return handle, s
 
 
 def stream_handle(stream) -> int:
@@ -706,23 +712,15 @@ class GpuDecoder:
                            descs=d_descs, error=error, host_error=host_error, done=done, args=args,
                            pinned=pinned, huff_tables=d_tables)
 
-    def _stream(self, handle: int):
-        return external_stream(self._streams, self._cp, handle, self.device)
-
     def launch(self, table: DecodeTable, stream) -> None:
         """Decode every tensor of ``table`` on ``stream`` (asynchronous; one kernel launch).
 
         Enqueues: reset of the error word, the kernel, a copy of the error word to pinned host
         memory, an event. ``stream``: CuPy stream, ``torch.cuda.Stream`` or int handle.
         """
-        if table.device != self.device:
-            raise ValueError(f"table lives on device {table.device}, this decoder on {self.device}")
-        if stream is None:
-            raise TypeError("launch() needs an explicit stream (e.g. torch.cuda.current_stream())")
-        handle = stream_handle(stream)
+        handle, s = launch_stream(self._streams, self._cp, self.device, table.device, stream, "decoder")
         cp = self._cp
         rt = cp.cuda.runtime
-        s = self._stream(handle)
         with cp.cuda.Device(self.device), s:
             rt.memsetAsync(table.error.data.ptr, 0xFF, 8, handle)
             self._kernel((table.total_tiles,), (THREADS,), table.args, shared_mem=table.smem_bytes)

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from endor_gds.decode.gpu import _cupy, external_stream, kernel_for, stream_handle
+from endor_gds.decode.gpu import _cupy, kernel_for, launch_stream
 
 __all__ = [
     "KERNEL_FILE",
@@ -283,21 +283,13 @@ class GpuCrc:
                         piece_descs=d_pieces, acc=acc, error=error, host_error=host_error, done=done,
                         pinned=pinned)
 
-    def _stream(self, handle: int):
-        return external_stream(self._streams, self._cp, handle, self.device)
-
     def launch(self, table: CrcTable, stream) -> None:
         """Check every segment of ``table`` on ``stream`` (asynchronous): enqueues the resets of
         the accumulators and the error word, both kernels, a copy of the error word to pinned host
         memory, an event. ``stream``: CuPy stream, ``torch.cuda.Stream`` or int handle."""
-        if table.device != self.device:
-            raise ValueError(f"table lives on device {table.device}, this checker on {self.device}")
-        if stream is None:
-            raise TypeError("launch() needs an explicit stream")
-        handle = stream_handle(stream)
+        handle, s = launch_stream(self._streams, self._cp, self.device, table.device, stream, "checker")
         cp = self._cp
         rt = cp.cuda.runtime
-        s = self._stream(handle)
         warps = THREADS // LANES
         with cp.cuda.Device(self.device), s:
             rt.memsetAsync(table.acc.data.ptr, 0, table.acc.nbytes, handle)
