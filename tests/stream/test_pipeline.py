@@ -56,7 +56,9 @@ def test_overlap_is_real(packed, monkeypatch):
 
 def test_memory_flat_across_tokens(packed):
     """Nothing of ours grows across tokens: the same buffers, no Python memory kept by endor_gds
-    code from token 2 to token 100, and C heap in use (glibc's ``mallinfo2``: what torch, numpy
+    code from token 20 to token 100 (both snapshots with the prefetches in flight waited out: taken
+    mid-flight, what a half-done read holds moved the sum by up to ±4.3 KiB between runs, and once
+    failed it), and C heap in use (glibc's ``mallinfo2``: what torch, numpy
     and our library allocate, resident or not) that grows from token 20 to 100 no more than the
     same loop on the in-memory model does — each measured in a fresh process, each side's
     smallest growth of two runs (the noise is upwards only). 4 pages are allowed: a native leak

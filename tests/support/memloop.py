@@ -5,9 +5,12 @@ python tests/support/memloop.py FILE.endor {endor|ref} [--trace] [--steps N]  �
   rss[step]: its current RSS after those steps and after every eighth of N steps (default 100;
   a long run shows whether a growth keeps going or levels off, docs/performance.md),
   kv[step]: bytes held by the KV cache, py_endor: net Python bytes allocated by endor_gds code
-  between steps 2 and 100 (a long span, so that even a few bytes leaked per token add up past a
-  page; only with --trace: tracemalloc's own bookkeeping moves the peak, so
-  peaks are measured in runs without it), buffers: ids and sizes of the runtime's buffer sets.
+  between steps 20 and 100 (a long span, so that even a few bytes leaked per token add up past a
+  page; from step 20, when the memos kept per layer and buffer set are all built; each snapshot
+  taken with the prefetches in flight waited out, so that what they hold at that instant — futures,
+  a piece counter, a queued job — is the same in both; only with --trace: tracemalloc's own
+  bookkeeping moves the peak, so peaks are measured in runs without it), buffers: ids and sizes of
+  the runtime's buffer sets.
 """
 
 import ctypes
@@ -48,6 +51,13 @@ def proc_status(key: str) -> int:
     raise RuntimeError(f"no {key} in /proc/self/status")
 
 
+def settle(model) -> None:
+    """Wait out the prefetches in flight (a read and decode the next token's first layers started)."""
+    pipeline = getattr(getattr(model, "endor", None), "pipeline", None)
+    for job in list(pipeline._pending) if pipeline is not None else ():
+        job.ready.result()
+
+
 def main(path: str, which: str, trace: bool, steps: int) -> None:
     if which == "ref":
         with endor_gds.open(path) as f:
@@ -79,11 +89,12 @@ def main(path: str, which: str, trace: bool, steps: int) -> None:
                 out["kv"][step] = sum(t.nbytes for layer in cache.layers
                                       for t in (layer.keys, layer.values) if t is not None)
                 out["buffers"][step] = buffers()
-            if trace and step in (2, 100):
+            if trace and step in (20, 100):
+                settle(model)
                 gc.collect()
                 only_ours = [tracemalloc.Filter(True, "*endor_gds*")]
                 snap = tracemalloc.take_snapshot().filter_traces(only_ours)
-                if step == 2:
+                if step == 20:
                     first = snap
     if trace:
         out["py_endor"] = sum(s.size_diff for s in snap.compare_to(first, "filename"))
