@@ -8,6 +8,7 @@ see ``layouts/llama.toml`` for the annotated fields.
 from __future__ import annotations
 
 import fnmatch
+import importlib.metadata
 import re
 import tomllib
 from dataclasses import dataclass, field
@@ -277,12 +278,32 @@ def recipes() -> dict[str, Recipe]:
     return found
 
 
+def transformers_major() -> int | None:
+    """The installed transformers' major version (None where it is not installed or not a number)."""
+    try:
+        return int(importlib.metadata.version("transformers").split(".")[0])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def usable(recipe: Recipe) -> Recipe:
+    """``recipe``, after checking the installed transformers can build its model: a mixture of
+    experts needs transformers 5 (4.x holds experts as a list of per-expert modules, not the fused
+    3-D parameters the recipes name, and would fail later, less clearly)."""
+    if recipe.experts is not None and (major := transformers_major()) is not None and major < 5:
+        raise UnsupportedModelError(
+            f"{recipe.family} is a mixture-of-experts model: it needs transformers >= 5 (its experts "
+            f"as fused 3-D parameters), and transformers {importlib.metadata.version('transformers')} "
+            f"is installed: pip install 'transformers>=5'")
+    return recipe
+
+
 def recipe_for(config: dict) -> Recipe:
     """The recipe for a model's ``config.json`` contents (by ``model_type``)."""
     model_type = config.get("model_type")
     for r in recipes().values():
         if model_type in r.model_types:
-            return r
+            return usable(r)
     known = ", ".join(sorted(recipes()))
     raise UnsupportedModelError(
         f"no recipe for model_type {model_type!r} (architectures {config.get('architectures')}); "

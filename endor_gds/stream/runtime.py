@@ -45,7 +45,7 @@ from endor_gds.modeling import (
     set_tensor,
 )
 from endor_gds.read.readers import check_mode, open_reader
-from endor_gds.recipes import Recipe, recipes
+from endor_gds.recipes import Recipe, recipes, usable
 from endor_gds.shards import shard_plan
 from endor_gds.stream import parallel
 from endor_gds.stream.backends import CpuBackend, CudaBackend, RamImage
@@ -828,7 +828,7 @@ def _load(ef: EndorFile, dev: torch.device, tp: TensorParallel | None, **options
         if recipe is None:
             raise UnsupportedModelError(f"{ef.path} was packed for architecture {ef.architecture!r}, "
                                         f"which this endor_gds has no recipe for")
-        model = _build_model(ef, recipe)
+        model = _build_model(ef, usable(recipe))
         gen = ef.manifest.get("generation_config")  # an object or None: checked at open
         if gen is not None and getattr(model, "generation_config", None) is not None:
             model.generation_config = _generation_config(ef, gen)

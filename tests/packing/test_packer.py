@@ -399,3 +399,21 @@ def test_sparse_ratio_realistic_shapes(tmp_path):
         totals = f.summary()["totals"]
     assert totals["encoded_ratio"] >= 1.76, totals
     assert totals["encoded_ratio"] <= 16 / 9
+
+
+def test_moe_needs_transformers_5(model_dir, packed, tmp_path, monkeypatch):
+    """transformers 4.x holds experts as per-expert modules, not the fused 3-D parameters the MoE
+    recipes name: packing or opening a MoE model there is a named error before anything is
+    written or read; dense families are not concerned."""
+    import endor_gds.recipes as recipes  # noqa: PLC0415
+
+    moe_file = packed("qwen3_moe", torch.float16, prune="none")
+    monkeypatch.setattr(recipes, "transformers_major", lambda: 4)
+    with pytest.raises(UnsupportedModelError, match=r"qwen3_moe is a mixture-of-experts model: it needs "
+                                                     r"transformers >= 5.*pip install"):
+        endor_gds.pack(model_dir("qwen3_moe", torch.float16), tmp_path / "x.endor", progress=False)
+    assert not (tmp_path / "x.endor").exists()
+    with pytest.raises(UnsupportedModelError, match="needs transformers >= 5"):
+        endor_gds.from_pretrained(moe_file, device="cpu")
+    endor_gds.pack(model_dir("llama", torch.float16), tmp_path / "dense.endor", prune="none", progress=False)
+    assert recipes.transformers_major() == 4 and (tmp_path / "dense.endor").exists()
