@@ -1,9 +1,10 @@
 """Every byte the model computes with has passed its checksum: the check of a staged extent.
 
 The packer stores a CRC-32C per segment. Where the reader reads an extent in pieces on several
-threads (posix-direct, posix-buffered), each piece's share of each segment is checked by the
-thread that read it, as it arrives, and a segment's CRC is folded from its pieces' when the last
-one lands (:class:`ChunkedCheck`): the CRC then runs in the shadow of the I/O instead of before
+threads (posix-direct, posix-buffered), each piece's share of each segment is checked as soon as
+the piece arrives, on a CRC thread of the file's check (the reader thread goes straight on to
+its next read), and a segment's CRC is folded from its pieces' when the last one is checked
+(:class:`ChunkedCheck`): the CRC then runs in the shadow of the I/O instead of before
 the decode (it covers the bytes as they arrived
 from storage: a flip in the staging buffer's RAM between the read and the decode, milliseconds
 later, is not caught on that path). Where KvikIO reads an extent straight into device memory
@@ -28,6 +29,7 @@ from __future__ import annotations
 import bisect
 import os
 import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable
 
 import crc32c as _crc32c
@@ -66,16 +68,33 @@ def device_mismatch(plan: LayerPlan, result: tuple[int, int] | None) -> Mismatch
 class ExtentCheck:
     """Checks the segments of staged extents of one file against the CRCs of its manifest."""
 
+    # Threads that check the pieces of extents as they arrive. Each runs at memory speed (~10 GB/s
+    # on the development VMs' cores: the bytes come from RAM, just read), so two keep up with
+    # several NVMe drives; they only run while the reader waits on the drive.
+    CRC_THREADS = 2
+
     def __init__(self, path: str, opened_stat: os.stat_result):
         self.path = path
         self.opened = opened_stat
         self.extents_checked = 0  # statistics: how many extents passed, how many were read twice
         self.rereads = 0
+        self._pool: ThreadPoolExecutor | None = None  # made at the first chunked read
+        self._pool_lock = threading.Lock()
 
     def for_read(self, plan: LayerPlan, host: np.ndarray) -> "ChunkedCheck":
         """A check of ``plan``'s extent that runs while it is read into ``host`` (pass its
         ``on_chunk`` to the reader, then the object to :meth:`check` as ``early``)."""
-        return ChunkedCheck(plan, host)
+        with self._pool_lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(self.CRC_THREADS, thread_name_prefix="endor-crc")
+        return ChunkedCheck(plan, host, self._pool)
+
+    def close(self) -> None:
+        """Stop the CRC threads (after the checks they were given)."""
+        with self._pool_lock:
+            pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown(wait=True)
 
     def check(self, plan: LayerPlan, find: Callable[[], Mismatch | None], reread: Callable[[], None],
               early: "ChunkedCheck | None" = None) -> None:
@@ -120,18 +139,22 @@ class ExtentCheck:
 
 
 class ChunkedCheck:
-    """The segments of one extent checked as its pieces arrive, on the reader's threads.
+    """The segments of one extent checked as its pieces arrive.
 
-    ``on_chunk(start, stop)`` is called on the thread that read bytes ``[start, stop)``; that
-    thread computes the CRC-32C of each segment's share of the piece at once (crc32c releases the
-    GIL), so the check is spread evenly over the reader threads while other pieces are in flight.
-    The thread that brings a segment's last piece folds the pieces' CRCs into the segment's
-    (``crc32c_combine``, microseconds): the work left after a layer's last byte is one piece's
-    CRC, not a whole segment's (a 5 MB segment checked at ~10 GB/s from RAM held its layer ~0.5 ms
-    after its last byte, and its reader thread off the next read). Pieces may arrive in any order.
+    ``on_chunk(start, stop)`` is called on the thread that read bytes ``[start, stop)``; it hands
+    the piece to ``pool`` (the file's CRC threads; None: checked on the calling thread) and
+    returns, so the reader thread goes straight on to its next read. The CRC-32C of each
+    segment's share of the piece is computed at once (crc32c releases the GIL) while other pieces
+    are in flight; the thread that checks a segment's last piece folds the pieces' CRCs into the
+    segment's (``crc32c_combine``, microseconds): the work left after a layer's last byte is one
+    piece's CRC, not a whole segment's. Checked on the reader threads themselves, each piece's CRC
+    (~0.4 ms for 4 MiB) kept a thread off the drive: cold reads slowed by ~5 %, as much as the
+    check cost end to end (docs/performance.md). Pieces may arrive in any order.
     """
 
-    def __init__(self, plan: LayerPlan, host: np.ndarray):
+    def __init__(self, plan: LayerPlan, host: np.ndarray, pool: ThreadPoolExecutor | None = None):
+        self._pool = pool
+        self._checks: list[Future] = []  # the pieces handed to the pool, waited for by passed()
         self._host = host
         self._segs = plan.segment_crcs
         self._starts = [seg[2] for seg in self._segs]
@@ -144,6 +167,14 @@ class ChunkedCheck:
         self._lock = threading.Lock()
 
     def on_chunk(self, start: int, stop: int) -> None:
+        if self._pool is None:
+            self._check_piece(start, stop)
+            return
+        check = self._pool.submit(self._check_piece, start, stop)
+        with self._lock:
+            self._checks.append(check)
+
+    def _check_piece(self, start: int, stop: int) -> None:
         i = max(0, bisect.bisect_right(self._starts, start) - 1)
         shares = []
         while i < len(self._segs) and self._segs[i][2] < stop:
@@ -170,6 +201,11 @@ class ChunkedCheck:
 
     def passed(self) -> bool:
         """Every segment arrived whole and matched its CRC (else the caller checks again, and
-        reads again, the slow way: that path also names the bad segment)."""
+        reads again, the slow way: that path also names the bad segment). Called once the read
+        has ended: waits for the pieces still being checked."""
+        with self._lock:
+            checks, self._checks = self._checks, []
+        for check in checks:
+            check.result()
         with self._lock:
             return self._left == 0 and not self._bad

@@ -689,6 +689,9 @@ class StreamingRuntime:
             self.pipeline.close()
         if self.experts is not None:
             self.experts.close()
+        check = getattr(self, "check", None)
+        if check is not None:
+            check.close()
         dec = getattr(self, "decoder", None)
         if dec is not None and hasattr(dec, "close"):
             dec.close()

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import threading
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -258,20 +260,52 @@ def test_the_chunked_check_folds_pieces_of_any_size(packed, monkeypatch, seed):
 
 def test_streamed_extents_are_checked_as_they_arrive(packed, monkeypatch):
     """With the posix reader the decoder thread checks nothing itself: every extent passed as its
-    pieces arrived on the reader's threads."""
-    calls = []
+    pieces arrived, each piece checked on a CRC thread, never on the reader thread that read it
+    (which goes on to its next read), and the CRC threads end with the model."""
+    calls, where = [], set()
     real = backends.host_mismatch
     monkeypatch.setattr(backends, "host_mismatch", lambda plan, host: calls.append(plan) or real(plan, host))
+    crc = integrity._crc32c.crc32c
+    monkeypatch.setattr(integrity._crc32c, "crc32c",
+                        lambda b, *a, **k: where.add(threading.current_thread().name.split("_")[0]) or crc(b, *a, **k))
     model = endor_gds.from_pretrained(packed("llama", torch.float16, prune="magnitude"), device="cpu")
     try:
+        where.clear()  # the resident extent's check at load
         with torch.no_grad():
             model.generate(PROMPT, max_new_tokens=2, do_sample=False, pad_token_id=0)
         assert model.endor.check.extents_checked > 0 and model.endor.pipeline.backend.chunked_reads()
         layers = model.endor.placement.streamed_layers
         streamed = [p for p in calls if p.index in layers and p.extent != "resident"]
         assert streamed == [], f"{len(streamed)} streamed extents were checked on the decoder thread"
+        assert where == {"endor-crc"}, where
     finally:
         model.endor.close()
+    assert not [t for t in threading.enumerate() if t.name.startswith("endor-crc")]
+
+
+def test_the_pieces_are_checked_off_the_reader_thread(packed):
+    """``on_chunk`` with a pool returns before the piece is checked (the reader thread is not held:
+    here the pool's only thread is blocked until every piece was handed over); ``passed()`` waits
+    for the pieces still being checked, and a damaged piece still fails the extent."""
+    path = packed("llama", torch.float16, prune="magnitude")
+    with endor_gds.open(path) as f:
+        ext = f.layers[1]
+        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
+        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    cuts = list(range(0, ext.length, 4096 * 5)) + [ext.length]
+    with ThreadPoolExecutor(1) as pool:
+        for damage in (None, len(host) // 3):
+            buf = host.copy()
+            if damage is not None:
+                buf[damage] ^= 0x10
+            gate = threading.Event()
+            pool.submit(gate.wait, 30)
+            check = ChunkedCheck(plan, buf, pool)
+            for start, stop in zip(cuts[:-1], cuts[1:]):
+                check.on_chunk(start, stop)  # returns at once: the pool's thread is held
+            assert check._left > 0
+            gate.set()
+            assert check.passed() is (damage is None)
 
 
 def test_a_gpu_result_is_named_as_the_host_check_names_it(packed):
