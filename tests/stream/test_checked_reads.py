@@ -201,14 +201,18 @@ def test_opting_out_computes_with_what_was_read(packed, tmp_path):
         model.endor.close()
 
 
+def _staged(path, pick=lambda layers: layers[1]):
+    """One layer extent of ``path`` as the reader stages it (a writable copy), and its plan."""
+    with endor_gds.open(path) as f:
+        ext = pick(f.layers)
+        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
+        return ext, host, plan_layer(f, ext, f"model.layers.{ext.layer}.")
+
+
 def test_the_chunked_check_counts_bytes_and_any_order(packed):
     """ChunkedCheck: segments pass only once every byte arrived, in any order of pieces, and a
     damaged piece fails the extent (then the decoder thread checks and reads again)."""
-    path = packed("llama", torch.float16, prune="magnitude")
-    with endor_gds.open(path) as f:
-        ext = f.layers[1]
-        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
-        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    ext, host, plan = _staged(packed("llama", torch.float16, prune="magnitude"))
     cuts = list(range(0, ext.length, 4096 * 3)) + [ext.length]
     pieces = list(zip(cuts[:-1], cuts[1:]))
     check = ChunkedCheck(plan, host)
@@ -231,11 +235,8 @@ def test_the_chunked_check_folds_pieces_of_any_size(packed, monkeypatch, seed):
     pieces per segment, pieces across segment boundaries), random order; one flipped bit anywhere
     in the extent's segments fails it, and the intact extent passes."""
     rng = np.random.default_rng(seed)
-    path = packed("llama", torch.float16, prune="magnitude", codec="expdict")
-    with endor_gds.open(path) as f:
-        ext = f.layers[int(rng.integers(len(f.layers)))]
-        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
-        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    ext, host, plan = _staged(packed("llama", torch.float16, prune="magnitude", codec="expdict"),
+                              lambda layers: layers[int(rng.integers(len(layers)))])
     cuts = np.unique(np.concatenate([[0, ext.length], rng.integers(1, ext.length, 40)]))
     pieces = [(int(a), int(b)) for a, b in zip(cuts[:-1], cuts[1:])]
     piece, spans = [0], []  # the size of the piece being delivered; CRC calls longer than it
@@ -287,11 +288,7 @@ def test_the_pieces_are_checked_off_the_reader_thread(packed):
     """``on_chunk`` with a pool returns before the piece is checked (the reader thread is not held:
     here the pool's only thread is blocked until every piece was handed over); ``passed()`` waits
     for the pieces still being checked, and a damaged piece still fails the extent."""
-    path = packed("llama", torch.float16, prune="magnitude")
-    with endor_gds.open(path) as f:
-        ext = f.layers[1]
-        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
-        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
+    ext, host, plan = _staged(packed("llama", torch.float16, prune="magnitude"))
     cuts = list(range(0, ext.length, 4096 * 5)) + [ext.length]
     with ThreadPoolExecutor(1) as pool:
         for damage in (None, len(host) // 3):
@@ -313,11 +310,8 @@ def test_a_gpu_result_is_named_as_the_host_check_names_it(packed):
     is the host check's tuple, and ExtentCheck raises the same message from either: one re-read,
     then file, extent, segment, file offset, length, both CRCs and what changed on disk."""
     path = packed("llama", torch.float16, prune="magnitude", codec="raw")
-    with endor_gds.open(path) as f:
-        ext = f.layers[2]
-        host = np.frombuffer(f._pread(ext.offset, ext.length).tobytes(), dtype=np.uint8).copy()
-        plan = plan_layer(f, ext, f"model.layers.{ext.layer}.")
-        check = ExtentCheck(str(path), f.opened_stat)
+    ext, host, plan = _staged(path, lambda layers: layers[2])
+    check = ExtentCheck(str(path), os.stat(path))
     i = len(plan.segment_crcs) // 2
     tensor, kind, off, length, stored = plan.segment_crcs[i]
     host[off + length - 1] ^= 0x80
