@@ -68,9 +68,9 @@ def device_mismatch(plan: LayerPlan, result: tuple[int, int] | None) -> Mismatch
 class ExtentCheck:
     """Checks the segments of staged extents of one file against the CRCs of its manifest."""
 
-    # Threads that check the pieces of extents as they arrive. Each runs at memory speed (~10 GB/s
-    # on the development VMs' cores: the bytes come from RAM, just read), so two keep up with
-    # several NVMe drives; they only run while the reader waits on the drive.
+    # Threads that check the pieces of extents as they arrive, while the reader threads go on
+    # reading. Each checks at memory speed (~10 GB/s on the development VMs' cores: the bytes come
+    # from RAM, just read), so two keep up with several NVMe drives.
     CRC_THREADS = 2
 
     def __init__(self, path: str, opened_stat: os.stat_result):
