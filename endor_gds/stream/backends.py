@@ -28,7 +28,7 @@ from endor_gds.decode.fused import FusedWeight
 from endor_gds.errors import DecodeError
 from endor_gds.read.buffers import aligned_empty, host_buffer
 from endor_gds.read.readers import Reader
-from endor_gds.stream.integrity import ExtentCheck, Mismatch, device_mismatch, host_mismatch
+from endor_gds.stream.integrity import ChunkedCheck, ExtentCheck, Mismatch, device_mismatch, host_mismatch
 from endor_gds.stream.plan import LayerPlan, staging_views
 
 __all__ = ["Backend", "CpuBackend", "CudaBackend", "RamImage", "crc_segments"]
@@ -50,6 +50,17 @@ class Backend(ABC):
         """Whether :meth:`read` reads into the host bytes ``staging_view`` sees, in pieces it can
         report: then the checksums are checked as the pieces arrive."""
         return False
+
+    def read_checked(self, plan: LayerPlan, s: int, check: ExtentCheck | None) -> ChunkedCheck | None:
+        """Reader thread: :meth:`read`, with ``check``'s checks of the pieces as they arrive where
+        the reads are chunked; returns that early check, for ``check.check(..., early=...)``
+        after the read (None: nothing was checked yet)."""
+        if check is None or not self.chunked_reads():
+            self.read(plan, s)
+            return None
+        early = check.for_read(plan, self.staging_view(plan, s))
+        self.read(plan, s, early.on_chunk)
+        return early
 
     @abstractmethod
     def staging_view(self, plan: LayerPlan, s: int) -> np.ndarray:

@@ -98,10 +98,12 @@ class ExpertCache:
     def _load(self, key: Key, slot: int) -> float:
         t0 = time.perf_counter()
         plan = self.plans[key]
-        self.backend.read(plan, slot)
+        # its pieces checked as they arrive, as a layer's: the loader reads, checks and decodes
+        # one expert after another, so a check after the read would hold the next read back
+        early = self.backend.read_checked(plan, slot, self.check)
         if self.check is not None:
             self.check.check(plan, lambda: self.backend.first_mismatch(plan, slot),
-                             lambda: self.backend.reread(plan, slot))
+                             lambda: self.backend.reread(plan, slot), early=early)
         self.backend.decode(plan, slot)
         return time.perf_counter() - t0
 

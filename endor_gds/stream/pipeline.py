@@ -68,8 +68,6 @@ class Pipeline:
         self.backend = backend
         self.depth = depth
         self.check = check  # None: reads are not checked (verify_reads=False, or the RAM tier)
-        # checked as the pieces arrive, on the reader's threads, where the backend reports them
-        self._chunked = check is not None and backend.chunked_reads()
         self.on_layer_done = on_layer_done
         # Whether the next layers will be wanted dense: the last acquire's answer. A prefetched
         # layer decoded for a fused step is completed on the forward thread if the step wants it
@@ -88,11 +86,7 @@ class Pipeline:
 
     def _read(self, job: _Job) -> None:
         t0 = time.perf_counter()
-        if self._chunked:
-            job.early = self.check.for_read(job.plan, self.backend.staging_view(job.plan, job.set))
-            self.backend.read(job.plan, job.set, job.early.on_chunk)
-        else:
-            self.backend.read(job.plan, job.set)
+        job.early = self.backend.read_checked(job.plan, job.set, self.check)
         job.times.read_s = time.perf_counter() - t0
         job.times.nbytes = job.plan.length
 

@@ -4,6 +4,7 @@ lacked, and bad files refused by name before any expert is read."""
 
 from __future__ import annotations
 
+import re
 import shutil
 import threading
 from types import SimpleNamespace
@@ -16,8 +17,10 @@ from support.reference import assert_same, reference_model
 
 import endor_gds
 from endor_gds.benchmarks.models import MOE_FAMILIES
-from endor_gds.errors import ArgumentError, EndorError, FormatError, UnsupportedModelError
+from endor_gds.errors import ArgumentError, ChecksumError, EndorError, FormatError, UnsupportedModelError
+from endor_gds.stream import integrity
 from endor_gds.stream.experts import ExpertCache, routed_experts
+from endor_gds.stream.plan import plan_layer
 
 E = 8  # experts per MoE layer of the test models (benchmarks.models)
 
@@ -267,6 +270,9 @@ class _SlowBackend:
     def read(self, plan, s, on_chunk=None):
         self.release.wait(10)
 
+    def read_checked(self, plan, s, check):
+        self.read(plan, s)
+
     def decode(self, plan, s, dense=True):
         return True
 
@@ -300,3 +306,46 @@ def test_a_forward_needing_a_slot_held_by_guesses_takes_one_back():
         cache.done()
     finally:
         cache.close()
+
+
+def test_a_damaged_expert_extent_is_named_and_never_computed_with(packed, tmp_path, monkeypatch):
+    """An expert's extent is checked as a layer's: its pieces as they arrive, on the CRC threads
+    (the loader goes on reading); one flipped bit in an expert the step is routed to is read again
+    once, then a ChecksumError names the expert's extent and segment, and no logits come back. The
+    intact file passes, its experts' checks on the CRC threads."""
+    src = packed("qwen3_moe", torch.float16, prune="magnitude")
+    prompt = torch.tensor([[1, 5, 9, 22]])
+    where = set()
+    crc = integrity._crc32c.crc32c
+    monkeypatch.setattr(integrity._crc32c, "crc32c",
+                        lambda b, *a, **k: where.add(threading.current_thread().name.split("_")[0]) or crc(b, *a, **k))
+    model = endor_gds.from_pretrained(src, device="cpu")
+    try:
+        routing = _routing(model)
+        where.clear()  # the resident extent's check at load
+        assert model(prompt).logits.shape[-1] > 0
+        assert "endor-crc" in where and "endor-experts" not in where, where
+    finally:
+        model.endor.close()
+    layer = max(routing[0])
+    expert = min(routing[0][layer])  # routed at the first step: read by it
+    dst = tmp_path / "damaged.endor"
+    shutil.copy(src, dst)
+    with endor_gds.open(dst) as f:
+        ext = next(x for x in f.experts[layer] if x.expert == expert)
+        plan = plan_layer(f, ext, f"model.layers.{layer}.mlp.experts.{expert}.")
+    tensor, kind, off, length, _ = max(plan.segment_crcs, key=lambda seg: seg[3])
+    with open(dst, "r+b") as fh:
+        fh.seek(ext.offset + off + length // 2)
+        byte = fh.read(1)[0]
+        fh.seek(-1, 1)
+        fh.write(bytes([byte ^ 0x08]))
+    model = endor_gds.from_pretrained(dst, device="cpu")
+    try:
+        with pytest.raises(ChecksumError, match=rf"extent {re.escape(ext.name)}, segment "
+                                                rf"{re.escape(f'{tensor}:{kind}')} \(file offset "
+                                                rf"{ext.offset + off}, .* also when read again from storage"):
+            model(prompt)
+        assert model.endor.check.rereads == 1
+    finally:
+        model.endor.close()
