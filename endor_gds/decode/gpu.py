@@ -642,21 +642,59 @@ def stream_handle(stream) -> int:
                     f"{type(stream).__name__}")
 
 
+@dataclass(eq=False, kw_only=True)
+class ErrorWordTable:
+    """How a table's launches report: an 8-byte word on the device into which the kernels
+    ``atomicMin`` their first failure (all ones: none), reset before the kernels, copied after them
+    to a pinned host word, and an event recorded after that copy, which the host waits on. The
+    decoder's tables and the GPU check's (:mod:`endor_gds.decode.gpu_crc`) both report this way."""
+
+    error: Any = field(repr=False)  # cupy uint64[1]: all ones, or the first failure's key
+    host_error: np.ndarray = field(repr=False)  # pinned uint64[1]: copy of `error` after a launch
+    done: Any = field(repr=False)  # cupy Event recorded after that copy
+    pinned: Any = field(repr=False)  # the pinned allocation behind host_error (kept alive here)
+    launched: bool = False  # whether there is a launch to look at
+
+    @staticmethod
+    def allocate(cp) -> dict:
+        """The word, its pinned host copy and the event, on CuPy's current device (at table time:
+        a pinned allocation is slow-ish); pass them to the table's constructor."""
+        pinned = cp.cuda.alloc_pinned_memory(8)
+        host_error = np.frombuffer(pinned, dtype=np.uint64, count=1)
+        host_error[0] = NO_ERROR
+        return dict(error=cp.asarray(np.array([NO_ERROR], dtype=np.uint64)), host_error=host_error,
+                    done=cp.cuda.Event(block=False, disable_timing=True), pinned=pinned)
+
+    def reset(self, rt, handle: int) -> None:
+        """Enqueue on ``handle``, before the kernels: the word back to all ones."""
+        rt.memsetAsync(self.error.data.ptr, 0xFF, 8, handle)
+
+    def report(self, rt, handle: int, stream) -> None:
+        """Enqueue on ``handle`` (``stream`` its CuPy stream), after the kernels: the copy to the
+        host word and the event."""
+        rt.memcpyAsync(self.host_error.ctypes.data, self.error.data.ptr, 8, rt.memcpyDeviceToHost, handle)
+        self.done.record(stream)
+        self.launched = True
+
+    def reported(self, call: str) -> int:
+        """Wait for the last launch's copy: its word (``call`` names the caller for the error)."""
+        if not self.launched:
+            raise RuntimeError(f"{self!r} has not been launched; call launch() before {call}()")
+        self.done.synchronize()
+        return int(self.host_error[0])
+
+
 @dataclass(eq=False)
-class DecodeTable:
-    """One layer's descriptors on the device, reusable for every launch (see GpuDecoder)."""
+class DecodeTable(ErrorWordTable):
+    """One layer's descriptors on the device, reusable for every launch (see GpuDecoder); its
+    error word: NO_ERROR, or the first bad (desc, tile, reason)."""
 
     device: int  # CUDA device the table, the buffers and the kernel live on
     items: tuple[GpuItem, ...]  # in table order (error messages name their labels)
     total_tiles: int  # grid size: one block per tile
     smem_bytes: int  # dynamic shared memory per block: the largest smem_bytes() of the items
     descs: Any = field(repr=False)  # cupy uint8 array: the packed DESC_DTYPE records
-    error: Any = field(repr=False)  # cupy uint64[1]: NO_ERROR, or the first bad (desc, tile, reason)
-    host_error: np.ndarray = field(repr=False)  # pinned uint64[1]: copy of `error` after a launch
-    done: Any = field(repr=False)  # cupy Event recorded after that copy
     args: tuple = field(repr=False)  # kernel arguments, built once
-    pinned: Any = field(repr=False)  # the pinned allocation behind host_error (kept alive here)
-    launched: bool = False  # whether check() has a launch to look at
     huff_tables: Any = field(repr=False, default=None)  # cupy uint16 [k, 4096]: exphuff decode tables
 
     def __repr__(self) -> str:
@@ -699,18 +737,13 @@ class GpuDecoder:
             d_tables = cp.asarray(tables) if len(tables) else None
             descs = pack_descriptors(items, 0 if d_tables is None else d_tables.data.ptr)
             d_descs = cp.asarray(descs.view(np.uint8))
-            error = cp.asarray(np.array([NO_ERROR], dtype=np.uint64))
-            pinned = cp.cuda.alloc_pinned_memory(8)
-            host_error = np.frombuffer(pinned, dtype=np.uint64, count=1)
-            host_error[0] = NO_ERROR
-            done = cp.cuda.Event(block=False, disable_timing=True)
+            word = ErrorWordTable.allocate(cp)
             cp.cuda.runtime.deviceSynchronize()  # the uploads above are complete before any launch
         total = int(descs["first_tile"][-1]) + num_tiles(items[-1].n)
         smem = max(smem_bytes(it) for it in items)
-        args = (d_descs, np.uint32(len(items)), error)
+        args = (d_descs, np.uint32(len(items)), word["error"])
         return DecodeTable(device=self.device, items=items, total_tiles=total, smem_bytes=smem,
-                           descs=d_descs, error=error, host_error=host_error, done=done, args=args,
-                           pinned=pinned, huff_tables=d_tables)
+                           descs=d_descs, args=args, huff_tables=d_tables, **word)
 
     def launch(self, table: DecodeTable, stream) -> None:
         """Decode every tensor of ``table`` on ``stream`` (asynchronous; one kernel launch).
@@ -722,19 +755,13 @@ class GpuDecoder:
         cp = self._cp
         rt = cp.cuda.runtime
         with cp.cuda.Device(self.device), s:
-            rt.memsetAsync(table.error.data.ptr, 0xFF, 8, handle)
+            table.reset(rt, handle)
             self._kernel((table.total_tiles,), (THREADS,), table.args, shared_mem=table.smem_bytes)
-            rt.memcpyAsync(table.host_error.ctypes.data, table.error.data.ptr, 8,
-                           rt.memcpyDeviceToHost, handle)
-            table.done.record(s)
-        table.launched = True
+            table.report(rt, handle, s)
 
     def check(self, table: DecodeTable) -> None:
         """Wait for the table's last launch; ``DecodeError`` naming tensor and tile if one was bad."""
-        if not table.launched:
-            raise RuntimeError(f"{table!r} has not been launched; call launch() before check()")
-        table.done.synchronize()
-        key = int(table.host_error[0])
+        key = table.reported("check")
         if key != NO_ERROR:
             raise DecodeError(error_message(table.items, key))
 

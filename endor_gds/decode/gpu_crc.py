@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from endor_gds.decode.gpu import _cupy, kernel_for, launch_stream
+from endor_gds.decode.gpu import ErrorWordTable, _cupy, kernel_for, launch_stream
 
 __all__ = [
     "KERNEL_FILE",
@@ -226,8 +226,9 @@ def mismatch_key(key: int) -> tuple[int, int]:
 # CuPy side: loaded lazily.
 
 @dataclass(eq=False)
-class CrcTable:
-    """One extent's segments on the device, reusable for every launch (see GpuCrc)."""
+class CrcTable(ErrorWordTable):
+    """One extent's segments on the device, reusable for every launch (see GpuCrc); its error
+    word: NO_MISMATCH, or the first bad (segment, CRC)."""
 
     device: int  # CUDA device the table, the staged bytes and the kernels live on
     segments: int  # how many (their order is the caller's: result() names one by index)
@@ -235,11 +236,6 @@ class CrcTable:
     descs: Any = field(repr=False)  # cupy uint8: SEG_DTYPE records
     piece_descs: Any = field(repr=False)  # cupy uint8: PIECE_DTYPE records
     acc: Any = field(repr=False)  # cupy uint32 [segments, 32]: the lanes' registers, zeroed per launch
-    error: Any = field(repr=False)  # cupy uint64[1]: NO_MISMATCH, or the first bad (segment, CRC)
-    host_error: np.ndarray = field(repr=False)  # pinned uint64[1]: copy of `error` after a launch
-    done: Any = field(repr=False)  # cupy Event recorded after that copy
-    pinned: Any = field(repr=False)  # the pinned allocation behind host_error (kept alive here)
-    launched: bool = False  # whether result() has a launch to look at
 
     def __repr__(self) -> str:
         return f"<CrcTable device={self.device} segments={self.segments} pieces={self.pieces}>"
@@ -273,15 +269,10 @@ class GpuCrc:
             d_segs = cp.asarray(segs.view(np.uint8))
             d_pieces = cp.asarray(pieces.view(np.uint8))
             acc = cp.zeros(len(segs) * LANES, dtype=np.uint32)
-            error = cp.asarray(np.array([NO_MISMATCH], dtype=np.uint64))
-            pinned = cp.cuda.alloc_pinned_memory(8)
-            host_error = np.frombuffer(pinned, dtype=np.uint64, count=1)
-            host_error[0] = NO_MISMATCH
-            done = cp.cuda.Event(block=False, disable_timing=True)
+            word = ErrorWordTable.allocate(cp)
             cp.cuda.runtime.deviceSynchronize()  # the uploads above are complete before any launch
         return CrcTable(device=self.device, segments=len(segs), pieces=len(pieces), descs=d_segs,
-                        piece_descs=d_pieces, acc=acc, error=error, host_error=host_error, done=done,
-                        pinned=pinned)
+                        piece_descs=d_pieces, acc=acc, **word)
 
     def launch(self, table: CrcTable, stream) -> None:
         """Check every segment of ``table`` on ``stream`` (asynchronous): enqueues the resets of
@@ -293,20 +284,15 @@ class GpuCrc:
         warps = THREADS // LANES
         with cp.cuda.Device(self.device), s:
             rt.memsetAsync(table.acc.data.ptr, 0, table.acc.nbytes, handle)
-            rt.memsetAsync(table.error.data.ptr, 0xFF, 8, handle)
+            table.reset(rt, handle)
             self._pieces((-(-table.pieces // warps),), (THREADS,),
                          (table.descs, table.piece_descs, np.uint32(table.pieces), self._consts, table.acc))
             self._verdict((-(-table.segments // warps),), (THREADS,),
                           (table.descs, np.uint32(table.segments), self._consts, table.acc, table.error))
-            rt.memcpyAsync(table.host_error.ctypes.data, table.error.data.ptr, 8, rt.memcpyDeviceToHost, handle)
-            table.done.record(s)
-        table.launched = True
+            table.report(rt, handle, s)
 
     def result(self, table: CrcTable) -> tuple[int, int] | None:
         """Wait for the table's last launch: None when every segment matched, else ``(index,
         computed CRC-32C)`` of the first one that did not, in table order."""
-        if not table.launched:
-            raise RuntimeError(f"{table!r} has not been launched; call launch() before result()")
-        table.done.synchronize()
-        key = int(table.host_error[0])
+        key = table.reported("result")
         return None if key == NO_MISMATCH else mismatch_key(key)

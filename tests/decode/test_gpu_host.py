@@ -14,7 +14,7 @@ import torch
 
 from endor_gds.decode import gpu as kernels
 from endor_gds.decode.gpu import GpuItem, check_items, pack_descriptors
-from endor_gds.errors import MissingDependencyError
+from endor_gds.errors import DecodeError, MissingDependencyError
 
 
 def test_import_needs_no_cupy():
@@ -458,3 +458,38 @@ def test_from_arrays_exphuff(rng, dense):
     wrong = dict(v, tile_bits=FakeDeviceArray(0x90000, (4,), "<u2"))
     with pytest.raises(ValueError, match="w: exphuff stream tile_bits must be an array of 4-byte items"):
         GpuItem.from_arrays(b, wrong, o, out, label="w", exphuff=s.params)
+
+
+def test_a_launch_reports_through_its_error_word(monkeypatch):
+    """GpuDecoder's make_table / launch / check on host stand-ins for CuPy (host_cupy) and the
+    kernel: the error word reset to all ones before the kernel, one block per tile, the word copied
+    to pinned memory after it; check() passes on an untouched word, and names the tensor, tile and
+    reason of a word the kernel set (the shared ErrorWordTable path, as GpuCrc's)."""
+    from host_cupy import fake_cupy  # noqa: PLC0415 - tests/support
+
+    cp = fake_cupy()
+    calls = []
+
+    def kernel(grid, block, args, shared_mem=0):
+        descs, count, error = args
+        assert int(error[0]) == kernels.NO_ERROR  # reset before the launch
+        calls.append((grid, block, int(count), shared_mem))
+        if bad is not None:
+            error[0] = bad
+
+    monkeypatch.setattr(kernels, "_cupy", lambda: cp)
+    monkeypatch.setattr(kernels, "kernel_for", lambda device, source=None: kernel)
+    dec = kernels.GpuDecoder(0)
+    items = [_item(n=1, nnz=1), _item(n=4096 * 3, label="layer.0.up_proj")]
+    table = dec.make_table(items)
+    with pytest.raises(RuntimeError, match=r"has not been launched; call launch\(\) before check\(\)"):
+        dec.check(table)
+    bad = None
+    dec.launch(table, 1234)
+    dec.check(table)
+    assert calls[0][:3] == ((4,), (kernels.THREADS,), 2) and table.launched
+    table.error[0] = 7  # what a failed launch left: reset by the next one
+    bad = 1 << 40 | 2 << 8 | 5
+    dec.launch(table, 1234)
+    with pytest.raises(DecodeError, match=r"layer.0.up_proj: tile 2 \(elements 8192..12287\) cannot be decoded"):
+        dec.check(table)
